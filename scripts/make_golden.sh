@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Regenerates tests/golden/ from HF transformers + TRL for the generated tiny models.
+# Needs: pip install torch transformers==5.23.0 trl==1.16.0 datasets pyarrow blake3
+# (PYTHON=/path/to/python to pick an environment). Not run by CI: its outputs are committed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+cargo build -q
+tmp=$(mktemp -d)
+for arch in llama qwen2; do
+  target/debug/pipeline init-model --arch "$arch" --size tiny --seed 0 --out "$tmp/$arch"
+done
+"$PY" scripts/make_golden.py "$tmp"
+rm -rf "$tmp"

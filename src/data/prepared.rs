@@ -1,0 +1,312 @@
+//! The prepared dataset directory, written only by the `prepare` stage and read by the others.
+//!
+//! - `pairs.parquet`: one row per kept pair (the polars view, see schemas/pairs.parquet.json).
+//! - `rejected.parquet`: every input row not kept, with its reason.
+//! - memory-mapped columns, one value per `row_id`, for the later stages' random access:
+//!   `token_ids.u32` (prompt ‖ chosen ‖ rejected of each pair, untruncated, concatenated),
+//!   `row_offsets.u64` (n+1 offsets into it), `prompt_len.u32`, `chosen_len.u32`,
+//!   `rejected_len.u32`, `chosen_scored.u32`, `rejected_scored.u32`, `split.u32` (0 train, 1 eval).
+//! - `manifest.json`.
+use super::tokenize::{EncodedPair, Truncation};
+use crate::store::{Column, ColumnWriter, Manifest, PartialFile};
+use anyhow::{bail, Context, Result};
+use arrow_array::builder::{ListBuilder, StringBuilder, UInt32Builder, UInt64Builder};
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const STAGE: &str = "prepare";
+pub const FORMAT_VERSION: u32 = 1;
+pub const PAIRS_FILE: &str = "pairs.parquet";
+pub const REJECTED_FILE: &str = "rejected.parquet";
+const COLUMNS: [&str; 8] = [
+    "token_ids.u32", "row_offsets.u64", "prompt_len.u32", "chosen_len.u32", "rejected_len.u32",
+    "chosen_scored.u32", "rejected_scored.u32", "split.u32",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train = 0,
+    Eval = 1,
+}
+
+impl Split {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Eval => "eval",
+        }
+    }
+}
+
+fn ids_field(name: &str) -> Field {
+    Field::new(name, DataType::List(Arc::new(Field::new("item", DataType::UInt32, true))), false)
+}
+
+pub fn pairs_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("row_id", DataType::UInt64, false),
+        Field::new("split", DataType::Utf8, false),
+        Field::new("source_file", DataType::Utf8, false),
+        Field::new("source_row", DataType::UInt64, false),
+        ids_field("prompt_ids"),
+        ids_field("chosen_ids"),
+        ids_field("rejected_ids"),
+        Field::new("prompt_tokens", DataType::UInt32, false),
+        Field::new("chosen_tokens", DataType::UInt32, false),
+        Field::new("rejected_tokens", DataType::UInt32, false),
+        Field::new("chosen_scored_tokens", DataType::UInt32, false),
+        Field::new("rejected_scored_tokens", DataType::UInt32, false),
+    ]))
+}
+
+pub fn rejected_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("source_file", DataType::Utf8, false),
+        Field::new("source_row", DataType::UInt64, false),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("detail", DataType::Utf8, false),
+    ]))
+}
+
+pub fn parquet_props() -> WriterProperties {
+    // Small row groups keep the writer's buffered memory flat however many rows there are.
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap()))
+        .set_max_row_group_row_count(Some(16 * 1024))
+        .build()
+}
+
+/// A parquet file written under a partial name and renamed on `finish`.
+pub struct ParquetOut {
+    writer: ArrowWriter<std::fs::File>,
+    file: PartialFile,
+}
+
+impl ParquetOut {
+    pub fn create(path: &Path, schema: SchemaRef) -> Result<Self> {
+        let file = PartialFile::create(path)?;
+        let writer = ArrowWriter::try_new(file.try_clone_file()?, schema, Some(parquet_props()))?;
+        Ok(Self { writer, file })
+    }
+
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        Ok(self.writer.write(batch)?)
+    }
+
+    pub fn finish(self) -> Result<()> {
+        self.writer.close()?;
+        self.file.commit()
+    }
+}
+
+/// One kept pair as the writer receives it.
+pub struct PairRecord<'a> {
+    pub split: Split,
+    pub source_file: &'a str,
+    pub source_row: u64,
+    pub pair: &'a EncodedPair,
+}
+
+pub struct PreparedWriter {
+    dir: PathBuf,
+    pairs: ParquetOut,
+    rejected: ParquetOut,
+    cols: PreparedColumns,
+    rows: u64,
+}
+
+struct PreparedColumns {
+    token_ids: ColumnWriter<u32>,
+    row_offsets: ColumnWriter<u64>,
+    lens: [ColumnWriter<u32>; 6],
+}
+
+impl PreparedWriter {
+    pub fn create(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let col = |name: &str| ColumnWriter::<u32>::create(&dir.join(name));
+        let mut row_offsets = ColumnWriter::<u64>::create(&dir.join(COLUMNS[1]))?;
+        row_offsets.push(&[0])?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            pairs: ParquetOut::create(&dir.join(PAIRS_FILE), pairs_schema())?,
+            rejected: ParquetOut::create(&dir.join(REJECTED_FILE), rejected_schema())?,
+            cols: PreparedColumns {
+                token_ids: col(COLUMNS[0])?,
+                row_offsets,
+                lens: [col(COLUMNS[2])?, col(COLUMNS[3])?, col(COLUMNS[4])?, col(COLUMNS[5])?, col(COLUMNS[6])?, col(COLUMNS[7])?],
+            },
+            rows: 0,
+        })
+    }
+
+    /// Appends kept pairs (assigned the next row_ids, in order) and skipped rows.
+    pub fn write(&mut self, pairs: &[PairRecord], skipped: &[(&str, u64, &str, &str)]) -> Result<()> {
+        if !pairs.is_empty() {
+            let mut row_id = UInt64Builder::new();
+            let mut split = StringBuilder::new();
+            let mut file = StringBuilder::new();
+            let mut src = UInt64Builder::new();
+            let mut ids: [ListBuilder<UInt32Builder>; 3] = std::array::from_fn(|_| ListBuilder::new(UInt32Builder::new()));
+            let mut counts: [UInt32Builder; 5] = std::array::from_fn(|_| UInt32Builder::new());
+            for r in pairs {
+                let p = r.pair;
+                row_id.append_value(self.rows);
+                self.rows += 1;
+                split.append_value(r.split.as_str());
+                file.append_value(r.source_file);
+                src.append_value(r.source_row);
+                for (b, v) in ids.iter_mut().zip([&p.prompt_ids, &p.chosen_ids, &p.rejected_ids]) {
+                    b.values().append_slice(v);
+                    b.append(true);
+                }
+                let lens = [p.prompt_ids.len() as u32, p.chosen_ids.len() as u32, p.rejected_ids.len() as u32, p.chosen_scored, p.rejected_scored];
+                for (b, v) in counts.iter_mut().zip(lens) {
+                    b.append_value(v);
+                }
+                let c = &mut self.cols;
+                c.token_ids.push(&p.prompt_ids)?;
+                c.token_ids.push(&p.chosen_ids)?;
+                c.token_ids.push(&p.rejected_ids)?;
+                c.row_offsets.push(&[c.token_ids.count()])?;
+                for (w, v) in c.lens.iter_mut().zip(lens.iter().copied().chain([r.split as u32])) {
+                    w.push(&[v])?;
+                }
+            }
+            let mut arrays: Vec<ArrayRef> = vec![Arc::new(row_id.finish()), Arc::new(split.finish()), Arc::new(file.finish()), Arc::new(src.finish())];
+            arrays.extend(ids.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+            arrays.extend(counts.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+            self.pairs.write(&RecordBatch::try_new(pairs_schema(), arrays)?)?;
+        }
+        if !skipped.is_empty() {
+            let mut file = StringBuilder::new();
+            let mut src = UInt64Builder::new();
+            let mut reason = StringBuilder::new();
+            let mut detail = StringBuilder::new();
+            for (f, row, r, d) in skipped {
+                file.append_value(f);
+                src.append_value(*row);
+                reason.append_value(r);
+                detail.append_value(d);
+            }
+            let arrays: Vec<ArrayRef> = vec![Arc::new(file.finish()), Arc::new(src.finish()), Arc::new(reason.finish()), Arc::new(detail.finish())];
+            self.rejected.write(&RecordBatch::try_new(rejected_schema(), arrays)?)?;
+        }
+        Ok(())
+    }
+
+    /// Commits every file, then the manifest (last, so its presence means the directory is whole).
+    pub fn finish(self, mut manifest: Manifest) -> Result<Manifest> {
+        self.pairs.finish()?;
+        self.rejected.finish()?;
+        let fp = manifest.fingerprint.clone();
+        self.cols.token_ids.finish(&fp)?;
+        self.cols.row_offsets.finish(&fp)?;
+        for w in self.cols.lens {
+            w.finish(&fp)?;
+        }
+        let mut names = vec![PAIRS_FILE, REJECTED_FILE];
+        names.extend(COLUMNS);
+        manifest.record_files(&self.dir, &names)?;
+        manifest.save(&self.dir)?;
+        Ok(manifest)
+    }
+}
+
+/// One pair as later stages see it: slices into the mapped token column.
+#[derive(Debug, Clone, Copy)]
+pub struct PairView<'a> {
+    pub row_id: usize,
+    pub prompt: &'a [u32],
+    pub chosen: &'a [u32],
+    pub rejected: &'a [u32],
+    pub chosen_scored: usize,
+    pub rejected_scored: usize,
+    pub split: Split,
+}
+
+/// Read side of the prepared directory: every column mapped, nothing loaded whole.
+pub struct PreparedDataset {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub truncation: Truncation,
+    token_ids: Column<u32>,
+    row_offsets: Column<u64>,
+    lens: Vec<Column<u32>>,
+}
+
+impl PreparedDataset {
+    /// Opens a finished prepared directory, checking its files against the manifest.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let manifest = Manifest::load(dir, STAGE)?;
+        if manifest.format_version != FORMAT_VERSION {
+            bail!("{}: prepared format version {}, this build reads {FORMAT_VERSION}", dir.display(), manifest.format_version);
+        }
+        for name in COLUMNS.iter().chain([PAIRS_FILE, REJECTED_FILE].iter()) {
+            if !manifest.files.contains_key(*name) {
+                bail!("{}: manifest does not list {name}; the directory is incomplete, rerun prepare", dir.display());
+            }
+        }
+        manifest.verify_files(dir)?;
+        let fp = Some(manifest.fingerprint.as_str());
+        let truncation: Truncation = serde_json::from_value(manifest.settings["truncation"].clone())
+            .context("prepared manifest has no truncation settings")?;
+        let lens = COLUMNS[2..].iter().map(|n| Column::open(&dir.join(n), fp)).collect::<Result<Vec<_>>>()?;
+        let me = Self {
+            dir: dir.to_path_buf(),
+            token_ids: Column::open(&dir.join(COLUMNS[0]), fp)?,
+            row_offsets: Column::open(&dir.join(COLUMNS[1]), fp)?,
+            lens,
+            truncation,
+            manifest,
+        };
+        let n = me.len();
+        if me.row_offsets.len() != n + 1 || me.lens.iter().any(|c| c.len() != n) {
+            bail!("{}: column lengths disagree; the directory is corrupt, rerun prepare --force", dir.display());
+        }
+        Ok(me)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lens[0].len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn fingerprint(&self) -> &str {
+        &self.manifest.fingerprint
+    }
+
+    pub fn pair(&self, row_id: usize) -> PairView<'_> {
+        let start = self.row_offsets.as_slice()[row_id] as usize;
+        let l = |c: usize| self.lens[c].as_slice()[row_id] as usize;
+        let (p, c, r) = (l(0), l(1), l(2));
+        let ids = &self.token_ids.as_slice()[start..start + p + c + r];
+        PairView {
+            row_id,
+            prompt: &ids[..p],
+            chosen: &ids[p..p + c],
+            rejected: &ids[p + c..],
+            chosen_scored: l(3),
+            rejected_scored: l(4),
+            split: if l(5) == 1 { Split::Eval } else { Split::Train },
+        }
+    }
+
+    pub fn split_of(&self, row_id: usize) -> Split {
+        if self.lens[5].as_slice()[row_id] == 1 { Split::Eval } else { Split::Train }
+    }
+
+    /// Row ids of one split, in order.
+    pub fn rows_of(&self, split: Split) -> Vec<u32> {
+        (0..self.len() as u32).filter(|&i| self.split_of(i as usize) == split).collect()
+    }
+}

@@ -1,0 +1,212 @@
+//! Tokenization with HF TRL 1.16 DPOTrainer's conventions (see README "Tokenization rules"):
+//! EOS text appended to plain-text completions, joint encodings of prompt+completion, the
+//! prompt cut to the longest common prefix with both, per-sequence `max_length` truncation.
+use super::chat::ChatTemplate;
+use super::input::{Field, Message, RawRow, Skip};
+use anyhow::{anyhow, bail, Context, Result};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tokenizers::Tokenizer;
+
+/// A tokenized pair. Ids are stored before truncation, as TRL stores them; `*_scored` is how
+/// many completion tokens survive `max_length` and are scored by later stages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedPair {
+    pub prompt_ids: Vec<u32>,
+    pub chosen_ids: Vec<u32>,
+    pub rejected_ids: Vec<u32>,
+    pub chosen_scored: u32,
+    pub rejected_scored: u32,
+    pub conversational: bool,
+}
+
+/// The tokenizer side of a model directory: tokenizer.json, tokenizer_config.json, template.
+pub struct ModelTokenizer {
+    pub tokenizer: Tokenizer,
+    pub eos_token: Option<String>,
+    pub template: Option<ChatTemplate>,
+    /// blake3 of tokenizer.json + tokenizer_config.json + template, for fingerprints.
+    pub content_hash: String,
+}
+
+fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
+    match v? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(String::from),
+        _ => None,
+    }
+}
+
+impl ModelTokenizer {
+    pub fn load(model_dir: &Path) -> Result<Self> {
+        let tok_path = model_dir.join("tokenizer.json");
+        let mut tokenizer = Tokenizer::from_file(&tok_path)
+            .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", tok_path.display()))?;
+        // HF's tokenizer(text) without truncation/padding arguments turns both off.
+        tokenizer.with_truncation(None).map_err(|e| anyhow!("{e}"))?;
+        tokenizer.with_padding(None);
+        let cfg_path = model_dir.join("tokenizer_config.json");
+        let cfg: serde_json::Value = if cfg_path.exists() {
+            serde_json::from_str(&std::fs::read_to_string(&cfg_path)?)
+                .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?
+        } else {
+            serde_json::json!({})
+        };
+        let mut special = BTreeMap::new();
+        for name in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+            if let Some(t) = token_string(cfg.get(name)) {
+                special.insert(name.to_string(), t);
+            }
+        }
+        let eos_token = special.get("eos_token").cloned();
+        let template = ChatTemplate::load(model_dir, &cfg, special)?;
+        let mut h = blake3::Hasher::new();
+        h.update(&std::fs::read(&tok_path)?);
+        h.update(cfg.to_string().as_bytes());
+        h.update(template.as_ref().map(|t| t.source.as_bytes()).unwrap_or(b""));
+        Ok(Self { tokenizer, eos_token, template, content_hash: h.finalize().to_hex().to_string() })
+    }
+
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Vec<u32> {
+        // Encoding a plain string cannot fail with truncation and padding off.
+        self.tokenizer.encode(text, add_special_tokens).map(|e| e.get_ids().to_vec()).unwrap_or_default()
+    }
+}
+
+/// Truncation settings: they change what is scored, so they are part of every fingerprint.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Truncation {
+    pub max_length: usize,
+    pub max_prompt_length: Option<usize>,
+}
+
+fn common_prefix_len(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// TRL's `extract_prompt` for strings: split at the first differing character, giving a space
+/// just before it to the completions. As in TRL, when one string is a prefix of the other the
+/// split falls one character before the shorter one's end.
+pub fn extract_text_prompt(chosen: &str, rejected: &str) -> Result<(String, String, String), Skip> {
+    let c: Vec<char> = chosen.chars().collect();
+    let r: Vec<char> = rejected.chars().collect();
+    let n = c.len().min(r.len());
+    let mut idx = match (0..n).find(|&i| c[i] != r[i]) {
+        Some(i) => i,
+        None => n.saturating_sub(1),
+    };
+    if idx > 0 && idx < n && c[idx] != r[idx] && c[idx - 1] == ' ' {
+        idx -= 1;
+    }
+    if idx == 0 {
+        return Err(Skip::new("no_common_prompt", "implicit prompt: chosen and rejected share no prefix"));
+    }
+    let s = |v: &[char]| v.iter().collect::<String>();
+    Ok((s(&c[..idx]), s(&c[idx..]), s(&r[idx..])))
+}
+
+/// TRL's `extract_prompt` for conversations: the messages before the first differing one.
+pub fn extract_messages_prompt(chosen: &[Message], rejected: &[Message]) -> Result<(Vec<Message>, Vec<Message>, Vec<Message>), Skip> {
+    let n = chosen.len().min(rejected.len());
+    let idx = (0..n).find(|&i| chosen[i] != rejected[i]).unwrap_or(n.saturating_sub(1));
+    if idx == 0 {
+        return Err(Skip::new("no_common_prompt", "implicit prompt: chosen and rejected share no leading message"));
+    }
+    Ok((chosen[..idx].to_vec(), chosen[idx..].to_vec(), rejected[idx..].to_vec()))
+}
+
+/// Tokenizes rows; shared read-only across rayon threads.
+pub struct Encoder<'a> {
+    pub tok: &'a ModelTokenizer,
+    pub truncation: Truncation,
+}
+
+impl Encoder<'_> {
+    pub fn check_ready(&self, conversational: bool) -> Result<()> {
+        if !conversational && self.tok.eos_token.is_none() {
+            bail!("the tokenizer has no eos_token in tokenizer_config.json; plain-text rows need one (TRL appends it to completions)");
+        }
+        if conversational && self.tok.template.is_none() {
+            bail!("conversational rows need a chat template, and the model has none (no `chat_template` in tokenizer_config.json, no chat_template.jinja)");
+        }
+        Ok(())
+    }
+
+    pub fn encode(&self, row: &RawRow) -> Result<EncodedPair, Skip> {
+        if row.chosen == row.rejected {
+            return Err(Skip::new("chosen_equals_rejected", "chosen and rejected are identical"));
+        }
+        let (prompt_ids, pc, pr, conversational) = match (&row.prompt, &row.chosen, &row.rejected) {
+            (Some(Field::Text(p)), Field::Text(c), Field::Text(r)) => {
+                let (pc, pr) = self.text_joint(p, c, r);
+                (self.tok.encode(p, true), pc, pr, false)
+            }
+            (None, Field::Text(c), Field::Text(r)) => {
+                let (p, c, r) = extract_text_prompt(c, r)?;
+                let (pc, pr) = self.text_joint(&p, &c, &r);
+                (self.tok.encode(&p, true), pc, pr, false)
+            }
+            (Some(Field::Messages(p)), Field::Messages(c), Field::Messages(r)) => {
+                let (a, b, d) = self.chat_joint(p, c, r)?;
+                (a, b, d, true)
+            }
+            // No prompt column, or a string prompt beside conversational completions that
+            // already contain it (TRL's maybe_extract_prompt): the prompt is the shared prefix.
+            (None | Some(Field::Text(_)), Field::Messages(c), Field::Messages(r)) => {
+                let (p, c, r) = extract_messages_prompt(c, r)?;
+                let (a, b, d) = self.chat_joint(&p, &c, &r)?;
+                (a, b, d, true)
+            }
+            _ => return Err(Skip::new("mixed_formats", "prompt is a message list but chosen/rejected are strings")),
+        };
+        let split = common_prefix_len(&prompt_ids, &pc).min(common_prefix_len(&prompt_ids, &pr));
+        let mut prompt_ids = prompt_ids;
+        prompt_ids.truncate(split);
+        let chosen_ids = pc[split..].to_vec();
+        let rejected_ids = pr[split..].to_vec();
+        if prompt_ids.is_empty() {
+            return Err(Skip::new("empty_prompt", "the prompt has no tokens, so the first completion token has no context to be scored from"));
+        }
+        if chosen_ids.is_empty() || rejected_ids.is_empty() {
+            return Err(Skip::new("empty_completion", "a completion has no tokens after the prompt"));
+        }
+        if let Some(m) = self.truncation.max_prompt_length {
+            if prompt_ids.len() > m {
+                prompt_ids.drain(..prompt_ids.len() - m);
+            }
+        }
+        let max = self.truncation.max_length;
+        if prompt_ids.len() >= max {
+            return Err(Skip::new(
+                "prompt_too_long",
+                format!("prompt has {} tokens, max_length is {max}: no completion token would be scored", prompt_ids.len()),
+            ));
+        }
+        let room = max - prompt_ids.len();
+        Ok(EncodedPair {
+            chosen_scored: chosen_ids.len().min(room) as u32,
+            rejected_scored: rejected_ids.len().min(room) as u32,
+            prompt_ids,
+            chosen_ids,
+            rejected_ids,
+            conversational,
+        })
+    }
+
+    fn text_joint(&self, p: &str, c: &str, r: &str) -> (Vec<u32>, Vec<u32>) {
+        let eos = self.tok.eos_token.as_deref().unwrap_or("");
+        let with_eos = |s: &str| if s.ends_with(eos) { s.to_string() } else { format!("{s}{eos}") };
+        (self.tok.encode(&format!("{p}{}", with_eos(c)), true), self.tok.encode(&format!("{p}{}", with_eos(r)), true))
+    }
+
+    fn chat_joint(&self, p: &[Message], c: &[Message], r: &[Message]) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>), Skip> {
+        let t = self.tok.template.as_ref().expect("checked by check_ready");
+        let render = |msgs: &[Message], gen: bool| t.render(msgs, gen).map_err(|e| Skip::new("template_error", e));
+        let join = |a: &[Message], b: &[Message]| [a, b].concat();
+        Ok((
+            self.tok.encode(&render(p, true)?, false),
+            self.tok.encode(&render(&join(p, c), false)?, false),
+            self.tok.encode(&render(&join(p, r), false)?, false),
+        ))
+    }
+}

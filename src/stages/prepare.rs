@@ -1,0 +1,223 @@
+//! Stage 1: preference parquet -> token ids + manifest (see data::prepared for the format).
+use super::{progress, secs};
+use crate::config::PrepareConfig;
+use crate::data::input::{Field, PreferenceReader, RawRow, Skip};
+use crate::data::prepared::{PairRecord, PreparedWriter, Split, FORMAT_VERSION, STAGE};
+use crate::data::tokenize::{EncodedPair, Encoder, ModelTokenizer, Truncation};
+use crate::store::manifest::fingerprint;
+use crate::store::{file_hash, Manifest};
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+const BATCH_ROWS: usize = 2048;
+
+/// Expands files and globs, in a stable order; a pattern that matches nothing is an error.
+pub fn expand_inputs(patterns: &[String]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in patterns {
+        if std::path::Path::new(p).exists() {
+            out.push(PathBuf::from(p));
+            continue;
+        }
+        let mut matched: Vec<PathBuf> = glob::glob(p).with_context(|| format!("bad glob `{p}`"))?.filter_map(|r| r.ok()).collect();
+        if matched.is_empty() {
+            bail!("input {p}: no such file (and no file matches it as a glob)");
+        }
+        matched.sort();
+        out.extend(matched);
+    }
+    Ok(out)
+}
+
+/// The row's content, hashed for the train/eval split: adding rows never moves the others.
+fn content_hash(row: &RawRow) -> u64 {
+    let mut h = blake3::Hasher::new();
+    for f in [row.prompt.as_ref(), Some(&row.chosen), Some(&row.rejected)] {
+        match f {
+            None => h.update(b"N"),
+            Some(Field::Text(s)) => h.update(b"T").update(&(s.len() as u64).to_le_bytes()).update(s.as_bytes()),
+            Some(Field::Messages(ms)) => {
+                h.update(b"M");
+                for m in ms {
+                    h.update(&(m.role.len() as u64).to_le_bytes()).update(m.role.as_bytes());
+                    h.update(&(m.content.len() as u64).to_le_bytes()).update(m.content.as_bytes());
+                }
+                &mut h
+            }
+        };
+    }
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().unwrap())
+}
+
+fn is_eval(row: &RawRow, fraction: f64) -> bool {
+    fraction > 0.0 && (content_hash(row) as f64 / u64::MAX as f64) < fraction
+}
+
+#[derive(Default)]
+struct LenStats {
+    n: u64,
+    sum: u64,
+    max: u64,
+}
+
+impl LenStats {
+    fn add(&mut self, v: usize) {
+        self.n += 1;
+        self.sum += v as u64;
+        self.max = self.max.max(v as u64);
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({"mean": if self.n > 0 { self.sum as f64 / self.n as f64 } else { 0.0 }, "max": self.max, "total": self.sum})
+    }
+}
+
+pub fn run(cfg: &PrepareConfig) -> Result<Manifest> {
+    let t0 = Instant::now();
+    let inputs = expand_inputs(&cfg.inputs)?;
+    let eval_inputs = expand_inputs(&cfg.eval_inputs)?;
+    if inputs.is_empty() {
+        bail!("prepare: no --input given");
+    }
+    let tok = ModelTokenizer::load(&cfg.model)?;
+    let truncation = Truncation { max_length: cfg.max_length, max_prompt_length: cfg.max_prompt_length };
+    if truncation.max_length == 0 {
+        bail!("--max-length must be at least 1");
+    }
+    let hashes = |files: &[PathBuf]| -> Result<Vec<serde_json::Value>> {
+        files.iter().map(|f| Ok(serde_json::json!({"path": f.display().to_string(), "blake3": file_hash(f)?.blake3}))).collect()
+    };
+    let input_info = serde_json::json!({
+        "files": hashes(&inputs)?,
+        "eval_files": hashes(&eval_inputs)?,
+        "model": cfg.model.display().to_string(),
+        "tokenizer_blake3": tok.content_hash,
+    });
+    let settings = serde_json::json!({
+        "columns": cfg.columns(),
+        "truncation": truncation,
+        "eval_fraction": cfg.eval_fraction,
+    });
+    // Paths are for people; only content decides the fingerprint.
+    let fp_inputs = serde_json::json!({
+        "files": input_info["files"].as_array().unwrap().iter().map(|f| f["blake3"].clone()).collect::<Vec<_>>(),
+        "eval_files": input_info["eval_files"].as_array().unwrap().iter().map(|f| f["blake3"].clone()).collect::<Vec<_>>(),
+        "tokenizer": tok.content_hash,
+    });
+    let fp = fingerprint(STAGE, FORMAT_VERSION, &fp_inputs, &settings);
+    if let Some(old) = Manifest::load_if_exists(&cfg.out, STAGE)? {
+        if old.fingerprint == fp && !cfg.force && old.verify_files(&cfg.out).is_ok() {
+            eprintln!("prepare: {} is up to date (fingerprint {}), nothing to do; --force rebuilds it", cfg.out.display(), &fp[..16]);
+            return Ok(old);
+        }
+        if old.fingerprint != fp {
+            eprintln!("prepare: inputs or settings changed (fingerprint {} -> {}), rebuilding {}", &old.fingerprint[..16], &fp[..16], cfg.out.display());
+        }
+    }
+    // The manifest goes first so a killed rebuild never leaves a manifest over mismatched files.
+    let _ = std::fs::remove_file(Manifest::path(&cfg.out));
+
+    let encoder = Encoder { tok: &tok, truncation };
+    let mut writer = PreparedWriter::create(&cfg.out)?;
+    let mut readers = Vec::new();
+    for (files, split) in [(&inputs, None), (&eval_inputs, Some(Split::Eval))] {
+        for f in files.iter() {
+            let r = PreferenceReader::open(f, &cfg.columns(), BATCH_ROWS)?;
+            readers.push((r, split));
+        }
+    }
+    let total_rows: u64 = readers.iter().map(|(r, _)| r.total_rows).sum();
+    let pb = progress(total_rows, "prepare", "rows");
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    let mut skipped_by_reason: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut plen, mut clen, mut rlen) = (LenStats::default(), LenStats::default(), LenStats::default());
+    let (mut truncated_chosen, mut truncated_rejected, mut tokens) = (0u64, 0u64, 0u64);
+    for (mut reader, fixed_split) in readers {
+        let file_name = reader.path.display().to_string();
+        let mut checked = false;
+        while let Some(batch) = reader.next_batch()? {
+            if !checked {
+                // Fail early on a tokenizer that cannot serve this file's format.
+                if let Some((_, Ok(row))) = batch.iter().find(|(_, r)| r.is_ok()) {
+                    encoder.check_ready(matches!(row.chosen, Field::Messages(_))).with_context(|| file_name.clone())?;
+                    checked = true;
+                }
+            }
+            let results: Vec<(u64, Result<(EncodedPair, Split), Skip>)> = batch
+                .into_par_iter()
+                .map(|(src, row)| {
+                    let r = row.and_then(|row| {
+                        let split = fixed_split.unwrap_or(if is_eval(&row, cfg.eval_fraction) { Split::Eval } else { Split::Train });
+                        encoder.encode(&row).map(|p| (p, split))
+                    });
+                    (src, r)
+                })
+                .collect();
+            let mut kept = Vec::new();
+            let mut skipped = Vec::new();
+            for (src, r) in &results {
+                match r {
+                    Ok((pair, split)) => {
+                        plen.add(pair.prompt_ids.len());
+                        clen.add(pair.chosen_ids.len());
+                        rlen.add(pair.rejected_ids.len());
+                        truncated_chosen += u64::from((pair.chosen_scored as usize) < pair.chosen_ids.len());
+                        truncated_rejected += u64::from((pair.rejected_scored as usize) < pair.rejected_ids.len());
+                        tokens += (pair.prompt_ids.len() + pair.chosen_ids.len() + pair.rejected_ids.len()) as u64;
+                        *counts.entry(format!("pairs_{}", split.as_str())).or_default() += 1;
+                        kept.push(PairRecord { split: *split, source_file: &file_name, source_row: *src, pair });
+                    }
+                    Err(skip) => {
+                        *skipped_by_reason.entry(skip.reason.to_string()).or_default() += 1;
+                        skipped.push((file_name.as_str(), *src, skip.reason, skip.detail.as_str()));
+                    }
+                }
+            }
+            writer.write(&kept, &skipped)?;
+            pb.inc(results.len() as u64);
+            let el = t0.elapsed().as_secs_f64().max(1e-9);
+            pb.set_message(format!("{:.0} tokens/s", tokens as f64 / el));
+        }
+    }
+    pb.finish_and_clear();
+    let pairs = counts.get("pairs_train").copied().unwrap_or(0) + counts.get("pairs_eval").copied().unwrap_or(0);
+    let rejected: u64 = skipped_by_reason.values().sum();
+    counts.insert("rows_read".into(), total_rows);
+    counts.insert("pairs".into(), pairs);
+    counts.insert("rejected".into(), rejected);
+    counts.insert("tokens".into(), tokens);
+    counts.insert("truncated_chosen".into(), truncated_chosen);
+    counts.insert("truncated_rejected".into(), truncated_rejected);
+    for (k, v) in &skipped_by_reason {
+        counts.insert(format!("rejected_{k}"), *v);
+    }
+    let wall = secs(t0);
+    let manifest = Manifest {
+        stage: STAGE.into(),
+        format_version: FORMAT_VERSION,
+        fingerprint: fp,
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        inputs: input_info,
+        settings,
+        counts,
+        stats: serde_json::json!({
+            "prompt_tokens": plen.json(), "chosen_tokens": clen.json(), "rejected_tokens": rlen.json(),
+            "rows_per_s": total_rows as f64 / wall.max(1e-9), "tokens_per_s": tokens as f64 / wall.max(1e-9),
+        }),
+        timings: [("wall_s".to_string(), wall)].into(),
+        files: Default::default(),
+    };
+    let manifest = writer.finish(manifest)?;
+    eprintln!(
+        "prepare: {pairs} pairs ({} train, {} eval) from {total_rows} rows in {wall:.2}s ({:.0} rows/s, {:.0} tokens/s) -> {}",
+        manifest.counts.get("pairs_train").unwrap_or(&0), manifest.counts.get("pairs_eval").unwrap_or(&0),
+        total_rows as f64 / wall.max(1e-9), tokens as f64 / wall.max(1e-9), cfg.out.display()
+    );
+    if rejected > 0 {
+        let by: Vec<String> = skipped_by_reason.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        eprintln!("prepare: {rejected} rows not kept ({}); see {}", by.join(", "), cfg.out.join("rejected.parquet").display());
+    }
+    Ok(manifest)
+}

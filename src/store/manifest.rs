@@ -1,0 +1,116 @@
+//! `manifest.json`: what a stage built, from what, with which settings. The fingerprint is the
+//! hash of the inputs' content hashes and every setting that changes the output.
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+
+pub type Fingerprint = String;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub stage: String,
+    pub format_version: u32,
+    pub fingerprint: Fingerprint,
+    pub tool_version: String,
+    /// Content hashes (and paths, for people) of everything the stage read.
+    pub inputs: serde_json::Value,
+    /// Every setting that changes the output.
+    pub settings: serde_json::Value,
+    pub counts: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub stats: serde_json::Value,
+    #[serde(default)]
+    pub timings: BTreeMap<String, f64>,
+    /// Output files with their size and blake3 hash, so a reader can check it got what was written.
+    #[serde(default)]
+    pub files: BTreeMap<String, FileEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileEntry {
+    pub bytes: u64,
+    pub blake3: String,
+}
+
+/// Fingerprint of a stage's output: blake3 of canonical JSON (serde_json sorts map keys).
+pub fn fingerprint(stage: &str, format_version: u32, inputs: &serde_json::Value, settings: &serde_json::Value) -> Fingerprint {
+    let canonical = serde_json::json!({"stage": stage, "format_version": format_version, "inputs": inputs, "settings": settings});
+    blake3::hash(canonical.to_string().as_bytes()).to_hex().to_string()
+}
+
+pub fn file_hash(path: &Path) -> Result<FileEntry> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        bytes += n as u64;
+        h.update(&buf[..n]);
+    }
+    Ok(FileEntry { bytes, blake3: h.finalize().to_hex().to_string() })
+}
+
+impl Manifest {
+    pub fn path(dir: &Path) -> std::path::PathBuf {
+        dir.join("manifest.json")
+    }
+
+    /// Reads `DIR/manifest.json`, checking it was written by `stage`.
+    pub fn load(dir: &Path, stage: &str) -> Result<Self> {
+        let path = Self::path(dir);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{} has no manifest.json: is it a finished `{stage}` output?", dir.display()))?;
+        let m: Manifest = serde_json::from_str(&text).with_context(|| format!("{}: not a valid manifest", path.display()))?;
+        if m.stage != stage {
+            bail!("{}: manifest is from stage `{}`, expected `{stage}`", path.display(), m.stage);
+        }
+        Ok(m)
+    }
+
+    /// Loads the manifest only if one exists (for "already done?" checks).
+    pub fn load_if_exists(dir: &Path, stage: &str) -> Result<Option<Self>> {
+        if Self::path(dir).exists() {
+            Self::load(dir, stage).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Records size and hash of each listed file in `dir`.
+    pub fn record_files(&mut self, dir: &Path, names: &[&str]) -> Result<()> {
+        for name in names {
+            self.files.insert(name.to_string(), file_hash(&dir.join(name))?);
+        }
+        Ok(())
+    }
+
+    /// Checks every file the manifest lists is present and unchanged.
+    pub fn verify_files(&self, dir: &Path) -> Result<()> {
+        for (name, want) in &self.files {
+            let path = dir.join(name);
+            if !path.exists() {
+                bail!("{}: missing, but listed in {}", path.display(), Self::path(dir).display());
+            }
+            let got = file_hash(&path)?;
+            if &got != want {
+                bail!(
+                    "{}: does not match its manifest ({} bytes, blake3 {}; manifest says {} bytes, blake3 {}). \
+                     The directory was modified or is incomplete; rebuild it with --force",
+                    path.display(), got.bytes, &got.blake3[..16], want.bytes, &want.blake3[..16]
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)? + "\n";
+        super::write_atomic(&Self::path(dir), text.as_bytes())
+    }
+}
