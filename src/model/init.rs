@@ -14,7 +14,10 @@ use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{AddedToken, PostProcessorWrapper, Tokenizer};
+use tokenizers::normalizers::unicode::NFC;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PostProcessorWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Arch {
@@ -29,6 +32,8 @@ pub enum Size {
     /// ~28M parameters, 8k vocabulary: for benchmarks.
     Small,
 }
+
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
@@ -85,7 +90,23 @@ pub fn train_tokenizer(arch: Arch, vocab: usize, seed: u64, pseudo_words: usize)
             .build(),
     );
     let mut tok = Tokenizer::new(BPE::default());
-    tok.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
+    match arch {
+        Arch::Llama => {
+            tok.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
+        }
+        // Exactly the pipeline of real Qwen2 tokenizers (transformers 5's Qwen2Tokenizer rebuilds
+        // it from its own code, whatever tokenizer.json says): NFC, Qwen2's split regex (digits
+        // one by one), byte-level without its own regex.
+        Arch::Qwen2 => {
+            tok.with_normalizer(Some(NFC)).map_err(|e| anyhow!("{e}"))?;
+            let split = Split::new(SplitPattern::Regex(QWEN2_REGEX.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| anyhow!("{e}"))?;
+            tok.with_pre_tokenizer(Some(Sequence::new(vec![
+                PreTokenizerWrapper::Split(split),
+                PreTokenizerWrapper::ByteLevel(ByteLevel::default().add_prefix_space(false).use_regex(false)),
+            ])));
+        }
+    }
     tok.with_decoder(Some(ByteLevel::default()));
     tok.train(&mut trainer, training_text(seed, pseudo_words).into_iter()).map_err(|e| anyhow!("tokenizer training: {e}"))?;
     let post: PostProcessorWrapper = match sp.bos {
