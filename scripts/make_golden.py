@@ -103,9 +103,21 @@ def logps(model_dir):
     return seqs
 
 
+def rope_llama3():
+    """inv_freq of Llama 3.1's rope scaling, from transformers' own function."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    cfg = LlamaConfig(hidden_size=512, num_attention_heads=4, head_dim=128, max_position_embeddings=131072, rope_parameters=rope)
+    inv_freq, scale = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    return {"config": cfg.to_dict(), "inv_freq": inv_freq.tolist(), "attention_scaling": scale}
+
+
 def main(models_dir):
     models_dir = Path(models_dir)
     OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "rope_llama3.json").write_text(json.dumps(rope_llama3(), indent=1) + "\n")
     for arch in ("llama", "qwen2"):
         mdir = models_dir / arch
         ident = {"tokenizer_blake3": h(mdir / "tokenizer.json"), "weights_blake3": h(mdir / "model.safetensors")}

@@ -1,0 +1,207 @@
+//! The decoder against HF transformers (golden values), layout invariance, checkpoint dialects.
+mod common;
+use candle_core::{DType, Device};
+use common::*;
+use dpo_pipeline::data::batch::{self, LayoutKind};
+use dpo_pipeline::data::prepared::{PairView, Split};
+use dpo_pipeline::model::decoder::SeqLayout;
+use dpo_pipeline::model::logprobs::{pair_logps, token_logps, Scored};
+use dpo_pipeline::model::{load_decoder, weights, Decoder, ModelConfig};
+use dpo_pipeline::store::file_hash;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Per-token log-probs of one unpadded causal sequence.
+fn seq_logps(dec: &Decoder, ids: &[u32]) -> Vec<f32> {
+    let n = ids.len();
+    let layout = SeqLayout {
+        batch: 1, len: n, input_ids: ids.to_vec(), positions: (0..n as u32).collect(),
+        visible: (0..n * n).map(|k| k % n <= k / n).collect(),
+    };
+    let sc = Scored { rows: (0..n as u32 - 1).collect(), targets: ids[1..].to_vec(), seq: vec![0; n - 1], num_seqs: 1 };
+    let h = dec.hidden(&layout).unwrap();
+    token_logps(&h, dec.lm_head(), &sc).unwrap().to_vec1().unwrap()
+}
+
+fn check_hf(arch: &str) {
+    let d = tmp();
+    let model = tiny_model(d.path(), arch);
+    let g: Value = serde_json::from_str(&std::fs::read_to_string(golden(&format!("hf_logps_{arch}.json"))).unwrap()).unwrap();
+    assert_eq!(g["weights_blake3"].as_str().unwrap(), file_hash(&model.join("model.safetensors")).unwrap().blake3, "regenerate golden values");
+    let dec = load_decoder(&model, DType::F32, &Device::Cpu).unwrap();
+    for seq in g["sequences"].as_array().unwrap() {
+        let ids: Vec<u32> = seq["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<f64> = seq["token_logps"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        if ids.len() < 2 {
+            continue;
+        }
+        let got = seq_logps(&dec, &ids);
+        assert_eq!(got.len(), want.len());
+        for (t, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!((*a as f64 - b).abs() < 1e-4, "{arch}: token {t}: ours {a}, HF {b}");
+        }
+    }
+}
+
+#[test]
+fn llama_matches_hf_transformers() {
+    check_hf("llama");
+}
+
+#[test]
+fn qwen2_matches_hf_transformers() {
+    check_hf("qwen2");
+}
+
+fn pair<'a>(prompt: &'a [u32], chosen: &'a [u32], rejected: &'a [u32]) -> PairView<'a> {
+    PairView { row_id: 0, prompt, chosen, rejected, chosen_scored: chosen.len(), rejected_scored: rejected.len(), split: Split::Train }
+}
+
+#[test]
+fn padding_and_shared_prompt_layouts_agree_with_a_row_alone() {
+    let d = tmp();
+    let model = tiny_model(d.path(), "llama");
+    let dec = load_decoder(&model, DType::F32, &Device::Cpu).unwrap();
+    let data: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> = vec![
+        (vec![0, 5, 9, 33], vec![40, 41, 42], vec![50]),
+        (vec![0, 7], vec![60, 61, 62, 63, 64, 65], vec![70, 71]),
+        (vec![0, 8, 8, 8, 8, 8, 8], vec![80], vec![90, 91, 92, 93]),
+    ];
+    let pairs: Vec<PairView> = data.iter().map(|(p, c, r)| pair(p, c, r)).collect();
+    let alone: Vec<(f32, f32)> = pairs.iter().map(|p| {
+        // Each completion as its own unpadded sequence, summed by hand.
+        let c: Vec<u32> = p.prompt.iter().chain(p.chosen).copied().collect();
+        let r: Vec<u32> = p.prompt.iter().chain(p.rejected).copied().collect();
+        let sum = |ids: &[u32]| seq_logps(&dec, ids)[p.prompt.len() - 1..].iter().sum::<f32>();
+        (sum(&c), sum(&r))
+    }).collect();
+    for kind in [LayoutKind::Padded, LayoutKind::SharedPrompt] {
+        let lp = pair_logps(&dec, kind, &pairs).unwrap();
+        let (c, r): (Vec<f32>, Vec<f32>) = (lp.chosen.to_vec1().unwrap(), lp.rejected.to_vec1().unwrap());
+        for i in 0..pairs.len() {
+            assert!((c[i] - alone[i].0).abs() < 1e-5, "{kind:?} pair {i} chosen: {} vs {}", c[i], alone[i].0);
+            assert!((r[i] - alone[i].1).abs() < 1e-5, "{kind:?} pair {i} rejected: {} vs {}", r[i], alone[i].1);
+        }
+    }
+}
+
+#[test]
+fn truncation_scores_only_the_first_tokens() {
+    let d = tmp();
+    let model = tiny_model(d.path(), "qwen2");
+    let dec = load_decoder(&model, DType::F32, &Device::Cpu).unwrap();
+    let (p, c, r) = (vec![5u32, 6, 7], vec![10u32, 11, 12, 13], vec![20u32, 21]);
+    let mut cut = pair(&p, &c, &r);
+    cut.chosen_scored = 2;
+    let full = pair(&p, &c[..2], &r);
+    for kind in [LayoutKind::Padded, LayoutKind::SharedPrompt] {
+        let a = pair_logps(&dec, kind, &[cut]).unwrap().chosen.to_vec1::<f32>().unwrap()[0];
+        let b = pair_logps(&dec, kind, &[full]).unwrap().chosen.to_vec1::<f32>().unwrap()[0];
+        assert!((a - b).abs() < 1e-6, "{kind:?}: {a} vs {b}");
+    }
+    let (layout, sc) = batch::build(LayoutKind::SharedPrompt, &[cut]);
+    assert_eq!(layout.len, 3 + 2 + 2);
+    assert_eq!(sc.rows.len(), 4);
+}
+
+fn logps_of(model: &Path, dtype: DType) -> Vec<f32> {
+    let dec = load_decoder(model, dtype, &Device::Cpu).unwrap();
+    seq_logps(&dec, &[1, 30, 31, 32, 33, 34, 35, 36, 200, 201, 202])
+}
+
+fn copy_tokenizer(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
+
+#[test]
+fn sharded_bf16_and_old_config_dialect_load_to_the_same_values() {
+    let d = tmp();
+    let model = tiny_model(d.path(), "llama");
+    let base = logps_of(&model, DType::F32);
+    let cfg = ModelConfig::load(&model).unwrap();
+    let tensors = weights::load_weights(&model, &cfg, DType::F32, &Device::Cpu).unwrap();
+
+    // Sharded: two files and an index, as transformers writes them.
+    let sharded = d.path().join("sharded");
+    copy_tokenizer(&model, &sharded);
+    let names: Vec<&String> = { let mut n: Vec<_> = tensors.keys().collect(); n.sort(); n };
+    let mut index = serde_json::Map::new();
+    for (k, chunk) in names.chunks(names.len() / 2 + 1).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", k + 1);
+        let part: BTreeMap<String, _> = chunk.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
+        weights::save_weights(&sharded.join(&file), &part, DType::F32).unwrap();
+        for n in chunk {
+            index.insert((*n).clone(), Value::from(file.clone()));
+        }
+    }
+    std::fs::write(sharded.join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": index}).to_string()).unwrap();
+    assert_eq!(logps_of(&sharded, DType::F32), base, "sharded checkpoint must give identical values");
+
+    // bf16 weights, computed in f32: equal to the f32 model with bf16-rounded weights.
+    let bf = d.path().join("bf16");
+    copy_tokenizer(&model, &bf);
+    let all: BTreeMap<String, _> = tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    weights::save_weights(&bf.join("model.safetensors"), &all, DType::BF16).unwrap();
+    let rounded = d.path().join("rounded");
+    copy_tokenizer(&model, &rounded);
+    let r: BTreeMap<String, _> = all.iter().map(|(k, v)| (k.clone(), v.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap())).collect();
+    weights::save_weights(&rounded.join("model.safetensors"), &r, DType::F32).unwrap();
+    assert_eq!(logps_of(&bf, DType::F32), logps_of(&rounded, DType::F32));
+    // ...and close to the f32 model; bf16 compute stays close too.
+    for (a, b) in logps_of(&bf, DType::F32).iter().zip(&base) {
+        assert!((a - b).abs() < 0.02, "{a} vs {b}");
+    }
+    for (a, b) in logps_of(&model, DType::BF16).iter().zip(&base) {
+        assert!((a - b).abs() < 0.1, "bf16 compute: {a} vs {b}");
+    }
+
+    // Pre-transformers-5 config.json: top-level rope_theta and torch_dtype.
+    let old = d.path().join("old");
+    copy_tokenizer(&model, &old);
+    std::fs::copy(model.join("model.safetensors"), old.join("model.safetensors")).unwrap();
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    let o = c.as_object_mut().unwrap();
+    o.remove("rope_parameters");
+    o.remove("dtype");
+    o.insert("rope_theta".into(), Value::from(10000.0));
+    o.insert("torch_dtype".into(), Value::from("float32"));
+    std::fs::write(old.join("config.json"), c.to_string()).unwrap();
+    assert_eq!(logps_of(&old, DType::F32), base);
+    // A different theta must change the values (the field is really read).
+    c["rope_theta"] = Value::from(500.0);
+    std::fs::write(old.join("config.json"), c.to_string()).unwrap();
+    assert_ne!(logps_of(&old, DType::F32), base);
+}
+
+#[test]
+fn unsupported_model_type_and_missing_tensor_are_named() {
+    let d = tmp();
+    let model = tiny_model(d.path(), "qwen2");
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    c["model_type"] = Value::from("gpt2");
+    let e = ModelConfig::from_json(c.clone()).unwrap_err().to_string();
+    assert!(e.contains("unsupported model_type `gpt2`"), "{e}");
+    // Untied config over tied weights: lm_head.weight is missing.
+    c["model_type"] = Value::from("qwen2");
+    c["tie_word_embeddings"] = Value::from(false);
+    std::fs::write(model.join("config.json"), c.to_string()).unwrap();
+    let e = format!("{:#}", load_decoder(&model, DType::F32, &Device::Cpu).err().unwrap());
+    assert!(e.contains("lm_head.weight") && e.contains("missing"), "{e}");
+}
+
+#[test]
+fn llama3_rope_scaling_matches_transformers() {
+    let g: Value = serde_json::from_str(&std::fs::read_to_string(golden("rope_llama3.json")).unwrap()).unwrap();
+    let mut cfg = g["config"].clone();
+    cfg["model_type"] = Value::from("llama");
+    let ours = ModelConfig::from_json(cfg).unwrap().inv_freq();
+    let want: Vec<f64> = g["inv_freq"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(ours.len(), want.len());
+    for (i, (a, b)) in ours.iter().zip(&want).enumerate() {
+        assert!(((*a as f64) - b).abs() <= 1e-6 * b.abs().max(1e-3), "inv_freq[{i}]: {a} vs {b}");
+    }
+}
