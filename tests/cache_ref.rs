@@ -1,0 +1,141 @@
+//! Stage 2: the cache's contract: resumable, fingerprinted, whole or absent, readable by polars
+//! and numpy.
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::Command;
+
+const CACHE_FILES: &[&str] = &["chosen_logps.f32", "rejected_logps.f32", "chosen_tokens.u32", "rejected_tokens.u32", "ref_logps.parquet"];
+
+fn setup(dir: &Path, rows: &str) -> String {
+    let model = tiny_model(dir, "llama");
+    ok(dir, &["synth-prefs", "--out", "in.parquet", "--rows", rows, "--conversational"]);
+    ok(dir, &["prepare", "--input", "in.parquet", "--model", s(&model), "--out", "prep", "--eval-fraction", "0.2"]);
+    s(&model).to_string()
+}
+
+#[test]
+fn resume_after_a_crash_gives_identical_files() {
+    let d = tmp();
+    let m = setup(d.path(), "300");
+    let args = |out: &str| -> Vec<String> {
+        ["cache-ref", "--prepared", "prep", "--model", &m, "--out", out, "--batch-tokens", "512"].iter().map(|s| s.to_string()).collect()
+    };
+    let a: Vec<String> = args("full");
+    ok(d.path(), &a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    // Simulated crash: stop after 3 batches. Nothing final is visible; the rerun resumes.
+    let mut b = args("resumed");
+    b.extend(["--stop-after-batches".to_string(), "3".to_string()]);
+    ok(d.path(), &b.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let out = d.path().join("resumed");
+    for f in CACHE_FILES.iter().chain(&["manifest.json"]) {
+        assert!(!out.join(f).exists(), "{f} visible before the cache is whole");
+    }
+    let e = ok(d.path(), &args("resumed").iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(e.contains("resuming: 3 of") && e.contains("skipping"), "{e}");
+    for f in CACHE_FILES {
+        assert_eq!(std::fs::read(d.path().join("full").join(f)).unwrap(), std::fs::read(out.join(f)).unwrap(), "{f} differs after resume");
+    }
+    assert!(partial_files(&out).is_empty() && !out.join("progress.json").exists());
+}
+
+#[test]
+fn kill_9_mid_run_then_rerun_completes_identically() {
+    let d = tmp();
+    let m = setup(d.path(), "3000");
+    let args = ["cache-ref", "--prepared", "prep", "--model", m.as_str(), "--out", "killed", "--batch-tokens", "256", "--threads", "1"];
+    let mut child = Command::new(bin()).args(args).current_dir(d.path()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let progress = d.path().join("killed/progress.json");
+    let t = std::time::Instant::now();
+    while !progress.exists() && t.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let out = d.path().join("killed");
+    assert!(!out.join("manifest.json").exists(), "killed too late: the run had finished");
+    let e = ok(d.path(), &args);
+    assert!(e.contains("resuming"), "{e}");
+    ok(d.path(), &["cache-ref", "--prepared", "prep", "--model", &m, "--out", "clean", "--batch-tokens", "256", "--threads", "1"]);
+    for f in CACHE_FILES {
+        assert_eq!(std::fs::read(d.path().join("clean").join(f)).unwrap(), std::fs::read(out.join(f)).unwrap(), "{f}");
+    }
+}
+
+#[test]
+fn fingerprints_guard_the_cache() {
+    let d = tmp();
+    let m = setup(d.path(), "60");
+    ok(d.path(), &["cache-ref", "--prepared", "prep", "--model", &m, "--out", "cache"]);
+    let e = ok(d.path(), &["cache-ref", "--prepared", "prep", "--model", &m, "--out", "cache"]);
+    assert!(e.contains("up to date"), "{e}");
+    // Other settings (here the dtype) into the same directory: an error naming both fingerprints.
+    let e = fails(d.path(), &["cache-ref", "--prepared", "prep", "--model", &m, "--out", "cache", "--dtype", "bf16"]);
+    assert!(e.contains("fingerprint") && e.contains("--force"), "{e}");
+    ok(d.path(), &["cache-ref", "--prepared", "prep", "--model", &m, "--out", "cache", "--dtype", "bf16", "--force"]);
+    // A different max_length changes the prepared fingerprint, so the cache no longer matches it.
+    ok(d.path(), &["prepare", "--input", "in.parquet", "--model", &m, "--out", "prep", "--eval-fraction", "0.2", "--max-length", "20"]);
+    let e = fails(d.path(), &["train", "--prepared", "prep", "--ref-cache", "cache", "--out", "t", "--max-steps", "1"]);
+    assert!(e.contains("was built from prepared data with fingerprint"), "{e}");
+}
+
+#[test]
+fn modified_or_truncated_files_are_detected() {
+    let d = tmp();
+    let m = setup(d.path(), "60");
+    ok(d.path(), &["cache-ref", "--prepared", "prep", "--model", &m, "--out", "cache"]);
+    // A truncated cache column: train refuses it with the file's name.
+    let col = d.path().join("cache/chosen_logps.f32");
+    let bytes = std::fs::read(&col).unwrap();
+    std::fs::write(&col, &bytes[..bytes.len() - 8]).unwrap();
+    let e = fails(d.path(), &["train", "--prepared", "prep", "--ref-cache", "cache", "--out", "t", "--max-steps", "1"]);
+    assert!(e.contains("chosen_logps.f32") && e.contains("does not match its manifest"), "{e}");
+    // The column reader itself catches a bad header or length, whatever the manifest says.
+    let err = dpo_pipeline::store::Column::<f32>::open(&col, None).err().unwrap().to_string();
+    assert!(err.contains("truncated or corrupt"), "{err}");
+    std::fs::write(&col, b"garbage").unwrap();
+    let err = dpo_pipeline::store::Column::<f32>::open(&col, None).err().unwrap().to_string();
+    assert!(err.contains("not a dpo-pipeline column file"), "{err}");
+    // A prepared directory changed after the fact: cache-ref refuses it.
+    let p = d.path().join("prep/split.u32");
+    let mut b = std::fs::read(&p).unwrap();
+    let last = b.len() - 1;
+    b[last] ^= 1;
+    std::fs::write(&p, b).unwrap();
+    let e = fails(d.path(), &["cache-ref", "--prepared", "prep", "--model", &m, "--out", "cache2"]);
+    assert!(e.contains("split.u32") && e.contains("does not match its manifest"), "{e}");
+}
+
+#[test]
+fn polars_and_numpy_read_the_cache_and_join_it_with_pairs() {
+    let d = tmp();
+    let m = setup(d.path(), "80");
+    ok(d.path(), &["cache-ref", "--prepared", "prep", "--model", &m, "--out", "cache", "--layout", "padded"]);
+    let out = python(d.path(), r#"
+pairs = pl.read_parquet("prep/pairs.parquet")
+ref = pl.read_parquet("cache/ref_logps.parquet")
+j = pairs.join(ref, on="row_id")
+assert len(j) == len(pairs) == len(ref), (len(j), len(pairs), len(ref))
+assert (j["split"] == j["split_right"]).all()
+assert (j["chosen_scored_tokens"] == j["chosen_scored_tokens_right"]).all()
+mm = np.memmap("cache/chosen_logps.f32", dtype="<f4", mode="r", offset=64)
+assert mm.shape[0] == len(ref) and np.array_equal(mm, ref["ref_chosen_logps"].to_numpy())
+hdr = open("cache/chosen_logps.f32", "rb").read(64)
+assert hdr[:8] == b"DPOCOLMN"
+m = json.load(open("cache/manifest.json"))
+assert hdr[24:56].hex() == m["fingerprint"][:64]
+assert (ref["ref_chosen_logps"] < 0).all() and (ref["ref_rejected_logps"] < 0).all()
+print(m["stats"]["padding_fraction"])"#);
+    let pad: f64 = out.trim().parse().unwrap();
+    assert!((0.0..0.5).contains(&pad), "padding fraction {pad}");
+}
+
+#[test]
+fn an_unfinished_cache_is_refused_by_train() {
+    let d = tmp();
+    let m = setup(d.path(), "100");
+    ok(d.path(), &["cache-ref", "--prepared", "prep", "--model", &m, "--out", "cache", "--batch-tokens", "256", "--stop-after-batches", "1"]);
+    let e = fails(d.path(), &["train", "--prepared", "prep", "--ref-cache", "cache", "--out", "t", "--max-steps", "1"]);
+    assert!(e.contains("unfinished cache") && e.contains("rerun the same"), "{e}");
+}
