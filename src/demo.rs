@@ -53,6 +53,8 @@ pub fn run(dir: &Path, steps: usize, rows: usize) -> Result<()> {
     if let (Some((s0, first)), Some((s1, last))) = (eval.first(), eval.last()) {
         println!("held-out reward accuracy: {:.3} (step {s0}) -> {:.3} (step {s1})", first["eval/rewards/accuracies"], last["eval/rewards/accuracies"]);
         println!("held-out reward margin:   {:.3} (step {s0}) -> {:.3} (step {s1})", first["eval/rewards/margins"], last["eval/rewards/margins"]);
+        println!("held-out DPO loss:        {:.3} (step {s0}) -> {:.3} (step {s1})", first["eval/loss"], last["eval/loss"]);
+        println!("(at step 0 the policy is the reference: every reward is 0, so accuracy, which counts strict wins, only measures rounding)");
     }
     println!("outputs: {} (metrics.parquet, curves.png, final/)", train.out.display());
     Ok(())

@@ -83,10 +83,15 @@ pub struct Decoder {
     pub device: Device,
 }
 
+/// Accumulation dtype: f32 for f32/bf16/f16 (as transformers), f64 stays f64 (for gradient checks).
+pub fn accum_dtype(d: DType) -> DType {
+    if d == DType::F64 { DType::F64 } else { DType::F32 }
+}
+
 /// RMSNorm in f32, as transformers computes it, scaled by the weight in the compute dtype.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x32 = x.to_dtype(DType::F32)?;
+    let x32 = x.to_dtype(accum_dtype(dtype))?;
     let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = x32.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
     Ok(normed.to_dtype(dtype)?.broadcast_mul(w)?)

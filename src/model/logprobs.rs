@@ -1,7 +1,7 @@
 //! Per-token log-probs of the next token, only at the positions that are scored, with the
 //! vocabulary log-softmax done in row chunks so no (tokens × vocab) tensor exists whole.
 use anyhow::Result;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 /// Logits elements per chunk (f32: 16 MiB).
 const CHUNK_ELEMS: usize = 4 << 20;
@@ -21,7 +21,7 @@ pub fn token_logps(hidden: &Tensor, lm_head: &Tensor, sc: &Scored) -> Result<Ten
     let dev = hidden.device();
     let m = sc.rows.len();
     if m == 0 {
-        return Ok(Tensor::zeros(0, DType::F32, dev)?);
+        return Ok(Tensor::zeros(0, super::decoder::accum_dtype(hidden.dtype()), dev)?);
     }
     let vocab = lm_head.dim(0)?;
     let chunk = (CHUNK_ELEMS / vocab).clamp(1, m);
@@ -30,7 +30,7 @@ pub fn token_logps(hidden: &Tensor, lm_head: &Tensor, sc: &Scored) -> Result<Ten
     let mut parts = Vec::with_capacity(m.div_ceil(chunk));
     for start in (0..m).step_by(chunk) {
         let n = chunk.min(m - start);
-        let logits = h.narrow(0, start, n)?.matmul(&w_t)?.to_dtype(DType::F32)?;
+        let logits = h.narrow(0, start, n)?.matmul(&w_t)?.to_dtype(super::decoder::accum_dtype(h.dtype()))?;
         // log_softmax(x)[y] = (x_y - max) - log Σ exp(x - max); the max is a constant for autograd.
         let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?.detach())?;
         let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
@@ -45,13 +45,13 @@ pub fn sequence_logps(token_logps: &Tensor, sc: &Scored) -> Result<Tensor> {
     let m = sc.seq.len();
     let dev = token_logps.device();
     if m == 0 {
-        return Ok(Tensor::zeros(sc.num_seqs, DType::F32, dev)?);
+        return Ok(Tensor::zeros(sc.num_seqs, token_logps.dtype(), dev)?);
     }
     let mut a = vec![0f32; sc.num_seqs * m];
     for (i, &s) in sc.seq.iter().enumerate() {
         a[s as usize * m + i] = 1.0;
     }
-    let a = Tensor::from_vec(a, (sc.num_seqs, m), dev)?;
+    let a = Tensor::from_vec(a, (sc.num_seqs, m), dev)?.to_dtype(token_logps.dtype())?;
     Ok(a.matmul(&token_logps.unsqueeze(1)?)?.squeeze(1)?)
 }
 

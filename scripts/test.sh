@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The project's test command (README, .ci/run): installs what the tests need, then runs them.
+# Tests read every output with Python polars, as users do.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! python3 -c "import polars, numpy" 2>/dev/null; then
+  python3 -m pip install --quiet polars numpy
+fi
+# Fonts for curves.png labels (without them the curves are drawn unlabelled).
+if [ ! -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq fonts-dejavu-core) >/dev/null 2>&1 || echo "note: fonts-dejavu-core not installed; plots will have no labels"
+fi
+cargo test --locked "$@"

@@ -1,0 +1,294 @@
+//! Stage 3: losses and gradients against closed forms, the optimizer against PyTorch, step-0
+//! sanity, resume, checkpoints, metrics and the end-to-end demo.
+mod common;
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use dpo_pipeline::config::{LossKind, SchedulerKind};
+use dpo_pipeline::data::batch::LayoutKind;
+use dpo_pipeline::data::prepared::{PairView, PreparedDataset, Split};
+use dpo_pipeline::model::logprobs::pair_logps;
+use dpo_pipeline::stages::cache_ref::RefCache;
+use dpo_pipeline::stages::train::{batch_loss, gradients, LossSettings, Policy};
+use dpo_pipeline::train::optim::{clip_by_global_norm, lr_factor, AdamW, AdamWConfig};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// A tiny model, prepared data and its reference cache.
+fn setup(dir: &Path, arch: &str, rows: &str) -> PathBuf {
+    let model = tiny_model(dir, arch);
+    ok(dir, &["synth-prefs", "--out", "in.parquet", "--rows", rows, "--eval-rows", "40"]);
+    ok(dir, &["prepare", "--input", "in.parquet", "--eval-input", "in.eval.parquet", "--model", s(&model), "--out", "prep", "--max-length", "64"]);
+    ok(dir, &["cache-ref", "--prepared", "prep", "--model", s(&model), "--out", "cache"]);
+    model
+}
+
+const DPO: LossSettings = LossSettings { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0, sft_weight: 0.0 };
+
+fn refs(cache: &RefCache, pairs: &[PairView]) -> (Vec<f32>, Vec<f32>) {
+    (pairs.iter().map(|p| cache.chosen.as_slice()[p.row_id]).collect(), pairs.iter().map(|p| cache.rejected.as_slice()[p.row_id]).collect())
+}
+
+#[test]
+fn step_zero_rewards_are_zero_and_loss_is_ln2() {
+    let d = tmp();
+    let model = setup(d.path(), "qwen2", "64");
+    let prep = PreparedDataset::open(&d.path().join("prep")).unwrap();
+    let cache = RefCache::open(&d.path().join("cache"), &prep).unwrap();
+    let policy = Policy::load(&model, DType::F32, &Device::Cpu).unwrap();
+    let pairs: Vec<PairView> = (0..16).map(|i| prep.pair(i)).collect();
+    let (rc, rr) = refs(&cache, &pairs);
+    for layout in [LayoutKind::SharedPrompt, LayoutKind::Padded] {
+        let b = batch_loss(&policy.decoder, layout, DPO, &pairs, &rc, &rr).unwrap();
+        for r in b.out.chosen_rewards.to_vec1::<f32>().unwrap().iter().chain(&b.out.rejected_rewards.to_vec1::<f32>().unwrap()) {
+            assert!(r.abs() < 1e-4, "{layout:?}: step-0 reward {r}");
+        }
+        let loss = b.loss.to_scalar::<f32>().unwrap();
+        assert!((loss - std::f32::consts::LN_2).abs() < 1e-5, "step-0 loss {loss}");
+    }
+}
+
+#[test]
+fn dpo_gradient_matches_its_closed_form_and_reaches_every_parameter() {
+    let d = tmp();
+    let model = setup(d.path(), "llama", "32");
+    let prep = PreparedDataset::open(&d.path().join("prep")).unwrap();
+    let policy = Policy::load(&model, DType::F64, &Device::Cpu).unwrap();
+    let p = [prep.pair(3)];
+    // Reference values away from the policy's, so σ(r̂_l − r̂_w) is not 1/2.
+    let lp = pair_logps(&policy.eval_decoder, LayoutKind::SharedPrompt, &p).unwrap();
+    let (pc, pr) = (lp.chosen.to_vec1::<f64>().unwrap()[0], lp.rejected.to_vec1::<f64>().unwrap()[0]);
+    let (rc, rr) = ((pc + 2.0) as f32, (pr - 1.0) as f32);
+    let beta = 0.5;
+    let settings = LossSettings { beta, ..DPO };
+    let b = batch_loss(&policy.decoder, LayoutKind::SharedPrompt, settings, &p, &[rc], &[rr]).unwrap();
+    let g_loss = gradients(&b.loss, &policy).unwrap();
+    // Every trainable tensor gets a non-zero gradient (candle drops them silently otherwise).
+    for (n, g) in policy.names.iter().zip(&g_loss) {
+        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(norm > 0.0, "parameter {n} got a zero gradient");
+    }
+    let lp = pair_logps(&policy.decoder, LayoutKind::SharedPrompt, &p).unwrap();
+    let g_w = gradients(&lp.chosen.sum_all().unwrap(), &policy).unwrap();
+    let lp = pair_logps(&policy.decoder, LayoutKind::SharedPrompt, &p).unwrap();
+    let g_l = gradients(&lp.rejected.sum_all().unwrap(), &policy).unwrap();
+    let (r_w, r_l) = (beta * (pc - rc as f64), beta * (pr - rr as f64));
+    let coef = -beta / (1.0 + (-(r_l - r_w)).exp());
+    for (i, n) in policy.names.iter().enumerate() {
+        let want = ((&g_w[i] - &g_l[i]).unwrap() * coef).unwrap();
+        let diff = (&g_loss[i] - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff <= 1e-9 * scale.max(1e-12) + 1e-12, "{n}: autograd and closed form differ by {diff} (scale {scale})");
+    }
+}
+
+#[test]
+fn finite_differences_agree_with_autograd() {
+    let d = tmp();
+    let model = setup(d.path(), "qwen2", "32");
+    let prep = PreparedDataset::open(&d.path().join("prep")).unwrap();
+    let policy = Policy::load(&model, DType::F64, &Device::Cpu).unwrap();
+    let pairs = [prep.pair(0), prep.pair(1)];
+    let (rc, rr) = ([-30.0f32, -25.0], [-20.0f32, -28.0]);
+    let settings = LossSettings { kind: LossKind::Sigmoid, beta: 0.3, label_smoothing: 0.0, sft_weight: 0.5 };
+    let loss = |pol: &Policy| batch_loss(&pol.eval_decoder, LayoutKind::SharedPrompt, settings, &pairs, &rc, &rr).unwrap().loss.to_scalar::<f64>().unwrap();
+    let b = batch_loss(&policy.decoder, LayoutKind::SharedPrompt, settings, &pairs, &rc, &rr).unwrap();
+    let grads = gradients(&b.loss, &policy).unwrap();
+    let eps = 1e-5;
+    let mut checked = 0;
+    for name in ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.bias", "model.layers.1.self_attn.k_proj.weight",
+                 "model.layers.0.mlp.down_proj.weight", "model.layers.1.input_layernorm.weight", "model.norm.weight"] {
+        let i = policy.names.iter().position(|n| n == name).unwrap();
+        let var = &policy.vars[i];
+        let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let g = grads[i].flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        // The entry with the largest gradient, so the check is not vacuous.
+        let k = (0..g.len()).max_by(|&a, &b| g[a].abs().partial_cmp(&g[b].abs()).unwrap()).unwrap();
+        let set = |delta: f64| {
+            let mut v = orig.clone();
+            v[k] += delta;
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+        };
+        set(eps);
+        let up = loss(&policy);
+        set(-eps);
+        let down = loss(&policy);
+        set(0.0);
+        let fd = (up - down) / (2.0 * eps);
+        assert!((fd - g[k]).abs() <= 1e-6 * g[k].abs().max(1e-3), "{name}[{k}]: finite difference {fd}, autograd {}", g[k]);
+        checked += 1;
+    }
+    assert_eq!(checked, 6);
+}
+
+#[test]
+fn losses_match_their_closed_forms() {
+    use dpo_pipeline::train::loss::{preference_loss, PairBatch};
+    let t = |v: &[f64]| Tensor::new(v, &Device::Cpu).unwrap();
+    let (pc, pr, rc, rr) = ([-10.0, -20.0, -5.0], [-12.0, -15.0, -5.5], [-11.0, -19.0, -6.0], [-11.5, -18.0, -4.0]);
+    let (nc, nr) = ([5.0, 7.0, 3.0], [4.0, 9.0, 2.0]);
+    let (beta, eps) = (0.2, 0.1);
+    let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+    for kind in [LossKind::Sigmoid, LossKind::Ipo, LossKind::Hinge, LossKind::Robust, LossKind::SigmoidNorm] {
+        let out = preference_loss(kind, beta, eps, &PairBatch {
+            policy_chosen: &t(&pc), policy_rejected: &t(&pr), ref_chosen: &t(&rc), ref_rejected: &t(&rr),
+            chosen_tokens: &t(&nc), rejected_tokens: &t(&nr),
+        }).unwrap();
+        let got = out.per_pair.to_vec1::<f64>().unwrap();
+        for i in 0..3 {
+            let (cw, cl) = (pc[i] - rc[i], pr[i] - rr[i]);
+            let z = beta * (cw - cl);
+            let want = match kind {
+                LossKind::Sigmoid => -(1.0 - eps) * sig(z).ln() - eps * sig(-z).ln(),
+                LossKind::Hinge => (1.0 - z).max(0.0),
+                LossKind::Ipo => (cw / nc[i] - cl / nr[i] - 1.0 / (2.0 * beta)).powi(2),
+                LossKind::Robust => (-(1.0 - eps) * sig(z).ln() + eps * sig(-z).ln()) / (1.0 - 2.0 * eps),
+                LossKind::SigmoidNorm => -sig(beta * (cw / nc[i] - cl / nr[i])).ln(),
+            };
+            assert!((got[i] - want).abs() < 1e-12, "{kind:?} pair {i}: {} vs {want}", got[i]);
+        }
+        let cr = out.chosen_rewards.to_vec1::<f64>().unwrap();
+        assert!((cr[0] - beta * (pc[0] - rc[0])).abs() < 1e-12);
+    }
+}
+
+#[test]
+fn adamw_clipping_and_schedules_match_pytorch_and_transformers() {
+    let g: Value = serde_json::from_str(&std::fs::read_to_string(golden("optim.json")).unwrap()).unwrap();
+    let a = &g["adamw"];
+    let f = |v: &Value| v.as_f64().unwrap();
+    let vecf = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect::<Vec<_>>();
+    let var = candle_core::Var::from_tensor(&Tensor::new(vecf(&a["init"]).as_slice(), &Device::Cpu).unwrap()).unwrap();
+    let cfg = AdamWConfig { lr: f(&a["lr"]), beta1: f(&a["beta1"]), beta2: f(&a["beta2"]), eps: f(&a["eps"]), weight_decay: f(&a["weight_decay"]) };
+    let mut opt = AdamW::new(cfg, std::slice::from_ref(&var)).unwrap();
+    for (i, step) in a["steps"].as_array().unwrap().iter().enumerate() {
+        let grad = Tensor::new(vecf(&step["grad"]).as_slice(), &Device::Cpu).unwrap();
+        let (norm, clipped) = clip_by_global_norm(&[grad], f(&a["max_grad_norm"])).unwrap();
+        assert!((norm - f(&step["grad_norm"])).abs() < 1e-12, "step {i} grad_norm {norm}");
+        opt.step(std::slice::from_ref(&var), &clipped, cfg.lr).unwrap();
+        let got = var.as_tensor().to_vec1::<f64>().unwrap();
+        for (x, y) in got.iter().zip(vecf(&step["param"])) {
+            assert!((x - y).abs() < 1e-12, "step {i}: {x} vs torch {y}");
+        }
+    }
+    let s = &g["schedules"];
+    let (total, warmup) = (s["total"].as_u64().unwrap() as usize, s["warmup"].as_u64().unwrap() as usize);
+    for (name, kind) in [("constant", SchedulerKind::Constant), ("linear", SchedulerKind::Linear), ("cosine", SchedulerKind::Cosine)] {
+        for (step, want) in vecf(&s[name]).iter().enumerate() {
+            let got = lr_factor(kind, step, warmup, total);
+            assert!((got - want).abs() < 1e-12, "{name} step {step}: {got} vs {want}");
+        }
+    }
+}
+
+fn metrics(dir: &Path, out: &str) -> Vec<Value> {
+    read_rows(dir, &format!("{out}/metrics.parquet"))
+}
+
+#[test]
+fn resumed_run_logs_the_same_metrics_and_checkpoints_are_hf_layout() {
+    let d = tmp();
+    setup(d.path(), "qwen2", "96");
+    let common = ["train", "--prepared", "prep", "--ref-cache", "cache", "--max-steps", "6", "--batch-size", "4", "--grad-accum", "2",
+        "--lr", "1e-3", "--eval-every", "2", "--save-every", "2", "--warmup-steps", "2", "--scheduler", "cosine"];
+    let with = |extra: &[&'static str]| -> Vec<&str> { common.iter().copied().chain(extra.iter().copied()).collect() };
+    ok(d.path(), &with(&["--out", "full"]));
+    ok(d.path(), &with(&["--out", "part", "--stop-after-steps", "3"]));
+    assert!(d.path().join("part/checkpoints/step-2/trainer_state.json").exists());
+    let e = fails(d.path(), &with(&["--out", "part"]));
+    assert!(e.contains("--resume"), "{e}");
+    let e = ok(d.path(), &with(&["--out", "part", "--resume"]));
+    assert!(e.contains("resuming from") && e.contains("step 2"), "{e}");
+    let (a, b) = (metrics(d.path(), "full"), metrics(d.path(), "part"));
+    assert_eq!(a.len(), 7, "steps 0..=6");
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        for (k, v) in x.as_object().unwrap() {
+            if k == "tokens_per_s" || k == "step_seconds" {
+                continue;
+            }
+            assert_eq!(v, &y[k], "step {} {k}", x["step"]);
+        }
+    }
+    assert_eq!(std::fs::read(d.path().join("full/final/model.safetensors")).unwrap(), std::fs::read(d.path().join("part/final/model.safetensors")).unwrap());
+    // HF layout: config + weights with HF names (tied: no lm_head) + tokenizer, loadable again.
+    let fin = d.path().join("full/final");
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(fin.join(f).exists(), "{f}");
+    }
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(fin.join("model.safetensors")).unwrap() };
+    let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+    assert!(names.contains(&"model.embed_tokens.weight".to_string()) && !names.contains(&"lm_head.weight".to_string()));
+    let policy = Policy::load(&fin, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(policy.names.len(), names.len());
+    // Trained weights differ from the reference.
+    assert_ne!(std::fs::read(fin.join("model.safetensors")).unwrap(), std::fs::read(d.path().join("model_qwen2/model.safetensors")).unwrap());
+}
+
+#[test]
+fn metrics_use_trl_names_and_ref_in_loop_agrees_with_the_cache() {
+    let d = tmp();
+    setup(d.path(), "llama", "64");
+    let args = ["train", "--prepared", "prep", "--ref-cache", "cache", "--max-steps", "3", "--batch-size", "4", "--lr", "1e-3",
+        "--eval-every", "3", "--no-shuffle", "--layout", "padded"];
+    ok(d.path(), &args.iter().copied().chain(["--out", "cached"]).collect::<Vec<_>>());
+    ok(d.path(), &args.iter().copied().chain(["--out", "inloop", "--ref-in-loop"]).collect::<Vec<_>>());
+    let cols = python(d.path(), "print(json.dumps(pl.read_parquet('cached/metrics.parquet').columns))");
+    let cols: Vec<String> = serde_json::from_str(&cols).unwrap();
+    let spec: Value = serde_json::from_str(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/metrics.parquet.json")).unwrap()).unwrap();
+    let want: Vec<String> = spec["columns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(cols, want);
+    let (a, b) = (metrics(d.path(), "cached"), metrics(d.path(), "inloop"));
+    for (x, y) in a.iter().zip(&b) {
+        for k in ["loss", "rewards/margins", "eval/loss"] {
+            if let (Some(p), Some(q)) = (x[k].as_f64(), y[k].as_f64()) {
+                assert!((p - q).abs() < 1e-4, "step {}: {k} {p} vs {q}", x["step"]);
+            }
+        }
+    }
+    let step0 = &a[0];
+    assert_eq!(step0["step"], 0);
+    assert!(step0["loss"].is_null() && (step0["eval/loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-4);
+    let acc = a[1]["rewards/accuracies"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    assert!(d.path().join("cached/curves.png").exists());
+    let m: Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("cached/manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["counts"]["steps"], 3);
+    let e = ok(d.path(), &args.iter().copied().chain(["--out", "cached"]).collect::<Vec<_>>());
+    assert!(e.contains("up to date"), "{e}");
+}
+
+#[test]
+fn epochs_wrap_in_the_same_order_without_shuffle() {
+    use dpo_pipeline::stages::train::{epoch_order, Cursor};
+    let rows: Vec<u32> = (0..5).collect();
+    let mut c = Cursor { epoch: 0, index: 0 };
+    let mut order = epoch_order(&rows, 1, 0, false);
+    assert_eq!(c.take(&rows, 1, false, 7, &mut order), vec![0, 1, 2, 3, 4, 0, 1]);
+    let mut c = Cursor { epoch: 0, index: 0 };
+    let mut order = epoch_order(&rows, 1, 0, true);
+    let a = c.take(&rows, 1, true, 10, &mut order);
+    let (e0, e1) = (&a[..5], &a[5..]);
+    let mut sorted = e0.to_vec();
+    sorted.sort();
+    assert_eq!(sorted, rows, "each epoch is a permutation");
+    assert_ne!(e0, e1, "epochs reshuffle with the seed");
+    assert_eq!(epoch_order(&rows, 1, 1, true), e1, "the order is a function of (seed, epoch)");
+}
+
+#[test]
+fn demo_learns_the_synthetic_preference() {
+    let d = tmp();
+    let out = Command::new(bin()).args(["demo", "--dir", "demo", "--steps", "100", "--rows", "800"]).current_dir(d.path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows = read_rows(d.path(), "demo/train/metrics.parquet");
+    let evals: Vec<&Value> = rows.iter().filter(|r| !r["eval/rewards/accuracies"].is_null()).collect();
+    let last = evals.last().unwrap();
+    assert!(last["eval/rewards/accuracies"].as_f64().unwrap() >= 0.9, "held-out accuracy after training: {}", last["eval/rewards/accuracies"]);
+    assert!(last["eval/rewards/margins"].as_f64().unwrap() > 0.5);
+    assert!(stdout.contains("held-out reward accuracy"), "{stdout}");
+    let prep = PreparedDataset::open(&d.path().join("demo/prepared")).unwrap();
+    assert_eq!(prep.rows_of(Split::Eval).len(), 200);
+}
+
+use std::process::Command;
