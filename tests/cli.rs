@@ -1,0 +1,59 @@
+//! The command line as a user meets it: help, `pipeline run` on a TOML, skipping finished stages.
+mod common;
+use common::*;
+
+#[test]
+fn help_explains_every_stage() {
+    let d = tmp();
+    let top = ok_stdout(d.path(), &["--help"]);
+    for cmd in ["prepare", "cache-ref", "train", "run", "demo", "init-model", "synth-prefs"] {
+        assert!(top.contains(cmd), "--help lists {cmd}");
+    }
+    let prep = ok_stdout(d.path(), &["prepare", "--help"]);
+    for flag in ["--input", "--model", "--max-length", "--eval-fraction", "--prompt-column", "--force"] {
+        assert!(prep.contains(flag), "prepare --help lists {flag}");
+    }
+    let train = ok_stdout(d.path(), &["train", "--help"]);
+    for flag in ["--loss", "--beta", "--label-smoothing", "--sft-weight", "--scheduler", "--grad-accum", "--resume", "--ref-in-loop"] {
+        assert!(train.contains(flag), "train --help lists {flag}");
+    }
+}
+
+fn ok_stdout(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = run_in(dir, args);
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[test]
+fn run_executes_a_pipeline_toml_and_skips_what_is_up_to_date() {
+    let d = tmp();
+    let model = tiny_model(d.path(), "llama");
+    ok(d.path(), &["synth-prefs", "--out", "data.parquet", "--rows", "80", "--conversational"]);
+    std::fs::write(d.path().join("p.toml"), format!(r#"
+[prepare]
+inputs = ["data.parquet"]
+model = "{}"
+out = "out/prepared"
+eval_fraction = 0.25
+
+[cache_ref]
+out = "out/ref_cache"
+
+[train]
+out = "out/train"
+lr = 1e-3
+batch_size = 4
+max_steps = 3
+eval_every = 3
+"#, s(&model))).unwrap();
+    let first = ok(d.path(), &["run", "p.toml"]);
+    assert!(first.contains("prepare: 80 pairs") && first.contains("cache-ref: 80 pairs") && first.contains("train: 3 steps"), "{first}");
+    let second = ok(d.path(), &["run", "p.toml"]);
+    assert_eq!(second.matches("up to date").count(), 3, "{second}");
+    let e = fails(d.path(), &["run", "missing.toml"]);
+    assert!(e.contains("missing.toml"), "{e}");
+    std::fs::write(d.path().join("bad.toml"), "[prepare]\nmax_lenght = 3\n").unwrap();
+    let e = fails(d.path(), &["run", "bad.toml"]);
+    assert!(e.contains("bad.toml") && e.contains("max_lenght"), "{e}");
+}
