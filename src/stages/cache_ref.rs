@@ -180,7 +180,7 @@ pub fn run(cfg: &CacheRefConfig) -> Result<Manifest> {
         if cfg.stop_after_batches > 0 && batches_run == cfg.stop_after_batches {
             pb.abandon();
             eprintln!("cache-ref: stopping after {batches_run} batches as asked; rerun to resume");
-            return Ok(Manifest::load_if_exists(out, STAGE)?.unwrap_or_else(|| placeholder(&fp)));
+            return Ok(Manifest::load_if_exists(out, STAGE)?.unwrap_or_else(|| Manifest::unfinished(STAGE, FORMAT_VERSION, &fp)));
         }
         let pairs: Vec<_> = rows.iter().map(|&i| prepared.pair(i as usize)).collect();
         let lp = pair_logps(&decoder, cfg.layout, &pairs)?;
@@ -258,11 +258,3 @@ pub fn run(cfg: &CacheRefConfig) -> Result<Manifest> {
     Ok(manifest)
 }
 
-/// Returned when a run stops early on purpose: there is no finished manifest yet.
-fn placeholder(fp: &str) -> Manifest {
-    Manifest {
-        stage: STAGE.into(), format_version: FORMAT_VERSION, fingerprint: fp.into(), tool_version: env!("CARGO_PKG_VERSION").into(),
-        inputs: serde_json::Value::Null, settings: serde_json::Value::Null, counts: Default::default(), stats: serde_json::Value::Null,
-        timings: Default::default(), files: Default::default(),
-    }
-}

@@ -317,7 +317,7 @@ pub fn run(cfg: &TrainConfig) -> Result<Manifest> {
         if cfg.stop_after_steps == Some(steps_run) {
             pb.abandon();
             eprintln!("train: stopping after {steps_run} steps as asked; --resume continues");
-            return Ok(Manifest::load_if_exists(out, STAGE)?.unwrap_or_else(|| empty_manifest(&fp)));
+            return Ok(Manifest::load_if_exists(out, STAGE)?.unwrap_or_else(|| Manifest::unfinished(STAGE, FORMAT_VERSION, &fp)));
         }
         let t_step = Instant::now();
         let lr = cfg.lr * lr_factor(cfg.scheduler, step, cfg.warmup_steps, total_steps);
@@ -402,12 +402,4 @@ pub fn run(cfg: &TrainConfig) -> Result<Manifest> {
     manifest.save(out)?;
     eprintln!("train: {total_steps} steps in {wall:.1}s; final model in {}", out.join("final").display());
     Ok(manifest)
-}
-
-fn empty_manifest(fp: &str) -> Manifest {
-    Manifest {
-        stage: STAGE.into(), format_version: FORMAT_VERSION, fingerprint: fp.into(), tool_version: env!("CARGO_PKG_VERSION").into(),
-        inputs: serde_json::Value::Null, settings: serde_json::Value::Null, counts: Default::default(), stats: serde_json::Value::Null,
-        timings: Default::default(), files: Default::default(),
-    }
 }

@@ -57,6 +57,15 @@ pub fn file_hash(path: &Path) -> Result<FileEntry> {
 }
 
 impl Manifest {
+    /// An empty manifest for a run that stopped early on purpose (nothing is finished yet).
+    pub fn unfinished(stage: &str, format_version: u32, fingerprint: &str) -> Self {
+        Manifest {
+            stage: stage.into(), format_version, fingerprint: fingerprint.into(), tool_version: env!("CARGO_PKG_VERSION").into(),
+            inputs: serde_json::Value::Null, settings: serde_json::Value::Null, counts: Default::default(),
+            stats: serde_json::Value::Null, timings: Default::default(), files: Default::default(),
+        }
+    }
+
     pub fn path(dir: &Path) -> std::path::PathBuf {
         dir.join("manifest.json")
     }
