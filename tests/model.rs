@@ -205,3 +205,28 @@ fn llama3_rope_scaling_matches_transformers() {
         assert!(((*a as f64) - b).abs() <= 1e-6 * b.abs().max(1e-3), "inv_freq[{i}]: {a} vs {b}");
     }
 }
+
+#[test]
+fn fused_log_probs_match_the_composite_ops_in_value_and_gradient() {
+    use candle_core::{Tensor, Var};
+    use dpo_pipeline::model::{fused, logprobs::token_logps_composite};
+    for dtype in [DType::F32, DType::F64] {
+        let (m, k, v) = (37, 24, 3001); // several chunks are not needed for correctness, odd sizes are
+        let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.5, (v, k), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap();
+        let targets: Vec<u32> = (0..m as u32).map(|i| (i * 7919) % v as u32).collect();
+        let up = Tensor::randn(0f32, 1.0, m, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let run = |fusedk: bool| {
+            let lp = if fusedk { fused::token_logps(h.as_tensor(), w.as_tensor(), &targets).unwrap() } else { token_logps_composite(h.as_tensor(), w.as_tensor(), &targets).unwrap() };
+            let g = (&lp * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            (f(&lp), f(g.get(h.as_tensor()).unwrap()), f(g.get(w.as_tensor()).unwrap()))
+        };
+        let (a, b) = (run(true), run(false));
+        let tol = if dtype == DType::F32 { 2e-4 } else { 1e-10 };
+        for (name, x, y) in [("values", &a.0, &b.0), ("grad h", &a.1, &b.1), ("grad w", &a.2, &b.2)] {
+            let worst = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max);
+            assert!(worst < tol, "{dtype:?} {name}: max diff {worst}");
+        }
+    }
+}

@@ -16,16 +16,26 @@ pub struct Scored {
     pub num_seqs: usize,
 }
 
-/// log π(target | context) for each scored position, f32 [M].
+/// log π(target | context) for each scored position, f32 [M] (f64 for f64 models).
 pub fn token_logps(hidden: &Tensor, lm_head: &Tensor, sc: &Scored) -> Result<Tensor> {
-    let dev = hidden.device();
     let m = sc.rows.len();
     if m == 0 {
-        return Ok(Tensor::zeros(0, super::decoder::accum_dtype(hidden.dtype()), dev)?);
+        return Ok(Tensor::zeros(0, super::decoder::accum_dtype(hidden.dtype()), hidden.device())?);
     }
+    let h = hidden.index_select(&Tensor::from_slice(&sc.rows, m, hidden.device())?, 0)?;
+    if super::fused::applies(&h) {
+        return super::fused::token_logps(&h, lm_head, &sc.targets);
+    }
+    token_logps_composite(&h, lm_head, &sc.targets)
+}
+
+/// The same from candle's differentiable ops, chunked over rows (bf16/f16, GPUs): autograd keeps
+/// each chunk's logits for the backward.
+pub fn token_logps_composite(h: &Tensor, lm_head: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let dev = h.device();
+    let m = targets.len();
     let vocab = lm_head.dim(0)?;
     let chunk = (CHUNK_ELEMS / vocab).clamp(1, m);
-    let h = hidden.index_select(&Tensor::from_slice(&sc.rows, m, dev)?, 0)?;
     let w_t = lm_head.t()?;
     let mut parts = Vec::with_capacity(m.div_ceil(chunk));
     for start in (0..m).step_by(chunk) {
@@ -34,7 +44,7 @@ pub fn token_logps(hidden: &Tensor, lm_head: &Tensor, sc: &Scored) -> Result<Ten
         // log_softmax(x)[y] = (x_y - max) - log Σ exp(x - max); the max is a constant for autograd.
         let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?.detach())?;
         let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
-        let tgt = Tensor::from_slice(&sc.targets[start..start + n], (n, 1), dev)?;
+        let tgt = Tensor::from_slice(&targets[start..start + n], (n, 1), dev)?;
         parts.push((shifted.gather(&tgt, 1)? - lse)?.squeeze(1)?);
     }
     Ok(Tensor::cat(&parts, 0)?)

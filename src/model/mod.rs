@@ -2,6 +2,7 @@
 //! code computes the reference log-probs (cache-ref) and trains the policy.
 pub mod config;
 pub mod decoder;
+pub mod fused;
 pub mod init;
 pub mod logprobs;
 pub mod weights;

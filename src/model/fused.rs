@@ -1,0 +1,169 @@
+//! Fused output projection + log-softmax + target pick, with its own backward (softmax −
+//! one-hot), computed in row chunks: neither the (tokens × vocab) logits nor their gradient
+//! ever exist whole, in the forward or in the backward. CPU, f32 and f64.
+use anyhow::Result;
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Logits elements per chunk.
+const CHUNK_ELEMS: usize = 1 << 20;
+
+pub trait Real: Copy + Send + Sync + 'static + PartialOrd + candle_core::WithDType {
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn from(v: f64) -> Self;
+    fn to(self) -> f64;
+}
+macro_rules! real {
+    ($t:ty) => {
+        impl Real for $t {
+            fn exp(self) -> Self { <$t>::exp(self) }
+            fn ln(self) -> Self { <$t>::ln(self) }
+            fn from(v: f64) -> Self { v as $t }
+            fn to(self) -> f64 { self as f64 }
+        }
+    };
+}
+real!(f32);
+real!(f64);
+
+/// `out[c, V] = a[c, K] · bᵀ` for row-major `a` [c, K] and `b` [V, K].
+unsafe fn matmul_abt<T: Real>(c: usize, v: usize, k: usize, a: *const T, b: *const T, out: *mut T) {
+    gemm::gemm(c, v, k, out, 1, v as isize, false, a, 1, k as isize, b, k as isize, 1, T::from(0.0), T::from(1.0), false, false, false, par());
+}
+
+fn par() -> Parallelism {
+    match rayon::current_num_threads() {
+        1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// Turns each row of logits into log-softmax in place; returns log p(target) per row.
+fn log_softmax_pick<T: Real>(logits: &mut [T], v: usize, targets: &[u32]) -> Vec<T> {
+    logits
+        .par_chunks_mut(v)
+        .zip(targets.par_iter())
+        .map(|(row, &t)| {
+            let max = row.iter().fold(row[0], |m, &x| if x > m { x } else { m });
+            let sum: f64 = row.iter().map(|&x| (x.to() - max.to()).exp()).sum();
+            let lse = max.to() + sum.ln();
+            for x in row.iter_mut() {
+                *x = T::from(x.to() - lse);
+            }
+            row[t as usize]
+        })
+        .collect()
+}
+
+pub struct LogProbs {
+    pub targets: Vec<u32>,
+}
+
+fn contiguous<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => Err(candle_core::Error::Msg("fused log-probs need contiguous inputs".into())),
+    }
+}
+
+impl LogProbs {
+    fn fwd<T: Real>(&self, h: &[T], w: &[T], m: usize, k: usize, v: usize) -> Vec<T> {
+        let chunk = (CHUNK_ELEMS / v).clamp(1, m.max(1));
+        let mut out = Vec::with_capacity(m);
+        let mut logits = vec![T::from(0.0); chunk * v];
+        for start in (0..m).step_by(chunk) {
+            let c = chunk.min(m - start);
+            // SAFETY: the slices hold c×k, v×k and c×v elements, row-major.
+            unsafe { matmul_abt(c, v, k, h[start * k..].as_ptr(), w.as_ptr(), logits.as_mut_ptr()) };
+            out.extend(log_softmax_pick(&mut logits[..c * v], v, &self.targets[start..start + c]));
+        }
+        out
+    }
+
+    /// Gradients wrt h [m, k] and w [v, k] for upstream gradient `g` [m]:
+    /// d logp_i / d logits_i = onehot(t_i) − softmax(logits_i).
+    fn bwd_impl<T: Real>(&self, h: &[T], w: &[T], g: &[T], m: usize, k: usize, v: usize) -> (Vec<T>, Vec<T>) {
+        let chunk = (CHUNK_ELEMS / v).clamp(1, m.max(1));
+        let mut gh = vec![T::from(0.0); m * k];
+        let mut gw = vec![T::from(0.0); v * k];
+        let mut d = vec![T::from(0.0); chunk * v];
+        for start in (0..m).step_by(chunk) {
+            let c = chunk.min(m - start);
+            // SAFETY: as in fwd.
+            unsafe { matmul_abt(c, v, k, h[start * k..].as_ptr(), w.as_ptr(), d.as_mut_ptr()) };
+            let targets = &self.targets[start..start + c];
+            log_softmax_pick(&mut d[..c * v], v, targets);
+            d[..c * v].par_chunks_mut(v).zip(targets.par_iter()).zip(g[start..start + c].par_iter()).for_each(|((row, &t), &gi)| {
+                for x in row.iter_mut() {
+                    *x = T::from(-gi.to() * x.to().exp());
+                }
+                row[t as usize] = T::from(row[t as usize].to() + gi.to());
+            });
+            // SAFETY: gh rows [start, start+c) are c×k; d is c×v; w is v×k; gw is v×k.
+            unsafe {
+                // gh[c, k] = d[c, v] · w[v, k]
+                gemm::gemm(c, k, v, gh[start * k..].as_mut_ptr(), 1, k as isize, false, d.as_ptr(), 1, v as isize,
+                    w.as_ptr(), 1, k as isize, T::from(0.0), T::from(1.0), false, false, false, par());
+                // gw[v, k] += dᵀ[v, c] · h[c, k]
+                gemm::gemm(v, k, c, gw.as_mut_ptr(), 1, k as isize, true, d.as_ptr(), v as isize, 1,
+                    h[start * k..].as_ptr(), 1, k as isize, T::from(1.0), T::from(1.0), false, false, false, par());
+            }
+        }
+        (gh, gw)
+    }
+}
+
+impl CustomOp2 for LogProbs {
+    fn name(&self) -> &'static str {
+        "fused-log-probs"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (v, k2) = l2.shape().dims2()?;
+        if k != k2 || m != self.targets.len() {
+            return Err(candle_core::Error::Msg(format!("fused log-probs: hidden {m}x{k}, weight {v}x{k2}, {} targets", self.targets.len())));
+        }
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(self.fwd(contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?, m, k, v)),
+            DType::F64 => CpuStorage::F64(self.fwd(contiguous::<f64>(s1, l1)?, contiguous::<f64>(s2, l2)?, m, k, v)),
+            dt => return Err(candle_core::Error::Msg(format!("fused log-probs: unsupported dtype {dt:?}"))),
+        };
+        Ok((out, Shape::from(m)))
+    }
+
+    fn bwd(&self, h: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (m, k) = h.dims2()?;
+        let v = w.dim(0)?;
+        let grad = grad.contiguous()?;
+        let (hs, hl) = h.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (Storage::Cpu(hs), Storage::Cpu(ws), Storage::Cpu(gs)) = (&*hs, &*ws, &*gs) else {
+            return Err(candle_core::Error::Msg("fused log-probs: CPU only".into()));
+        };
+        let dev = h.device();
+        Ok(match h.dtype() {
+            DType::F32 => {
+                let (gh, gw) = self.bwd_impl(contiguous::<f32>(hs, hl)?, contiguous::<f32>(ws, wl)?, contiguous::<f32>(gs, gl)?, m, k, v);
+                (Some(Tensor::from_vec(gh, (m, k), dev)?), Some(Tensor::from_vec(gw, (v, k), dev)?))
+            }
+            _ => {
+                let (gh, gw) = self.bwd_impl(contiguous::<f64>(hs, hl)?, contiguous::<f64>(ws, wl)?, contiguous::<f64>(gs, gl)?, m, k, v);
+                (Some(Tensor::from_vec(gh, (m, k), dev)?), Some(Tensor::from_vec(gw, (v, k), dev)?))
+            }
+        })
+    }
+}
+
+/// Whether the fused kernel serves these tensors (else the composite path does).
+pub fn applies(h: &Tensor) -> bool {
+    h.device().is_cpu() && matches!(h.dtype(), DType::F32 | DType::F64)
+}
+
+/// log p(target) per row of `h` [m, k] under output projection `w` [v, k].
+pub fn token_logps(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    Ok(h.contiguous()?.apply_op2(&w.contiguous()?, LogProbs { targets: targets.to_vec() })?)
+}
