@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 const BATCH_ROWS: usize = 2048;
@@ -54,6 +55,48 @@ fn content_hash(row: &RawRow) -> u64 {
 
 fn is_eval(row: &RawRow, fraction: f64) -> bool {
     fraction > 0.0 && (content_hash(row) as f64 / u64::MAX as f64) < fraction
+}
+
+/// One tokenized batch on its way to the writer: the source file and each row's outcome.
+type Batch = (Arc<str>, Vec<(u64, Result<(EncodedPair, Split), Skip>)>);
+
+/// Counts and length statistics for the manifest, kept by the writer thread.
+#[derive(Default)]
+struct Tally {
+    counts: BTreeMap<String, u64>,
+    skipped_by_reason: BTreeMap<String, u64>,
+    plen: LenStats,
+    clen: LenStats,
+    rlen: LenStats,
+    truncated_chosen: u64,
+    truncated_rejected: u64,
+    tokens: u64,
+}
+
+impl Tally {
+    /// Counts one batch and splits it into what the writer takes: kept pairs and skipped rows.
+    fn record<'a>(&mut self, file: &'a str, results: &'a [(u64, Result<(EncodedPair, Split), Skip>)]) -> (Vec<PairRecord<'a>>, Vec<(&'a str, u64, &'a str, &'a str)>) {
+        let (mut kept, mut skipped) = (Vec::new(), Vec::new());
+        for (src, r) in results {
+            match r {
+                Ok((pair, split)) => {
+                    self.plen.add(pair.prompt_ids.len());
+                    self.clen.add(pair.chosen_ids.len());
+                    self.rlen.add(pair.rejected_ids.len());
+                    self.truncated_chosen += u64::from((pair.chosen_scored as usize) < pair.chosen_ids.len());
+                    self.truncated_rejected += u64::from((pair.rejected_scored as usize) < pair.rejected_ids.len());
+                    self.tokens += (pair.prompt_ids.len() + pair.chosen_ids.len() + pair.rejected_ids.len()) as u64;
+                    *self.counts.entry(format!("pairs_{}", split.as_str())).or_default() += 1;
+                    kept.push(PairRecord { split: *split, source_file: file, source_row: *src, pair });
+                }
+                Err(skip) => {
+                    *self.skipped_by_reason.entry(skip.reason.to_string()).or_default() += 1;
+                    skipped.push((file, *src, skip.reason, skip.detail.as_str()));
+                }
+            }
+        }
+        (kept, skipped)
+    }
 }
 
 #[derive(Default)]
@@ -120,7 +163,6 @@ pub fn run(cfg: &PrepareConfig) -> Result<Manifest> {
     let _ = std::fs::remove_file(Manifest::path(&cfg.out));
 
     let encoder = Encoder { tok: &tok, truncation };
-    let mut writer = PreparedWriter::create(&cfg.out)?;
     let mut readers = Vec::new();
     for (files, split) in [(&inputs, None), (&eval_inputs, Some(Split::Eval))] {
         for f in files.iter() {
@@ -130,57 +172,57 @@ pub fn run(cfg: &PrepareConfig) -> Result<Manifest> {
     }
     let total_rows: u64 = readers.iter().map(|(r, _)| r.total_rows).sum();
     let pb = progress(total_rows, "prepare", "rows");
-    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-    let mut skipped_by_reason: BTreeMap<String, u64> = BTreeMap::new();
-    let (mut plen, mut clen, mut rlen) = (LenStats::default(), LenStats::default(), LenStats::default());
-    let (mut truncated_chosen, mut truncated_rejected, mut tokens) = (0u64, 0u64, 0u64);
-    for (mut reader, fixed_split) in readers {
-        let file_name = reader.path.display().to_string();
-        let mut checked = false;
-        while let Some(batch) = reader.next_batch()? {
-            if !checked {
-                // Fail early on a tokenizer that cannot serve this file's format.
-                if let Some((_, Ok(row))) = batch.iter().find(|(_, r)| r.is_ok()) {
-                    encoder.check_ready(matches!(row.chosen, Field::Messages(_))).with_context(|| file_name.clone())?;
-                    checked = true;
-                }
+    let mut writer = PreparedWriter::create(&cfg.out)?;
+    // Tokenization (rayon, this thread) overlaps with encoding and writing the previous
+    // batch (the writer thread); a small bounded queue keeps memory flat.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(2);
+    let (tally, writer) = std::thread::scope(|scope| -> Result<(Tally, PreparedWriter)> {
+        let pb = &pb;
+        let handle = scope.spawn(move || -> Result<(Tally, PreparedWriter)> {
+            let mut tally = Tally::default();
+            for (file_name, results) in rx {
+                let (kept, skipped) = tally.record(&file_name, &results);
+                writer.write(&kept, &skipped)?;
+                pb.inc(results.len() as u64);
+                pb.set_message(format!("{:.0} tokens/s", tally.tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9)));
             }
-            let results: Vec<(u64, Result<(EncodedPair, Split), Skip>)> = batch
-                .into_par_iter()
-                .map(|(src, row)| {
-                    let r = row.and_then(|row| {
-                        let split = fixed_split.unwrap_or(if is_eval(&row, cfg.eval_fraction) { Split::Eval } else { Split::Train });
-                        encoder.encode(&row).map(|p| (p, split))
-                    });
-                    (src, r)
-                })
-                .collect();
-            let mut kept = Vec::new();
-            let mut skipped = Vec::new();
-            for (src, r) in &results {
-                match r {
-                    Ok((pair, split)) => {
-                        plen.add(pair.prompt_ids.len());
-                        clen.add(pair.chosen_ids.len());
-                        rlen.add(pair.rejected_ids.len());
-                        truncated_chosen += u64::from((pair.chosen_scored as usize) < pair.chosen_ids.len());
-                        truncated_rejected += u64::from((pair.rejected_scored as usize) < pair.rejected_ids.len());
-                        tokens += (pair.prompt_ids.len() + pair.chosen_ids.len() + pair.rejected_ids.len()) as u64;
-                        *counts.entry(format!("pairs_{}", split.as_str())).or_default() += 1;
-                        kept.push(PairRecord { split: *split, source_file: &file_name, source_row: *src, pair });
+            Ok((tally, writer))
+        });
+        let produced = (|| -> Result<()> {
+            for (mut reader, fixed_split) in readers {
+                let file_name: Arc<str> = reader.path.display().to_string().into();
+                let mut checked = false;
+                while let Some(batch) = reader.next_batch()? {
+                    if !checked {
+                        // Fail early on a tokenizer that cannot serve this file's format.
+                        if let Some((_, Ok(row))) = batch.iter().find(|(_, r)| r.is_ok()) {
+                            encoder.check_ready(matches!(row.chosen, Field::Messages(_))).with_context(|| file_name.to_string())?;
+                            checked = true;
+                        }
                     }
-                    Err(skip) => {
-                        *skipped_by_reason.entry(skip.reason.to_string()).or_default() += 1;
-                        skipped.push((file_name.as_str(), *src, skip.reason, skip.detail.as_str()));
+                    let results: Vec<(u64, Result<(EncodedPair, Split), Skip>)> = batch
+                        .into_par_iter()
+                        .map(|(src, row)| {
+                            let r = row.and_then(|row| {
+                                let split = fixed_split.unwrap_or(if is_eval(&row, cfg.eval_fraction) { Split::Eval } else { Split::Train });
+                                encoder.encode(&row).map(|p| (p, split))
+                            });
+                            (src, r)
+                        })
+                        .collect();
+                    if tx.send((file_name.clone(), results)).is_err() {
+                        break; // the writer failed; its error is reported below
                     }
                 }
             }
-            writer.write(&kept, &skipped)?;
-            pb.inc(results.len() as u64);
-            let el = t0.elapsed().as_secs_f64().max(1e-9);
-            pb.set_message(format!("{:.0} tokens/s", tokens as f64 / el));
-        }
-    }
+            Ok(())
+        })();
+        drop(tx);
+        let written = handle.join().expect("writer thread panicked");
+        produced?;
+        written
+    })?;
+    let Tally { mut counts, skipped_by_reason, plen, clen, rlen, truncated_chosen, truncated_rejected, tokens } = tally;
     pb.finish_and_clear();
     let pairs = counts.get("pairs_train").copied().unwrap_or(0) + counts.get("pairs_eval").copied().unwrap_or(0);
     let rejected: u64 = skipped_by_reason.values().sum();
