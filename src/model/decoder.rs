@@ -43,30 +43,15 @@ impl SeqLayout {
     }
 }
 
-/// How linear weights are held. HF stores them [out, in]; training keeps them as contiguous
-/// [in, out] so autograd's weight gradient is contiguous (a transposed view's gradient is
-/// accumulated through a slow strided add).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WeightLayout {
-    Hf,
-    Transposed,
-}
-
-/// Whether an HF tensor name is a linear layer's weight (held transposed when training).
-pub fn is_linear_weight(name: &str) -> bool {
-    name.ends_with("_proj.weight")
-}
-
 struct Linear {
-    /// [in, out] (possibly a transposed view of HF's [out, in]).
-    wt: Tensor,
+    w: Tensor,
     b: Option<Tensor>,
 }
 
 impl Linear {
     /// x: [n, in] -> [n, out]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.wt)?;
+        let y = x.matmul(&self.w.t()?)?;
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -129,12 +114,10 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
 impl Decoder {
     /// Builds the decoder from HF-named tensors (plain tensors for inference, or the tensors of
     /// `Var`s when training).
-    pub fn new(cfg: &ModelConfig, t: &HashMap<String, Tensor>, weights: WeightLayout) -> Result<Self> {
+    pub fn new(cfg: &ModelConfig, t: &HashMap<String, Tensor>) -> Result<Self> {
         let get = |n: &str| t.get(n).cloned().with_context(|| format!("tensor `{n}` is missing"));
         let lin = |p: &str, bias: bool| -> Result<Linear> {
-            let w = get(&format!("{p}.weight"))?;
-            let wt = if weights == WeightLayout::Hf { w.t()? } else { w };
-            Ok(Linear { wt, b: if bias { Some(get(&format!("{p}.bias"))?) } else { None } })
+            Ok(Linear { w: get(&format!("{p}.weight"))?, b: if bias { Some(get(&format!("{p}.bias"))?) } else { None } })
         };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {

@@ -28,5 +28,5 @@ pub fn device() -> Result<Device> {
 pub fn load_decoder(model_dir: &Path, dtype: DType, device: &Device) -> Result<Decoder> {
     let cfg = ModelConfig::load(model_dir)?;
     let tensors = weights::load_weights(model_dir, &cfg, dtype, device)?;
-    Decoder::new(&cfg, &tensors, decoder::WeightLayout::Hf)
+    Decoder::new(&cfg, &tensors)
 }

@@ -6,7 +6,6 @@ use crate::config::{LossKind, TrainConfig};
 use crate::data::batch::LayoutKind;
 use crate::data::prepared::{PairView, PreparedDataset, Split};
 use crate::model::logprobs::pair_logps;
-use crate::model::decoder::{is_linear_weight, WeightLayout};
 use crate::model::{self, weights, Decoder, ModelConfig};
 use crate::rng::Rng;
 use crate::store::manifest::fingerprint;
@@ -25,10 +24,6 @@ pub const FORMAT_VERSION: u32 = 1;
 const TOKENIZER_FILES: &[&str] = &["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json"];
 
 /// The trainable policy: one `Var` per HF tensor, and a decoder over them.
-fn to_var_layout(name: &str, t: &Tensor) -> Result<Tensor> {
-    Ok(if is_linear_weight(name) { t.t()?.contiguous()? } else { t.clone() })
-}
-
 pub struct Policy {
     pub cfg: ModelConfig,
     pub names: Vec<String>,
@@ -46,40 +41,17 @@ impl Policy {
         Self::from_tensors(cfg, tensors)
     }
 
-    /// From HF-layout tensors; linear weights become transposed, contiguous `Var`s.
     pub fn from_tensors(cfg: ModelConfig, tensors: HashMap<String, Tensor>) -> Result<Self> {
         let mut names: Vec<String> = tensors.keys().cloned().collect();
         names.sort();
-        let vars = names.iter().map(|n| Ok(Var::from_tensor(&to_var_layout(n, &tensors[n])?)?)).collect::<Result<Vec<_>>>()?;
+        let vars = names.iter().map(|n| Ok(Var::from_tensor(&tensors[n])?)).collect::<Result<Vec<_>>>()?;
         let tracked: HashMap<String, Tensor> = names.iter().cloned().zip(vars.iter().map(|v| v.as_tensor().clone())).collect();
         let detached: HashMap<String, Tensor> = names.iter().cloned().zip(vars.iter().map(|v| v.as_tensor().detach())).collect();
-        Ok(Self {
-            decoder: Decoder::new(&cfg, &tracked, WeightLayout::Transposed)?,
-            eval_decoder: Decoder::new(&cfg, &detached, WeightLayout::Transposed)?,
-            cfg,
-            names,
-            vars,
-        })
+        Ok(Self { decoder: Decoder::new(&cfg, &tracked)?, eval_decoder: Decoder::new(&cfg, &detached)?, cfg, names, vars })
     }
 
-    /// Sets the parameters from HF-layout tensors (a checkpoint being resumed).
-    pub fn set_from_hf(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        for (n, v) in self.names.iter().zip(&self.vars) {
-            v.set(&to_var_layout(n, &tensors[n])?)?;
-        }
-        Ok(())
-    }
-
-    /// The parameters in HF layout.
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
-        self.names
-            .iter()
-            .zip(&self.vars)
-            .map(|(n, v)| {
-                let t = v.as_tensor().detach();
-                (n.clone(), if is_linear_weight(n) { t.t().and_then(|t| t.contiguous()).expect("2-d weight") } else { t })
-            })
-            .collect()
+        self.names.iter().cloned().zip(self.vars.iter().map(|v| v.as_tensor().detach())).collect()
     }
 
     /// Writes an HF model directory transformers can load: config, weights, tokenizer files.
@@ -306,7 +278,10 @@ pub fn run(cfg: &TrainConfig) -> Result<Manifest> {
         if state.fingerprint != fp {
             bail!("checkpoint {} was made with other inputs or settings (fingerprint {} vs {}); --force starts over", dir.display(), state.fingerprint, fp);
         }
-        policy.set_from_hf(&weights::load_weights(dir, &policy.cfg, DType::F32, &device)?)?;
+        let saved = weights::load_weights(dir, &policy.cfg, DType::F32, &device)?;
+        for (n, v) in policy.names.iter().zip(&policy.vars) {
+            v.set(&saved[n])?;
+        }
         // SAFETY: checkpoint files are ours and not modified while mapped.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(dir.join("optimizer.safetensors"))? };
         for (i, n) in policy.names.iter().enumerate() {
@@ -359,11 +334,8 @@ pub fn run(cfg: &TrainConfig) -> Result<Manifest> {
                 }
                 None => (ids.iter().map(|&i| cache_c[i as usize]).collect(), ids.iter().map(|&i| cache_r[i as usize]).collect()),
             };
-            let tf = Instant::now();
             let b = batch_loss(&policy.decoder, cfg.layout, loss, &pairs, &rc, &rr)?;
-            let tb = Instant::now();
             let grads = gradients(&(&b.loss / cfg.grad_accum as f64)?, &policy)?;
-            if std::env::var("DPO_PROFILE").is_ok() { eprintln!("fwd {:.3}s bwd {:.3}s", (tb - tf).as_secs_f64(), tb.elapsed().as_secs_f64()); }
             acc = Some(match acc {
                 None => grads,
                 Some(a) => a.iter().zip(&grads).map(|(x, y)| x + y).collect::<candle_core::Result<_>>()?,
@@ -376,9 +348,7 @@ pub fn run(cfg: &TrainConfig) -> Result<Manifest> {
             tokens += b.tokens;
         }
         let (grad_norm, clipped) = clip_by_global_norm(&acc.expect("grad_accum >= 1"), cfg.max_grad_norm)?;
-        let to = Instant::now();
         opt.step(&policy.vars, &clipped, lr)?;
-        if std::env::var("DPO_PROFILE").is_ok() { eprintln!("opt {:.3}s", to.elapsed().as_secs_f64()); }
         let n = step + 1;
         let dt = t_step.elapsed().as_secs_f64();
         tokens_total += tokens;
