@@ -89,7 +89,7 @@ def trl_tokenize(model_dir, rows, max_length):
 
 def logps(model_dir):
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     texts = ["Question: What color is the sky?\nAnswer: The sky is blue.", "What is 7 plus 2?", "a", "Ünïcödé 🍎 and tabs\t!"]
     seqs = []
     with torch.no_grad():
@@ -114,6 +114,20 @@ def rope_llama3():
     return {"config": cfg.to_dict(), "inv_freq": inv_freq.tolist(), "attention_scaling": scale}
 
 
+def mistral_sliding_window(llama_dir, out_dir):
+    """The tiny llama's weights as a Mistral with a 4-token sliding window (eager attention)."""
+    import shutil
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(llama_dir / f, out_dir / f)
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    cfg.update({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 4})
+    for k in ("attention_bias", "mlp_bias"):
+        cfg.pop(k, None)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    return cfg
+
+
 def main(models_dir):
     models_dir = Path(models_dir)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -130,6 +144,11 @@ def main(models_dir):
             (OUT / f"trl_{name}_{arch}.json").write_text(json.dumps(result, indent=1) + "\n")
         (OUT / f"hf_logps_{arch}.json").write_text(json.dumps({**ident, "sequences": logps(mdir)}, indent=1) + "\n")
         print(f"golden values for {arch} written to {OUT}")
+        if arch == "llama":
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg = mistral_sliding_window(mdir, Path(tmp))
+                (OUT / "hf_logps_mistral_window4.json").write_text(
+                    json.dumps({**ident, "config": cfg, "sequences": logps(Path(tmp))}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -230,3 +230,31 @@ fn fused_log_probs_match_the_composite_ops_in_value_and_gradient() {
         }
     }
 }
+
+#[test]
+fn mistral_sliding_window_matches_hf_transformers() {
+    let d = tmp();
+    let llama = tiny_model(d.path(), "llama");
+    let g: Value = serde_json::from_str(&std::fs::read_to_string(golden("hf_logps_mistral_window4.json")).unwrap()).unwrap();
+    assert_eq!(g["weights_blake3"].as_str().unwrap(), file_hash(&llama.join("model.safetensors")).unwrap().blake3, "regenerate golden values");
+    let mistral = d.path().join("mistral");
+    copy_tokenizer(&llama, &mistral);
+    std::fs::copy(llama.join("model.safetensors"), mistral.join("model.safetensors")).unwrap();
+    std::fs::write(mistral.join("config.json"), g["config"].to_string()).unwrap();
+    let dec = load_decoder(&mistral, DType::F32, &Device::Cpu).unwrap();
+    let full = load_decoder(&llama, DType::F32, &Device::Cpu).unwrap();
+    let mut window_mattered = false;
+    for seq in g["sequences"].as_array().unwrap() {
+        let ids: Vec<u32> = seq["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        if ids.len() < 2 {
+            continue;
+        }
+        let want: Vec<f64> = seq["token_logps"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let got = seq_logps(&dec, &ids);
+        for (t, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!((*a as f64 - b).abs() < 1e-4, "token {t}: ours {a}, HF {b}");
+        }
+        window_mattered |= seq_logps(&full, &ids).iter().zip(&got).any(|(a, b)| (a - b).abs() > 1e-3);
+    }
+    assert!(window_mattered, "the window must change some log-prob, or this test checks nothing");
+}
