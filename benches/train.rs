@@ -35,4 +35,18 @@ fn main() {
         results.push(s);
     }
     println!("  ratio cached / in-loop: {:.2}", results[0] / results[1]);
+
+    // Peak memory must not grow with the number of pairs: the dataset and the cache are mapped.
+    run(p, &["init-model", "--arch", "qwen2", "--size", "tiny", "--out", "tiny"]);
+    let mut rss = Vec::new();
+    for rows in ["2000", "20000"] {
+        let (data, prep, cache, out) = (format!("d{rows}.parquet"), format!("p{rows}"), format!("c{rows}"), format!("t{rows}"));
+        run(p, &["synth-prefs", "--out", &data, "--rows", rows]);
+        run(p, &["prepare", "--input", &data, "--model", "tiny", "--out", &prep]);
+        run(p, &["--threads", &threads, "cache-ref", "--prepared", &prep, "--model", "tiny", "--out", &cache]);
+        let (_, r) = run(p, &["--threads", &threads, "train", "--prepared", &prep, "--ref-cache", &cache, "--out", &out, "--max-steps", "20",
+            "--batch-size", "8", "--eval-every", "0", "--save-every", "0"]);
+        rss.push(r);
+    }
+    println!("  peak RSS of train (tiny model, 20 steps): 2,000 pairs {:.0} MiB, 20,000 pairs {:.0} MiB (ratio {:.2})", rss[0], rss[1], rss[1] / rss[0]);
 }

@@ -85,8 +85,11 @@ pub fn save_weights(path: &Path, tensors: &BTreeMap<String, Tensor>, dtype: DTyp
         .map(|(k, t)| Ok((k.clone(), t.to_dtype(dtype)?.contiguous()?)))
         .collect::<Result<_>>()?;
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let bytes = safetensors::serialize(converted.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))?;
-    crate::store::write_atomic(path, &bytes)
+    // Streamed to the partial file (no second copy of the weights in memory), then renamed.
+    let partial = crate::store::atomic::partial_path(path);
+    safetensors::serialize_to_file(converted.iter().map(|(k, t)| (k.as_str(), t)), Some(meta), &partial)?;
+    std::fs::File::open(&partial)?.sync_all()?;
+    crate::store::atomic::rename_durable(&partial, path)
 }
 
 pub fn parse_dtype(s: &str) -> Result<DType> {
