@@ -3,8 +3,8 @@
 # Tests read every output with Python polars, as users do.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! python3 -c "import polars, numpy" 2>/dev/null; then
-  python3 -m pip install --quiet polars numpy
+if ! python3 -c "import polars, numpy, pyarrow" 2>/dev/null; then
+  python3 -m pip install --quiet polars numpy pyarrow
 fi
 # Fonts for curves.png labels (without them the curves are drawn unlabelled).
 if [ ! -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

@@ -226,3 +226,51 @@ fn schema_files_describe_the_outputs() {
         assert_eq!(got, want, "{schema} and {file} drifted apart");
     }
 }
+
+#[test]
+fn generated_models_and_data_are_byte_identical_for_the_same_arguments() {
+    let d = tmp();
+    for out in ["a", "b"] {
+        ok(d.path(), &["init-model", "--arch", "llama", "--seed", "7", "--out", out]);
+        ok(d.path(), &["synth-prefs", "--out", &format!("{out}.parquet"), "--rows", "300", "--seed", "7", "--conversational"]);
+    }
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        assert_eq!(std::fs::read(d.path().join("a").join(f)).unwrap(), std::fs::read(d.path().join("b").join(f)).unwrap(), "{f}");
+    }
+    assert_eq!(std::fs::read(d.path().join("a.parquet")).unwrap(), std::fs::read(d.path().join("b.parquet")).unwrap());
+    ok(d.path(), &["init-model", "--arch", "llama", "--seed", "8", "--out", "c"]);
+    assert_ne!(std::fs::read(d.path().join("a/model.safetensors")).unwrap(), std::fs::read(d.path().join("c/model.safetensors")).unwrap());
+}
+
+#[test]
+fn mapped_column_names_and_large_arrow_types_are_read() {
+    let d = tmp();
+    let model = tiny_model(d.path(), "qwen2");
+    // The same rows as large_string / large_list columns under other names (pyarrow), and as
+    // plain string / list columns with the standard names.
+    python(d.path(), r#"
+import pyarrow as pa, pyarrow.parquet as pq
+msgs = pa.large_list(pa.struct([("role", pa.large_string()), ("content", pa.large_string())]))
+rows = [([{"role": "user", "content": f"What is {i} plus 1?"}], [{"role": "assistant", "content": f"{i} plus 1 is {i+1}."}],
+         [{"role": "assistant", "content": "idk"}]) for i in range(5)]
+t = pa.table({"question": pa.array([r[0] for r in rows], msgs), "good": pa.array([r[1] for r in rows], msgs),
+              "bad": pa.array([r[2] for r in rows], msgs), "extra": pa.array(list(range(5)))})
+pq.write_table(t, "large.parquet")
+plain = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+pq.write_table(pa.table({"prompt": pa.array([r[0] for r in rows], plain), "chosen": pa.array([r[1] for r in rows], plain),
+                         "rejected": pa.array([r[2] for r in rows], plain)}), "plain.parquet")
+"#);
+    let m = s(&model);
+    ok(d.path(), &["prepare", "--input", "large.parquet", "--model", m, "--out", "a", "--prompt-column", "question",
+        "--chosen-column", "good", "--rejected-column", "bad"]);
+    ok(d.path(), &["prepare", "--input", "plain.parquet", "--model", m, "--out", "b"]);
+    let (a, b) = (read_rows(d.path(), "a/pairs.parquet"), read_rows(d.path(), "b/pairs.parquet"));
+    assert_eq!(a.len(), 5);
+    for (x, y) in a.iter().zip(&b) {
+        for k in ["prompt_ids", "chosen_ids", "rejected_ids"] {
+            assert_eq!(x[k], y[k]);
+        }
+    }
+    let e = fails(d.path(), &["prepare", "--input", "large.parquet", "--model", m, "--out", "c", "--prompt-column", "nope"]);
+    assert!(e.contains("large.parquet") && e.contains("no column `nope`") && e.contains("question"), "{e}");
+}

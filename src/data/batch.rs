@@ -27,6 +27,12 @@ pub fn row_len(kind: LayoutKind, p: &PairView) -> usize {
     }
 }
 
+/// Tokens the forward really computes for a pair (padding excluded; padded: the prompt twice).
+pub fn computed_tokens(kind: LayoutKind, p: &PairView) -> usize {
+    let (pr, c, r) = scored_parts(p);
+    pr.len() * rows_per_pair(kind) + c.len() + r.len()
+}
+
 /// Rows per pair in a layout.
 pub fn rows_per_pair(kind: LayoutKind) -> usize {
     match kind {

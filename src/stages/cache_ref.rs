@@ -173,7 +173,8 @@ pub fn run(cfg: &CacheRefConfig) -> Result<Manifest> {
     let decoder = model::load_decoder(&cfg.model, dtype, &device)?;
     let pb = progress(n as u64, "cache-ref", "pairs");
     pb.set_position(prog.rows_done as u64);
-    let (mut tokens, mut padded, mut real) = (0usize, 0usize, 0usize);
+    // Tokens the forward really computes, and the padded slots it ran over.
+    let (mut tokens, mut padded) = (0usize, 0usize);
     let t_run = Instant::now();
     let (mut batches_run, mut rows_run) = (0, 0usize);
     for (bi, rows) in plan.iter().enumerate().skip(prog.batches_done) {
@@ -198,13 +199,8 @@ pub fn run(cfg: &CacheRefConfig) -> Result<Manifest> {
         rows_run += rows.len();
         let longest = pairs.iter().map(|p| batch::row_len(cfg.layout, p)).max().unwrap_or(0);
         let rows_in = pairs.len() * batch::rows_per_pair(cfg.layout);
-        let used: usize = pairs.iter().map(|p| match cfg.layout {
-            LayoutKind::Padded => 2 * p.prompt.len() + p.chosen_scored + p.rejected_scored,
-            LayoutKind::SharedPrompt => p.prompt.len() + p.chosen_scored + p.rejected_scored,
-        }).sum();
         padded += rows_in * longest;
-        real += used;
-        tokens += used;
+        tokens += pairs.iter().map(|p| batch::computed_tokens(cfg.layout, p)).sum::<usize>();
         pb.inc(rows.len() as u64);
         pb.set_message(format!("{:.0} tokens/s", tokens as f64 / t_run.elapsed().as_secs_f64().max(1e-9)));
     }
@@ -240,7 +236,7 @@ pub fn run(cfg: &CacheRefConfig) -> Result<Manifest> {
             "tokens_this_run": tokens,
             "tokens_per_s": tokens as f64 / run_s.max(1e-9),
             "pairs_per_s": rows_run as f64 / run_s.max(1e-9),
-            "padding_fraction": if padded > 0 { 1.0 - real as f64 / padded as f64 } else { 0.0 },
+            "padding_fraction": if padded > 0 { 1.0 - tokens as f64 / padded as f64 } else { 0.0 },
             "layout": cfg.layout,
             "batch_tokens": cfg.batch_tokens,
             "parameters": decoder.cfg.num_parameters(),

@@ -116,7 +116,7 @@ pub fn batch_loss(decoder: &Decoder, layout: LayoutKind, loss: LossSettings, pai
         let nll = ((lp.tokens * mask)?.sum_all()? * (-1.0 / n))?;
         total = (total + (nll * loss.sft_weight)?)?;
     }
-    let tokens = pairs.iter().map(|p| crate::data::batch::row_len(layout, p) * crate::data::batch::rows_per_pair(layout)).sum();
+    let tokens = pairs.iter().map(|p| crate::data::batch::computed_tokens(layout, p)).sum();
     Ok(BatchOut { loss: total, out, policy_chosen: lp.chosen.detach(), policy_rejected: lp.rejected.detach(), tokens })
 }
 
