@@ -208,8 +208,9 @@ fn save_checkpoint(dir: &Path, policy: &Policy, opt: &AdamW, state: &TrainerStat
     policy.save_hf(&tmp, tokenizer_from)?;
     let mut moments = BTreeMap::new();
     for (i, n) in policy.names.iter().enumerate() {
-        moments.insert(format!("m.{n}"), opt.m[i].clone());
-        moments.insert(format!("v.{n}"), opt.v[i].clone());
+        let (m, v) = opt.moments(i, &policy.vars[i])?;
+        moments.insert(format!("m.{n}"), m);
+        moments.insert(format!("v.{n}"), v);
     }
     weights::save_weights(&tmp.join("optimizer.safetensors"), &moments, DType::F32)?;
     write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
@@ -285,8 +286,7 @@ pub fn run(cfg: &TrainConfig) -> Result<Manifest> {
         // SAFETY: checkpoint files are ours and not modified while mapped.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(dir.join("optimizer.safetensors"))? };
         for (i, n) in policy.names.iter().enumerate() {
-            opt.m[i] = st.load(&format!("m.{n}"), &device)?;
-            opt.v[i] = st.load(&format!("v.{n}"), &device)?;
+            opt.set_moments(i, &st.load(&format!("m.{n}"), &device)?, &st.load(&format!("v.{n}"), &device)?)?;
         }
         opt.t = state.adam_t;
         cursor = state.cursor;

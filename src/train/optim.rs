@@ -1,7 +1,9 @@
 //! AdamW with PyTorch's semantics, HF learning-rate schedules, global-norm clipping.
 use crate::config::SchedulerKind;
-use anyhow::Result;
-use candle_core::{Tensor, Var};
+use crate::model::fused::Real;
+use anyhow::{bail, Result};
+use candle_core::{DType, Storage, Tensor, Var};
+use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct AdamWConfig {
@@ -12,18 +14,62 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
-/// First and second moments per parameter, and the step count for bias correction.
+/// A moment buffer in the parameter's dtype.
+enum Moment {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+/// First and second moments per parameter, and the step count for bias correction. The update
+/// is one pass over raw slices per parameter (candle ops would allocate a dozen
+/// parameter-sized temporaries per step).
 pub struct AdamW {
     pub cfg: AdamWConfig,
-    pub m: Vec<Tensor>,
-    pub v: Vec<Tensor>,
+    m: Vec<Moment>,
+    v: Vec<Moment>,
     pub t: usize,
+}
+
+fn zeros_like(p: &Var) -> Result<Moment> {
+    let n = p.elem_count();
+    Ok(match p.dtype() {
+        DType::F32 => Moment::F32(vec![0.0; n]),
+        DType::F64 => Moment::F64(vec![0.0; n]),
+        dt => bail!("AdamW keeps f32 or f64 parameters, not {dt:?}"),
+    })
+}
+
+/// One AdamW update of `p` with gradient `g`, in f64 arithmetic; returns the new values.
+#[allow(clippy::too_many_arguments)]
+fn update<T: Real>(p: &[T], g: &[T], m: &mut [T], v: &mut [T], lr: f64, c: &AdamWConfig, bc1: f64, bc2: f64) -> Vec<T> {
+    let bc2_sqrt = bc2.sqrt();
+    p.par_iter()
+        .zip(g.par_iter())
+        .zip(m.par_iter_mut().zip(v.par_iter_mut()))
+        .map(|((&p, &g), (m, v))| {
+            let g = g.to();
+            let md = c.beta1 * m.to() + (1.0 - c.beta1) * g;
+            let vd = c.beta2 * v.to() + (1.0 - c.beta2) * g * g;
+            *m = T::from(md);
+            *v = T::from(vd);
+            let denom = vd.sqrt() / bc2_sqrt + c.eps;
+            T::from(p.to() * (1.0 - lr * c.weight_decay) - (lr / bc1) * md / denom)
+        })
+        .collect()
+}
+
+/// The contiguous values of a CPU tensor, as a slice of `T`, handed to `f`.
+fn with_slice<T: Real, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else { bail!("AdamW runs on CPU tensors") };
+    let (a, b) = layout.contiguous_offsets().expect("made contiguous");
+    Ok(f(&cpu.as_slice::<T>()?[a..b]))
 }
 
 impl AdamW {
     pub fn new(cfg: AdamWConfig, params: &[Var]) -> Result<Self> {
-        let zeros = |p: &Var| p.as_tensor().zeros_like();
-        Ok(Self { cfg, m: params.iter().map(zeros).collect::<candle_core::Result<_>>()?, v: params.iter().map(zeros).collect::<candle_core::Result<_>>()?, t: 0 })
+        Ok(Self { cfg, m: params.iter().map(zeros_like).collect::<Result<_>>()?, v: params.iter().map(zeros_like).collect::<Result<_>>()?, t: 0 })
     }
 
     /// One update at learning rate `lr` (torch.optim.AdamW, amsgrad off, maximize off).
@@ -33,14 +79,46 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
-            let decayed = (p.as_tensor() * (1.0 - lr * c.weight_decay))?;
-            self.m[i] = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            self.v[i] = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let denom = ((self.v[i].sqrt()? / bc2.sqrt())? + c.eps)?;
-            let update = ((&self.m[i] / denom)? * (lr / bc1))?;
-            p.set(&(decayed - update)?)?;
+            let g = g.to_dtype(p.dtype())?;
+            let new = match (&mut self.m[i], &mut self.v[i]) {
+                (Moment::F32(m), Moment::F32(v)) => {
+                    let vals = with_slice::<f32, _>(p.as_tensor(), |ps| with_slice::<f32, _>(&g, |gs| update(ps, gs, m, v, lr, &c, bc1, bc2)))??;
+                    Tensor::from_vec(vals, p.shape(), p.device())?
+                }
+                (Moment::F64(m), Moment::F64(v)) => {
+                    let vals = with_slice::<f64, _>(p.as_tensor(), |ps| with_slice::<f64, _>(&g, |gs| update(ps, gs, m, v, lr, &c, bc1, bc2)))??;
+                    Tensor::from_vec(vals, p.shape(), p.device())?
+                }
+                _ => unreachable!("moments are made in the parameter's dtype"),
+            };
+            p.set(&new)?;
         }
         Ok(())
+    }
+
+    /// The moments of parameter `i` as tensors shaped like it (for checkpoints).
+    pub fn moments(&self, i: usize, like: &Var) -> Result<(Tensor, Tensor)> {
+        let t = |b: &Moment| -> Result<Tensor> {
+            Ok(match b {
+                Moment::F32(x) => Tensor::from_slice(x, like.shape(), like.device())?,
+                Moment::F64(x) => Tensor::from_slice(x, like.shape(), like.device())?,
+            })
+        };
+        Ok((t(&self.m[i])?, t(&self.v[i])?))
+    }
+
+    /// Restores the moments of parameter `i` from a checkpoint.
+    pub fn set_moments(&mut self, i: usize, m: &Tensor, v: &Tensor) -> Result<()> {
+        let load = |dst: &mut Moment, src: &Tensor| -> Result<()> {
+            let src = src.flatten_all()?;
+            match dst {
+                Moment::F32(x) => *x = src.to_dtype(DType::F32)?.to_vec1()?,
+                Moment::F64(x) => *x = src.to_dtype(DType::F64)?.to_vec1()?,
+            }
+            Ok(())
+        };
+        load(&mut self.m[i], m)?;
+        load(&mut self.v[i], v)
     }
 }
 
