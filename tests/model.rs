@@ -258,3 +258,24 @@ fn mistral_sliding_window_matches_hf_transformers() {
     }
     assert!(window_mattered, "the window must change some log-prob, or this test checks nothing");
 }
+
+#[test]
+fn fused_softmax_matches_the_composite_ops_in_value_and_gradient() {
+    use candle_core::{Tensor, Var};
+    use dpo_pipeline::model::decoder::{softmax_last, softmax_last_composite};
+    for dtype in [DType::F32, DType::F64] {
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 3.0, (2, 3, 5, 7), &Device::Cpu).unwrap().to_dtype(dtype).unwrap())).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (2, 3, 5, 7), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let run = |fused: bool| {
+            let y = if fused { softmax_last(x.as_tensor()).unwrap() } else { softmax_last_composite(x.as_tensor()).unwrap() };
+            let g = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            (f(&y), f(g.get(x.as_tensor()).unwrap()))
+        };
+        let (a, b) = (run(true), run(false));
+        let tol = if dtype == DType::F32 { 1e-6 } else { 1e-14 };
+        for (x, y) in a.0.iter().zip(&b.0).chain(a.1.iter().zip(&b.1)) {
+            assert!((x - y).abs() < tol, "{dtype:?}: {x} vs {y}");
+        }
+    }
+}

@@ -97,8 +97,16 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(normed.to_dtype(dtype)?.broadcast_mul(w)?)
 }
 
-/// Softmax over the last dim from differentiable ops; the max shift is a constant.
+/// Softmax over the last dim, differentiable: the fused CPU op, else composite ops.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if super::fused::applies(x) {
+        return Ok(x.contiguous()?.apply_op1(super::fused::SoftmaxLast)?);
+    }
+    softmax_last_composite(x)
+}
+
+/// Softmax from candle's differentiable ops; the max shift is a constant for autograd.
+pub fn softmax_last_composite(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)

@@ -167,3 +167,66 @@ pub fn applies(h: &Tensor) -> bool {
 pub fn token_logps(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
     Ok(h.contiguous()?.apply_op2(&w.contiguous()?, LogProbs { targets: targets.to_vec() })?)
 }
+
+/// Softmax over the last dimension with its own backward (dx = y ⊙ (dy − Σ dy ⊙ y)): one pass
+/// each way instead of candle's chain of composite ops. CPU, f32 and f64.
+pub struct SoftmaxLast;
+
+fn softmax_rows<T: Real>(x: &[T], n: usize) -> Vec<T> {
+    let mut out = x.to_vec();
+    out.par_chunks_mut(n).for_each(|row| {
+        let max = row.iter().fold(row[0], |m, &v| if v > m { v } else { m }).to();
+        let mut sum = 0.0;
+        for v in row.iter_mut() {
+            let e = (v.to() - max).exp();
+            sum += e;
+            *v = T::from(e);
+        }
+        for v in row.iter_mut() {
+            *v = T::from(v.to() / sum);
+        }
+    });
+    out
+}
+
+fn softmax_rows_bwd<T: Real>(y: &[T], dy: &[T], n: usize) -> Vec<T> {
+    let mut out = vec![T::from(0.0); y.len()];
+    out.par_chunks_mut(n).zip(y.par_chunks(n).zip(dy.par_chunks(n))).for_each(|(o, (y, dy))| {
+        let dot: f64 = y.iter().zip(dy).map(|(a, b)| a.to() * b.to()).sum();
+        for ((o, a), b) in o.iter_mut().zip(y).zip(dy) {
+            *o = T::from(a.to() * (b.to() - dot));
+        }
+    });
+    out
+}
+
+impl candle_core::CustomOp1 for SoftmaxLast {
+    fn name(&self) -> &'static str {
+        "softmax-last"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let n = *l.shape().dims().last().unwrap_or(&1);
+        let out = match s.dtype() {
+            DType::F32 => CpuStorage::F32(softmax_rows(contiguous::<f32>(s, l)?, n)),
+            DType::F64 => CpuStorage::F64(softmax_rows(contiguous::<f64>(s, l)?, n)),
+            dt => return Err(candle_core::Error::Msg(format!("softmax: unsupported dtype {dt:?}"))),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let n = y.dim(candle_core::D::Minus1)?;
+        let dy = dy.contiguous()?;
+        let (ys, yl) = y.storage_and_layout();
+        let (gs, gl) = dy.storage_and_layout();
+        let (Storage::Cpu(ys), Storage::Cpu(gs)) = (&*ys, &*gs) else {
+            return Err(candle_core::Error::Msg("softmax: CPU only".into()));
+        };
+        let dx = match y.dtype() {
+            DType::F32 => Tensor::from_vec(softmax_rows_bwd(contiguous::<f32>(ys, yl)?, contiguous::<f32>(gs, gl)?, n), y.shape(), y.device())?,
+            _ => Tensor::from_vec(softmax_rows_bwd(contiguous::<f64>(ys, yl)?, contiguous::<f64>(gs, gl)?, n), y.shape(), y.device())?,
+        };
+        Ok(Some(dx))
+    }
+}
