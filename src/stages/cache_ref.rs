@@ -124,7 +124,8 @@ pub fn run(cfg: &CacheRefConfig) -> Result<Manifest> {
     let inputs = serde_json::json!({
         "prepared": cfg.prepared.display().to_string(),
         "prepared_fingerprint": prepared.fingerprint(),
-        "model": cfg.model.display().to_string(),
+        // Absolute, so `train` finds the reference model whatever directory it runs from.
+        "model": std::fs::canonicalize(&cfg.model).unwrap_or_else(|_| cfg.model.clone()).display().to_string(),
         "weights_blake3": weights_hash,
     });
     let settings = serde_json::json!({
