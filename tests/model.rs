@@ -279,3 +279,26 @@ fn fused_softmax_matches_the_composite_ops_in_value_and_gradient() {
         }
     }
 }
+
+#[test]
+fn fused_rms_norm_matches_the_composite_ops_in_value_and_gradient() {
+    use candle_core::{Tensor, Var};
+    use dpo_pipeline::model::decoder::{rms_norm, rms_norm_composite};
+    for dtype in [DType::F32, DType::F64] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (9, 33), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 33, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (9, 33), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let run = |fused: bool| {
+            let y = if fused { rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap() } else { rms_norm_composite(x.as_tensor(), w.as_tensor(), 1e-6).unwrap() };
+            let g = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            (f(&y), f(g.get(x.as_tensor()).unwrap()), f(g.get(w.as_tensor()).unwrap()))
+        };
+        let (a, b) = (run(true), run(false));
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+        for (name, p, q) in [("y", &a.0, &b.0), ("dx", &a.1, &b.1), ("dw", &a.2, &b.2)] {
+            let worst = p.iter().zip(q).map(|(s, t)| (s - t).abs()).fold(0.0, f64::max);
+            assert!(worst < tol, "{dtype:?} {name}: max diff {worst}");
+        }
+    }
+}

@@ -88,8 +88,16 @@ pub fn accum_dtype(d: DType) -> DType {
     if d == DType::F64 { DType::F64 } else { DType::F32 }
 }
 
+/// RMSNorm over the last dim: the fused CPU op for f32/f64, else composite ops.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if super::fused::applies(x) && x.dtype() == w.dtype() {
+        return Ok(x.contiguous()?.apply_op2(&w.contiguous()?, super::fused::RmsNorm { eps })?);
+    }
+    rms_norm_composite(x, w, eps)
+}
+
 /// RMSNorm in f32, as transformers computes it, scaled by the weight in the compute dtype.
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn rms_norm_composite(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x32 = x.to_dtype(accum_dtype(dtype))?;
     let var = x32.sqr()?.mean_keepdim(D::Minus1)?;

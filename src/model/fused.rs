@@ -230,3 +230,84 @@ impl candle_core::CustomOp1 for SoftmaxLast {
         Ok(Some(dx))
     }
 }
+
+/// RMSNorm y = x · w / sqrt(mean(x²) + eps) over the last dimension, with its own backward:
+/// dx = r·(dy⊙w) − x·r³/H·Σ(dy⊙w⊙x), dw = Σ_rows dy⊙x·r. CPU, f32 and f64.
+pub struct RmsNorm {
+    pub eps: f64,
+}
+
+fn rms_fwd<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
+    let h = w.len();
+    let mut out = vec![T::from(0.0); x.len()];
+    out.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(o, x)| {
+        let r = 1.0 / (x.iter().map(|v| v.to() * v.to()).sum::<f64>() / h as f64 + eps).sqrt();
+        for ((o, xv), wv) in o.iter_mut().zip(x).zip(w) {
+            // transformers rounds the normalised value to the input dtype before scaling by w.
+            *o = T::from(T::from(xv.to() * r).to() * wv.to());
+        }
+    });
+    out
+}
+
+fn rms_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: f64) -> (Vec<T>, Vec<T>) {
+    let h = w.len();
+    let mut dx = vec![T::from(0.0); x.len()];
+    let dw = dx
+        .par_chunks_mut(h)
+        .zip(x.par_chunks(h).zip(dy.par_chunks(h)))
+        .fold(
+            || vec![0f64; h],
+            |mut dw, (dx, (x, dy))| {
+                let r = 1.0 / (x.iter().map(|v| v.to() * v.to()).sum::<f64>() / h as f64 + eps).sqrt();
+                let dot: f64 = (0..h).map(|j| dy[j].to() * w[j].to() * x[j].to()).sum();
+                let c = r * r * r * dot / h as f64;
+                for j in 0..h {
+                    dx[j] = T::from(r * dy[j].to() * w[j].to() - x[j].to() * c);
+                    dw[j] += dy[j].to() * x[j].to() * r;
+                }
+                dw
+            },
+        )
+        .reduce(|| vec![0f64; h], |mut a, b| {
+            a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+            a
+        });
+    (dx, dw.into_iter().map(T::from).collect())
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(rms_fwd(contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?, self.eps)),
+            DType::F64 => CpuStorage::F64(rms_fwd(contiguous::<f64>(s1, l1)?, contiguous::<f64>(s2, l2)?, self.eps)),
+            dt => return Err(candle_core::Error::Msg(format!("rms_norm: unsupported dtype {dt:?}"))),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (gs, gl) = dy.storage_and_layout();
+        let (Storage::Cpu(xs), Storage::Cpu(ws), Storage::Cpu(gs)) = (&*xs, &*ws, &*gs) else {
+            return Err(candle_core::Error::Msg("rms_norm: CPU only".into()));
+        };
+        let (dev, xshape, wshape) = (x.device(), x.shape(), w.shape());
+        Ok(match x.dtype() {
+            DType::F32 => {
+                let (dx, dw) = rms_bwd(contiguous::<f32>(xs, xl)?, contiguous::<f32>(ws, wl)?, contiguous::<f32>(gs, gl)?, self.eps);
+                (Some(Tensor::from_vec(dx, xshape, dev)?), Some(Tensor::from_vec(dw, wshape, dev)?))
+            }
+            _ => {
+                let (dx, dw) = rms_bwd(contiguous::<f64>(xs, xl)?, contiguous::<f64>(ws, wl)?, contiguous::<f64>(gs, gl)?, self.eps);
+                (Some(Tensor::from_vec(dx, xshape, dev)?), Some(Tensor::from_vec(dw, wshape, dev)?))
+            }
+        })
+    }
+}
