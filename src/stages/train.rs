@@ -256,6 +256,9 @@ pub fn run(cfg: &TrainConfig) -> Result<Manifest> {
     }
     let resume_from = if cfg.resume { latest_checkpoint(out) } else { None };
     if resume_from.is_none() && !cfg.force && (out.join("metrics.jsonl").exists() || out.join("checkpoints").exists()) {
+        if cfg.resume {
+            bail!("{} has no checkpoint to resume from (none was saved yet); --force starts over", out.join("checkpoints").display());
+        }
         bail!("{} already holds a training run; pass --resume to continue it or --force to start over", out.display());
     }
     if resume_from.is_none() {
@@ -299,10 +302,7 @@ pub fn run(cfg: &TrainConfig) -> Result<Manifest> {
     let metrics_path = out.join("metrics.jsonl");
     // Keep only what came before the checkpoint we resume from.
     let mut rows = metrics::read_jsonl(&metrics_path, start_step)?;
-    let _ = std::fs::remove_file(&metrics_path);
-    for (s, r) in &rows {
-        metrics::append_jsonl(&metrics_path, *s, r)?;
-    }
+    metrics::write_jsonl(&metrics_path, &rows)?;
     if start_step == 0 && !eval_rows.is_empty() {
         let row = eval_pass(&policy, &prepared, cache_c, cache_r, &eval_rows, cfg, loss)?;
         metrics::append_jsonl(&metrics_path, 0, &row)?;

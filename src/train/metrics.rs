@@ -70,15 +70,25 @@ impl PairStats {
     }
 }
 
-pub fn append_jsonl(path: &Path, step: usize, row: &Row) -> Result<()> {
+fn json_line(step: usize, row: &Row) -> String {
     let mut obj = serde_json::Map::new();
     obj.insert("step".into(), step.into());
     for (k, v) in row {
         obj.insert(k.clone(), serde_json::json!(v));
     }
+    serde_json::Value::Object(obj).to_string()
+}
+
+pub fn append_jsonl(path: &Path, step: usize, row: &Row) -> Result<()> {
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-    writeln!(f, "{}", serde_json::Value::Object(obj))?;
+    writeln!(f, "{}", json_line(step, row))?;
     Ok(())
+}
+
+/// Replaces `metrics.jsonl` with `rows` (a resumed run drops what followed its checkpoint).
+pub fn write_jsonl(path: &Path, rows: &[(usize, Row)]) -> Result<()> {
+    let text: String = rows.iter().map(|(s, r)| json_line(*s, r) + "\n").collect();
+    crate::store::write_atomic(path, text.as_bytes())
 }
 
 /// Reads `metrics.jsonl`, keeping rows up to `max_step` (a resumed run drops what came after
