@@ -17,7 +17,6 @@ pub struct EncodedPair {
     pub rejected_ids: Vec<u32>,
     pub chosen_scored: u32,
     pub rejected_scored: u32,
-    pub conversational: bool,
 }
 
 /// The tokenizer side of a model directory: tokenizer.json, tokenizer_config.json, template.
@@ -136,26 +135,24 @@ impl Encoder<'_> {
         if row.chosen == row.rejected {
             return Err(Skip::new("chosen_equals_rejected", "chosen and rejected are identical"));
         }
-        let (prompt_ids, pc, pr, conversational) = match (&row.prompt, &row.chosen, &row.rejected) {
+        let (prompt_ids, pc, pr) = match (&row.prompt, &row.chosen, &row.rejected) {
             (Some(Field::Text(p)), Field::Text(c), Field::Text(r)) => {
                 let (pc, pr) = self.text_joint(p, c, r);
-                (self.tok.encode(p, true), pc, pr, false)
+                (self.tok.encode(p, true), pc, pr)
             }
             (None, Field::Text(c), Field::Text(r)) => {
                 let (p, c, r) = extract_text_prompt(c, r)?;
                 let (pc, pr) = self.text_joint(&p, &c, &r);
-                (self.tok.encode(&p, true), pc, pr, false)
+                (self.tok.encode(&p, true), pc, pr)
             }
             (Some(Field::Messages(p)), Field::Messages(c), Field::Messages(r)) => {
-                let (a, b, d) = self.chat_joint(p, c, r)?;
-                (a, b, d, true)
+                self.chat_joint(p, c, r)?
             }
             // No prompt column, or a string prompt beside conversational completions that
             // already contain it (TRL's maybe_extract_prompt): the prompt is the shared prefix.
             (None | Some(Field::Text(_)), Field::Messages(c), Field::Messages(r)) => {
                 let (p, c, r) = extract_messages_prompt(c, r)?;
-                let (a, b, d) = self.chat_joint(&p, &c, &r)?;
-                (a, b, d, true)
+                self.chat_joint(&p, &c, &r)?
             }
             _ => return Err(Skip::new("mixed_formats", "prompt is a message list but chosen/rejected are strings")),
         };
@@ -189,7 +186,6 @@ impl Encoder<'_> {
             prompt_ids,
             chosen_ids,
             rejected_ids,
-            conversational,
         })
     }
 

@@ -93,6 +93,19 @@ pub struct BatchOut {
     pub tokens: usize,
 }
 
+impl BatchOut {
+    /// Adds this batch's loss, rewards and log-probs to the running metrics.
+    pub fn record(&self, stats: &mut PairStats) -> Result<()> {
+        let f32s = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.to_vec1()?) };
+        stats.add(
+            self.out.per_pair.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            &f32s(&self.out.chosen_rewards)?, &f32s(&self.out.rejected_rewards)?,
+            &f32s(&self.policy_chosen)?, &f32s(&self.policy_rejected)?,
+        );
+        Ok(())
+    }
+}
+
 /// Policy forward and loss for one micro-batch, given the reference log-probs.
 pub fn batch_loss(decoder: &Decoder, layout: LayoutKind, loss: LossSettings, pairs: &[PairView], ref_c: &[f32], ref_r: &[f32]) -> Result<BatchOut> {
     let lp = pair_logps(decoder, layout, pairs)?;
@@ -179,11 +192,7 @@ fn eval_pass(policy: &Policy, prepared: &PreparedDataset, cache_c: &[f32], cache
         let rc: Vec<f32> = chunk.iter().map(|&i| cache_c[i as usize]).collect();
         let rr: Vec<f32> = chunk.iter().map(|&i| cache_r[i as usize]).collect();
         let b = batch_loss(&policy.eval_decoder, cfg.layout, loss, &pairs, &rc, &rr)?;
-        stats.add(
-            b.out.per_pair.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?,
-            &b.out.chosen_rewards.to_dtype(DType::F32)?.to_vec1()?, &b.out.rejected_rewards.to_dtype(DType::F32)?.to_vec1()?,
-            &b.policy_chosen.to_dtype(DType::F32)?.to_vec1()?, &b.policy_rejected.to_dtype(DType::F32)?.to_vec1()?,
-        );
+        b.record(&mut stats)?;
     }
     let mut row = Row::new();
     stats.into_row("eval/", &mut row);
@@ -340,11 +349,7 @@ pub fn run(cfg: &TrainConfig) -> Result<Manifest> {
                 None => grads,
                 Some(a) => a.iter().zip(&grads).map(|(x, y)| x + y).collect::<candle_core::Result<_>>()?,
             });
-            stats.add(
-                b.out.per_pair.mean_all()?.to_scalar::<f32>()? as f64,
-                &b.out.chosen_rewards.to_vec1()?, &b.out.rejected_rewards.to_vec1()?,
-                &b.policy_chosen.to_vec1()?, &b.policy_rejected.to_vec1()?,
-            );
+            b.record(&mut stats)?;
             tokens += b.tokens;
         }
         let (grad_norm, clipped) = clip_by_global_norm(&acc.expect("grad_accum >= 1"), cfg.max_grad_norm)?;
