@@ -45,8 +45,16 @@ fn main() {
     let m = manifest(&p.join("pb"));
     let prep_tokens = m["counts"]["tokens"].as_f64().unwrap();
     println!("prepare benchmark (200,000 rows, small model tokenizer, {threads} threads)");
-    println!("  tokenizer encode_batch alone : {:>9.0} rows/s  {:>10.0} tokens/s (encoded: {tokens} tokens)", 200_000.0 / tok_s, tokens as f64 / tok_s);
-    println!("  pipeline prepare (end to end): {:>9.0} rows/s  {:>10.0} tokens/s (stored: {prep_tokens} tokens)", 200_000.0 / wall_big, prep_tokens / wall_big);
+    println!(
+        "  tokenizer encode_batch alone : {:>9.0} rows/s  {:>10.0} tokens/s (encoded: {tokens} tokens)",
+        200_000.0 / tok_s,
+        tokens as f64 / tok_s
+    );
+    println!(
+        "  pipeline prepare (end to end): {:>9.0} rows/s  {:>10.0} tokens/s (stored: {prep_tokens} tokens)",
+        200_000.0 / wall_big,
+        prep_tokens / wall_big
+    );
     println!("  ratio prepare / tokenizer    : {:.2} (rows/s)", (200_000.0 / wall_big) / (200_000.0 / tok_s));
     println!("  peak RSS: 20k rows {rss_small:.0} MiB, 200k rows {rss_big:.0} MiB (ratio {:.2})", rss_big / rss_small);
 }

@@ -5,7 +5,8 @@ use common::*;
 
 fn step_seconds(dir: &std::path::Path) -> (f64, f64) {
     let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-    let mut secs: Vec<(f64, f64)> = text.lines()
+    let mut secs: Vec<(f64, f64)> = text
+        .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| Some((v["step_seconds"].as_f64()?, v["tokens_per_s"].as_f64()?)))
         .skip(1) // the first step warms up allocators and caches
@@ -23,8 +24,25 @@ fn main() {
     run(p, &["prepare", "--input", "in.parquet", "--model", "m", "--out", "prep"]);
     run(p, &["--threads", &threads, "cache-ref", "--prepared", "prep", "--model", "m", "--out", "cache"]);
     let steps = std::env::var("BENCH_STEPS").unwrap_or_else(|_| "6".into());
-    let base = ["--threads", threads.as_str(), "train", "--prepared", "prep", "--ref-cache", "cache", "--max-steps", steps.as_str(),
-        "--batch-size", "8", "--eval-every", "0", "--save-every", "0", "--lr", "1e-5"];
+    let base = [
+        "--threads",
+        threads.as_str(),
+        "train",
+        "--prepared",
+        "prep",
+        "--ref-cache",
+        "cache",
+        "--max-steps",
+        steps.as_str(),
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "0",
+        "--lr",
+        "1e-5",
+    ];
     println!("train benchmark (small Qwen2, batch 8 pairs, {threads} threads, median step after the first)");
     let mut results = Vec::new();
     for (name, extra) in [("cached reference", vec!["--out", "t_cache"]), ("--ref-in-loop", vec!["--out", "t_loop", "--ref-in-loop"])] {
@@ -44,9 +62,19 @@ fn main() {
         run(p, &["synth-prefs", "--out", &data, "--rows", rows]);
         run(p, &["prepare", "--input", &data, "--model", "tiny", "--out", &prep]);
         run(p, &["--threads", &threads, "cache-ref", "--prepared", &prep, "--model", "tiny", "--out", &cache]);
-        let (_, r) = run(p, &["--threads", &threads, "train", "--prepared", &prep, "--ref-cache", &cache, "--out", &out, "--max-steps", "20",
-            "--batch-size", "8", "--eval-every", "0", "--save-every", "0"]);
+        let (_, r) = run(
+            p,
+            &[
+                "--threads", &threads, "train", "--prepared", &prep, "--ref-cache", &cache, "--out", &out, "--max-steps", "20", "--batch-size", "8",
+                "--eval-every", "0", "--save-every", "0",
+            ],
+        );
         rss.push(r);
     }
-    println!("  peak RSS of train (tiny model, 20 steps): 2,000 pairs {:.0} MiB, 20,000 pairs {:.0} MiB (ratio {:.2})", rss[0], rss[1], rss[1] / rss[0]);
+    println!(
+        "  peak RSS of train (tiny model, 20 steps): 2,000 pairs {:.0} MiB, 20,000 pairs {:.0} MiB (ratio {:.2})",
+        rss[0],
+        rss[1],
+        rss[1] / rss[0]
+    );
 }

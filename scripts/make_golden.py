@@ -103,6 +103,20 @@ def logps(model_dir):
     return seqs
 
 
+def logps_bf16(model_dir):
+    """Per-token log-probs with the weights and compute in bfloat16 (eager attention, which
+    upcasts the attention softmax to float32), on sequences long enough for that to matter."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="eager").eval()
+    gen = torch.Generator().manual_seed(0)
+    seqs = []
+    with torch.no_grad():
+        for n in (64, 384):
+            ids = torch.randint(3, model.config.vocab_size, (n,), generator=gen).tolist()
+            lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+            seqs.append({"ids": ids, "token_logps": [float(lp[i - 1, ids[i]]) for i in range(1, n)]})
+    return seqs
+
+
 def rope_llama3():
     """inv_freq of Llama 3.1's rope scaling, from transformers' own function."""
     from transformers import LlamaConfig
@@ -143,6 +157,7 @@ def main(models_dir):
             result = {**ident, "max_length": max_length, "rows_in": len(rows), "rows": trl_tokenize(mdir, rows, max_length)}
             (OUT / f"trl_{name}_{arch}.json").write_text(json.dumps(result, indent=1) + "\n")
         (OUT / f"hf_logps_{arch}.json").write_text(json.dumps({**ident, "sequences": logps(mdir)}, indent=1) + "\n")
+        (OUT / f"hf_logps_bf16_{arch}.json").write_text(json.dumps({**ident, "sequences": logps_bf16(mdir)}) + "\n")
         print(f"golden values for {arch} written to {OUT}")
         if arch == "llama":
             with tempfile.TemporaryDirectory() as tmp:

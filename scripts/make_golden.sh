@@ -11,4 +11,6 @@ for arch in llama qwen2; do
   target/debug/pipeline init-model --arch "$arch" --size tiny --seed 0 --out "$tmp/$arch"
 done
 "$PY" scripts/make_golden.py "$tmp"
+target/debug/pipeline synth-prefs --out "$tmp/trajectory.parquet" --rows 64 --seed 0
+"$PY" scripts/make_trajectory_golden.py "$tmp/llama" "$tmp/trajectory.parquet"
 rm -rf "$tmp"

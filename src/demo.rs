@@ -1,10 +1,11 @@
 //! `pipeline demo`: the whole pipeline on a tiny generated model and synthetic preferences,
 //! printing held-out reward accuracy and margin before and after training.
-use crate::config::{CacheRefConfig, PrepareConfig, SchedulerKind, TrainConfig};
-use crate::data::synth::{eval_path, write_synth, SynthFormat};
-use crate::model::init::{init_model, Arch, InitSpec, Size};
+use crate::settings::{CacheRefSettings, PrepareSettings, TrainSettings};
 use crate::stages;
+use crate::synth::model::{init_model, Arch, InitSpec, Size};
+use crate::synth::prefs::{eval_path, write_synth, SynthFormat};
 use crate::train::metrics;
+use crate::train::optim::SchedulerKind;
 use anyhow::Result;
 use std::path::Path;
 
@@ -21,7 +22,7 @@ pub fn run(dir: &Path, steps: usize, rows: usize) -> Result<()> {
         write_synth(&eval_path(&data), 200, 2, SynthFormat::Standard)?;
         eprintln!("demo: generated {rows} synthetic preference rows (+200 held out) in {}", data.display());
     }
-    let prepare = PrepareConfig {
+    let prepare = PrepareSettings {
         inputs: vec![data.display().to_string()],
         eval_inputs: vec![eval_path(&data).display().to_string()],
         model: model.clone(),
@@ -30,9 +31,9 @@ pub fn run(dir: &Path, steps: usize, rows: usize) -> Result<()> {
         ..Default::default()
     };
     stages::prepare::run(&prepare)?;
-    let cache = CacheRefConfig { prepared: prepare.out.clone(), model: model.clone(), out: dir.join("ref_cache"), ..Default::default() };
+    let cache = CacheRefSettings { prepared: prepare.out.clone(), model: model.clone(), out: dir.join("ref_cache"), ..Default::default() };
     stages::cache_ref::run(&cache)?;
-    let train = TrainConfig {
+    let train = TrainSettings {
         prepared: prepare.out.clone(),
         ref_cache: cache.out.clone(),
         out: dir.join("train"),
@@ -51,7 +52,10 @@ pub fn run(dir: &Path, steps: usize, rows: usize) -> Result<()> {
     let rows = metrics::read_jsonl(&train.out.join("metrics.jsonl"), usize::MAX)?;
     let eval: Vec<_> = rows.iter().filter(|(_, r)| r.contains_key("eval/rewards/accuracies")).collect();
     if let (Some((s0, first)), Some((s1, last))) = (eval.first(), eval.last()) {
-        println!("held-out reward accuracy: {:.3} (step {s0}) -> {:.3} (step {s1})", first["eval/rewards/accuracies"], last["eval/rewards/accuracies"]);
+        println!(
+            "held-out reward accuracy: {:.3} (step {s0}) -> {:.3} (step {s1})",
+            first["eval/rewards/accuracies"], last["eval/rewards/accuracies"]
+        );
         println!("held-out reward margin:   {:.3} (step {s0}) -> {:.3} (step {s1})", first["eval/rewards/margins"], last["eval/rewards/margins"]);
         println!("held-out DPO loss:        {:.3} (step {s0}) -> {:.3} (step {s1})", first["eval/loss"], last["eval/loss"]);
         println!("(at step 0 the policy is the reference: every reward is 0, so accuracy, which counts strict wins, only measures rounding)");

@@ -75,7 +75,10 @@ fn fingerprints_guard_the_cache() {
     assert!(e.contains("fingerprint") && e.contains("--force"), "{e}");
     ok(d.path(), &["cache-ref", "--prepared", "prep", "--model", &m, "--out", "cache", "--dtype", "bf16", "--force"]);
     // A different max_length changes the prepared fingerprint, so the cache no longer matches it.
-    ok(d.path(), &["prepare", "--input", "in.parquet", "--model", &m, "--out", "prep", "--eval-fraction", "0.2", "--max-length", "20"]);
+    // Other settings over an existing prepared directory: refused without --force, like every stage.
+    let e = fails(d.path(), &["prepare", "--input", "in.parquet", "--model", &m, "--out", "prep", "--eval-fraction", "0.2", "--max-length", "20"]);
+    assert!(e.contains("fingerprint") && e.contains("--force"), "{e}");
+    ok(d.path(), &["prepare", "--input", "in.parquet", "--model", &m, "--out", "prep", "--eval-fraction", "0.2", "--max-length", "20", "--force"]);
     let e = fails(d.path(), &["train", "--prepared", "prep", "--ref-cache", "cache", "--out", "t", "--max-steps", "1"]);
     assert!(e.contains("was built from prepared data with fingerprint"), "{e}");
 }
@@ -112,7 +115,9 @@ fn polars_and_numpy_read_the_cache_and_join_it_with_pairs() {
     let d = tmp();
     let m = setup(d.path(), "80");
     ok(d.path(), &["cache-ref", "--prepared", "prep", "--model", &m, "--out", "cache", "--layout", "padded"]);
-    let out = python(d.path(), r#"
+    let out = python(
+        d.path(),
+        r#"
 pairs = pl.read_parquet("prep/pairs.parquet")
 ref = pl.read_parquet("cache/ref_logps.parquet")
 j = pairs.join(ref, on="row_id")
@@ -126,7 +131,8 @@ assert hdr[:8] == b"DPOCOLMN"
 m = json.load(open("cache/manifest.json"))
 assert hdr[24:56].hex() == m["fingerprint"][:64]
 assert (ref["ref_chosen_logps"] < 0).all() and (ref["ref_rejected_logps"] < 0).all()
-print(m["stats"]["padding_fraction"])"#);
+print(m["stats"]["padding_fraction"])"#,
+    );
     let pad: f64 = out.trim().parse().unwrap();
     assert!((0.0..0.5).contains(&pad), "padding fraction {pad}");
 }

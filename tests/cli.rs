@@ -30,7 +30,10 @@ fn run_executes_a_pipeline_toml_and_skips_what_is_up_to_date() {
     let d = tmp();
     let model = tiny_model(d.path(), "llama");
     ok(d.path(), &["synth-prefs", "--out", "data.parquet", "--rows", "80", "--conversational"]);
-    std::fs::write(d.path().join("p.toml"), format!(r#"
+    std::fs::write(
+        d.path().join("p.toml"),
+        format!(
+            r#"
 [prepare]
 inputs = ["data.parquet"]
 model = "{}"
@@ -46,7 +49,11 @@ lr = 1e-3
 batch_size = 4
 max_steps = 3
 eval_every = 3
-"#, s(&model))).unwrap();
+"#,
+            s(&model)
+        ),
+    )
+    .unwrap();
     let first = ok(d.path(), &["run", "p.toml"]);
     assert!(first.contains("prepare: 80 pairs") && first.contains("cache-ref: 80 pairs") && first.contains("train: 3 steps"), "{first}");
     let second = ok(d.path(), &["run", "p.toml"]);

@@ -67,30 +67,51 @@ fn write_df(dir: &Path, file: &str, df_code: &str) {
 fn every_rejection_reason_is_kept_with_its_row() {
     let d = tmp();
     let model = tiny_model(d.path(), "qwen2");
-    write_df(d.path(), "text.parquet", r#"
+    write_df(
+        d.path(),
+        "text.parquet",
+        r#"
 df = pl.DataFrame({
-  "prompt":   ["Q: a?\nA:", None,   "Q: b?\nA:", "",      "Q: " + "x y " * 300, "Q: ok?\nA:"],
-  "chosen":   [" yes",      " yes", " same",     " yes",  " yes",               " fine"],
-  "rejected": [" no",       " no",  " same",     " no",   " no",                " bad"],
-})"#);
+  "prompt":   ["Q: a?\nA:", None,   "Q: b?\nA:", "",      "Q: " + "x y " * 300, "Q: ok?\nA:", "Q: c?\nA:", "Q: d?\nA:"],
+  "chosen":   [" yes",      " yes", " same",     " yes",  " yes",               " fine",      "",          " yes"],
+  "rejected": [" no",       " no",  " same",     " no",   " no",                " bad",       " no",       ""],
+})"#,
+    );
     ok(d.path(), &["prepare", "--input", "text.parquet", "--model", s(&model), "--out", "p1", "--max-length", "64"]);
     let rej = read_rows(d.path(), "p1/rejected.parquet");
     let reasons: Vec<(u64, &str)> = rej.iter().map(|r| (r["source_row"].as_u64().unwrap(), r["reason"].as_str().unwrap())).collect();
-    assert_eq!(reasons, vec![(1, "null_field"), (2, "chosen_equals_rejected"), (3, "empty_prompt"), (4, "prompt_too_long")]);
+    assert_eq!(
+        reasons,
+        vec![
+            (1, "null_field"),
+            (2, "chosen_equals_rejected"),
+            (3, "empty_prompt"),
+            (4, "prompt_too_long"),
+            (6, "empty_completion"),
+            (7, "empty_completion")
+        ]
+    );
+    assert!(rej[4]["detail"].as_str().unwrap().contains("chosen") && rej[5]["detail"].as_str().unwrap().contains("rejected"));
     assert!(rej[0]["detail"].as_str().unwrap().contains("prompt"), "detail names the column: {}", rej[0]["detail"]);
     let kept = read_rows(d.path(), "p1/pairs.parquet");
     assert_eq!(kept.iter().map(|r| r["source_row"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 5]);
     assert_eq!(kept.iter().map(|r| r["row_id"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 1], "row_id is dense");
     let m: Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("p1/manifest.json")).unwrap()).unwrap();
-    assert_eq!(m["counts"]["rejected"], 4);
+    assert_eq!(m["counts"]["rejected"], 6);
+    assert_eq!(m["counts"]["rejected_empty_completion"], 2);
     assert_eq!(m["counts"]["rejected_prompt_too_long"], 1);
 
     // Conversational: malformed messages, a template that raises, no common prompt, mixed formats.
     let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(model.join("tokenizer_config.json")).unwrap()).unwrap();
     let t = cfg["chat_template"].as_str().unwrap().to_string();
-    cfg["chat_template"] = Value::from(format!("{{% for m in messages %}}{{% if m['role'] == 'tool' %}}{{{{ raise_exception('tool role not supported') }}}}{{% endif %}}{{% endfor %}}{t}"));
+    cfg["chat_template"] = Value::from(format!(
+        "{{% for m in messages %}}{{% if m['role'] == 'tool' %}}{{{{ raise_exception('tool role not supported') }}}}{{% endif %}}{{% endfor %}}{t}"
+    ));
     std::fs::write(model.join("tokenizer_config.json"), cfg.to_string()).unwrap();
-    write_df(d.path(), "conv.parquet", r#"
+    write_df(
+        d.path(),
+        "conv.parquet",
+        r#"
 m = lambda r, c: {"role": r, "content": c}
 df = pl.DataFrame({
   "chosen": [
@@ -98,23 +119,30 @@ df = pl.DataFrame({
      [m("user", "hi"), m("assistant", None)],
      [m("tool", "x"), m("assistant", "a")],
      [m("user", "one"), m("assistant", "a")],
+     [m("user", "hey"), m("assistant", "")],
   ],
   "rejected": [
      [m("user", "hi"), m("assistant", "go away")],
      [m("user", "hi"), m("assistant", "b")],
      [m("tool", "x"), m("assistant", "b")],
      [m("user", "two"), m("assistant", "b")],
+     [m("user", "hey"), m("assistant", "b")],
   ],
-})"#);
+})"#,
+    );
     ok(d.path(), &["prepare", "--input", "conv.parquet", "--model", s(&model), "--out", "p2"]);
     let rej = read_rows(d.path(), "p2/rejected.parquet");
     let reasons: Vec<(u64, &str)> = rej.iter().map(|r| (r["source_row"].as_u64().unwrap(), r["reason"].as_str().unwrap())).collect();
-    assert_eq!(reasons, vec![(1, "malformed_messages"), (2, "template_error"), (3, "no_common_prompt")]);
+    assert_eq!(reasons, vec![(1, "malformed_messages"), (2, "template_error"), (3, "no_common_prompt"), (4, "empty_completion")]);
     assert!(rej[1]["detail"].as_str().unwrap().contains("tool role not supported"), "{}", rej[1]["detail"]);
     assert_eq!(read_rows(d.path(), "p2/pairs.parquet").len(), 1);
 
-    write_df(d.path(), "mixed.parquet", r#"
-df = pl.DataFrame({"prompt": [[{"role": "user", "content": "hi"}]], "chosen": [" a"], "rejected": [" b"]})"#);
+    write_df(
+        d.path(),
+        "mixed.parquet",
+        r#"
+df = pl.DataFrame({"prompt": [[{"role": "user", "content": "hi"}]], "chosen": [" a"], "rejected": [" b"]})"#,
+    );
     ok(d.path(), &["prepare", "--input", "mixed.parquet", "--model", s(&model), "--out", "p3"]);
     assert_eq!(read_rows(d.path(), "p3/rejected.parquet")[0]["reason"], "mixed_formats");
 }
@@ -182,11 +210,14 @@ fn eval_split_is_stable_when_rows_are_added() {
     let m = s(&model);
     ok(d.path(), &["prepare", "--input", "a.parquet", "--model", m, "--out", "pa", "--eval-fraction", "0.2"]);
     ok(d.path(), &["prepare", "--input", "a.parquet", "b.parquet", "--model", m, "--out", "pab", "--eval-fraction", "0.2"]);
-    let out = python(d.path(), r#"
+    let out = python(
+        d.path(),
+        r#"
 a = pl.read_parquet("pa/pairs.parquet").select("source_row", "split")
 ab = pl.read_parquet("pab/pairs.parquet").filter(pl.col("source_file") == "a.parquet").select("source_row", "split")
 j = a.join(ab, on="source_row")
-print(len(j), (j["split"] == j["split_right"]).all(), (a["split"] == "eval").mean())"#);
+print(len(j), (j["split"] == j["split_right"]).all(), (a["split"] == "eval").mean())"#,
+    );
     let parts: Vec<&str> = out.split_whitespace().collect();
     assert_eq!(parts[0], "400");
     assert_eq!(parts[1], "True", "rows of a.parquet kept their split");
@@ -198,7 +229,11 @@ print(len(j), (j["split"] == j["split_right"]).all(), (a["split"] == "eval").mea
 fn max_prompt_length_keeps_the_end_of_the_prompt() {
     let d = tmp();
     let model = tiny_model(d.path(), "qwen2");
-    write_df(d.path(), "in.parquet", r#"df = pl.DataFrame({"prompt": ["one two three four five six seven eight nine ten?"], "chosen": [" yes"], "rejected": [" no"]})"#);
+    write_df(
+        d.path(),
+        "in.parquet",
+        r#"df = pl.DataFrame({"prompt": ["one two three four five six seven eight nine ten?"], "chosen": [" yes"], "rejected": [" no"]})"#,
+    );
     ok(d.path(), &["prepare", "--input", "in.parquet", "--model", s(&model), "--out", "full"]);
     ok(d.path(), &["prepare", "--input", "in.parquet", "--model", s(&model), "--out", "cut", "--max-prompt-length", "4"]);
     let full = read_rows(d.path(), "full/pairs.parquet");
@@ -217,10 +252,18 @@ fn schema_files_describe_the_outputs() {
     ok(d.path(), &["prepare", "--input", "in.parquet", "--model", s(&model), "--out", "prep"]);
     ok(d.path(), &["cache-ref", "--prepared", "prep", "--model", s(&model), "--out", "cache"]);
     let schemas = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
-    for (schema, file) in [("pairs.parquet.json", "prep/pairs.parquet"), ("rejected.parquet.json", "prep/rejected.parquet"), ("ref_logps.parquet.json", "cache/ref_logps.parquet")] {
+    for (schema, file) in [
+        ("pairs.parquet.json", "prep/pairs.parquet"),
+        ("rejected.parquet.json", "prep/rejected.parquet"),
+        ("ref_logps.parquet.json", "cache/ref_logps.parquet"),
+    ] {
         let spec: Value = serde_json::from_str(&std::fs::read_to_string(schemas.join(schema)).unwrap()).unwrap();
-        let want: Vec<(String, String)> = spec["columns"].as_array().unwrap().iter()
-            .map(|c| (c["name"].as_str().unwrap().to_string(), c["polars_dtype"].as_str().unwrap().to_string())).collect();
+        let want: Vec<(String, String)> = spec["columns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["name"].as_str().unwrap().to_string(), c["polars_dtype"].as_str().unwrap().to_string()))
+            .collect();
         let got = python(d.path(), &format!("print(json.dumps([[k, str(v)] for k, v in pl.read_parquet_schema({file:?}).items()]))"));
         let got: Vec<(String, String)> = serde_json::from_str(&got).unwrap();
         assert_eq!(got, want, "{schema} and {file} drifted apart");
@@ -248,7 +291,9 @@ fn mapped_column_names_and_large_arrow_types_are_read() {
     let model = tiny_model(d.path(), "qwen2");
     // The same rows as large_string / large_list columns under other names (pyarrow), and as
     // plain string / list columns with the standard names.
-    python(d.path(), r#"
+    python(
+        d.path(),
+        r#"
 import pyarrow as pa, pyarrow.parquet as pq
 msgs = pa.large_list(pa.struct([("role", pa.large_string()), ("content", pa.large_string())]))
 rows = [([{"role": "user", "content": f"What is {i} plus 1?"}], [{"role": "assistant", "content": f"{i} plus 1 is {i+1}."}],
@@ -259,10 +304,16 @@ pq.write_table(t, "large.parquet")
 plain = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 pq.write_table(pa.table({"prompt": pa.array([r[0] for r in rows], plain), "chosen": pa.array([r[1] for r in rows], plain),
                          "rejected": pa.array([r[2] for r in rows], plain)}), "plain.parquet")
-"#);
+"#,
+    );
     let m = s(&model);
-    ok(d.path(), &["prepare", "--input", "large.parquet", "--model", m, "--out", "a", "--prompt-column", "question",
-        "--chosen-column", "good", "--rejected-column", "bad"]);
+    ok(
+        d.path(),
+        &[
+            "prepare", "--input", "large.parquet", "--model", m, "--out", "a", "--prompt-column", "question", "--chosen-column", "good",
+            "--rejected-column", "bad",
+        ],
+    );
     ok(d.path(), &["prepare", "--input", "plain.parquet", "--model", m, "--out", "b"]);
     let (a, b) = (read_rows(d.path(), "a/pairs.parquet"), read_rows(d.path(), "b/pairs.parquet"));
     assert_eq!(a.len(), 5);

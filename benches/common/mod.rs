@@ -11,6 +11,8 @@ pub fn bin() -> &'static str {
 /// Runs `pipeline ARGS` in `dir`; returns (wall seconds, peak RSS in MiB).
 pub fn run(dir: &Path, args: &[&str]) -> (f64, f64) {
     let t = Instant::now();
+    // Reaped by wait4 below, which also reports the peak RSS.
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(bin()).args(args).current_dir(dir).stderr(std::process::Stdio::inherit()).spawn().expect("spawn");
     let pid = child.id() as libc::pid_t;
     let mut status = 0;

@@ -5,7 +5,7 @@ use super::input::Message;
 use anyhow::{Context, Result};
 use minijinja::{Environment, Error, ErrorKind, Value};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -69,6 +69,25 @@ fn py_dumps(v: &serde_json::Value, out: &mut String) {
     }
 }
 
+/// Where the template lives and its text: `chat_template.jinja` (transformers 5) or
+/// tokenizer_config.json's `chat_template` (a string, or a list of named templates: `default`).
+pub fn template_source(model_dir: &Path, tokenizer_config: &serde_json::Value) -> Result<(PathBuf, Option<String>)> {
+    let jinja = model_dir.join("chat_template.jinja");
+    if jinja.exists() {
+        let text = std::fs::read_to_string(&jinja).with_context(|| format!("cannot read {}", jinja.display()))?;
+        return Ok((jinja, Some(text)));
+    }
+    let source = match tokenizer_config.get("chat_template") {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Array(list)) => list
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str().map(String::from)),
+        _ => None,
+    };
+    Ok((model_dir.join("tokenizer_config.json"), source))
+}
+
 impl ChatTemplate {
     pub fn new(source: String, special_tokens: BTreeMap<String, String>) -> Result<Self> {
         let mut env = Environment::new();
@@ -83,31 +102,17 @@ impl ChatTemplate {
         Ok(Self { env, special_tokens, source })
     }
 
-    /// Reads the template from `chat_template.jinja` (transformers 5) or tokenizer_config.json's
-    /// `chat_template` (a string, or a list of named templates: `default` is used).
+    /// Reads the template (see [`template_source`]).
     pub fn load(model_dir: &Path, tokenizer_config: &serde_json::Value, special_tokens: BTreeMap<String, String>) -> Result<Option<Self>> {
-        let jinja = model_dir.join("chat_template.jinja");
-        let source = if jinja.exists() {
-            Some(std::fs::read_to_string(&jinja)?)
-        } else {
-            match tokenizer_config.get("chat_template") {
-                Some(serde_json::Value::String(s)) => Some(s.clone()),
-                Some(serde_json::Value::Array(list)) => list
-                    .iter()
-                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-                    .and_then(|t| t.get("template")?.as_str().map(String::from)),
-                _ => None,
-            }
-        };
-        source
+        template_source(model_dir, tokenizer_config)?
+            .1
             .map(|s| Self::new(s, special_tokens).with_context(|| format!("{}: chat template", model_dir.display())))
             .transpose()
     }
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
         let tmpl = self.env.get_template("chat").expect("added in new");
-        let mut ctx: BTreeMap<String, Value> =
-            self.special_tokens.iter().map(|(k, v)| (k.clone(), Value::from(v.clone()))).collect();
+        let mut ctx: BTreeMap<String, Value> = self.special_tokens.iter().map(|(k, v)| (k.clone(), Value::from(v.clone()))).collect();
         ctx.insert("messages".into(), Value::from_serialize(messages));
         ctx.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
         ctx.insert("tools".into(), Value::from(()));

@@ -2,8 +2,7 @@
 //! (lists of {role, content}) and implicit prompt (no prompt column). Streams row groups.
 use anyhow::{bail, Context, Result};
 use arrow_array::{
-    cast::AsArray, Array, ArrayRef, GenericListArray, LargeStringArray, OffsetSizeTrait, RecordBatch, StringArray,
-    StringViewArray, StructArray,
+    cast::AsArray, Array, ArrayRef, GenericListArray, LargeStringArray, OffsetSizeTrait, RecordBatch, StringArray, StringViewArray, StructArray,
 };
 use arrow_schema::{DataType, Schema};
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
@@ -74,24 +73,17 @@ fn kind_of(path: &Path, column: &str, dt: &DataType) -> Result<Kind> {
                 for want in ["role", "content"] {
                     match fields.iter().find(|f| f.name() == want) {
                         Some(f) if is_str(f.data_type()) => {}
-                        Some(f) => bail!(
-                            "{}: column `{column}`: message field `{want}` has type {}, expected a string",
-                            path.display(), f.data_type()
-                        ),
+                        Some(f) => {
+                            bail!("{}: column `{column}`: message field `{want}` has type {}, expected a string", path.display(), f.data_type())
+                        }
                         None => bail!("{}: column `{column}`: messages have no `{want}` field", path.display()),
                     }
                 }
                 Ok(Kind::Messages)
             }
-            other => bail!(
-                "{}: column `{column}` is a list of {other}; expected a list of {{role, content}} messages",
-                path.display()
-            ),
+            other => bail!("{}: column `{column}` is a list of {other}; expected a list of {{role, content}} messages", path.display()),
         },
-        other => bail!(
-            "{}: column `{column}` has type {other}; expected a string or a list of {{role, content}} messages",
-            path.display()
-        ),
+        other => bail!("{}: column `{column}` has type {other}; expected a string or a list of {{role, content}} messages", path.display()),
     }
 }
 
@@ -144,6 +136,24 @@ fn field_at(arr: &ArrayRef, kind: Kind, i: usize, column: &str) -> Result<Field,
     }
 }
 
+/// Column chunks must lie inside the file: the parquet crate panics on negative offsets or
+/// sizes in a damaged footer, so they are checked before any page is read.
+fn check_chunks(path: &Path, meta: &parquet::file::metadata::ParquetMetaData, file_len: u64) -> Result<()> {
+    for (g, rg) in meta.row_groups().iter().enumerate() {
+        for c in rg.columns() {
+            let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset());
+            let len = c.compressed_size();
+            if start < 0 || len < 0 || start as u64 + len as u64 > file_len {
+                bail!("{}: corrupt parquet metadata (row group {g}, column `{}` lies outside the file)", path.display(), c.column_path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An input row by its index in its file: readable, or skipped with the reason.
+pub type SourceRow = (u64, Result<RawRow, Skip>);
+
 /// Streams the rows of one preference parquet file, a record batch at a time.
 pub struct PreferenceReader {
     pub path: PathBuf,
@@ -158,8 +168,9 @@ pub struct PreferenceReader {
 impl PreferenceReader {
     pub fn open(path: &Path, names: &ColumnNames, batch_rows: usize) -> Result<Self> {
         let file = std::fs::File::open(path).with_context(|| format!("cannot open input {}", path.display()))?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-            .with_context(|| format!("{}: not a readable parquet file", path.display()))?;
+        let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file).with_context(|| format!("{}: not a readable parquet file", path.display()))?;
+        check_chunks(path, builder.metadata(), file_len)?;
         let total_rows = builder.metadata().file_metadata().num_rows() as u64;
         let schema: Schema = builder.schema().as_ref().clone();
         let find = |name: &str| -> Result<(String, Kind)> {
@@ -177,29 +188,22 @@ impl PreferenceReader {
         let chosen = find(&names.chosen)?;
         let rejected = find(&names.rejected)?;
         if chosen.1 != rejected.1 {
-            bail!(
-                "{}: `{}` and `{}` must both be strings or both be message lists",
-                path.display(), chosen.0, rejected.0
-            );
+            bail!("{}: `{}` and `{}` must both be strings or both be message lists", path.display(), chosen.0, rejected.0);
         }
         // Read only the columns we use.
-        let wanted: Vec<&str> = [prompt.as_ref().map(|p| p.0.as_str()), Some(&chosen.0), Some(&rejected.0)]
-            .into_iter()
-            .flatten()
-            .collect();
+        let wanted: Vec<&str> = [prompt.as_ref().map(|p| p.0.as_str()), Some(&chosen.0), Some(&rejected.0)].into_iter().flatten().collect();
         let mask = parquet::arrow::ProjectionMask::columns(builder.parquet_schema(), wanted.iter().copied());
         let reader = builder.with_projection(mask).with_batch_size(batch_rows).build()?;
         Ok(Self { path: path.to_path_buf(), total_rows, reader, prompt, chosen, rejected, next_row: 0 })
     }
 
-    /// Whether the prompt is implicit (no prompt column).
-    pub fn implicit_prompt(&self) -> bool {
-        self.prompt.is_none()
-    }
-
     /// The next batch of rows; rows that cannot be read come back as `Err(Skip)` with their row.
-    pub fn next_batch(&mut self) -> Result<Option<Vec<(u64, Result<RawRow, Skip>)>>> {
-        let Some(batch) = self.reader.next() else { return Ok(None) };
+    pub fn next_batch(&mut self) -> Result<Option<Vec<SourceRow>>> {
+        // The parquet decoder asserts on some corrupt pages instead of returning an error; a
+        // damaged file must still be an error naming it, not a crash.
+        let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.reader.next()))
+            .map_err(|_| anyhow::anyhow!("{}: corrupt parquet data (the decoder failed)", self.path.display()))?;
+        let Some(batch) = next else { return Ok(None) };
         let batch: RecordBatch = batch.with_context(|| format!("{}: cannot decode row group", self.path.display()))?;
         let col = |name: &str| batch.column_by_name(name).expect("projected").clone();
         let prompt = self.prompt.as_ref().map(|(n, k)| (n.clone(), col(n), *k));
@@ -214,12 +218,7 @@ impl PreferenceReader {
                     Some((n, a, k)) => Some(field_at(a, *k, i, n)?),
                     None => None,
                 };
-                Ok(RawRow {
-                    source_row,
-                    prompt,
-                    chosen: field_at(&chosen, ck, i, cn)?,
-                    rejected: field_at(&rejected, rk, i, rn)?,
-                })
+                Ok(RawRow { source_row, prompt, chosen: field_at(&chosen, ck, i, cn)?, rejected: field_at(&rejected, rk, i, rn)? })
             })();
             out.push((source_row, row));
         }

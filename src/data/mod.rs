@@ -1,8 +1,8 @@
-//! Preference data: reading user parquet, chat templates, TRL-style tokenization, the prepared
-//! dataset (owned by the prepare stage), batching, and the synthetic demo data.
-pub mod batch;
+//! Preference data and the two dataset formats the stages pass along: reading user parquet,
+//! chat templates, TRL-style tokenization, the prepared dataset (written by `prepare`) and the
+//! reference cache (written by `cache-ref`). Knows nothing of models.
 pub mod chat;
 pub mod input;
 pub mod prepared;
-pub mod synth;
+pub mod ref_cache;
 pub mod tokenize;

@@ -8,24 +8,22 @@
 //!   `rejected_len.u32`, `chosen_scored.u32`, `rejected_scored.u32`, `split.u32` (0 train, 1 eval).
 //! - `manifest.json`.
 use super::tokenize::{EncodedPair, Truncation};
-use crate::store::{Column, ColumnWriter, Manifest, PartialFile};
+use crate::store::{Column, ColumnWriter, Manifest, ParquetOut};
 use anyhow::{bail, Context, Result};
 use arrow_array::builder::{ListBuilder, StringBuilder, UInt32Builder, UInt64Builder};
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub const STAGE: &str = "prepare";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: manifest inputs are typed, with the tokenizer's parts; empty completions are rejected.
+pub const FORMAT_VERSION: u32 = 2;
 pub const PAIRS_FILE: &str = "pairs.parquet";
 pub const REJECTED_FILE: &str = "rejected.parquet";
 const COLUMNS: [&str; 8] = [
-    "token_ids.u32", "row_offsets.u64", "prompt_len.u32", "chosen_len.u32", "rejected_len.u32",
-    "chosen_scored.u32", "rejected_scored.u32", "split.u32",
+    "token_ids.u32", "row_offsets.u64", "prompt_len.u32", "chosen_len.u32", "rejected_len.u32", "chosen_scored.u32", "rejected_scored.u32",
+    "split.u32",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -74,37 +72,6 @@ pub fn rejected_schema() -> SchemaRef {
     ]))
 }
 
-pub fn parquet_props() -> WriterProperties {
-    // Small row groups keep the writer's buffered memory flat however many rows there are.
-    WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap()))
-        .set_max_row_group_row_count(Some(16 * 1024))
-        .build()
-}
-
-/// A parquet file written under a partial name and renamed on `finish`.
-pub struct ParquetOut {
-    writer: ArrowWriter<std::fs::File>,
-    file: PartialFile,
-}
-
-impl ParquetOut {
-    pub fn create(path: &Path, schema: SchemaRef) -> Result<Self> {
-        let file = PartialFile::create(path)?;
-        let writer = ArrowWriter::try_new(file.try_clone_file()?, schema, Some(parquet_props()))?;
-        Ok(Self { writer, file })
-    }
-
-    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
-        Ok(self.writer.write(batch)?)
-    }
-
-    pub fn finish(self) -> Result<()> {
-        self.writer.close()?;
-        self.file.commit()
-    }
-}
-
 /// One kept pair as the writer receives it.
 pub struct PairRecord<'a> {
     pub split: Split,
@@ -113,8 +80,15 @@ pub struct PairRecord<'a> {
     pub pair: &'a EncodedPair,
 }
 
+/// One input row not kept, as the writer receives it (a row of `rejected.parquet`).
+pub struct SkippedRecord<'a> {
+    pub source_file: &'a str,
+    pub source_row: u64,
+    pub reason: &'a str,
+    pub detail: &'a str,
+}
+
 pub struct PreparedWriter {
-    dir: PathBuf,
     pairs: ParquetOut,
     rejected: ParquetOut,
     cols: PreparedColumns,
@@ -134,7 +108,6 @@ impl PreparedWriter {
         let mut row_offsets = ColumnWriter::<u64>::create(&dir.join(COLUMNS[1]))?;
         row_offsets.push(&[0])?;
         Ok(Self {
-            dir: dir.to_path_buf(),
             pairs: ParquetOut::create(&dir.join(PAIRS_FILE), pairs_schema())?,
             rejected: ParquetOut::create(&dir.join(REJECTED_FILE), rejected_schema())?,
             cols: PreparedColumns {
@@ -147,7 +120,7 @@ impl PreparedWriter {
     }
 
     /// Appends kept pairs (assigned the next row_ids, in order) and skipped rows.
-    pub fn write(&mut self, pairs: &[PairRecord], skipped: &[(&str, u64, &str, &str)]) -> Result<()> {
+    pub fn write(&mut self, pairs: &[PairRecord], skipped: &[SkippedRecord]) -> Result<()> {
         if !pairs.is_empty() {
             let mut row_id = UInt64Builder::new();
             let mut split = StringBuilder::new();
@@ -179,7 +152,8 @@ impl PreparedWriter {
                     w.push(&[v])?;
                 }
             }
-            let mut arrays: Vec<ArrayRef> = vec![Arc::new(row_id.finish()), Arc::new(split.finish()), Arc::new(file.finish()), Arc::new(src.finish())];
+            let mut arrays: Vec<ArrayRef> =
+                vec![Arc::new(row_id.finish()), Arc::new(split.finish()), Arc::new(file.finish()), Arc::new(src.finish())];
             arrays.extend(ids.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
             arrays.extend(counts.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
             self.pairs.write(&RecordBatch::try_new(pairs_schema(), arrays)?)?;
@@ -189,11 +163,11 @@ impl PreparedWriter {
             let mut src = UInt64Builder::new();
             let mut reason = StringBuilder::new();
             let mut detail = StringBuilder::new();
-            for (f, row, r, d) in skipped {
-                file.append_value(f);
-                src.append_value(*row);
-                reason.append_value(r);
-                detail.append_value(d);
+            for r in skipped {
+                file.append_value(r.source_file);
+                src.append_value(r.source_row);
+                reason.append_value(r.reason);
+                detail.append_value(r.detail);
             }
             let arrays: Vec<ArrayRef> = vec![Arc::new(file.finish()), Arc::new(src.finish()), Arc::new(reason.finish()), Arc::new(detail.finish())];
             self.rejected.write(&RecordBatch::try_new(rejected_schema(), arrays)?)?;
@@ -201,21 +175,19 @@ impl PreparedWriter {
         Ok(())
     }
 
-    /// Commits every file, then the manifest (last, so its presence means the directory is whole).
-    pub fn finish(self, mut manifest: Manifest) -> Result<Manifest> {
+    /// Commits every file under its final name; returns their names, for the manifest (which
+    /// the stage writes last, so its presence means the directory is whole).
+    pub fn finish(self, fingerprint: &str) -> Result<Vec<&'static str>> {
         self.pairs.finish()?;
         self.rejected.finish()?;
-        let fp = manifest.fingerprint.clone();
-        self.cols.token_ids.finish(&fp)?;
-        self.cols.row_offsets.finish(&fp)?;
+        self.cols.token_ids.finish(fingerprint)?;
+        self.cols.row_offsets.finish(fingerprint)?;
         for w in self.cols.lens {
-            w.finish(&fp)?;
+            w.finish(fingerprint)?;
         }
         let mut names = vec![PAIRS_FILE, REJECTED_FILE];
         names.extend(COLUMNS);
-        manifest.record_files(&self.dir, &names)?;
-        manifest.save(&self.dir)?;
-        Ok(manifest)
+        Ok(names)
     }
 }
 
@@ -255,8 +227,8 @@ impl PreparedDataset {
         }
         manifest.verify_files(dir)?;
         let fp = Some(manifest.fingerprint.as_str());
-        let truncation: Truncation = serde_json::from_value(manifest.settings["truncation"].clone())
-            .context("prepared manifest has no truncation settings")?;
+        let truncation: Truncation =
+            serde_json::from_value(manifest.settings["truncation"].clone()).context("prepared manifest has no truncation settings")?;
         let lens = COLUMNS[2..].iter().map(|n| Column::open(&dir.join(n), fp)).collect::<Result<Vec<_>>>()?;
         let me = Self {
             dir: dir.to_path_buf(),
@@ -269,6 +241,26 @@ impl PreparedDataset {
         let n = me.len();
         if me.row_offsets.len() != n + 1 || me.lens.iter().any(|c| c.len() != n) {
             bail!("{}: column lengths disagree; the directory is corrupt, rerun prepare --force", dir.display());
+        }
+        // What later stages rely on, checked once so a bad directory is an error, not a panic.
+        let offsets = me.row_offsets.as_slice();
+        let total = me.token_ids.len() as u64;
+        let l = |c: usize, i: usize| me.lens[c].as_slice()[i] as u64;
+        for i in 0..n {
+            let (p, c, r, cs, rs) = (l(0, i), l(1, i), l(2, i), l(3, i), l(4, i));
+            let ok = offsets[i] <= offsets[i + 1]
+                && offsets[i + 1] - offsets[i] == p + c + r
+                && offsets[i + 1] <= total
+                && p >= 1
+                && (1..=c).contains(&cs)
+                && (1..=r).contains(&rs)
+                && l(5, i) <= 1;
+            if !ok {
+                bail!(
+                    "{}: row {i} is inconsistent (prompt {p}, chosen {c}/{cs} scored, rejected {r}/{rs} scored); rerun prepare --force",
+                    dir.display()
+                );
+            }
         }
         Ok(me)
     }
@@ -302,7 +294,11 @@ impl PreparedDataset {
     }
 
     pub fn split_of(&self, row_id: usize) -> Split {
-        if self.lens[5].as_slice()[row_id] == 1 { Split::Eval } else { Split::Train }
+        if self.lens[5].as_slice()[row_id] == 1 {
+            Split::Eval
+        } else {
+            Split::Train
+        }
     }
 
     /// Row ids of one split, in order.

@@ -3,6 +3,7 @@
 //! prompt cut to the longest common prefix with both, per-sequence `max_length` truncation.
 use super::chat::ChatTemplate;
 use super::input::{Field, Message, RawRow, Skip};
+use crate::store::{InputRef, Manifest};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -24,8 +25,68 @@ pub struct ModelTokenizer {
     pub tokenizer: Tokenizer,
     pub eos_token: Option<String>,
     pub template: Option<ChatTemplate>,
-    /// blake3 of tokenizer.json + tokenizer_config.json + template, for fingerprints.
-    pub content_hash: String,
+    /// What decides the token ids, part by part (see [`tokenizer_identity`]).
+    pub identity: Vec<InputRef>,
+}
+
+/// Role of tokenizer.json among a stage's inputs: the vocabulary, merges, added tokens and
+/// pipeline, i.e. what the ids mean.
+pub const TOKENIZER_ROLE: &str = "tokenizer";
+
+fn json_file(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
+}
+
+fn hash_json(v: &serde_json::Value) -> String {
+    blake3::hash(v.to_string().as_bytes()).to_hex().to_string()
+}
+
+/// The parts of a model directory that decide how text becomes ids, as stage inputs:
+/// `tokenizer` (tokenizer.json, hashed as parsed JSON so formatting does not matter),
+/// `special_tokens` (tokenizer_config.json's bos/eos/unk/pad) and `chat_template`.
+pub fn tokenizer_identity(model_dir: &Path) -> Result<Vec<InputRef>> {
+    let tok_path = model_dir.join("tokenizer.json");
+    let tok = json_file(&tok_path)?;
+    let cfg_path = model_dir.join("tokenizer_config.json");
+    let cfg = if cfg_path.exists() { json_file(&cfg_path)? } else { serde_json::json!({}) };
+    let special: BTreeMap<String, Option<String>> =
+        ["bos_token", "eos_token", "unk_token", "pad_token"].iter().map(|n| (n.to_string(), token_string(cfg.get(*n)))).collect();
+    let (template_path, template) = super::chat::template_source(model_dir, &cfg)?;
+    Ok(vec![
+        InputRef::new(TOKENIZER_ROLE, &tok_path, &hash_json(&tok)),
+        InputRef::new("special_tokens", &cfg_path, &hash_json(&serde_json::to_value(&special)?)),
+        InputRef::new("chat_template", &template_path, blake3::hash(template.unwrap_or_default().as_bytes()).to_hex().as_ref()),
+    ])
+}
+
+/// Refuses a model whose tokenizer.json differs from the one `prepared` made its ids with:
+/// the same ids would then mean other text. Names the files and what in them differs.
+pub fn check_same_tokenizer(prepared: &Manifest, prepared_dir: &Path, model_dir: &Path) -> Result<()> {
+    let want = prepared.input(TOKENIZER_ROLE).with_context(|| format!("{}: manifest", prepared_dir.display()))?;
+    let have = tokenizer_identity(model_dir)?;
+    let have = have.iter().find(|i| i.role == TOKENIZER_ROLE).expect("tokenizer_identity lists it");
+    if have.blake3 == want.blake3 {
+        return Ok(());
+    }
+    // Which sections differ, when the original file is still there to compare with.
+    let sections = match (json_file(Path::new(&want.path)), json_file(Path::new(&have.path))) {
+        (Ok(a), Ok(b)) if hash_json(&a) == want.blake3 => {
+            let keys: std::collections::BTreeSet<&String> = a.as_object().into_iter().chain(b.as_object()).flat_map(|o| o.keys()).collect();
+            let differ: Vec<&str> = keys.into_iter().filter(|k| a.get(k.as_str()) != b.get(k.as_str())).map(|k| k.as_str()).collect();
+            format!(" (sections that differ: {})", differ.join(", "))
+        }
+        _ => String::new(),
+    };
+    bail!(
+        "{} has another tokenizer than the one {} was prepared with: {} differs from {}{sections}; \
+         the prepared token ids would mean other text to this model. Prepare the data again with this model, \
+         or use a model with the same tokenizer",
+        model_dir.display(),
+        prepared_dir.display(),
+        have.path,
+        want.path
+    )
 }
 
 fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
@@ -39,15 +100,13 @@ fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
 impl ModelTokenizer {
     pub fn load(model_dir: &Path) -> Result<Self> {
         let tok_path = model_dir.join("tokenizer.json");
-        let mut tokenizer = Tokenizer::from_file(&tok_path)
-            .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", tok_path.display()))?;
+        let mut tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", tok_path.display()))?;
         // HF's tokenizer(text) without truncation/padding arguments turns both off.
         tokenizer.with_truncation(None).map_err(|e| anyhow!("{e}"))?;
         tokenizer.with_padding(None);
         let cfg_path = model_dir.join("tokenizer_config.json");
         let cfg: serde_json::Value = if cfg_path.exists() {
-            serde_json::from_str(&std::fs::read_to_string(&cfg_path)?)
-                .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?
+            serde_json::from_str(&std::fs::read_to_string(&cfg_path)?).with_context(|| format!("{}: invalid JSON", cfg_path.display()))?
         } else {
             serde_json::json!({})
         };
@@ -59,11 +118,7 @@ impl ModelTokenizer {
         }
         let eos_token = special.get("eos_token").cloned();
         let template = ChatTemplate::load(model_dir, &cfg, special)?;
-        let mut h = blake3::Hasher::new();
-        h.update(&std::fs::read(&tok_path)?);
-        h.update(cfg.to_string().as_bytes());
-        h.update(template.as_ref().map(|t| t.source.as_bytes()).unwrap_or(b""));
-        Ok(Self { tokenizer, eos_token, template, content_hash: h.finalize().to_hex().to_string() })
+        Ok(Self { tokenizer, eos_token, template, identity: tokenizer_identity(model_dir)? })
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Vec<u32> {
@@ -104,14 +159,36 @@ pub fn extract_text_prompt(chosen: &str, rejected: &str) -> Result<(String, Stri
     Ok((s(&c[..idx]), s(&c[idx..]), s(&r[idx..])))
 }
 
+/// Prompt, chosen and rejected parts of a row.
+pub type Triple<T> = (Vec<T>, Vec<T>, Vec<T>);
+
 /// TRL's `extract_prompt` for conversations: the messages before the first differing one.
-pub fn extract_messages_prompt(chosen: &[Message], rejected: &[Message]) -> Result<(Vec<Message>, Vec<Message>, Vec<Message>), Skip> {
+pub fn extract_messages_prompt(chosen: &[Message], rejected: &[Message]) -> Result<Triple<Message>, Skip> {
     let n = chosen.len().min(rejected.len());
     let idx = (0..n).find(|&i| chosen[i] != rejected[i]).unwrap_or(n.saturating_sub(1));
     if idx == 0 {
         return Err(Skip::new("no_common_prompt", "implicit prompt: chosen and rejected share no leading message"));
     }
     Ok((chosen[..idx].to_vec(), chosen[idx..].to_vec(), rejected[idx..].to_vec()))
+}
+
+/// An empty completion is a data error, not something to train on (TRL would score a lone EOS).
+fn non_empty_text(chosen: &str, rejected: &str) -> Result<(), Skip> {
+    for (name, text) in [("chosen", chosen), ("rejected", rejected)] {
+        if text.is_empty() {
+            return Err(Skip::new("empty_completion", format!("{name} is an empty string")));
+        }
+    }
+    Ok(())
+}
+
+fn non_empty_messages(chosen: &[Message], rejected: &[Message]) -> Result<(), Skip> {
+    for (name, msgs) in [("chosen", chosen), ("rejected", rejected)] {
+        if let Some(i) = msgs.iter().position(|m| m.content.is_empty()) {
+            return Err(Skip::new("empty_completion", format!("{name}: completion message {i} has empty content")));
+        }
+    }
+    Ok(())
 }
 
 /// Tokenizes rows; shared read-only across rayon threads.
@@ -137,21 +214,25 @@ impl Encoder<'_> {
         }
         let (prompt_ids, pc, pr) = match (&row.prompt, &row.chosen, &row.rejected) {
             (Some(Field::Text(p)), Field::Text(c), Field::Text(r)) => {
+                non_empty_text(c, r)?;
                 let (pc, pr) = self.text_joint(p, c, r);
                 (self.tok.encode(p, true), pc, pr)
             }
             (None, Field::Text(c), Field::Text(r)) => {
+                non_empty_text(c, r)?;
                 let (p, c, r) = extract_text_prompt(c, r)?;
                 let (pc, pr) = self.text_joint(&p, &c, &r);
                 (self.tok.encode(&p, true), pc, pr)
             }
             (Some(Field::Messages(p)), Field::Messages(c), Field::Messages(r)) => {
+                non_empty_messages(c, r)?;
                 self.chat_joint(p, c, r)?
             }
             // No prompt column, or a string prompt beside conversational completions that
             // already contain it (TRL's maybe_extract_prompt): the prompt is the shared prefix.
             (None | Some(Field::Text(_)), Field::Messages(c), Field::Messages(r)) => {
                 let (p, c, r) = extract_messages_prompt(c, r)?;
+                non_empty_messages(&c, &r)?;
                 self.chat_joint(&p, &c, &r)?
             }
             _ => return Err(Skip::new("mixed_formats", "prompt is a message list but chosen/rejected are strings")),
@@ -170,6 +251,9 @@ impl Encoder<'_> {
         if let Some(m) = self.truncation.max_prompt_length {
             if prompt_ids.len() > m {
                 prompt_ids.drain(..prompt_ids.len() - m);
+            }
+            if prompt_ids.is_empty() {
+                return Err(Skip::new("empty_prompt", "no prompt token is left after max_prompt_length"));
             }
         }
         let max = self.truncation.max_length;
@@ -195,7 +279,7 @@ impl Encoder<'_> {
         (self.tok.encode(&format!("{p}{}", with_eos(c)), true), self.tok.encode(&format!("{p}{}", with_eos(r)), true))
     }
 
-    fn chat_joint(&self, p: &[Message], c: &[Message], r: &[Message]) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>), Skip> {
+    fn chat_joint(&self, p: &[Message], c: &[Message], r: &[Message]) -> Result<Triple<u32>, Skip> {
         let t = self.tok.template.as_ref().expect("checked by check_ready");
         let render = |msgs: &[Message], gen: bool| t.render(msgs, gen).map_err(|e| Skip::new("template_error", e));
         let join = |a: &[Message], b: &[Message]| [a, b].concat();

@@ -8,7 +8,12 @@ use std::path::Path;
 pub enum RopeScaling {
     None,
     /// Llama 3.1's frequency-dependent scaling.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -53,9 +58,7 @@ impl ModelConfig {
         if !SUPPORTED.contains(&model_type.as_str()) {
             bail!("unsupported model_type `{model_type}` (supported: {})", SUPPORTED.join(", "));
         }
-        let req = |k: &str| -> Result<usize> {
-            raw[k].as_u64().map(|v| v as usize).with_context(|| format!("missing or invalid `{k}`"))
-        };
+        let req = |k: &str| -> Result<usize> { raw[k].as_u64().map(|v| v as usize).with_context(|| format!("missing or invalid `{k}`")) };
         let hidden_size = req("hidden_size")?;
         let num_attention_heads = req("num_attention_heads")?;
         let num_hidden_layers = req("num_hidden_layers")?;
@@ -66,9 +69,7 @@ impl ModelConfig {
         }
         // transformers 5 keeps rope settings in `rope_parameters`; older files at top level.
         let rope = raw.get("rope_parameters").filter(|v| v.is_object()).or(raw.get("rope_scaling").filter(|v| v.is_object()));
-        let rope_theta = raw["rope_theta"].as_f64()
-            .or_else(|| rope.and_then(|r| r["rope_theta"].as_f64()))
-            .unwrap_or(10000.0);
+        let rope_theta = raw["rope_theta"].as_f64().or_else(|| rope.and_then(|r| r["rope_theta"].as_f64())).unwrap_or(10000.0);
         let rope_type = rope.and_then(|r| r["rope_type"].as_str().or(r["type"].as_str())).unwrap_or("default");
         let rope_scaling = match rope_type {
             "default" | "linear" if rope.and_then(|r| r["factor"].as_f64()).unwrap_or(1.0) == 1.0 => RopeScaling::None,
@@ -96,7 +97,11 @@ impl ModelConfig {
                     "mistral" => window,
                     "qwen2" if raw["use_sliding_window"].as_bool().unwrap_or(false) => {
                         let from = raw["max_window_layers"].as_u64().unwrap_or(0) as usize;
-                        if i >= from { window } else { None }
+                        if i >= from {
+                            window
+                        } else {
+                            None
+                        }
                     }
                     _ => None,
                 }

@@ -1,8 +1,12 @@
-//! One decoder for Llama/Qwen2/Mistral: RMSNorm, RoPE, grouped-query attention, SwiGLU, optional
-//! biases, tied or untied embeddings, sliding windows. Only differentiable candle ops are used
-//! (candle's fused rms_norm/rope/softmax kernels have no backward and would drop gradients).
+//! One decoder for Llama/Qwen2/Mistral, laid out like transformers' `modeling_llama.py` /
+//! `modeling_qwen2.py`: one struct per HF module (`Attention` = `*Attention`, `Mlp` = `*MLP`,
+//! `DecoderLayer` = `*DecoderLayer`, `Decoder` = `*ForCausalLM`), fields named as the
+//! checkpoint's tensors. RMSNorm, RoPE, grouped-query attention, SwiGLU, optional biases, tied
+//! or untied embeddings, sliding windows. Only differentiable ops (candle's fused
+//! rms_norm/rope/softmax kernels have no backward and would drop gradients).
 //! The forward takes explicit positions and a visibility matrix, so callers can right-pad, pack
-//! or share a prompt between chosen and rejected.
+//! or share a prompt between chosen and rejected. Shapes: b rows, t tokens per row,
+//! nh query heads, nkv key/value heads (g = nh / nkv share one), hd head dim, d hidden.
 use super::config::ModelConfig;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -43,41 +47,151 @@ impl SeqLayout {
     }
 }
 
+/// `nn.Linear`: y = x Wᵀ (+ b).
 struct Linear {
-    w: Tensor,
-    b: Option<Tensor>,
+    weight: Tensor,
+    bias: Option<Tensor>,
 }
 
 impl Linear {
+    fn load(t: &HashMap<String, Tensor>, prefix: &str, bias: bool) -> Result<Self> {
+        Ok(Self { weight: get(t, &format!("{prefix}.weight"))?, bias: if bias { Some(get(t, &format!("{prefix}.bias"))?) } else { None } })
+    }
+
     /// x: [n, in] -> [n, out]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.w.t()?)?;
-        Ok(match &self.b {
+        let y = x.matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
     }
 }
 
-struct Layer {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-    ln1: Tensor,
-    ln2: Tensor,
-    window: Option<usize>,
+fn get(t: &HashMap<String, Tensor>, name: &str) -> Result<Tensor> {
+    t.get(name).cloned().with_context(|| format!("tensor `{name}` is missing"))
 }
 
+/// What every layer's attention shares for one forward.
+struct AttnInputs {
+    b: usize,
+    t: usize,
+    /// [b, t, 1, hd], in the compute dtype.
+    cos: Tensor,
+    sin: Tensor,
+    /// Additive masks [b, 1, 1, t, t] (f32 or f64), one per sliding window in use.
+    masks: HashMap<Option<usize>, Tensor>,
+}
+
+/// `LlamaAttention` / `Qwen2Attention`.
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    sliding_window: Option<usize>,
+}
+
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    Ok(Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?)
+}
+
+impl Attention {
+    /// x: [b*t, d] -> [b*t, d]
+    fn forward(&self, x: &Tensor, a: &AttnInputs) -> Result<Tensor> {
+        let (b, t, nh, nkv, hd) = (a.b, a.t, self.num_heads, self.num_kv_heads, self.head_dim);
+        let g = nh / nkv;
+        let rope = |x: &Tensor| -> Result<Tensor> { Ok((x.broadcast_mul(&a.cos)? + rotate_half(x)?.broadcast_mul(&a.sin)?)?) };
+        let q = rope(&self.q_proj.forward(x)?.reshape((b, t, nh, hd))?)?; // [b, t, nh, hd]
+        let k = rope(&self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?)?; // [b, t, nkv, hd]
+        let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?; // [b, t, nkv, hd]
+                                                                   // Grouped-query attention without repeat_kv copies: the g query heads that share a
+                                                                   // kv head are stacked along the row axis of one matmul.
+        let q = q.reshape((b, t, nkv, g, hd))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((b, nkv, g * t, hd))?; // [b, nkv, g*t, hd]
+        let k = k.permute((0, 2, 1, 3))?.contiguous()?; // [b, nkv, t, hd]
+        let v = v.permute((0, 2, 1, 3))?.contiguous()?; // [b, nkv, t, hd]
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, g, t, t))?; // [b, nkv, g, t, t]
+                                                                                                     // Softmax in f32 (f64 stays f64), as transformers' eager attention upcasts bf16/f16.
+        let dtype = scores.dtype();
+        let scores = scores.to_dtype(accum_dtype(dtype))?.broadcast_add(&a.masks[&self.sliding_window])?;
+        let probs = softmax_last(&scores)?.to_dtype(dtype)?.reshape((b, nkv, g * t, t))?; // [b, nkv, g*t, t]
+        let y = probs.matmul(&v)?.reshape((b, nkv, g, t, hd))?; // [b, nkv, g, t, hd]
+        let y = y.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((b * t, nh * hd))?; // [b*t, nh*hd]
+        self.o_proj.forward(&y)
+    }
+}
+
+/// `LlamaMLP` / `Qwen2MLP`: SwiGLU.
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    /// x: [n, d] -> [n, d] (intermediate [n, i])
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.down_proj.forward(&(self.gate_proj.forward(x)?.silu()? * self.up_proj.forward(x)?)?)
+    }
+}
+
+/// `LlamaDecoderLayer` / `Qwen2DecoderLayer`: pre-norm attention and MLP, each residual.
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: Tensor,
+    post_attention_layernorm: Tensor,
+    eps: f64,
+}
+
+impl DecoderLayer {
+    fn load(t: &HashMap<String, Tensor>, cfg: &ModelConfig, i: usize) -> Result<Self> {
+        let p = format!("model.layers.{i}");
+        let lin = |name: &str, bias: bool| Linear::load(t, &format!("{p}.{name}"), bias);
+        Ok(Self {
+            self_attn: Attention {
+                q_proj: lin("self_attn.q_proj", cfg.qkv_bias)?,
+                k_proj: lin("self_attn.k_proj", cfg.qkv_bias)?,
+                v_proj: lin("self_attn.v_proj", cfg.qkv_bias)?,
+                o_proj: lin("self_attn.o_proj", cfg.o_bias)?,
+                num_heads: cfg.num_attention_heads,
+                num_kv_heads: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim,
+                sliding_window: cfg.layer_windows[i],
+            },
+            mlp: Mlp {
+                gate_proj: lin("mlp.gate_proj", cfg.mlp_bias)?,
+                up_proj: lin("mlp.up_proj", cfg.mlp_bias)?,
+                down_proj: lin("mlp.down_proj", cfg.mlp_bias)?,
+            },
+            input_layernorm: get(t, &format!("{p}.input_layernorm.weight"))?,
+            post_attention_layernorm: get(t, &format!("{p}.post_attention_layernorm.weight"))?,
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    /// x: [b*t, d] -> [b*t, d]
+    fn forward(&self, x: &Tensor, a: &AttnInputs) -> Result<Tensor> {
+        let x = (x + self.self_attn.forward(&rms_norm(x, &self.input_layernorm, self.eps)?, a)?)?;
+        Ok((&x + self.mlp.forward(&rms_norm(&x, &self.post_attention_layernorm, self.eps)?)?)?)
+    }
+}
+
+/// `LlamaForCausalLM` / `Qwen2ForCausalLM` up to the final norm; the output projection is
+/// applied by `logprobs` only at scored positions.
 pub struct Decoder {
     pub cfg: ModelConfig,
-    embed: Tensor,
-    lm_head: Option<Tensor>,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
     norm: Tensor,
-    layers: Vec<Layer>,
+    /// `lm_head.weight`; None when tied to the embedding.
+    lm_head: Option<Tensor>,
     inv_freq: Vec<f32>,
     pub dtype: DType,
     pub device: Device,
@@ -85,7 +199,11 @@ pub struct Decoder {
 
 /// Accumulation dtype: f32 for f32/bf16/f16 (as transformers), f64 stays f64 (for gradient checks).
 pub fn accum_dtype(d: DType) -> DType {
-    if d == DType::F64 { DType::F64 } else { DType::F32 }
+    if d == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
 }
 
 /// RMSNorm over the last dim: the fused CPU op for f32/f64, else composite ops.
@@ -120,57 +238,30 @@ pub fn softmax_last_composite(x: &Tensor) -> Result<Tensor> {
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
-fn rotate_half(x: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    Ok(Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?)
-}
-
 impl Decoder {
     /// Builds the decoder from HF-named tensors (plain tensors for inference, or the tensors of
     /// `Var`s when training).
     pub fn new(cfg: &ModelConfig, t: &HashMap<String, Tensor>) -> Result<Self> {
-        let get = |n: &str| t.get(n).cloned().with_context(|| format!("tensor `{n}` is missing"));
-        let lin = |p: &str, bias: bool| -> Result<Linear> {
-            Ok(Linear { w: get(&format!("{p}.weight"))?, b: if bias { Some(get(&format!("{p}.bias"))?) } else { None } })
-        };
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| {
-                let p = format!("model.layers.{i}");
-                Ok(Layer {
-                    q: lin(&format!("{p}.self_attn.q_proj"), cfg.qkv_bias)?,
-                    k: lin(&format!("{p}.self_attn.k_proj"), cfg.qkv_bias)?,
-                    v: lin(&format!("{p}.self_attn.v_proj"), cfg.qkv_bias)?,
-                    o: lin(&format!("{p}.self_attn.o_proj"), cfg.o_bias)?,
-                    gate: lin(&format!("{p}.mlp.gate_proj"), cfg.mlp_bias)?,
-                    up: lin(&format!("{p}.mlp.up_proj"), cfg.mlp_bias)?,
-                    down: lin(&format!("{p}.mlp.down_proj"), cfg.mlp_bias)?,
-                    ln1: get(&format!("{p}.input_layernorm.weight"))?,
-                    ln2: get(&format!("{p}.post_attention_layernorm.weight"))?,
-                    window: cfg.layer_windows[i],
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let embed = get("model.embed_tokens.weight")?;
+        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(t, cfg, i)).collect::<Result<Vec<_>>>()?;
+        let embed_tokens = get(t, "model.embed_tokens.weight")?;
         Ok(Self {
-            lm_head: if cfg.tie_word_embeddings { None } else { Some(get("lm_head.weight")?) },
-            norm: get("model.norm.weight")?,
-            dtype: embed.dtype(),
-            device: embed.device().clone(),
-            embed,
+            lm_head: if cfg.tie_word_embeddings { None } else { Some(get(t, "lm_head.weight")?) },
+            norm: get(t, "model.norm.weight")?,
+            dtype: embed_tokens.dtype(),
+            device: embed_tokens.device().clone(),
+            embed_tokens,
             layers,
             inv_freq: cfg.inv_freq(),
             cfg: cfg.clone(),
         })
     }
 
-    /// The output projection [vocab, hidden] (the embedding when tied).
+    /// The output projection [vocab, d] (the embedding when tied).
     pub fn lm_head(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed)
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
-    /// cos and sin [batch, len, 1, head_dim] for the layout's positions (f32 math, as HF).
+    /// cos and sin [b, t, 1, hd] for the layout's positions (f32 math, as HF).
     fn rope(&self, layout: &SeqLayout) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let n = layout.positions.len();
@@ -189,41 +280,23 @@ impl Decoder {
         Ok((mk(cos)?, mk(sin)?))
     }
 
-    /// Final-norm hidden states, [batch * len, hidden].
+    /// Final-norm hidden states, [b*t, d].
     pub fn hidden(&self, layout: &SeqLayout) -> Result<Tensor> {
-        let cfg = &self.cfg;
         let (b, t) = (layout.batch, layout.len);
-        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        let g = nh / nkv;
         let ids = Tensor::from_slice(&layout.input_ids, b * t, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?; // [b*t, d]
         let (cos, sin) = self.rope(layout)?;
-        let mut masks: HashMap<Option<usize>, Tensor> = HashMap::new();
+        let mut masks = HashMap::new();
         for l in &self.layers {
-            if !masks.contains_key(&l.window) {
-                masks.insert(l.window, layout.mask(l.window, self.dtype, &self.device)?);
+            let w = l.self_attn.sliding_window;
+            if let std::collections::hash_map::Entry::Vacant(e) = masks.entry(w) {
+                e.insert(layout.mask(w, accum_dtype(self.dtype), &self.device)?);
             }
         }
-        let rope = |x: &Tensor| -> Result<Tensor> { Ok((x.broadcast_mul(&cos)? + rotate_half(x)?.broadcast_mul(&sin)?)?) };
-        let scale = 1.0 / (hd as f64).sqrt();
-        for l in &self.layers {
-            let h = rms_norm(&x, &l.ln1, cfg.rms_norm_eps)?;
-            let q = rope(&l.q.forward(&h)?.reshape((b, t, nh, hd))?)?;
-            let k = rope(&l.k.forward(&h)?.reshape((b, t, nkv, hd))?)?;
-            let v = l.v.forward(&h)?.reshape((b, t, nkv, hd))?;
-            // Grouped-query attention without repeat_kv copies: the g query heads that share a
-            // kv head are stacked along the row axis of one matmul.
-            let q = q.reshape((b, t, nkv, g, hd))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((b, nkv, g * t, hd))?;
-            let k = k.permute((0, 2, 1, 3))?.contiguous()?;
-            let v = v.permute((0, 2, 1, 3))?.contiguous()?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nkv, g, t, t))?;
-            let probs = softmax_last(&scores.broadcast_add(&masks[&l.window])?)?.reshape((b, nkv, g * t, t))?;
-            let attn = probs.matmul(&v)?.reshape((b, nkv, g, t, hd))?.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((b * t, nh * hd))?;
-            x = (x + l.o.forward(&attn)?)?;
-            let h = rms_norm(&x, &l.ln2, cfg.rms_norm_eps)?;
-            let mlp = l.down.forward(&(l.gate.forward(&h)?.silu()? * l.up.forward(&h)?)?)?;
-            x = (x + mlp)?;
+        let a = AttnInputs { b, t, cos, sin, masks };
+        for layer in &self.layers {
+            x = layer.forward(&x, &a)?;
         }
-        rms_norm(&x, &self.norm, cfg.rms_norm_eps)
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
     }
 }

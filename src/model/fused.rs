@@ -18,10 +18,18 @@ pub trait Real: Copy + Send + Sync + 'static + PartialOrd + candle_core::WithDTy
 macro_rules! real {
     ($t:ty) => {
         impl Real for $t {
-            fn exp(self) -> Self { <$t>::exp(self) }
-            fn ln(self) -> Self { <$t>::ln(self) }
-            fn from(v: f64) -> Self { v as $t }
-            fn to(self) -> f64 { self as f64 }
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            fn from(v: f64) -> Self {
+                v as $t
+            }
+            fn to(self) -> f64 {
+                self as f64
+            }
         }
     };
 }
@@ -104,11 +112,49 @@ impl LogProbs {
             // SAFETY: gh rows [start, start+c) are c×k; d is c×v; w is v×k; gw is v×k.
             unsafe {
                 // gh[c, k] = d[c, v] · w[v, k]
-                gemm::gemm(c, k, v, gh[start * k..].as_mut_ptr(), 1, k as isize, false, d.as_ptr(), 1, v as isize,
-                    w.as_ptr(), 1, k as isize, T::from(0.0), T::from(1.0), false, false, false, par());
+                gemm::gemm(
+                    c,
+                    k,
+                    v,
+                    gh[start * k..].as_mut_ptr(),
+                    1,
+                    k as isize,
+                    false,
+                    d.as_ptr(),
+                    1,
+                    v as isize,
+                    w.as_ptr(),
+                    1,
+                    k as isize,
+                    T::from(0.0),
+                    T::from(1.0),
+                    false,
+                    false,
+                    false,
+                    par(),
+                );
                 // gw[v, k] += dᵀ[v, c] · h[c, k]
-                gemm::gemm(v, k, c, gw.as_mut_ptr(), 1, k as isize, true, d.as_ptr(), v as isize, 1,
-                    h[start * k..].as_ptr(), 1, k as isize, T::from(1.0), T::from(1.0), false, false, false, par());
+                gemm::gemm(
+                    v,
+                    k,
+                    c,
+                    gw.as_mut_ptr(),
+                    1,
+                    k as isize,
+                    true,
+                    d.as_ptr(),
+                    v as isize,
+                    1,
+                    h[start * k..].as_ptr(),
+                    1,
+                    k as isize,
+                    T::from(1.0),
+                    T::from(1.0),
+                    false,
+                    false,
+                    false,
+                    par(),
+                );
             }
         }
         (gh, gw)
@@ -269,10 +315,13 @@ fn rms_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: f64) -> (Vec<T>, Vec<T>) {
                 dw
             },
         )
-        .reduce(|| vec![0f64; h], |mut a, b| {
-            a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-            a
-        });
+        .reduce(
+            || vec![0f64; h],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                a
+            },
+        );
     (dx, dw.into_iter().map(T::from).collect())
 }
 

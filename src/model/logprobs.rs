@@ -64,20 +64,3 @@ pub fn sequence_logps(token_logps: &Tensor, sc: &Scored) -> Result<Tensor> {
     let a = Tensor::from_vec(a, (sc.num_seqs, m), dev)?.to_dtype(token_logps.dtype())?;
     Ok(a.matmul(&token_logps.unsqueeze(1)?)?.squeeze(1)?)
 }
-
-/// Sequence log-probs of a batch of pairs: (chosen [n], rejected [n]) f32, plus the per-token
-/// values of every scored position (sequence 2i = pair i's chosen, 2i+1 its rejected).
-pub struct PairLogps {
-    pub chosen: Tensor,
-    pub rejected: Tensor,
-    pub tokens: Tensor,
-    pub scored: Scored,
-}
-
-pub fn pair_logps(decoder: &super::Decoder, kind: crate::data::batch::LayoutKind, pairs: &[crate::data::prepared::PairView]) -> Result<PairLogps> {
-    let (layout, scored) = crate::data::batch::build(kind, pairs);
-    let hidden = decoder.hidden(&layout)?;
-    let tokens = token_logps(&hidden, decoder.lm_head(), &scored)?;
-    let seqs = sequence_logps(&tokens, &scored)?.reshape((pairs.len(), 2))?;
-    Ok(PairLogps { chosen: seqs.narrow(1, 0, 1)?.squeeze(1)?, rejected: seqs.narrow(1, 1, 1)?.squeeze(1)?, tokens, scored })
-}

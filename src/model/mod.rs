@@ -3,7 +3,6 @@
 pub mod config;
 pub mod decoder;
 pub mod fused;
-pub mod init;
 pub mod logprobs;
 pub mod weights;
 

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 pub fn weight_files(model_dir: &Path) -> Result<Vec<PathBuf>> {
     let index = model_dir.join("model.safetensors.index.json");
     if index.exists() {
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)
-            .with_context(|| format!("{}: invalid JSON", index.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&index)?).with_context(|| format!("{}: invalid JSON", index.display()))?;
         let map = v["weight_map"].as_object().with_context(|| format!("{}: no weight_map", index.display()))?;
         let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
         files.sort();
@@ -69,9 +69,8 @@ pub fn load_weights(model_dir: &Path, cfg: &ModelConfig, dtype: DType, device: &
     let st = unsafe { MmapedSafetensors::multi(&files) }.with_context(|| format!("{}: cannot read safetensors", model_dir.display()))?;
     let mut out = HashMap::new();
     for name in tensor_names(cfg) {
-        let t = st.load(&name, device).map_err(|_| {
-            anyhow::anyhow!("{}: tensor `{name}` is missing from the safetensors files", model_dir.display())
-        })?;
+        let t =
+            st.load(&name, device).map_err(|_| anyhow::anyhow!("{}: tensor `{name}` is missing from the safetensors files", model_dir.display()))?;
         out.insert(name, t.to_dtype(dtype)?);
     }
     Ok(out)
@@ -80,10 +79,7 @@ pub fn load_weights(model_dir: &Path, cfg: &ModelConfig, dtype: DType, device: &
 /// Saves tensors as one `model.safetensors` with `{"format": "pt"}` metadata (what
 /// transformers expects), in the given dtype.
 pub fn save_weights(path: &Path, tensors: &BTreeMap<String, Tensor>, dtype: DType) -> Result<()> {
-    let converted: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), t.to_dtype(dtype)?.contiguous()?)))
-        .collect::<Result<_>>()?;
+    let converted: Vec<(String, Tensor)> = tensors.iter().map(|(k, t)| Ok((k.clone(), t.to_dtype(dtype)?.contiguous()?))).collect::<Result<_>>()?;
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     // Streamed to the partial file (no second copy of the weights in memory), then renamed.
     let partial = crate::store::atomic::partial_path(path);
@@ -99,12 +95,4 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         "f16" | "float16" => DType::F16,
         other => bail!("unsupported dtype `{other}` (use f32, bf16 or f16)"),
     })
-}
-
-pub fn hf_dtype_name(d: DType) -> &'static str {
-    match d {
-        DType::BF16 => "bfloat16",
-        DType::F16 => "float16",
-        _ => "float32",
-    }
 }

@@ -1,11 +1,10 @@
 //! Stage 1: preference parquet -> token ids + manifest (see data::prepared for the format).
-use super::{progress, secs};
-use crate::config::PrepareConfig;
+use super::{begin, progress, Begin};
 use crate::data::input::{Field, PreferenceReader, RawRow, Skip};
-use crate::data::prepared::{PairRecord, PreparedWriter, Split, FORMAT_VERSION, STAGE};
+use crate::data::prepared::{PairRecord, PreparedWriter, SkippedRecord, Split, FORMAT_VERSION, STAGE};
 use crate::data::tokenize::{EncodedPair, Encoder, ModelTokenizer, Truncation};
-use crate::store::manifest::fingerprint;
-use crate::store::{file_hash, Manifest};
+use crate::settings::PrepareSettings;
+use crate::store::{file_hash, InputRef, Manifest};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -15,11 +14,26 @@ use std::time::Instant;
 
 const BATCH_ROWS: usize = 2048;
 
-/// Expands files and globs, in a stable order; a pattern that matches nothing is an error.
+/// Expands files, directories (their `*.parquet` files) and globs, in a stable order; a
+/// pattern that matches nothing is an error.
 pub fn expand_inputs(patterns: &[String]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for p in patterns {
-        if std::path::Path::new(p).exists() {
+        let path = std::path::Path::new(p);
+        if path.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("cannot list {p}"))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.is_file() && f.extension().is_some_and(|x| x == "parquet"))
+                .collect();
+            if files.is_empty() {
+                bail!("input {p}: a directory with no .parquet files");
+            }
+            files.sort();
+            out.extend(files);
+            continue;
+        }
+        if path.exists() {
             out.push(PathBuf::from(p));
             continue;
         }
@@ -58,7 +72,10 @@ fn is_eval(row: &RawRow, fraction: f64) -> bool {
 }
 
 /// One tokenized batch on its way to the writer: the source file and each row's outcome.
-type Batch = (Arc<str>, Vec<(u64, Result<(EncodedPair, Split), Skip>)>);
+type Batch = (Arc<str>, Vec<RowOutcome>);
+
+/// An input row by its index in its file: a kept pair with its split, or skipped.
+type RowOutcome = (u64, Result<(EncodedPair, Split), Skip>);
 
 /// Counts and length statistics for the manifest, kept by the writer thread.
 #[derive(Default)]
@@ -75,7 +92,7 @@ struct Tally {
 
 impl Tally {
     /// Counts one batch and splits it into what the writer takes: kept pairs and skipped rows.
-    fn record<'a>(&mut self, file: &'a str, results: &'a [(u64, Result<(EncodedPair, Split), Skip>)]) -> (Vec<PairRecord<'a>>, Vec<(&'a str, u64, &'a str, &'a str)>) {
+    fn record<'a>(&mut self, file: &'a str, results: &'a [RowOutcome]) -> (Vec<PairRecord<'a>>, Vec<SkippedRecord<'a>>) {
         let (mut kept, mut skipped) = (Vec::new(), Vec::new());
         for (src, r) in results {
             match r {
@@ -91,7 +108,7 @@ impl Tally {
                 }
                 Err(skip) => {
                     *self.skipped_by_reason.entry(skip.reason.to_string()).or_default() += 1;
-                    skipped.push((file, *src, skip.reason, skip.detail.as_str()));
+                    skipped.push(SkippedRecord { source_file: file, source_row: *src, reason: skip.reason, detail: &skip.detail });
                 }
             }
         }
@@ -117,50 +134,29 @@ impl LenStats {
     }
 }
 
-pub fn run(cfg: &PrepareConfig) -> Result<Manifest> {
-    let t0 = Instant::now();
+pub fn run(cfg: &PrepareSettings) -> Result<Manifest> {
+    cfg.validate()?;
     let inputs = expand_inputs(&cfg.inputs)?;
     let eval_inputs = expand_inputs(&cfg.eval_inputs)?;
-    if inputs.is_empty() {
-        bail!("prepare: no --input given");
-    }
     let tok = ModelTokenizer::load(&cfg.model)?;
     let truncation = Truncation { max_length: cfg.max_length, max_prompt_length: cfg.max_prompt_length };
-    if truncation.max_length == 0 {
-        bail!("--max-length must be at least 1");
+    let mut input_refs = Vec::new();
+    for (role, files) in [("input", &inputs), ("eval_input", &eval_inputs)] {
+        for f in files {
+            input_refs.push(InputRef::new(role, f, &file_hash(f)?.blake3));
+        }
     }
-    let hashes = |files: &[PathBuf]| -> Result<Vec<serde_json::Value>> {
-        files.iter().map(|f| Ok(serde_json::json!({"path": f.display().to_string(), "blake3": file_hash(f)?.blake3}))).collect()
-    };
-    let input_info = serde_json::json!({
-        "files": hashes(&inputs)?,
-        "eval_files": hashes(&eval_inputs)?,
-        "model": cfg.model.display().to_string(),
-        "tokenizer_blake3": tok.content_hash,
-    });
+    input_refs.extend(tok.identity.iter().cloned());
     let settings = serde_json::json!({
         "columns": cfg.columns(),
         "truncation": truncation,
         "eval_fraction": cfg.eval_fraction,
     });
-    // Paths are for people; only content decides the fingerprint.
-    let fp_inputs = serde_json::json!({
-        "files": input_info["files"].as_array().unwrap().iter().map(|f| f["blake3"].clone()).collect::<Vec<_>>(),
-        "eval_files": input_info["eval_files"].as_array().unwrap().iter().map(|f| f["blake3"].clone()).collect::<Vec<_>>(),
-        "tokenizer": tok.content_hash,
-    });
-    let fp = fingerprint(STAGE, FORMAT_VERSION, &fp_inputs, &settings);
-    if let Some(old) = Manifest::load_if_exists(&cfg.out, STAGE)? {
-        if old.fingerprint == fp && !cfg.force && old.verify_files(&cfg.out).is_ok() {
-            eprintln!("prepare: {} is up to date (fingerprint {}), nothing to do; --force rebuilds it", cfg.out.display(), &fp[..16]);
-            return Ok(old);
-        }
-        if old.fingerprint != fp {
-            eprintln!("prepare: inputs or settings changed (fingerprint {} -> {}), rebuilding {}", &old.fingerprint[..16], &fp[..16], cfg.out.display());
-        }
-    }
-    // The manifest goes first so a killed rebuild never leaves a manifest over mismatched files.
-    let _ = std::fs::remove_file(Manifest::path(&cfg.out));
+    let sd = match begin(STAGE, FORMAT_VERSION, &cfg.out, input_refs, settings, cfg.force)? {
+        Begin::UpToDate(m) => return Ok(m),
+        Begin::Run(sd) => sd,
+    };
+    let t0 = Instant::now();
 
     let encoder = Encoder { tok: &tok, truncation };
     let mut readers = Vec::new();
@@ -200,7 +196,7 @@ pub fn run(cfg: &PrepareConfig) -> Result<Manifest> {
                             checked = true;
                         }
                     }
-                    let results: Vec<(u64, Result<(EncodedPair, Split), Skip>)> = batch
+                    let results: Vec<RowOutcome> = batch
                         .into_par_iter()
                         .map(|(src, row)| {
                             let r = row.and_then(|row| {
@@ -235,27 +231,21 @@ pub fn run(cfg: &PrepareConfig) -> Result<Manifest> {
     for (k, v) in &skipped_by_reason {
         counts.insert(format!("rejected_{k}"), *v);
     }
-    let wall = secs(t0);
-    let manifest = Manifest {
-        stage: STAGE.into(),
-        format_version: FORMAT_VERSION,
-        fingerprint: fp,
-        tool_version: env!("CARGO_PKG_VERSION").into(),
-        inputs: input_info,
-        settings,
-        counts,
-        stats: serde_json::json!({
-            "prompt_tokens": plen.json(), "chosen_tokens": clen.json(), "rejected_tokens": rlen.json(),
-            "rows_per_s": total_rows as f64 / wall.max(1e-9), "tokens_per_s": tokens as f64 / wall.max(1e-9),
-        }),
-        timings: [("wall_s".to_string(), wall)].into(),
-        files: Default::default(),
-    };
-    let manifest = writer.finish(manifest)?;
+    let wall = t0.elapsed().as_secs_f64();
+    let stats = serde_json::json!({
+        "prompt_tokens": plen.json(), "chosen_tokens": clen.json(), "rejected_tokens": rlen.json(),
+        "rows_per_s": total_rows as f64 / wall.max(1e-9), "tokens_per_s": tokens as f64 / wall.max(1e-9),
+    });
+    let files = writer.finish(&sd.fingerprint)?;
+    let manifest = sd.manifest(counts, stats);
+    let manifest = sd.finish(manifest, &files)?;
     eprintln!(
         "prepare: {pairs} pairs ({} train, {} eval) from {total_rows} rows in {wall:.2}s ({:.0} rows/s, {:.0} tokens/s) -> {}",
-        manifest.counts.get("pairs_train").unwrap_or(&0), manifest.counts.get("pairs_eval").unwrap_or(&0),
-        total_rows as f64 / wall.max(1e-9), tokens as f64 / wall.max(1e-9), cfg.out.display()
+        manifest.counts.get("pairs_train").unwrap_or(&0),
+        manifest.counts.get("pairs_eval").unwrap_or(&0),
+        total_rows as f64 / wall.max(1e-9),
+        tokens as f64 / wall.max(1e-9),
+        cfg.out.display()
     );
     if rejected > 0 {
         let by: Vec<String> = skipped_by_reason.iter().map(|(k, v)| format!("{k}: {v}")).collect();

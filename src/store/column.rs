@@ -96,7 +96,7 @@ fn check_header(path: &Path, bytes: &[u8], dtype: Dtype, fingerprint: Option<&st
     if let Some(fp) = fingerprint {
         if bytes[24..56] != fingerprint_bytes(fp) {
             let got: String = bytes[24..56].iter().map(|b| format!("{b:02x}")).collect();
-            bail!("{p}: fingerprint {} does not match the manifest's {}", &got[..16], &fp[..16.min(fp.len())]);
+            bail!("{p}: fingerprint {} does not match the manifest's {}", super::short(&got), super::short(fp));
         }
     }
     Ok(count)
@@ -200,7 +200,12 @@ impl<T: Pod> ColumnFill<T> {
                 return Ok((Self { map, path: path.to_path_buf(), _t: PhantomData }, true));
             }
         }
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&partial)
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&partial)
             .with_context(|| format!("cannot create {}", partial.display()))?;
         file.set_len((HEADER_BYTES + len * std::mem::size_of::<T>()) as u64)?;
         // SAFETY: as above.

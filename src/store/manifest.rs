@@ -14,8 +14,9 @@ pub struct Manifest {
     pub format_version: u32,
     pub fingerprint: Fingerprint,
     pub tool_version: String,
-    /// Content hashes (and paths, for people) of everything the stage read.
-    pub inputs: serde_json::Value,
+    /// Everything the stage read: a role, a path (for people) and a content hash (blake3 of
+    /// the file, or the fingerprint of an upstream stage's output).
+    pub inputs: Vec<InputRef>,
     /// Every setting that changes the output.
     pub settings: serde_json::Value,
     pub counts: BTreeMap<String, u64>,
@@ -28,15 +29,41 @@ pub struct Manifest {
     pub files: BTreeMap<String, FileEntry>,
 }
 
+/// One input of a stage.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InputRef {
+    /// What the input is to the stage: `input`, `eval_input`, `tokenizer/...`, `prepared`, `model`, ...
+    pub role: String,
+    pub path: String,
+    pub blake3: String,
+}
+
+impl InputRef {
+    pub fn new(role: &str, path: &Path, blake3: &str) -> Self {
+        Self { role: role.into(), path: path.display().to_string(), blake3: blake3.into() }
+    }
+}
+
+/// The first 16 characters of a hash, for messages (whole if shorter: a damaged manifest
+/// must give an error, not a panic).
+pub fn short(hash: &str) -> &str {
+    match hash.char_indices().nth(16) {
+        Some((i, _)) => &hash[..i],
+        None => hash,
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FileEntry {
     pub bytes: u64,
     pub blake3: String,
 }
 
-/// Fingerprint of a stage's output: blake3 of canonical JSON (serde_json sorts map keys).
-pub fn fingerprint(stage: &str, format_version: u32, inputs: &serde_json::Value, settings: &serde_json::Value) -> Fingerprint {
-    let canonical = serde_json::json!({"stage": stage, "format_version": format_version, "inputs": inputs, "settings": settings});
+/// Fingerprint of a stage's output: blake3 of canonical JSON of the stage, its format version,
+/// the inputs' roles and content hashes (never their paths) and the settings.
+pub fn fingerprint(stage: &str, format_version: u32, inputs: &[InputRef], settings: &serde_json::Value) -> Fingerprint {
+    let hashes: Vec<(&str, &str)> = inputs.iter().map(|i| (i.role.as_str(), i.blake3.as_str())).collect();
+    let canonical = serde_json::json!({"stage": stage, "format_version": format_version, "inputs": hashes, "settings": settings});
     blake3::hash(canonical.to_string().as_bytes()).to_hex().to_string()
 }
 
@@ -60,10 +87,22 @@ impl Manifest {
     /// An empty manifest for a run that stopped early on purpose (nothing is finished yet).
     pub fn unfinished(stage: &str, format_version: u32, fingerprint: &str) -> Self {
         Manifest {
-            stage: stage.into(), format_version, fingerprint: fingerprint.into(), tool_version: env!("CARGO_PKG_VERSION").into(),
-            inputs: serde_json::Value::Null, settings: serde_json::Value::Null, counts: Default::default(),
-            stats: serde_json::Value::Null, timings: Default::default(), files: Default::default(),
+            stage: stage.into(),
+            format_version,
+            fingerprint: fingerprint.into(),
+            tool_version: env!("CARGO_PKG_VERSION").into(),
+            inputs: vec![],
+            settings: serde_json::Value::Null,
+            counts: Default::default(),
+            stats: serde_json::Value::Null,
+            timings: Default::default(),
+            files: Default::default(),
         }
+    }
+
+    /// The input with this role.
+    pub fn input(&self, role: &str) -> Result<&InputRef> {
+        self.inputs.iter().find(|i| i.role == role).with_context(|| format!("manifest of `{}` lists no `{role}` input", self.stage))
     }
 
     pub fn path(dir: &Path) -> std::path::PathBuf {
@@ -73,9 +112,10 @@ impl Manifest {
     /// Reads `DIR/manifest.json`, checking it was written by `stage`.
     pub fn load(dir: &Path, stage: &str) -> Result<Self> {
         let path = Self::path(dir);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("{} has no manifest.json: is it a finished `{stage}` output?", dir.display()))?;
-        let m: Manifest = serde_json::from_str(&text).with_context(|| format!("{}: not a valid manifest", path.display()))?;
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("{} has no manifest.json: is it a finished `{stage}` output?", dir.display()))?;
+        let m: Manifest = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a valid manifest (damaged, or from an older version); rebuild it with --force", path.display()))?;
         if m.stage != stage {
             bail!("{}: manifest is from stage `{}`, expected `{stage}`", path.display(), m.stage);
         }
@@ -111,7 +151,11 @@ impl Manifest {
                 bail!(
                     "{}: does not match its manifest ({} bytes, blake3 {}; manifest says {} bytes, blake3 {}). \
                      The directory was modified or is incomplete; rebuild it with --force",
-                    path.display(), got.bytes, &got.blake3[..16], want.bytes, &want.blake3[..16]
+                    path.display(),
+                    got.bytes,
+                    short(&got.blake3),
+                    want.bytes,
+                    short(&want.blake3)
                 );
             }
         }

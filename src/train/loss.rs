@@ -1,7 +1,23 @@
 //! Preference losses on sequence log-probs, as HF TRL 1.16 defines them (README "Losses").
-use crate::config::LossKind;
 use anyhow::Result;
 use candle_core::Tensor;
+
+/// The preference losses, named as TRL names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum LossKind {
+    /// DPO: −log σ(βΔ) (cDPO with label smoothing).
+    Sigmoid,
+    /// IPO: (Δ/length − 1/(2β))², length-normalised as TRL.
+    Ipo,
+    /// SLiC: relu(1 − βΔ).
+    Hinge,
+    /// Robust DPO: unbiased under ε label noise.
+    Robust,
+    /// DPO on per-token (length-normalised) log-ratios.
+    SigmoidNorm,
+}
 
 /// Per-pair inputs, all [n] tensors of one float dtype. `*_tokens` are the scored completion
 /// token counts (IPO and sigmoid_norm normalise by them).
@@ -22,11 +38,21 @@ pub struct LossOut {
     pub rejected_rewards: Tensor,
 }
 
-/// log σ(x) = −softplus(−x), computed stably: min(x, 0) − log(1 + exp(−|x|)).
+/// log σ(x) = −log(e⁰ + e⁻ˣ), as a log-sum-exp shifted by m = max(−x, 0) for stability.
+/// The shift is detached (a constant for autograd, as in softmax), so the derivative is the
+/// true σ(−x) everywhere. (The textbook `min(x,0) − log1p(e^−|x|)` has kinks that cancel in
+/// value but not in autograd: at x = 0, where every pair sits at step 0, candle's one-sided
+/// derivatives of `minimum` and `abs` gave 1 instead of ½, doubling the first step's gradient.)
 pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
-    let zeros = x.zeros_like()?;
-    let neg_abs = x.abs()?.neg()?;
-    Ok((x.minimum(&zeros)? - (neg_abs.exp()? + 1.0)?.log()?)?)
+    let m = x.neg()?.relu()?.detach();
+    let lse = (m.neg()?.exp()? + x.neg()?.broadcast_sub(&m)?.exp()?)?.log()?;
+    Ok((m + lse)?.neg()?)
+}
+
+/// relu with PyTorch's derivative at the kink: 0 (candle's relu passes the gradient at 0).
+fn relu_torch(x: &Tensor) -> Result<Tensor> {
+    let active = x.gt(&x.zeros_like()?)?.to_dtype(x.dtype())?;
+    Ok((x * active)?)
 }
 
 pub fn preference_loss(kind: LossKind, beta: f64, label_smoothing: f64, b: &PairBatch) -> Result<LossOut> {
@@ -38,9 +64,14 @@ pub fn preference_loss(kind: LossKind, beta: f64, label_smoothing: f64, b: &Pair
         // cDPO when label_smoothing > 0: −(1−ε) log σ(βΔ) − ε log σ(−βΔ). (TRL 1.16 ignores ε here.)
         LossKind::Sigmoid => {
             let clean = (log_sigmoid(&bd)? * -(1.0 - label_smoothing))?;
-            if label_smoothing > 0.0 { (clean - (log_sigmoid(&bd.neg()?)? * label_smoothing)?)? } else { clean }
+            if label_smoothing > 0.0 {
+                (clean - (log_sigmoid(&bd.neg()?)? * label_smoothing)?)?
+            } else {
+                clean
+            }
         }
-        LossKind::Hinge => (bd.neg()? + 1.0)?.relu()?,
+        // The margin 1 − βΔ = 0 is a true kink; like torch.relu we take derivative 0 there.
+        LossKind::Hinge => relu_torch(&(bd.neg()? + 1.0)?)?,
         LossKind::Ipo => {
             let per_tok = ((&chosen_ratio / &b.chosen_tokens.clamp(1.0, f64::INFINITY)?)?
                 - (&rejected_ratio / &b.rejected_tokens.clamp(1.0, f64::INFINITY)?)?)?;

@@ -1,7 +1,7 @@
 //! Training metrics with TRL's names, one row per optimizer step (eval rows carry `eval/...`),
 //! appended to `metrics.jsonl` as they happen and written whole to `metrics.parquet`.
-use crate::data::prepared::ParquetOut;
-use anyhow::Result;
+use crate::store::ParquetOut;
+use anyhow::{bail, Context, Result};
 use arrow_array::builder::{Float64Builder, UInt64Builder};
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
@@ -11,9 +11,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// The pair metrics, logged for train steps and (prefixed `eval/`) for evaluations.
-pub const PAIR_KEYS: &[&str] = &[
-    "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
-];
+pub const PAIR_KEYS: &[&str] =
+    &["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"];
 /// Train-only metrics.
 pub const STEP_KEYS: &[&str] = &["grad_norm", "learning_rate", "tokens_per_s", "step_seconds", "epoch"];
 
@@ -61,8 +60,13 @@ impl PairStats {
     pub fn into_row(self, prefix: &str, row: &mut Row) {
         let n = self.pairs.max(1) as f64;
         let vals = [
-            self.loss_sum / n, self.chosen_reward / n, self.rejected_reward / n, self.correct / n,
-            (self.chosen_reward - self.rejected_reward) / n, self.chosen_logps / n, self.rejected_logps / n,
+            self.loss_sum / n,
+            self.chosen_reward / n,
+            self.rejected_reward / n,
+            self.correct / n,
+            (self.chosen_reward - self.rejected_reward) / n,
+            self.chosen_logps / n,
+            self.rejected_logps / n,
         ];
         for (k, v) in PAIR_KEYS.iter().zip(vals) {
             row.insert(format!("{prefix}{k}"), v);
@@ -80,7 +84,7 @@ fn json_line(step: usize, row: &Row) -> String {
 }
 
 pub fn append_jsonl(path: &Path, step: usize, row: &Row) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
     writeln!(f, "{}", json_line(step, row))?;
     Ok(())
 }
@@ -92,17 +96,30 @@ pub fn write_jsonl(path: &Path, rows: &[(usize, Row)]) -> Result<()> {
 }
 
 /// Reads `metrics.jsonl`, keeping rows up to `max_step` (a resumed run drops what came after
-/// its checkpoint).
+/// its checkpoint). A last line without its newline was torn by a killed run and is dropped;
+/// any other unreadable line is an error naming the file and line.
 pub fn read_jsonl(path: &Path, max_step: usize) -> Result<Vec<(usize, Row)>> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(vec![]) };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => "",
+    };
     let mut out = Vec::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line)?;
-        let step = v["step"].as_u64().unwrap_or(0) as usize;
+    for (no, line) in complete.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = || format!("{} line {}: not a metrics row", path.display(), no + 1);
+        let v: serde_json::Value = serde_json::from_str(line).with_context(bad)?;
+        let (Some(obj), Some(step)) = (v.as_object(), v.get("step").and_then(|s| s.as_u64())) else {
+            bail!("{}", bad());
+        };
+        let step = step as usize;
         if step > max_step {
             continue;
         }
-        let row = v.as_object().unwrap().iter().filter(|(k, _)| *k != "step").filter_map(|(k, x)| Some((k.clone(), x.as_f64()?))).collect();
+        let row = obj.iter().filter(|(k, _)| *k != "step").filter_map(|(k, x)| Some((k.clone(), x.as_f64()?))).collect();
         out.push((step, row));
     }
     Ok(out)

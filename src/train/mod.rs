@@ -1,5 +1,8 @@
-//! DPO training pieces: losses, AdamW + schedules + clipping, metrics.
+//! DPO training pieces: losses, one micro-batch's loss and gradients, AdamW + schedules +
+//! clipping, the trainable policy, metrics and plots.
 pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
+pub mod policy;
+pub mod step;

@@ -1,9 +1,17 @@
 //! AdamW with PyTorch's semantics, HF learning-rate schedules, global-norm clipping.
-use crate::config::SchedulerKind;
 use crate::model::fused::Real;
 use anyhow::{bail, Result};
 use candle_core::{DType, Storage, Tensor, Var};
 use rayon::prelude::*;
+
+/// Learning-rate schedules after warm-up, as transformers defines them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum SchedulerKind {
+    Constant,
+    Linear,
+    Cosine,
+}
 
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct AdamWConfig {

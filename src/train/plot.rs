@@ -38,14 +38,17 @@ pub fn curves(path: &Path, rows: &[(usize, Row)]) -> Result<()> {
         let root = BitMapBackend::new(&tmp, (1500, 450)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
         let panels = root.split_evenly((1, 3));
-        for (panel, (title, key)) in panels.iter().zip([("loss", "loss"), ("reward accuracy", "rewards/accuracies"), ("reward margin", "rewards/margins")]) {
+        for (panel, (title, key)) in
+            panels.iter().zip([("loss", "loss"), ("reward accuracy", "rewards/accuracies"), ("reward margin", "rewards/margins")])
+        {
             let train = series(rows, key);
             let eval = series(rows, &format!("eval/{key}"));
             let all: Vec<&(f64, f64)> = train.iter().chain(eval.iter()).collect();
             if all.is_empty() {
                 continue;
             }
-            let (x_max, mut y_min, mut y_max) = all.iter().fold((1.0f64, f64::MAX, f64::MIN), |(x, lo, hi), p| (x.max(p.0), lo.min(p.1), hi.max(p.1)));
+            let (x_max, mut y_min, mut y_max) =
+                all.iter().fold((1.0f64, f64::MAX, f64::MIN), |(x, lo, hi), p| (x.max(p.0), lo.min(p.1), hi.max(p.1)));
             if (y_max - y_min).abs() < 1e-9 {
                 y_min -= 0.5;
                 y_max += 0.5;

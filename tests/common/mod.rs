@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Mutex, OnceLock};
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_pipeline")
@@ -37,13 +38,36 @@ pub fn fails(dir: &Path, args: &[&str]) -> String {
     stderr
 }
 
-/// The tiny model `pipeline init-model` makes (seed 0): the one the golden values came from.
-pub fn tiny_model(dir: &Path, arch: &str) -> PathBuf {
-    let out = dir.join(format!("model_{arch}"));
+/// Models generated once per test binary (under cargo's target tmp dir), copied into tests.
+fn shared_model(arch: &str, seed: u64) -> PathBuf {
+    static ROOT: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static GENERATE: Mutex<()> = Mutex::new(());
+    let root = ROOT.get_or_init(|| tempfile::Builder::new().prefix("models-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir"));
+    let out = root.path().join(format!("{arch}-{seed}"));
+    let _g = GENERATE.lock().unwrap_or_else(|e| e.into_inner());
     if !out.join("config.json").exists() {
-        ok(dir, &["init-model", "--arch", arch, "--size", "tiny", "--seed", "0", "--out", out.to_str().unwrap()]);
+        ok(root.path(), &["init-model", "--arch", arch, "--size", "tiny", "--seed", &seed.to_string(), "--out", out.to_str().unwrap()]);
     }
     out
+}
+
+/// A copy in `dir` of the tiny model `pipeline init-model` makes with `seed`.
+pub fn tiny_model_seed(dir: &Path, arch: &str, seed: u64) -> PathBuf {
+    let out = dir.join(if seed == 0 { format!("model_{arch}") } else { format!("model_{arch}_{seed}") });
+    if !out.join("config.json").exists() {
+        let src = shared_model(arch, seed);
+        std::fs::create_dir_all(&out).unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), out.join(e.file_name())).unwrap();
+        }
+    }
+    out
+}
+
+/// The tiny model `pipeline init-model` makes (seed 0): the one the golden values came from.
+pub fn tiny_model(dir: &Path, arch: &str) -> PathBuf {
+    tiny_model_seed(dir, arch, 0)
 }
 
 /// Runs a Python snippet (with polars and numpy imported) in `dir` and returns its stdout.
@@ -69,4 +93,11 @@ pub fn partial_files(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.contains(".partial")).collect())
         .unwrap_or_default()
+}
+
+/// `rows` synthetic pairs plus `eval_rows` held out, prepared with `model` into `dir/prep`
+/// (max_length 64).
+pub fn prepare_synth(dir: &Path, model: &Path, rows: &str, eval_rows: &str) {
+    ok(dir, &["synth-prefs", "--out", "in.parquet", "--rows", rows, "--eval-rows", eval_rows]);
+    ok(dir, &["prepare", "--input", "in.parquet", "--eval-input", "in.eval.parquet", "--model", s(model), "--out", "prep", "--max-length", "64"]);
 }

@@ -2,7 +2,7 @@
 //! - `Padded`: chosen and rejected as separate right-padded rows (what TRL does).
 //! - `SharedPrompt`: one row per pair, prompt ‖ chosen ‖ rejected, rejected tokens blind to
 //!   chosen ones and their positions restarting after the prompt: the prompt is computed once.
-use super::prepared::PairView;
+use crate::data::prepared::PairView;
 use crate::model::decoder::SeqLayout;
 use crate::model::logprobs::Scored;
 
@@ -49,9 +49,7 @@ pub fn build(kind: LayoutKind, pairs: &[PairView]) -> (SeqLayout, Scored) {
             .iter()
             .flat_map(|p| {
                 let (pr, c, r) = scored_parts(p);
-                [c, r].map(|comp| {
-                    pr.iter().map(|&t| (t, None)).chain(comp.iter().map(|&t| (t, Some(())))).collect::<Vec<_>>()
-                })
+                [c, r].map(|comp| pr.iter().map(|&t| (t, None)).chain(comp.iter().map(|&t| (t, Some(())))).collect::<Vec<_>>())
             })
             .enumerate()
             .map(|(s, toks)| toks.into_iter().enumerate().map(|(pos, (t, sc))| (t, pos as u32, sc.map(|_| s as u32))).collect())
@@ -71,7 +69,8 @@ pub fn build(kind: LayoutKind, pairs: &[PairView]) -> (SeqLayout, Scored) {
     };
     let batch = rows.len();
     let len = rows.iter().map(|r| r.len()).max().unwrap_or(1).max(1);
-    let mut layout = SeqLayout { batch, len, input_ids: vec![0; batch * len], positions: vec![0; batch * len], visible: vec![false; batch * len * len] };
+    let mut layout =
+        SeqLayout { batch, len, input_ids: vec![0; batch * len], positions: vec![0; batch * len], visible: vec![false; batch * len * len] };
     let mut sc = Scored { num_seqs: 2 * pairs.len(), ..Default::default() };
     for (b, row) in rows.iter().enumerate() {
         let base = b * len;
@@ -80,16 +79,15 @@ pub fn build(kind: LayoutKind, pairs: &[PairView]) -> (SeqLayout, Scored) {
         for (i, &(tok, pos, seq)) in row.iter().enumerate() {
             layout.input_ids[base + i] = tok;
             layout.positions[base + i] = pos;
-            for j in 0..=i {
-                let (_, _, sj) = row[j];
+            for (j, &(_, _, sj)) in row.iter().enumerate().take(i + 1) {
                 // A key is visible if it is the prompt, or belongs to the same completion.
-                let same = j < prompt_len || sj == seq;
-                layout.visible[(base + i) * len + j] = same;
+                layout.visible[(base + i) * len + j] = j < prompt_len || sj == seq;
             }
             if let Some(s) = seq {
                 // The first completion token is predicted from the last prompt token; later
                 // ones from the previous token of the same completion.
-                let prev = (0..i).rev().find(|&j| j < prompt_len || row[j].2 == Some(s)).expect("prepare rejects empty prompts");
+                // Prepared rows always have a prompt token (PreparedDataset::open checks it).
+                let prev = (0..i).rev().find(|&j| j < prompt_len || row[j].2 == Some(s)).expect("a pair has a prompt token");
                 sc.rows.push((base + prev) as u32);
                 sc.targets.push(tok);
                 sc.seq.push(s);

@@ -1,9 +1,9 @@
 //! Synthetic preference data with a learnable signal: the chosen answer is correct and in a
 //! consistent formal style; the rejected one is wrong and casual. A small model learns to
 //! prefer the first within a few hundred DPO steps.
-use super::input::Message;
-use crate::data::prepared::parquet_props;
+use crate::data::input::Message;
 use crate::rng::Rng;
+use crate::store::parquet_props;
 use crate::store::PartialFile;
 use anyhow::Result;
 use arrow_array::builder::{ListBuilder, StringBuilder, StructBuilder};
@@ -14,14 +14,38 @@ use std::path::Path;
 use std::sync::Arc;
 
 const COLORS: &[(&str, &str)] = &[
-    ("sky", "blue"), ("grass", "green"), ("banana", "yellow"), ("snow", "white"), ("coal", "black"),
-    ("tomato", "red"), ("carrot", "orange"), ("plum", "purple"), ("lemon", "yellow"), ("cherry", "red"),
-    ("ocean", "blue"), ("leaf", "green"), ("milk", "white"), ("night", "black"), ("pumpkin", "orange"),
-    ("violet", "purple"), ("strawberry", "red"), ("cucumber", "green"), ("chalk", "white"), ("crow", "black"),
+    ("sky", "blue"),
+    ("grass", "green"),
+    ("banana", "yellow"),
+    ("snow", "white"),
+    ("coal", "black"),
+    ("tomato", "red"),
+    ("carrot", "orange"),
+    ("plum", "purple"),
+    ("lemon", "yellow"),
+    ("cherry", "red"),
+    ("ocean", "blue"),
+    ("leaf", "green"),
+    ("milk", "white"),
+    ("night", "black"),
+    ("pumpkin", "orange"),
+    ("violet", "purple"),
+    ("strawberry", "red"),
+    ("cucumber", "green"),
+    ("chalk", "white"),
+    ("crow", "black"),
 ];
 const SOUNDS: &[(&str, &str)] = &[
-    ("cat", "meow"), ("dog", "woof"), ("cow", "moo"), ("duck", "quack"), ("sheep", "baa"),
-    ("owl", "hoot"), ("lion", "roar"), ("snake", "hiss"), ("bee", "buzz"), ("horse", "neigh"),
+    ("cat", "meow"),
+    ("dog", "woof"),
+    ("cow", "moo"),
+    ("duck", "quack"),
+    ("sheep", "baa"),
+    ("owl", "hoot"),
+    ("lion", "roar"),
+    ("snake", "hiss"),
+    ("bee", "buzz"),
+    ("horse", "neigh"),
 ];
 const CASUAL: &[&str] = &["idk, maybe", "lol it's", "uh... probably", "no clue, i'd say", "whatever, just"];
 
@@ -39,7 +63,9 @@ pub fn synth_row(rng: &mut Rng) -> SynthRow {
             let (thing, color) = rng.pick(COLORS);
             let wrong = loop {
                 let (_, c) = rng.pick(COLORS);
-                if c != color { break *c; }
+                if c != color {
+                    break *c;
+                }
             };
             (format!("What color is the {thing}?"), format!("The {thing} is {color}."), format!("{} {wrong}", rng.pick(CASUAL)))
         }
@@ -47,7 +73,9 @@ pub fn synth_row(rng: &mut Rng) -> SynthRow {
             let (animal, sound) = rng.pick(SOUNDS);
             let wrong = loop {
                 let (_, s) = rng.pick(SOUNDS);
-                if s != sound { break *s; }
+                if s != sound {
+                    break *s;
+                }
             };
             (format!("What sound does a {animal} make?"), format!("A {animal} says {sound}."), format!("{} {wrong}", rng.pick(CASUAL)))
         }

@@ -1,9 +1,9 @@
 //! `pipeline init-model`: a randomly initialised model in Hugging Face layout, with a real
 //! byte-level BPE tokenizer trained by the `tokenizers` crate on text the project generates.
 //! Same arguments, byte-identical files.
-use super::config::ModelConfig;
-use super::weights::{save_weights, tensor_names};
-use crate::data::synth::{synth_row, text_prompt};
+use super::prefs::{synth_row, text_prompt};
+use crate::model::config::ModelConfig;
+use crate::model::weights::{save_weights, tensor_names};
 use crate::rng::Rng;
 use crate::store::write_atomic;
 use anyhow::{anyhow, Result};
@@ -12,11 +12,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::normalizers::unicode::NFC;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, PostProcessorWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -69,7 +69,8 @@ fn training_text(seed: u64, pseudo_words: usize) -> Vec<String> {
         let n = 1 + rng.below(4);
         line.push(' ');
         for _ in 0..n {
-            line.push_str(*rng.pick(SYL));
+            let syllable: &&str = rng.pick(SYL);
+            line.push_str(syllable);
         }
         if i % 16 == 15 {
             out.push(std::mem::take(&mut line));
@@ -99,8 +100,7 @@ pub fn train_tokenizer(arch: Arch, vocab: usize, seed: u64, pseudo_words: usize)
         // one by one), byte-level without its own regex.
         Arch::Qwen2 => {
             tok.with_normalizer(Some(NFC)).map_err(|e| anyhow!("{e}"))?;
-            let split = Split::new(SplitPattern::Regex(QWEN2_REGEX.into()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(|e| anyhow!("{e}"))?;
+            let split = Split::new(SplitPattern::Regex(QWEN2_REGEX.into()), SplitDelimiterBehavior::Isolated, false).map_err(|e| anyhow!("{e}"))?;
             tok.with_pre_tokenizer(Some(Sequence::new(vec![
                 PreTokenizerWrapper::Split(split),
                 PreTokenizerWrapper::ByteLevel(ByteLevel::default().add_prefix_space(false).use_regex(false)),
@@ -204,7 +204,11 @@ pub fn init_model(spec: &InitSpec, out: &Path) -> Result<ModelConfig> {
             "down_proj" => (hidden, inter),
             _ => (hidden, 0), // norms
         };
-        if is_bias || i == 0 { vec![o] } else { vec![o, i] }
+        if is_bias || i == 0 {
+            vec![o]
+        } else {
+            vec![o, i]
+        }
     };
     let mut names = tensor_names(&cfg);
     names.sort();

@@ -1,0 +1,119 @@
+//! The reference cache directory, written only by the `cache-ref` stage and read by `train`:
+//! - `chosen_logps.f32`, `rejected_logps.f32`: log π_ref(y|x) per `row_id` (memory-mapped columns);
+//! - `chosen_tokens.u32`, `rejected_tokens.u32`: how many completion tokens were scored;
+//! - `ref_logps.parquet`: the same, with `row_id` and `split`, for polars;
+//! - `manifest.json` (and `progress.json` while unfinished).
+use super::prepared::PreparedDataset;
+use crate::store::{short, Column, Manifest, ParquetOut};
+use anyhow::{bail, Context, Result};
+use arrow_array::builder::{Float32Builder, StringBuilder, UInt32Builder, UInt64Builder};
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const STAGE: &str = "cache-ref";
+/// 2: manifest inputs are typed.
+pub const FORMAT_VERSION: u32 = 2;
+pub const CHOSEN_LOGPS: &str = "chosen_logps.f32";
+pub const REJECTED_LOGPS: &str = "rejected_logps.f32";
+pub const CHOSEN_TOKENS: &str = "chosen_tokens.u32";
+pub const REJECTED_TOKENS: &str = "rejected_tokens.u32";
+pub const PARQUET: &str = "ref_logps.parquet";
+pub const PROGRESS: &str = "progress.json";
+pub const FILES: [&str; 5] = [CHOSEN_LOGPS, REJECTED_LOGPS, CHOSEN_TOKENS, REJECTED_TOKENS, PARQUET];
+
+pub fn parquet_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("row_id", DataType::UInt64, false),
+        Field::new("split", DataType::Utf8, false),
+        Field::new("ref_chosen_logps", DataType::Float32, false),
+        Field::new("ref_rejected_logps", DataType::Float32, false),
+        Field::new("chosen_scored_tokens", DataType::UInt32, false),
+        Field::new("rejected_scored_tokens", DataType::UInt32, false),
+    ]))
+}
+
+/// Writes the polars view of finished log-prob columns.
+pub fn write_parquet(path: &Path, prepared: &PreparedDataset, chosen: &[f32], rejected: &[f32]) -> Result<()> {
+    let mut out = ParquetOut::create(path, parquet_schema())?;
+    let n = prepared.len();
+    for start in (0..n).step_by(16384) {
+        let end = (start + 16384).min(n);
+        let (mut id, mut split, mut c, mut r, mut ct, mut rt) =
+            (UInt64Builder::new(), StringBuilder::new(), Float32Builder::new(), Float32Builder::new(), UInt32Builder::new(), UInt32Builder::new());
+        for i in start..end {
+            let p = prepared.pair(i);
+            id.append_value(i as u64);
+            split.append_value(p.split.as_str());
+            c.append_value(chosen[i]);
+            r.append_value(rejected[i]);
+            ct.append_value(p.chosen_scored as u32);
+            rt.append_value(p.rejected_scored as u32);
+        }
+        let arrays: Vec<ArrayRef> = vec![
+            Arc::new(id.finish()),
+            Arc::new(split.finish()),
+            Arc::new(c.finish()),
+            Arc::new(r.finish()),
+            Arc::new(ct.finish()),
+            Arc::new(rt.finish()),
+        ];
+        out.write(&RecordBatch::try_new(parquet_schema(), arrays)?)?;
+    }
+    out.finish()
+}
+
+/// Read side of a finished cache, for the trainer.
+pub struct RefCache {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub chosen: Column<f32>,
+    pub rejected: Column<f32>,
+}
+
+impl RefCache {
+    /// Opens a finished cache and checks it was built from `prepared`.
+    pub fn open(dir: &Path, prepared: &PreparedDataset) -> Result<Self> {
+        let manifest = Manifest::load(dir, STAGE).with_context(|| {
+            if dir.join(PROGRESS).exists() {
+                format!("{} is an unfinished cache: rerun the same `pipeline cache-ref` command to complete it", dir.display())
+            } else {
+                format!("{} is not a reference cache", dir.display())
+            }
+        })?;
+        if manifest.format_version != FORMAT_VERSION {
+            bail!(
+                "{}: cache format version {}, this build reads {FORMAT_VERSION}; rebuild it with cache-ref --force",
+                dir.display(),
+                manifest.format_version
+            );
+        }
+        let built_from = &manifest.input("prepared").with_context(|| format!("{}", Manifest::path(dir).display()))?.blake3;
+        if built_from != prepared.fingerprint() {
+            bail!(
+                "reference cache {} was built from prepared data with fingerprint {}, but {} has fingerprint {}; rerun cache-ref on it",
+                dir.display(),
+                short(built_from),
+                prepared.dir.display(),
+                short(prepared.fingerprint())
+            );
+        }
+        manifest.verify_files(dir)?;
+        let fp = Some(manifest.fingerprint.as_str());
+        let chosen: Column<f32> = Column::open(&dir.join(CHOSEN_LOGPS), fp)?;
+        let rejected: Column<f32> = Column::open(&dir.join(REJECTED_LOGPS), fp)?;
+        if chosen.len() != prepared.len() || rejected.len() != prepared.len() {
+            bail!("reference cache {} has {} rows, the prepared data {}: missing rows", dir.display(), chosen.len(), prepared.len());
+        }
+        if let Some(i) = chosen.as_slice().iter().zip(rejected.as_slice()).position(|(c, r)| !c.is_finite() || !r.is_finite()) {
+            bail!("reference cache {}: row {i} has no finite value; rebuild with --force", dir.display());
+        }
+        Ok(Self { dir: dir.to_path_buf(), manifest, chosen, rejected })
+    }
+
+    /// The reference model the cache was computed with (an absolute path).
+    pub fn model_dir(&self) -> Result<PathBuf> {
+        Ok(PathBuf::from(&self.manifest.input("model")?.path))
+    }
+}

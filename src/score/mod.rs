@@ -1,0 +1,28 @@
+//! Scoring pairs with the decoder: turns prepared pairs into decoder inputs (`layout`) and
+//! sums the completion tokens' log-probs per sequence. The one place that knows both the
+//! prepared format and the model; the same code serves cache-ref and train.
+pub mod layout;
+
+use crate::data::prepared::PairView;
+use crate::model::logprobs::{sequence_logps, token_logps, Scored};
+use crate::model::Decoder;
+use anyhow::Result;
+use candle_core::Tensor;
+use layout::LayoutKind;
+
+/// Sequence log-probs of a batch of pairs: (chosen [n], rejected [n]) f32, plus the per-token
+/// values of every scored position (sequence 2i = pair i's chosen, 2i+1 its rejected).
+pub struct PairLogps {
+    pub chosen: Tensor,
+    pub rejected: Tensor,
+    pub tokens: Tensor,
+    pub scored: Scored,
+}
+
+pub fn pair_logps(decoder: &Decoder, kind: LayoutKind, pairs: &[PairView]) -> Result<PairLogps> {
+    let (layout, scored) = layout::build(kind, pairs);
+    let hidden = decoder.hidden(&layout)?;
+    let tokens = token_logps(&hidden, decoder.lm_head(), &scored)?;
+    let seqs = sequence_logps(&tokens, &scored)?.reshape((pairs.len(), 2))?;
+    Ok(PairLogps { chosen: seqs.narrow(1, 0, 1)?.squeeze(1)?, rejected: seqs.narrow(1, 1, 1)?.squeeze(1)?, tokens, scored })
+}

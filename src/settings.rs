@@ -1,0 +1,368 @@
+//! Every setting of every stage, defined once: its help text, default, TOML key (the field
+//! name) and flag (`--field-name`), in the `settings!` tables below. What a command runs with
+//! is layered: its flags over its section of a pipeline TOML (`--config FILE`, `pipeline run`)
+//! over the defaults, merged field by field in `over`, and checked in one `validate` per stage
+//! before any work starts. A setting is "unset" only when no layer names it, never because it
+//! equals its default.
+use crate::data::input::ColumnNames;
+use crate::model::weights::parse_dtype;
+use crate::score::layout::LayoutKind;
+use crate::train::loss::LossKind;
+use crate::train::optim::SchedulerKind;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Help text with the default appended, as `--help` shows it.
+pub fn help<T: Serialize>(doc: &str, default: &T) -> String {
+    let text = doc.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+    let shown = match serde_json::to_value(default) {
+        Ok(serde_json::Value::String(s)) if !s.is_empty() => Some(s),
+        Ok(serde_json::Value::Number(n)) => Some(n.to_string()),
+        Ok(serde_json::Value::Bool(true)) => Some("true".into()),
+        _ => None,
+    };
+    match shown {
+        Some(d) => format!("{text} [default: {d}]"),
+        None => text,
+    }
+}
+
+/// Defines a stage's resolved settings struct, its defaults, and its layer struct (every field
+/// optional) that clap parses from flags and serde from a TOML section.
+macro_rules! settings {
+    (
+        $(#[doc = $sdoc:literal])*
+        pub struct $name:ident, layer $layer:ident {
+            $(
+                $(#[doc = $doc:literal])+
+                $(#[arg($($arg:tt)*)])*
+                $field:ident : $ty:ty = $default:expr,
+            )*
+        }
+    ) => {
+        $(#[doc = $sdoc])*
+        #[derive(Debug, Clone, Serialize)]
+        pub struct $name {
+            $( $(#[doc = $doc])+ pub $field: $ty, )*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self { $( $field: $default, )* }
+            }
+        }
+
+        /// One layer of settings (command-line flags, or a TOML section): `None` is unset.
+        #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $layer {
+            $(
+                #[arg(long, allow_negative_numbers = true, help = help(concat!($($doc, "\n"),+), &$name::default().$field))]
+                $(#[arg($($arg)*)])*
+                #[serde(default)]
+                pub $field: Option<$ty>,
+            )*
+        }
+
+        impl $layer {
+            /// `self` where set, else `lower`.
+            pub fn over(self, lower: Self) -> Self {
+                Self { $( $field: self.$field.or(lower.$field), )* }
+            }
+
+            /// Unset fields take their defaults.
+            pub fn resolve(self) -> $name {
+                let d = $name::default();
+                $name { $( $field: self.$field.unwrap_or(d.$field), )* }
+            }
+        }
+    };
+}
+
+settings! {
+    /// `pipeline prepare`: preference parquet -> token ids.
+    pub struct PrepareSettings, layer PrepareLayer {
+        /// Preference parquet files, globs or directories (all `*.parquet` inside, sorted).
+        #[arg(long = "input", num_args = 1.., value_name = "PATH")]
+        inputs: Vec<String> = vec![],
+        /// Files (or globs, directories) whose rows all go to the eval split.
+        #[arg(long = "eval-input", num_args = 1.., value_name = "PATH")]
+        eval_inputs: Vec<String> = vec![],
+        /// Model directory the tokenizer (tokenizer.json) and chat template come from.
+        #[arg(value_name = "DIR")]
+        model: PathBuf = PathBuf::new(),
+        /// Output directory.
+        #[arg(value_name = "DIR")]
+        out: PathBuf = PathBuf::from("prepared"),
+        /// Prompt column; unset: `prompt` if the file has one, else the prompt is implicit
+        /// (the common prefix of chosen and rejected).
+        #[arg(num_args = 1, value_name = "NAME")]
+        prompt_column: Option<String> = None,
+        /// Chosen-completion column.
+        #[arg(value_name = "NAME")]
+        chosen_column: String = "chosen".into(),
+        /// Rejected-completion column.
+        #[arg(value_name = "NAME")]
+        rejected_column: String = "rejected".into(),
+        /// Longest prompt+completion sequence scored (TRL's default); longer ones keep their
+        /// first tokens, chosen and rejected independently.
+        #[arg(value_name = "TOKENS")]
+        max_length: usize = 1024,
+        /// Keep only the last N prompt tokens (unset: whole prompts).
+        #[arg(num_args = 1, value_name = "TOKENS")]
+        max_prompt_length: Option<usize> = None,
+        /// Fraction of rows, chosen by a hash of their content, that go to the eval split.
+        #[arg(value_name = "F")]
+        eval_fraction: f64 = 0.0,
+        /// Replace an output built from other inputs or settings (or damaged).
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        force: bool = false,
+    }
+}
+
+settings! {
+    /// `pipeline cache-ref`: the reference model's log-probs, computed once.
+    pub struct CacheRefSettings, layer CacheRefLayer {
+        /// Prepared directory (the output of `prepare`).
+        #[arg(value_name = "DIR")]
+        prepared: PathBuf = PathBuf::from("prepared"),
+        /// Reference model directory (Hugging Face layout: config.json, safetensors, tokenizer).
+        #[arg(value_name = "DIR")]
+        model: PathBuf = PathBuf::new(),
+        /// Output directory.
+        #[arg(value_name = "DIR")]
+        out: PathBuf = PathBuf::from("ref_cache"),
+        /// Tokens per forward batch, padding included.
+        #[arg(value_name = "TOKENS")]
+        batch_tokens: usize = 4096,
+        /// Compute dtype: f32, bf16 or f16 (log-probs are always accumulated in f32).
+        #[arg(value_name = "DTYPE")]
+        dtype: String = "f32".into(),
+        /// Attention layout: shared-prompt computes each pair's prompt once; padded is TRL's
+        /// two right-padded rows.
+        #[arg(value_enum)]
+        layout: LayoutKind = LayoutKind::SharedPrompt,
+        /// Replace a cache built from other inputs or settings (or damaged).
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        force: bool = false,
+        /// Stop after N batches, leaving a resumable partial cache (for testing resume).
+        #[arg(hide = true)]
+        stop_after_batches: usize = 0,
+    }
+}
+
+settings! {
+    /// `pipeline train`: DPO on the cached reference log-probs.
+    pub struct TrainSettings, layer TrainLayer {
+        /// Prepared directory (the output of `prepare`).
+        #[arg(value_name = "DIR")]
+        prepared: PathBuf = PathBuf::from("prepared"),
+        /// Reference cache (the output of `cache-ref` on the same prepared directory).
+        #[arg(value_name = "DIR")]
+        ref_cache: PathBuf = PathBuf::from("ref_cache"),
+        /// Output directory: metrics, checkpoints, final model.
+        #[arg(value_name = "DIR")]
+        out: PathBuf = PathBuf::from("train"),
+        /// Policy initialisation (unset: the reference model recorded in the cache).
+        #[arg(num_args = 1, value_name = "DIR")]
+        model: Option<PathBuf> = None,
+        /// Preference loss, as TRL names it.
+        #[arg(value_enum)]
+        loss: LossKind = LossKind::Sigmoid,
+        /// β: the strength of the KL anchor to the reference (must be > 0).
+        beta: f64 = 0.1,
+        /// ε: assumed fraction of flipped labels, for `sigmoid` (cDPO) and `robust`; in [0, 0.5).
+        label_smoothing: f64 = 0.0,
+        /// Weight of an SFT (mean negative log-likelihood of chosen tokens) term.
+        sft_weight: f64 = 0.0,
+        /// Peak learning rate.
+        lr: f64 = 1e-6,
+        /// AdamW decoupled weight decay.
+        weight_decay: f64 = 0.0,
+        /// AdamW β1.
+        adam_beta1: f64 = 0.9,
+        /// AdamW β2.
+        adam_beta2: f64 = 0.999,
+        /// AdamW ε.
+        adam_eps: f64 = 1e-8,
+        /// Learning-rate schedule after warm-up (transformers' definitions).
+        #[arg(value_enum)]
+        scheduler: SchedulerKind = SchedulerKind::Linear,
+        /// Linear warm-up steps.
+        warmup_steps: usize = 0,
+        /// Clip the global gradient norm to this (0: no clipping); `grad_norm` is logged before clipping.
+        max_grad_norm: f64 = 1.0,
+        /// Micro-batches per optimizer step.
+        grad_accum: usize = 1,
+        /// Pairs per micro-batch.
+        batch_size: usize = 8,
+        /// Optimizer steps (unset: from --epochs).
+        #[arg(num_args = 1, value_name = "N")]
+        max_steps: Option<usize> = None,
+        /// Passes over the train split, when --max-steps is unset.
+        epochs: f64 = 1.0,
+        /// Seed of the data order.
+        seed: u64 = 42,
+        /// Shuffle the train rows each epoch (false: row_id order).
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        shuffle: bool = true,
+        /// Evaluate on the eval split every N steps (and at step 0 and the end; 0: only those).
+        eval_every: usize = 50,
+        /// Save a resumable checkpoint every N steps (0: only the final model).
+        save_every: usize = 500,
+        /// Attention layout (see cache-ref).
+        #[arg(value_enum)]
+        layout: LayoutKind = LayoutKind::SharedPrompt,
+        /// Continue from the newest complete checkpoint in --out (from the start if there is none).
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        resume: bool = false,
+        /// Discard a training run already in --out and start over.
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        force: bool = false,
+        /// Ablation: load the reference model and compute its log-probs in every step.
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        ref_in_loop: bool = false,
+        /// Stop after N steps, keeping the schedule of the full run (for testing resume).
+        #[arg(hide = true, num_args = 1)]
+        stop_after_steps: Option<usize> = None,
+    }
+}
+
+fn positive(flag: &str, v: f64) -> Result<()> {
+    if !(v.is_finite() && v > 0.0) {
+        bail!("--{flag} must be a positive number, got {v}");
+    }
+    Ok(())
+}
+
+fn non_negative(flag: &str, v: f64) -> Result<()> {
+    if !(v.is_finite() && v >= 0.0) {
+        bail!("--{flag} must be a number >= 0, got {v}");
+    }
+    Ok(())
+}
+
+fn in_unit(flag: &str, v: f64) -> Result<()> {
+    if !(v.is_finite() && (0.0..1.0).contains(&v)) {
+        bail!("--{flag} must be in [0, 1), got {v}");
+    }
+    Ok(())
+}
+
+fn at_least_one(flag: &str, v: usize) -> Result<()> {
+    if v == 0 {
+        bail!("--{flag} must be at least 1");
+    }
+    Ok(())
+}
+
+fn given(flag: &str, p: &Path) -> Result<()> {
+    if p.as_os_str().is_empty() {
+        bail!("--{flag} is required");
+    }
+    Ok(())
+}
+
+impl PrepareSettings {
+    pub fn validate(&self) -> Result<()> {
+        if self.inputs.is_empty() {
+            bail!("--input is required: the preference parquet file(s) to prepare");
+        }
+        given("model", &self.model)?;
+        at_least_one("max-length", self.max_length)?;
+        if self.max_prompt_length == Some(0) {
+            bail!("--max-prompt-length must be at least 1 (a pair needs a prompt token to score its first completion token); leave it unset to keep whole prompts");
+        }
+        in_unit("eval-fraction", self.eval_fraction)?;
+        let cols = [self.prompt_column.as_deref(), Some(self.chosen_column.as_str()), Some(self.rejected_column.as_str())];
+        if cols.iter().flatten().any(|c| c.is_empty()) {
+            bail!("--prompt-column, --chosen-column and --rejected-column must not be empty");
+        }
+        if self.chosen_column == self.rejected_column
+            || self.prompt_column.as_deref().is_some_and(|p| p == self.chosen_column || p == self.rejected_column)
+        {
+            bail!("--prompt-column, --chosen-column and --rejected-column must name different columns");
+        }
+        Ok(())
+    }
+
+    pub fn columns(&self) -> ColumnNames {
+        ColumnNames { prompt: self.prompt_column.clone(), chosen: self.chosen_column.clone(), rejected: self.rejected_column.clone() }
+    }
+}
+
+impl CacheRefSettings {
+    pub fn validate(&self) -> Result<()> {
+        given("model", &self.model)?;
+        at_least_one("batch-tokens", self.batch_tokens)?;
+        parse_dtype(&self.dtype).context("--dtype")?;
+        Ok(())
+    }
+}
+
+impl TrainSettings {
+    pub fn validate(&self) -> Result<()> {
+        positive("beta", self.beta)?;
+        non_negative("label-smoothing", self.label_smoothing)?;
+        if self.label_smoothing > 0.0 {
+            if !matches!(self.loss, LossKind::Sigmoid | LossKind::Robust) {
+                bail!("--label-smoothing applies to the sigmoid (cDPO) and robust losses only, not {:?}", self.loss);
+            }
+            if self.label_smoothing >= 0.5 {
+                bail!(
+                    "--label-smoothing must be below 0.5 (at 0.5 the labels carry no information; robust divides by 1 - 2ε), got {}",
+                    self.label_smoothing
+                );
+            }
+        }
+        non_negative("sft-weight", self.sft_weight)?;
+        non_negative("lr", self.lr)?;
+        non_negative("weight-decay", self.weight_decay)?;
+        in_unit("adam-beta1", self.adam_beta1)?;
+        in_unit("adam-beta2", self.adam_beta2)?;
+        positive("adam-eps", self.adam_eps)?;
+        non_negative("max-grad-norm", self.max_grad_norm)?;
+        at_least_one("grad-accum", self.grad_accum)?;
+        at_least_one("batch-size", self.batch_size)?;
+        if self.max_steps == Some(0) {
+            bail!("--max-steps must be at least 1");
+        }
+        if self.max_steps.is_none() {
+            positive("epochs", self.epochs)?;
+        }
+        if self.resume && self.force {
+            bail!("--resume continues a run and --force discards it: pass one of them");
+        }
+        Ok(())
+    }
+}
+
+/// A pipeline TOML: one section per stage, each a settings layer. Later stages read what
+/// earlier ones wrote unless the file says otherwise.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineFile {
+    pub prepare: PrepareLayer,
+    pub cache_ref: CacheRefLayer,
+    pub train: TrainLayer,
+}
+
+impl PipelineFile {
+    /// Reads a pipeline TOML (relative paths in it are relative to the working directory).
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let mut f: Self = toml::from_str(&text).with_context(|| format!("{}: invalid pipeline config", path.display()))?;
+        let out = f.prepare.out.clone().or(Some(PrepareSettings::default().out));
+        f.cache_ref.prepared = f.cache_ref.prepared.or(out.clone());
+        f.cache_ref.model = f.cache_ref.model.or(f.prepare.model.clone());
+        f.train.prepared = f.train.prepared.or(out);
+        f.train.ref_cache = f.train.ref_cache.or(f.cache_ref.out.clone());
+        Ok(f)
+    }
+
+    /// The file's sections, or empty layers without a file.
+    pub fn load_optional(path: Option<&Path>) -> Result<Self> {
+        path.map(Self::load).transpose().map(Option::unwrap_or_default)
+    }
+}
