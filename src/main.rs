@@ -55,6 +55,22 @@ enum Cmd {
         #[command(flatten)]
         flags: CacheRefLayer,
     },
+    /// Join the shards of a reference cache (`cache-ref --shard K/N`) into one cache, identical
+    /// to an unsharded run's.
+    MergeRef {
+        /// Output directory: the merged reference cache.
+        #[arg(long)]
+        out: PathBuf,
+        /// Prepared directory the shards were computed from (default: the path in their manifests).
+        #[arg(long)]
+        prepared: Option<PathBuf>,
+        /// Replace a cache built from other inputs or settings.
+        #[arg(long)]
+        force: bool,
+        /// The N shard directories, in any order.
+        #[arg(required = true, value_name = "SHARD_DIR")]
+        shards: Vec<PathBuf>,
+    },
     /// Train the policy with DPO on the cached reference log-probs (stage 3).
     Train {
         #[command(flatten)]
@@ -141,6 +157,9 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::CacheRef { file, flags } => {
             let f = PipelineFile::load_optional(file.config.as_deref())?;
             stages::cache_ref::run(&flags.over(f.cache_ref).resolve())?;
+        }
+        Cmd::MergeRef { out, prepared, force, shards } => {
+            stages::cache_ref::merge(&shards, &out, prepared.as_deref(), force)?;
         }
         Cmd::Train { file, flags } => {
             let f = PipelineFile::load_optional(file.config.as_deref())?;

@@ -146,6 +146,10 @@ settings! {
         /// Replace a cache built from other inputs or settings (or damaged).
         #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
         force: bool = false,
+        /// Compute only shard K (from 0) of N into --out, for `pipeline merge-ref` to join; the
+        /// batches are split by computed tokens, the same way on every machine.
+        #[arg(num_args = 1, value_name = "K/N")]
+        shard: Option<String> = None,
         /// Stop after N batches, leaving a resumable partial cache (for testing resume).
         #[arg(hide = true)]
         stop_after_batches: usize = 0,
@@ -297,7 +301,18 @@ impl CacheRefSettings {
         given("model", &self.model)?;
         at_least_one("batch-tokens", self.batch_tokens)?;
         parse_dtype(&self.dtype).context("--dtype")?;
+        self.shard()?;
         Ok(())
+    }
+
+    /// `--shard K/N` as (K, N).
+    pub fn shard(&self) -> Result<Option<(usize, usize)>> {
+        let Some(s) = &self.shard else { return Ok(None) };
+        let parsed = s.split_once('/').and_then(|(k, n)| Some((k.trim().parse::<usize>().ok()?, n.trim().parse::<usize>().ok()?)));
+        match parsed {
+            Some((k, n)) if n >= 1 && k < n => Ok(Some((k, n))),
+            _ => bail!("--shard must be K/N with 0 <= K < N (shards count from 0), got `{s}`"),
+        }
     }
 }
 

@@ -3,6 +3,11 @@
 //! - `chosen_tokens.u32`, `rejected_tokens.u32`: how many completion tokens were scored;
 //! - `ref_logps.parquet`: the same, with `row_id` and `split`, for polars;
 //! - `manifest.json` (and `progress.json` while unfinished).
+//!
+//! A shard (`cache-ref --shard K/N`) is a directory of its own, stage `cache-ref-shard`: the
+//! two log-prob columns at full length (NaN outside the shard), `shard_rows.u64` (its row ids,
+//! ascending) and a manifest whose settings hold the whole cache's settings under `cache`.
+//! `merge-ref` joins shards into a cache identical to an unsharded run's.
 use super::prepared::PreparedDataset;
 use crate::store::{short, Column, Manifest, ParquetOut};
 use anyhow::{bail, Context, Result};
@@ -22,6 +27,25 @@ pub const REJECTED_TOKENS: &str = "rejected_tokens.u32";
 pub const PARQUET: &str = "ref_logps.parquet";
 pub const PROGRESS: &str = "progress.json";
 pub const FILES: [&str; 5] = [CHOSEN_LOGPS, REJECTED_LOGPS, CHOSEN_TOKENS, REJECTED_TOKENS, PARQUET];
+pub const SHARD_STAGE: &str = "cache-ref-shard";
+pub const SHARD_ROWS: &str = "shard_rows.u64";
+pub const SHARD_FILES: [&str; 3] = [CHOSEN_LOGPS, REJECTED_LOGPS, SHARD_ROWS];
+
+/// Which batches of the global plan shard k of n computes: each batch goes to the shard with
+/// the fewest computed tokens so far, largest batches first (ties: lower index). The same
+/// plan gives the same split on every machine.
+pub fn shard_of_batches(batch_tokens: &[usize], n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..batch_tokens.len()).collect();
+    order.sort_by_key(|&b| (std::cmp::Reverse(batch_tokens[b]), b));
+    let mut load = vec![0usize; n];
+    let mut shard = vec![0; batch_tokens.len()];
+    for b in order {
+        let k = (0..n).min_by_key(|&k| (load[k], k)).expect("n >= 1");
+        shard[b] = k;
+        load[k] += batch_tokens[b];
+    }
+    shard
+}
 
 pub fn parquet_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
