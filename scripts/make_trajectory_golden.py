@@ -45,7 +45,13 @@ def autograd_steps(model_dir, rows):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=SETTINGS["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    return autograd_loop(model, ref, rows)
+
+
+def autograd_loop(model, ref, rows):
+    """DPO by plain autograd on `model`'s trainable parameters against the frozen `ref`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=SETTINGS["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     total = SETTINGS["max_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (total - s) / total))
     beta, bs, max_len = SETTINGS["beta"], SETTINGS["batch_size"], SETTINGS["max_length"]
@@ -68,7 +74,7 @@ def autograd_steps(model_dir, rows):
         loss = -torch.nn.functional.logsigmoid(cr - rj).mean()
         opt.zero_grad()
         loss.backward()
-        grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters())).item()
+        grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params)).item()
         opt.step()
         sched.step()
         out.append({"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm, "rewards/chosen": cr.mean().item(),

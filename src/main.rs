@@ -71,6 +71,18 @@ enum Cmd {
         #[arg(required = true, value_name = "SHARD_DIR")]
         shards: Vec<PathBuf>,
     },
+    /// Merge a LoRA adapter into its base model's weights, writing an HF model directory.
+    MergeLora {
+        /// Base model directory (HF layout).
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output directory: the merged model.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Train the policy with DPO on the cached reference log-probs (stage 3).
     Train {
         #[command(flatten)]
@@ -160,6 +172,10 @@ fn run(cmd: Cmd) -> Result<()> {
         }
         Cmd::MergeRef { out, prepared, force, shards } => {
             stages::cache_ref::merge(&shards, &out, prepared.as_deref(), force)?;
+        }
+        Cmd::MergeLora { model, adapter, out } => {
+            dpo_pipeline::train::policy::merge_lora(&model, &adapter, &out)?;
+            eprintln!("merge-lora: {} + {} -> {}", model.display(), adapter.display(), out.display());
         }
         Cmd::Train { file, flags } => {
             let f = PipelineFile::load_optional(file.config.as_deref())?;

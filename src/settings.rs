@@ -224,6 +224,27 @@ settings! {
         /// Discard a training run already in --out and start over.
         #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
         force: bool = false,
+        /// Train a LoRA adapter of rank R instead of every weight (PEFT semantics; the base is
+        /// frozen).
+        #[arg(num_args = 1, value_name = "R")]
+        lora_r: Option<usize> = None,
+        /// LoRA α: the adapter's output is scaled by α/r.
+        lora_alpha: f64 = 8.0,
+        /// LoRA target modules, comma-separated (q_proj, k_proj, v_proj, o_proj, gate_proj,
+        /// up_proj, down_proj) or all-linear.
+        #[arg(value_name = "LIST")]
+        lora_targets: String = "q_proj,v_proj".into(),
+        /// Dropout on the adapter's input.
+        lora_dropout: f64 = 0.0,
+        /// Continue training an existing PEFT LoRA adapter (its adapter_config.json gives r, α,
+        /// targets). The reference is whatever model cache-ref ran: the base, or the base with
+        /// this adapter merged (`pipeline merge-lora`), as TRL uses a copy of the adapter.
+        #[arg(num_args = 1, value_name = "DIR")]
+        adapter: Option<PathBuf> = None,
+        /// Dtype the frozen base weights are held in under LoRA (f32 or bf16); adapters and
+        /// their math stay f32.
+        #[arg(value_name = "DTYPE")]
+        base_dtype: String = "f32".into(),
         /// Ablation: load the reference model and compute its log-probs in every step.
         #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
         ref_in_loop: bool = false,
@@ -345,6 +366,24 @@ impl TrainSettings {
         }
         if self.max_steps.is_none() {
             positive("epochs", self.epochs)?;
+        }
+        let lora = self.lora_r.is_some() || self.adapter.is_some();
+        if self.lora_r.is_some() && self.adapter.is_some() {
+            bail!("--lora-r starts a new adapter and --adapter continues one (its adapter_config.json gives r): pass one of them");
+        }
+        if lora {
+            positive("lora-alpha", self.lora_alpha)?;
+            in_unit("lora-dropout", self.lora_dropout)?;
+            if self.lora_r == Some(0) {
+                bail!("--lora-r must be at least 1");
+            }
+            if let Some(r) = self.lora_r {
+                crate::model::lora::LoraConfig::new(r, self.lora_alpha, &self.lora_targets, self.lora_dropout).context("--lora-targets")?;
+            }
+        }
+        let base = parse_dtype(&self.base_dtype).context("--base-dtype")?;
+        if base == candle_core::DType::F16 || (!lora && base != candle_core::DType::F32) {
+            bail!("--base-dtype holds a frozen LoRA base in f32 or bf16; full fine-tuning trains f32 weights");
         }
         if self.resume && self.force {
             bail!("--resume continues a run and --force discards it: pass one of them");

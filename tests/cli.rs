@@ -6,7 +6,7 @@ use common::*;
 fn help_explains_every_stage() {
     let d = tmp();
     let top = ok_stdout(d.path(), &["--help"]);
-    for cmd in ["prepare", "cache-ref", "train", "run", "demo", "init-model", "synth-prefs"] {
+    for cmd in ["prepare", "cache-ref", "merge-ref", "train", "merge-lora", "run", "demo", "init-model", "synth-prefs"] {
         assert!(top.contains(cmd), "--help lists {cmd}");
     }
     let prep = ok_stdout(d.path(), &["prepare", "--help"]);
@@ -14,7 +14,10 @@ fn help_explains_every_stage() {
         assert!(prep.contains(flag), "prepare --help lists {flag}");
     }
     let train = ok_stdout(d.path(), &["train", "--help"]);
-    for flag in ["--loss", "--beta", "--label-smoothing", "--sft-weight", "--scheduler", "--grad-accum", "--resume", "--ref-in-loop"] {
+    for flag in [
+        "--loss", "--beta", "--label-smoothing", "--sft-weight", "--scheduler", "--grad-accum", "--resume", "--ref-in-loop", "--lora-r", "--adapter",
+        "--base-dtype",
+    ] {
         assert!(train.contains(flag), "train --help lists {flag}");
     }
 }
@@ -63,4 +66,25 @@ eval_every = 3
     std::fs::write(d.path().join("bad.toml"), "[prepare]\nmax_lenght = 3\n").unwrap();
     let e = fails(d.path(), &["run", "bad.toml"]);
     assert!(e.contains("bad.toml") && e.contains("max_lenght"), "{e}");
+    // Changed settings over finished outputs: refused, then redone with --force.
+    let toml = std::fs::read_to_string(d.path().join("p.toml")).unwrap().replace("max_steps = 3", "max_steps = 2");
+    std::fs::write(d.path().join("p.toml"), toml).unwrap();
+    let e = fails(d.path(), &["run", "p.toml"]);
+    assert!(e.contains("out/train") && e.contains("--force"), "{e}");
+    let e = ok(d.path(), &["run", "p.toml", "--force"]);
+    assert!(e.contains("train: 2 steps"), "{e}");
+}
+
+/// The shipped pipeline files parse and pass validation (they stop at the missing data).
+#[test]
+fn shipped_pipeline_files_are_valid() {
+    let d = tmp();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    for f in std::fs::read_dir(dir).unwrap() {
+        let f = f.unwrap().path();
+        for stage in ["prepare", "cache-ref", "train"] {
+            let e = fails(d.path(), &[stage, "--config", s(&f)]);
+            assert!(e.contains("no such file") || e.contains("no manifest.json") || e.contains("config.json"), "{stage} {}: {e}", f.display());
+        }
+    }
 }

@@ -3,30 +3,14 @@ mod common;
 use candle_core::{DType, Device};
 use common::*;
 use dpo_pipeline::data::prepared::{PairView, Split};
-use dpo_pipeline::model::decoder::SeqLayout;
 use dpo_pipeline::model::logprobs::{token_logps, Scored};
-use dpo_pipeline::model::{load_decoder, weights, Decoder, ModelConfig};
+use dpo_pipeline::model::{load_decoder, weights, ModelConfig};
 use dpo_pipeline::score::layout::{self as batch, LayoutKind};
 use dpo_pipeline::score::pair_logps;
 use dpo_pipeline::store::file_hash;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
-
-/// Per-token log-probs of one unpadded causal sequence.
-fn seq_logps(dec: &Decoder, ids: &[u32]) -> Vec<f32> {
-    let n = ids.len();
-    let layout = SeqLayout {
-        batch: 1,
-        len: n,
-        input_ids: ids.to_vec(),
-        positions: (0..n as u32).collect(),
-        visible: (0..n * n).map(|k| k % n <= k / n).collect(),
-    };
-    let sc = Scored { rows: (0..n as u32 - 1).collect(), targets: ids[1..].to_vec(), seq: vec![0; n - 1], num_seqs: 1 };
-    let h = dec.hidden(&layout).unwrap();
-    token_logps(&h, dec.lm_head(), &sc).unwrap().to_vec1().unwrap()
-}
 
 /// Our per-token log-probs and transformers' for each sequence of a golden file, with the
 /// model loaded in `dtype`.
@@ -393,3 +377,45 @@ fn bf16_forward_matches_hf_transformers_bf16() {
 /// mean 0.003 at 384 tokens.
 const BF16_MAX: f64 = 0.006;
 const BF16_MEAN: f64 = 0.0012;
+
+/// `init-model` at real models' shapes (2 GB and 5 GB of float32 weights, so not in the default
+/// run: `cargo test --release --test model -- --ignored`): the published parameter counts, and
+/// the decoder loads them.
+#[test]
+#[ignore]
+fn real_shapes_have_the_published_parameter_counts() {
+    let d = tmp();
+    for (arch, size, params) in [("qwen2", "qwen2.5-0.5b", 494_032_768u64), ("llama", "llama-1b", 1_235_814_400)] {
+        let out = d.path().join(size);
+        ok(d.path(), &["init-model", "--arch", arch, "--size", size, "--out", s(&out)]);
+        let cfg = ModelConfig::load(&out).unwrap();
+        assert_eq!(cfg.num_parameters() as u64, params, "{size}");
+        load_decoder(&out, DType::BF16, &Device::Cpu).unwrap();
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+    let e = fails(d.path(), &["init-model", "--arch", "llama", "--size", "qwen2.5-0.5b", "--out", "x"]);
+    assert!(e.contains("--arch"), "{e}");
+}
+
+/// The frozen linear op (LoRA's base): y = x Wᵀ and dx as candle's matmul gives them, no
+/// gradient for W, and a bf16 W used as stored.
+#[test]
+fn frozen_linear_matches_matmul_and_gives_w_no_gradient() {
+    use candle_core::{Tensor, Var};
+    use dpo_pipeline::model::fused::frozen_linear;
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 24), &dev).unwrap()).unwrap();
+    let w = Tensor::randn(0f32, 0.5, (13, 24), &dev).unwrap();
+    let up = Tensor::randn(0f32, 1.0, (7, 13), &dev).unwrap();
+    for wd in [DType::F32, DType::BF16] {
+        let w = w.to_dtype(wd).unwrap();
+        let ours = frozen_linear(x.as_tensor(), &w).unwrap();
+        let plain = x.as_tensor().matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap();
+        let go = (&ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gp = (&plain * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff(&ours, &plain) < 1e-5, "{wd:?} values");
+        assert!(diff(go.get(x.as_tensor()).unwrap(), gp.get(x.as_tensor()).unwrap()) < 1e-5, "{wd:?} dx");
+        assert!(go.get(&w).is_none(), "{wd:?}: a frozen weight got a gradient");
+    }
+}

@@ -8,9 +8,11 @@
 //! or share a prompt between chosen and rejected. Shapes: b rows, t tokens per row,
 //! nh query heads, nkv key/value heads (g = nh / nkv share one), hd head dim, d hidden.
 use super::config::ModelConfig;
+use crate::rng::Rng;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// What the forward sees: `batch` rows of `len` tokens, each token's rope position, and
 /// which keys each query may attend to.
@@ -47,24 +49,86 @@ impl SeqLayout {
     }
 }
 
-/// `nn.Linear`: y = x Wᵀ (+ b).
+/// `nn.Linear`: y = x Wᵀ (+ b), with PEFT's LoRA when the tensors include an adapter for it:
+/// + (α/r) · dropout(x) Aᵀ Bᵀ.
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    lora: Option<Lora>,
+    /// The weight gets no gradient (a LoRA base): the backward skips it.
+    frozen: bool,
+}
+
+/// A LoRA adapter on one linear layer.
+struct Lora {
+    /// [r, in]
+    a: Tensor,
+    /// [out, r]
+    b: Tensor,
+    scale: f64,
+    dropout: Option<Dropout>,
+}
+
+/// Dropout on the adapter's input (training only), drawn from a seeded generator the trainer
+/// reseeds for every micro-batch, so a resumed run draws the same masks.
+#[derive(Clone)]
+pub struct Dropout {
+    pub p: f64,
+    pub rng: Arc<Mutex<Rng>>,
+}
+
+impl Dropout {
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let keep = 1.0 - self.p;
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.uniform() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+        Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?)
+    }
+}
+
+/// How a decoder computes, beyond its tensors.
+#[derive(Clone, Default)]
+pub struct DecoderOptions {
+    /// Compute dtype (default: the embedding's). Weights stored in another dtype are cast
+    /// where they are used, so a frozen base can be held in bf16 under f32 math.
+    pub compute_dtype: Option<DType>,
+    /// LoRA α/r, for the `*.lora_A.weight` / `*.lora_B.weight` tensors present.
+    pub lora_scale: Option<f64>,
+    pub lora_dropout: Option<Dropout>,
+    /// The linear weights are frozen (LoRA's base): no weight gradients are computed.
+    pub frozen_base: bool,
+}
+
+/// `t` in `dtype` (a no-op when it already is).
+fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    Ok(if t.dtype() == dtype { t.clone() } else { t.to_dtype(dtype)? })
 }
 
 impl Linear {
-    fn load(t: &HashMap<String, Tensor>, prefix: &str, bias: bool) -> Result<Self> {
-        Ok(Self { weight: get(t, &format!("{prefix}.weight"))?, bias: if bias { Some(get(t, &format!("{prefix}.bias"))?) } else { None } })
+    fn load(t: &HashMap<String, Tensor>, prefix: &str, bias: bool, opts: &DecoderOptions) -> Result<Self> {
+        let lora = match (t.get(&format!("{prefix}.lora_A.weight")), t.get(&format!("{prefix}.lora_B.weight")), opts.lora_scale) {
+            (Some(a), Some(b), Some(scale)) => Some(Lora { a: a.clone(), b: b.clone(), scale, dropout: opts.lora_dropout.clone() }),
+            _ => None,
+        };
+        let bias = if bias { Some(get(t, &format!("{prefix}.bias"))?) } else { None };
+        Ok(Self { weight: get(t, &format!("{prefix}.weight"))?, bias, lora, frozen: opts.frozen_base })
     }
 
     /// x: [n, in] -> [n, out]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        let mut y = if self.frozen { super::fused::frozen_linear(x, &self.weight)? } else { x.matmul(&cast(&self.weight, x.dtype())?.t()?)? };
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&cast(b, x.dtype())?)?;
+        }
+        if let Some(l) = &self.lora {
+            let xd = match &l.dropout {
+                Some(d) if d.p > 0.0 => d.apply(x)?,
+                _ => x.clone(),
+            };
+            let low = xd.matmul(&cast(&l.a, x.dtype())?.t()?)?; // [n, r]
+            y = (y + (low.matmul(&cast(&l.b, x.dtype())?.t()?)? * l.scale)?)?; // [n, out]
+        }
+        Ok(y)
     }
 }
 
@@ -151,9 +215,9 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(t: &HashMap<String, Tensor>, cfg: &ModelConfig, i: usize) -> Result<Self> {
+    fn load(t: &HashMap<String, Tensor>, cfg: &ModelConfig, i: usize, opts: &DecoderOptions, dtype: DType) -> Result<Self> {
         let p = format!("model.layers.{i}");
-        let lin = |name: &str, bias: bool| Linear::load(t, &format!("{p}.{name}"), bias);
+        let lin = |name: &str, bias: bool| Linear::load(t, &format!("{p}.{name}"), bias, opts);
         Ok(Self {
             self_attn: Attention {
                 q_proj: lin("self_attn.q_proj", cfg.qkv_bias)?,
@@ -170,8 +234,8 @@ impl DecoderLayer {
                 up_proj: lin("mlp.up_proj", cfg.mlp_bias)?,
                 down_proj: lin("mlp.down_proj", cfg.mlp_bias)?,
             },
-            input_layernorm: get(t, &format!("{p}.input_layernorm.weight"))?,
-            post_attention_layernorm: get(t, &format!("{p}.post_attention_layernorm.weight"))?,
+            input_layernorm: cast(&get(t, &format!("{p}.input_layernorm.weight"))?, dtype)?,
+            post_attention_layernorm: cast(&get(t, &format!("{p}.post_attention_layernorm.weight"))?, dtype)?,
             eps: cfg.rms_norm_eps,
         })
     }
@@ -242,12 +306,18 @@ impl Decoder {
     /// Builds the decoder from HF-named tensors (plain tensors for inference, or the tensors of
     /// `Var`s when training).
     pub fn new(cfg: &ModelConfig, t: &HashMap<String, Tensor>) -> Result<Self> {
-        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(t, cfg, i)).collect::<Result<Vec<_>>>()?;
+        Self::with_options(cfg, t, &DecoderOptions::default())
+    }
+
+    /// As `new`, with a compute dtype and LoRA adapters (see [`DecoderOptions`]).
+    pub fn with_options(cfg: &ModelConfig, t: &HashMap<String, Tensor>, opts: &DecoderOptions) -> Result<Self> {
         let embed_tokens = get(t, "model.embed_tokens.weight")?;
+        let dtype = opts.compute_dtype.unwrap_or(embed_tokens.dtype());
+        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(t, cfg, i, opts, dtype)).collect::<Result<Vec<_>>>()?;
         Ok(Self {
             lm_head: if cfg.tie_word_embeddings { None } else { Some(get(t, "lm_head.weight")?) },
-            norm: get(t, "model.norm.weight")?,
-            dtype: embed_tokens.dtype(),
+            norm: cast(&get(t, "model.norm.weight")?, dtype)?,
+            dtype,
             device: embed_tokens.device().clone(),
             embed_tokens,
             layers,
@@ -256,9 +326,10 @@ impl Decoder {
         })
     }
 
-    /// The output projection [vocab, d] (the embedding when tied).
-    pub fn lm_head(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    /// The output projection [vocab, d] (the embedding when tied), as stored: the log-prob
+    /// ops take it in the compute dtype or, frozen, in bf16/f16.
+    pub fn lm_head(&self) -> Result<Tensor> {
+        Ok(self.lm_head.as_ref().unwrap_or(&self.embed_tokens).clone())
     }
 
     /// cos and sin [b, t, 1, hd] for the layout's positions (f32 math, as HF).
@@ -284,7 +355,7 @@ impl Decoder {
     pub fn hidden(&self, layout: &SeqLayout) -> Result<Tensor> {
         let (b, t) = (layout.batch, layout.len);
         let ids = Tensor::from_slice(&layout.input_ids, b * t, &self.device)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?; // [b*t, d]
+        let mut x = cast(&self.embed_tokens.index_select(&ids, 0)?, self.dtype)?; // [b*t, d]
         let (cos, sin) = self.rope(layout)?;
         let mut masks = HashMap::new();
         for l in &self.layers {

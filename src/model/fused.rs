@@ -67,6 +67,9 @@ fn log_softmax_pick<T: Real>(logits: &mut [T], v: usize, targets: &[u32]) -> Vec
 
 pub struct LogProbs {
     pub targets: Vec<u32>,
+    /// Whether the projection is trained (a frozen one, e.g. under LoRA, gets no gradient:
+    /// it would be a (vocab × hidden) buffer and a full GEMM per step for nothing).
+    pub weight_grad: bool,
 }
 
 fn contiguous<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
@@ -92,10 +95,10 @@ impl LogProbs {
 
     /// Gradients wrt h [m, k] and w [v, k] for upstream gradient `g` [m]:
     /// d logp_i / d logits_i = onehot(t_i) − softmax(logits_i).
-    fn bwd_impl<T: Real>(&self, h: &[T], w: &[T], g: &[T], m: usize, k: usize, v: usize) -> (Vec<T>, Vec<T>) {
+    fn bwd_impl<T: Real>(&self, h: &[T], w: &[T], g: &[T], m: usize, k: usize, v: usize) -> (Vec<T>, Option<Vec<T>>) {
         let chunk = (CHUNK_ELEMS / v).clamp(1, m.max(1));
         let mut gh = vec![T::from(0.0); m * k];
-        let mut gw = vec![T::from(0.0); v * k];
+        let mut gw = if self.weight_grad { vec![T::from(0.0); v * k] } else { Vec::new() };
         let mut d = vec![T::from(0.0); chunk * v];
         for start in (0..m).step_by(chunk) {
             let c = chunk.min(m - start);
@@ -134,6 +137,9 @@ impl LogProbs {
                     par(),
                 );
                 // gw[v, k] += dᵀ[v, c] · h[c, k]
+                if !self.weight_grad {
+                    continue;
+                }
                 gemm::gemm(
                     v,
                     k,
@@ -157,7 +163,7 @@ impl LogProbs {
                 );
             }
         }
-        (gh, gw)
+        (gh, self.weight_grad.then_some(gw))
     }
 }
 
@@ -173,8 +179,8 @@ impl CustomOp2 for LogProbs {
             return Err(candle_core::Error::Msg(format!("fused log-probs: hidden {m}x{k}, weight {v}x{k2}, {} targets", self.targets.len())));
         }
         let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(self.fwd(contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?, m, k, v)),
-            DType::F64 => CpuStorage::F64(self.fwd(contiguous::<f64>(s1, l1)?, contiguous::<f64>(s2, l2)?, m, k, v)),
+            DType::F32 => CpuStorage::F32(self.fwd(contiguous::<f32>(s1, l1)?, &widened::<f32>(s2, l2)?, m, k, v)),
+            DType::F64 => CpuStorage::F64(self.fwd(contiguous::<f64>(s1, l1)?, &widened::<f64>(s2, l2)?, m, k, v)),
             dt => return Err(candle_core::Error::Msg(format!("fused log-probs: unsupported dtype {dt:?}"))),
         };
         Ok((out, Shape::from(m)))
@@ -193,12 +199,12 @@ impl CustomOp2 for LogProbs {
         let dev = h.device();
         Ok(match h.dtype() {
             DType::F32 => {
-                let (gh, gw) = self.bwd_impl(contiguous::<f32>(hs, hl)?, contiguous::<f32>(ws, wl)?, contiguous::<f32>(gs, gl)?, m, k, v);
-                (Some(Tensor::from_vec(gh, (m, k), dev)?), Some(Tensor::from_vec(gw, (v, k), dev)?))
+                let (gh, gw) = self.bwd_impl(contiguous::<f32>(hs, hl)?, &widened::<f32>(ws, wl)?, contiguous::<f32>(gs, gl)?, m, k, v);
+                (Some(Tensor::from_vec(gh, (m, k), dev)?), gw.map(|gw| Tensor::from_vec(gw, (v, k), dev)).transpose()?)
             }
             _ => {
-                let (gh, gw) = self.bwd_impl(contiguous::<f64>(hs, hl)?, contiguous::<f64>(ws, wl)?, contiguous::<f64>(gs, gl)?, m, k, v);
-                (Some(Tensor::from_vec(gh, (m, k), dev)?), Some(Tensor::from_vec(gw, (v, k), dev)?))
+                let (gh, gw) = self.bwd_impl(contiguous::<f64>(hs, hl)?, &widened::<f64>(ws, wl)?, contiguous::<f64>(gs, gl)?, m, k, v);
+                (Some(Tensor::from_vec(gh, (m, k), dev)?), gw.map(|gw| Tensor::from_vec(gw, (v, k), dev)).transpose()?)
             }
         })
     }
@@ -209,9 +215,66 @@ pub fn applies(h: &Tensor) -> bool {
     h.device().is_cpu() && matches!(h.dtype(), DType::F32 | DType::F64)
 }
 
-/// log p(target) per row of `h` [m, k] under output projection `w` [v, k].
+/// log p(target) per row of `h` [m, k] under output projection `w` [v, k] (in h's dtype, or a
+/// frozen bf16/f16 one, widened for each call instead of held widened for the backward).
 pub fn token_logps(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
-    Ok(h.contiguous()?.apply_op2(&w.contiguous()?, LogProbs { targets: targets.to_vec() })?)
+    Ok(h.contiguous()?.apply_op2(&w.contiguous()?, LogProbs { targets: targets.to_vec(), weight_grad: w.track_op() })?)
+}
+
+/// y = x Wᵀ for a frozen W: the backward gives x its gradient and W none. (candle's matmul
+/// always computes both, which under LoRA is a weight-sized GEMM and buffer per layer for
+/// nothing.) CPU f32/f64 x; W in x's dtype, or bf16/f16, widened for each call.
+pub struct FrozenLinear;
+
+fn widened<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<std::borrow::Cow<'a, [T]>> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("frozen linear needs a contiguous weight".into()))?;
+    Ok(match s {
+        CpuStorage::BF16(v) => std::borrow::Cow::Owned(v[a..b].iter().map(|x| T::from(x.to_f64())).collect()),
+        CpuStorage::F16(v) => std::borrow::Cow::Owned(v[a..b].iter().map(|x| T::from(x.to_f64())).collect()),
+        _ => std::borrow::Cow::Borrowed(contiguous::<T>(s, l)?),
+    })
+}
+
+impl FrozenLinear {
+    fn fwd<T: Real>(x: &[T], w: &[T], n: usize, k: usize, o: usize) -> Vec<T> {
+        let mut y = vec![T::from(0.0); n * o];
+        // SAFETY: x is n×k, w is o×k, y is n×o, all row-major.
+        unsafe { matmul_abt(n, o, k, x.as_ptr(), w.as_ptr(), y.as_mut_ptr()) };
+        y
+    }
+}
+
+impl CustomOp2 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, k) = l1.shape().dims2()?;
+        let (o, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            return Err(candle_core::Error::Msg(format!("frozen linear: input {n}x{k}, weight {o}x{k2}")));
+        }
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(Self::fwd(contiguous::<f32>(s1, l1)?, &widened::<f32>(s2, l2)?, n, k, o)),
+            DType::F64 => CpuStorage::F64(Self::fwd(contiguous::<f64>(s1, l1)?, &widened::<f64>(s2, l2)?, n, k, o)),
+            dt => return Err(candle_core::Error::Msg(format!("frozen linear: unsupported dtype {dt:?}"))),
+        };
+        Ok((out, Shape::from((n, o))))
+    }
+
+    fn bwd(&self, _x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // dx [n, k] = grad [n, o] · W [o, k]
+        Ok((Some(grad.matmul(&w.to_dtype(grad.dtype())?)?), None))
+    }
+}
+
+/// x [n, k] · Wᵀ for a weight that gets no gradient (CPU f32/f64 x; else a plain matmul).
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if applies(x) {
+        return Ok(x.contiguous()?.apply_op2(&w.contiguous()?, FrozenLinear)?);
+    }
+    Ok(x.matmul(&w.to_dtype(x.dtype())?.t()?)?)
 }
 
 /// Softmax over the last dimension with its own backward (dx = y ⊙ (dy − Σ dy ⊙ y)): one pass

@@ -36,7 +36,7 @@ pub fn token_logps_composite(h: &Tensor, lm_head: &Tensor, targets: &[u32]) -> R
     let m = targets.len();
     let vocab = lm_head.dim(0)?;
     let chunk = (CHUNK_ELEMS / vocab).clamp(1, m);
-    let w_t = lm_head.t()?;
+    let w_t = lm_head.to_dtype(h.dtype())?.t()?;
     let mut parts = Vec::with_capacity(m.div_ceil(chunk));
     for start in (0..m).step_by(chunk) {
         let n = chunk.min(m - start);

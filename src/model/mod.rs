@@ -4,6 +4,7 @@ pub mod config;
 pub mod decoder;
 pub mod fused;
 pub mod logprobs;
+pub mod lora;
 pub mod weights;
 
 pub use config::ModelConfig;

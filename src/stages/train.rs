@@ -8,6 +8,7 @@ use super::{begin, progress, Begin};
 use crate::data::prepared::{PairView, PreparedDataset, Split};
 use crate::data::ref_cache::RefCache;
 use crate::data::tokenize::check_same_tokenizer;
+use crate::model::lora::{self, LoraConfig};
 use crate::model::{self, weights};
 use crate::rng::Rng;
 use crate::score::pair_logps;
@@ -15,7 +16,7 @@ use crate::settings::TrainSettings;
 use crate::store::{write_atomic, InputRef, Manifest};
 use crate::train::metrics::{self, PairStats, Row};
 use crate::train::optim::{clip_by_global_norm, lr_factor, AdamW, AdamWConfig};
-use crate::train::policy::Policy;
+use crate::train::policy::{Policy, Trainable};
 use crate::train::step::{batch_loss, gradients, LossSettings};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
@@ -99,7 +100,7 @@ fn save_checkpoint(dir: &Path, policy: &Policy, opt: &AdamW, state: &TrainerStat
     // Written under a temporary name and renamed, so a checkpoint directory is always whole.
     let tmp = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&tmp);
-    policy.save_hf(&tmp, tokenizer_from)?;
+    policy.save(&tmp, tokenizer_from)?;
     let mut moments = BTreeMap::new();
     for (i, n) in policy.names.iter().enumerate() {
         let (m, v) = opt.moments(i, &policy.vars[i])?;
@@ -131,11 +132,8 @@ fn restore(dir: &Path, fp: &str, policy: &Policy, opt: &mut AdamW) -> Result<Sta
             fp
         );
     }
+    policy.restore(dir)?;
     let device = policy.vars[0].device().clone();
-    let saved = weights::load_weights(dir, &policy.cfg, DType::F32, &device)?;
-    for (n, v) in policy.names.iter().zip(&policy.vars) {
-        v.set(&saved[n])?;
-    }
     let opt_path = dir.join("optimizer.safetensors");
     // SAFETY: checkpoint files are ours and not modified while mapped.
     let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&opt_path) }.with_context(|| format!("cannot read {}", opt_path.display()))?;
@@ -146,6 +144,17 @@ fn restore(dir: &Path, fp: &str, policy: &Policy, opt: &mut AdamW) -> Result<Sta
     }
     opt.t = state.adam_t;
     Ok(Start { step: state.step, cursor: state.cursor })
+}
+
+/// What this run trains, from the settings.
+fn trainable(cfg: &TrainSettings) -> Result<Trainable> {
+    Ok(match (&cfg.adapter, cfg.lora_r) {
+        (Some(dir), _) => Trainable::Lora { config: LoraConfig::new(1, 1.0, "q_proj", 0.0)?, from: Some(dir.clone()), seed: cfg.seed },
+        (None, Some(r)) => {
+            Trainable::Lora { config: LoraConfig::new(r, cfg.lora_alpha, &cfg.lora_targets, cfg.lora_dropout)?, from: None, seed: cfg.seed }
+        }
+        (None, None) => Trainable::Full,
+    })
 }
 
 pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
@@ -166,14 +175,18 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
     let total_steps = cfg.max_steps.unwrap_or_else(|| ((cfg.epochs * train_rows.len() as f64) / per_step as f64).ceil().max(1.0) as usize);
     // Settings that change the result; paths and run control are not among them.
     let mut settings = serde_json::to_value(cfg)?;
-    for k in ["resume", "force", "prepared", "ref_cache", "out", "model", "stop_after_steps"] {
+    for k in ["resume", "force", "prepared", "ref_cache", "out", "model", "stop_after_steps", "adapter"] {
         settings.as_object_mut().expect("a struct").remove(k);
     }
-    let inputs = vec![
+    let mut inputs = vec![
         InputRef::new("prepared", &cfg.prepared, prepared.fingerprint()),
         InputRef::new("ref_cache", &cfg.ref_cache, &cache.manifest.fingerprint),
         InputRef::new("model", &model_dir, &weights::weights_hash(&model_dir)?),
     ];
+    if let Some(a) = &cfg.adapter {
+        let w = a.join(lora::WEIGHTS_FILE);
+        inputs.push(InputRef::new("adapter", a, &crate::store::file_hash(&w)?.blake3));
+    }
     let out = &cfg.out;
     let sd = match begin(STAGE, FORMAT_VERSION, out, inputs, settings, cfg.force)? {
         Begin::UpToDate(m) => return Ok(m),
@@ -199,7 +212,8 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
     std::fs::create_dir_all(&checkpoints)?;
 
     let device = model::device()?;
-    let policy = Policy::load(&model_dir, DType::F32, &device)?;
+    let base_dtype = weights::parse_dtype(&cfg.base_dtype)?;
+    let policy = Policy::load_with(&model_dir, base_dtype, &trainable(cfg)?, &device)?;
     let mut opt = AdamW::new(
         AdamWConfig { lr: cfg.lr, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay },
         &policy.vars,
@@ -212,7 +226,8 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
         }
         None => Start { step: 0, cursor: Cursor { epoch: 0, index: 0 } },
     };
-    let ref_decoder = if cfg.ref_in_loop { Some(model::load_decoder(&model_dir, DType::F32, &device)?) } else { None };
+    // The reference is what cache-ref ran, whatever the policy starts from.
+    let ref_decoder = if cfg.ref_in_loop { Some(model::load_decoder(&cache.model_dir()?, DType::F32, &device)?) } else { None };
     let loss = LossSettings { kind: cfg.loss, beta: cfg.beta, label_smoothing: cfg.label_smoothing, sft_weight: cfg.sft_weight };
     let (cache_c, cache_r) = (cache.chosen.as_slice(), cache.rejected.as_slice());
     let metrics_path = out.join("metrics.jsonl");
@@ -240,7 +255,8 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
         let mut acc: Option<Vec<Tensor>> = None;
         let mut stats = PairStats::default();
         let mut tokens = 0;
-        for _ in 0..cfg.grad_accum {
+        for micro in 0..cfg.grad_accum {
+            policy.reseed(cfg.seed, step, micro);
             let ids = cursor.take(&train_rows, cfg.seed, cfg.shuffle, cfg.batch_size, &mut order);
             let pairs: Vec<PairView> = ids.iter().map(|&i| prepared.pair(i as usize)).collect();
             let (rc, rr): (Vec<f32>, Vec<f32>) = match &ref_decoder {
@@ -314,7 +330,8 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
     });
     let manifest = sd.manifest(counts, stats);
     let wall = manifest.timings["wall_s"];
-    let manifest = sd.finish(manifest, &["metrics.parquet", "final/model.safetensors"])?;
+    let weights_file = if policy.lora.is_some() { "final/adapter_model.safetensors" } else { "final/model.safetensors" };
+    let manifest = sd.finish(manifest, &["metrics.parquet", weights_file])?;
     eprintln!("train: {total_steps} steps in {wall:.1}s; final model in {}", out.join("final").display());
     Ok(manifest)
 }

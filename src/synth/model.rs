@@ -31,6 +31,61 @@ pub enum Size {
     Tiny,
     /// ~28M parameters, 8k vocabulary: for benchmarks.
     Small,
+    /// Qwen2.5-0.5B-Instruct's exact shape (494M parameters, vocabulary 151,936; --arch qwen2).
+    #[value(name = "qwen2.5-0.5b")]
+    Qwen25Half,
+    /// Llama-3.2-1B's exact shape (1.24B parameters, vocabulary 128,256, llama3 rope; --arch llama).
+    #[value(name = "llama-1b")]
+    Llama1b,
+}
+
+/// The dimensions of a generated model.
+struct Dims {
+    /// Tokens the BPE tokenizer is trained to (and pseudo-words of training text to fill it).
+    tokenizer_vocab: usize,
+    pseudo_words: usize,
+    /// config.json's vocab_size when larger than the tokenizer's (as real checkpoints pad it).
+    vocab_size: Option<usize>,
+    hidden: usize,
+    intermediate: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    rope: serde_json::Value,
+    tied: Option<bool>,
+}
+
+fn dims(size: Size) -> Dims {
+    let default_rope = serde_json::json!({"rope_type": "default", "rope_theta": 10000.0});
+    let d = |tokenizer_vocab, pseudo_words, hidden, intermediate, layers, heads, kv_heads| Dims {
+        tokenizer_vocab,
+        pseudo_words,
+        vocab_size: None,
+        hidden,
+        intermediate,
+        layers,
+        heads,
+        kv_heads,
+        rope: default_rope.clone(),
+        tied: None,
+    };
+    match size {
+        Size::Tiny => d(512, 2000, 64, 176, 2, 4, 2),
+        Size::Small => d(8000, 400_000, 512, 1408, 8, 8, 4),
+        Size::Qwen25Half => Dims {
+            vocab_size: Some(151_936),
+            rope: serde_json::json!({"rope_type": "default", "rope_theta": 1_000_000.0}),
+            tied: Some(true),
+            ..d(8000, 400_000, 896, 4864, 24, 14, 2)
+        },
+        Size::Llama1b => Dims {
+            vocab_size: Some(128_256),
+            rope: serde_json::json!({"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+            tied: Some(true),
+            ..d(8000, 400_000, 2048, 8192, 16, 32, 8)
+        },
+    }
 }
 
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -133,24 +188,25 @@ pub struct InitSpec {
     pub seed: u64,
 }
 
-fn dims(size: Size) -> (usize, usize, usize, usize, usize, usize, usize) {
-    // (target vocab, hidden, intermediate, layers, heads, kv heads, pseudo-words)
-    match size {
-        Size::Tiny => (512, 64, 176, 2, 4, 2, 2000),
-        Size::Small => (8000, 512, 1408, 8, 8, 4, 400_000),
-    }
-}
-
 pub fn init_model(spec: &InitSpec, out: &Path) -> Result<ModelConfig> {
+    let need = match spec.size {
+        Size::Qwen25Half => Some(Arch::Qwen2),
+        Size::Llama1b => Some(Arch::Llama),
+        _ => None,
+    };
+    if need.is_some_and(|a| a != spec.arch) {
+        anyhow::bail!("--size {:?} is a {:?} shape: pass --arch {:?}", spec.size, need.unwrap(), need.unwrap());
+    }
     std::fs::create_dir_all(out)?;
-    let (vocab, hidden, inter, layers, heads, kv, words) = dims(spec.size);
-    let tok = train_tokenizer(spec.arch, vocab, spec.seed, words)?;
-    let vocab_size = tok.get_vocab_size(true);
+    let dm = dims(spec.size);
+    let (hidden, inter, layers, heads, kv) = (dm.hidden, dm.intermediate, dm.layers, dm.heads, dm.kv_heads);
+    let tok = train_tokenizer(spec.arch, dm.tokenizer_vocab, spec.seed, dm.pseudo_words)?;
+    let vocab_size = dm.vocab_size.unwrap_or(0).max(tok.get_vocab_size(true));
     let sp = specials(spec.arch);
     let id = |t: &str| tok.token_to_id(t).map(serde_json::Value::from).unwrap_or(serde_json::Value::Null);
     let (arch_name, model_type, tied) = match spec.arch {
-        Arch::Llama => ("LlamaForCausalLM", "llama", false),
-        Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2", true),
+        Arch::Llama => ("LlamaForCausalLM", "llama", dm.tied.unwrap_or(false)),
+        Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2", dm.tied.unwrap_or(true)),
     };
     let mut config = serde_json::json!({
         "architectures": [arch_name],
@@ -163,9 +219,9 @@ pub fn init_model(spec: &InitSpec, out: &Path) -> Result<ModelConfig> {
         "num_key_value_heads": kv,
         "head_dim": hidden / heads,
         "hidden_act": "silu",
-        "max_position_embeddings": 2048,
+        "max_position_embeddings": if dm.vocab_size.is_some() { 32768 } else { 2048 },
         "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "rope_parameters": dm.rope,
         "tie_word_embeddings": tied,
         "attention_dropout": 0.0,
         "initializer_range": 0.02,

@@ -1,63 +1,174 @@
-//! The trainable policy: one `Var` per Hugging Face tensor, a decoder that tracks gradients
-//! and one that does not (evaluation), and saving in HF layout.
+//! The trainable policy: the `Var`s the optimizer updates, a decoder that tracks gradients and
+//! one that does not (evaluation), and saving. Two kinds: full fine-tuning (one `Var` per
+//! Hugging Face tensor, saved in HF layout) and LoRA (the base frozen, possibly in bf16; one
+//! `Var` per adapter tensor, saved in PEFT's layout).
+use crate::model::decoder::{DecoderOptions, Dropout};
+use crate::model::lora::{self, LoraConfig};
 use crate::model::{weights, Decoder, ModelConfig};
+use crate::rng::Rng;
 use crate::store::write_atomic;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 /// Tokenizer and generation files copied beside saved weights, so the directory loads alone.
 const TOKENIZER_FILES: &[&str] =
     &["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json"];
 
-/// The trainable policy: one `Var` per HF tensor, and a decoder over them.
+/// What the policy trains.
+pub enum Trainable {
+    /// Every weight.
+    Full,
+    /// A LoRA adapter: new (initialised from the seed) or loaded from a PEFT directory.
+    Lora { config: LoraConfig, from: Option<std::path::PathBuf>, seed: u64 },
+}
+
 pub struct Policy {
     pub cfg: ModelConfig,
+    /// Names of the trained tensors (HF names, or `<module>.lora_{A,B}.weight`), sorted.
     pub names: Vec<String>,
     pub vars: Vec<Var>,
     /// Tracks gradients.
     pub decoder: Decoder,
-    /// Same storage, no autograd: for evaluation.
+    /// Same storage, no autograd, no dropout: for evaluation.
     pub eval_decoder: Decoder,
+    /// The adapter's settings when training LoRA.
+    pub lora: Option<LoraConfig>,
+    /// The adapter dropout's generator, reseeded per micro-batch (see [`Policy::reseed`]).
+    dropout_rng: Arc<Mutex<Rng>>,
 }
 
 impl Policy {
+    /// Full fine-tuning of `model_dir` in `dtype`.
     pub fn load(model_dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with(model_dir, dtype, &Trainable::Full, device)
+    }
+
+    /// `base_dtype` is the dtype the (frozen, under LoRA) weights are held in; LoRA math and
+    /// adapters are f32 whatever it is.
+    pub fn load_with(model_dir: &Path, base_dtype: DType, what: &Trainable, device: &Device) -> Result<Self> {
         let cfg = ModelConfig::load(model_dir)?;
-        let tensors = weights::load_weights(model_dir, &cfg, dtype, device)?;
-        Self::from_tensors(cfg, tensors)
+        let tensors = weights::load_weights(model_dir, &cfg, base_dtype, device)?;
+        match what {
+            Trainable::Full => Self::from_tensors(cfg, tensors),
+            Trainable::Lora { config, from, seed } => {
+                let (config, adapter) = match from {
+                    Some(dir) => lora::load(dir, &cfg, device)?,
+                    None => (config.clone(), config.init(&cfg, *seed, device)?),
+                };
+                Self::with_adapter(cfg, tensors, config, adapter)
+            }
+        }
     }
 
     pub fn from_tensors(cfg: ModelConfig, tensors: HashMap<String, Tensor>) -> Result<Self> {
-        let mut names: Vec<String> = tensors.keys().cloned().collect();
-        names.sort();
+        let names: Vec<String> = {
+            let mut n: Vec<String> = tensors.keys().cloned().collect();
+            n.sort();
+            n
+        };
         let vars = names.iter().map(|n| Ok(Var::from_tensor(&tensors[n])?)).collect::<Result<Vec<_>>>()?;
         let tracked: HashMap<String, Tensor> = names.iter().cloned().zip(vars.iter().map(|v| v.as_tensor().clone())).collect();
         let detached: HashMap<String, Tensor> = names.iter().cloned().zip(vars.iter().map(|v| v.as_tensor().detach())).collect();
-        Ok(Self { decoder: Decoder::new(&cfg, &tracked)?, eval_decoder: Decoder::new(&cfg, &detached)?, cfg, names, vars })
+        let dropout_rng = Arc::new(Mutex::new(Rng::new(0)));
+        Ok(Self { decoder: Decoder::new(&cfg, &tracked)?, eval_decoder: Decoder::new(&cfg, &detached)?, cfg, names, vars, lora: None, dropout_rng })
+    }
+
+    fn with_adapter(cfg: ModelConfig, base: HashMap<String, Tensor>, config: LoraConfig, adapter: BTreeMap<String, Tensor>) -> Result<Self> {
+        let names: Vec<String> = adapter.keys().cloned().collect();
+        let vars = names.iter().map(|n| Ok(Var::from_tensor(&adapter[n])?)).collect::<Result<Vec<_>>>()?;
+        let dropout_rng = Arc::new(Mutex::new(Rng::new(0)));
+        let with = |tracked: bool| -> Result<Decoder> {
+            let mut t = base.clone();
+            for (n, v) in names.iter().zip(&vars) {
+                t.insert(n.clone(), if tracked { v.as_tensor().clone() } else { v.as_tensor().detach() });
+            }
+            let dropout = (tracked && config.lora_dropout > 0.0).then(|| Dropout { p: config.lora_dropout, rng: dropout_rng.clone() });
+            Decoder::with_options(
+                &cfg,
+                &t,
+                &DecoderOptions { compute_dtype: Some(DType::F32), lora_scale: Some(config.scale()), lora_dropout: dropout, frozen_base: true },
+            )
+        };
+        Ok(Self { decoder: with(true)?, eval_decoder: with(false)?, cfg, names, vars, lora: Some(config), dropout_rng })
+    }
+
+    /// Reseeds the adapter dropout for one micro-batch, so a resumed run draws the same masks.
+    pub fn reseed(&self, seed: u64, step: usize, micro: usize) {
+        *self.dropout_rng.lock().unwrap_or_else(|e| e.into_inner()) = Rng::new(seed ^ ((step as u64) << 20) ^ micro as u64 ^ 0xD80F);
     }
 
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
         self.names.iter().cloned().zip(self.vars.iter().map(|v| v.as_tensor().detach())).collect()
     }
 
-    /// Writes an HF model directory transformers can load: config, weights, tokenizer files.
-    pub fn save_hf(&self, dir: &Path, tokenizer_from: &Path) -> Result<()> {
+    /// Writes what the policy trained: an HF model directory transformers loads (full), or a
+    /// PEFT adapter directory (LoRA); with the tokenizer files either way.
+    pub fn save(&self, dir: &Path, model_dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir)?;
-        weights::save_weights(&dir.join("model.safetensors"), &self.tensors(), DType::F32)?;
-        let mut config = self.cfg.raw.clone();
-        config["dtype"] = "float32".into();
-        if config.get("torch_dtype").is_some() {
-            config["torch_dtype"] = "float32".into();
-        }
-        write_atomic(&dir.join("config.json"), (serde_json::to_string_pretty(&config)? + "\n").as_bytes())?;
-        for f in TOKENIZER_FILES {
-            let src = tokenizer_from.join(f);
-            if src.exists() {
-                write_atomic(&dir.join(f), &std::fs::read(&src)?)?;
+        match &self.lora {
+            Some(lc) => lora::save(dir, lc, &self.tensors(), model_dir)?,
+            None => {
+                weights::save_weights(&dir.join("model.safetensors"), &self.tensors(), DType::F32)?;
+                save_config(dir, &self.cfg)?;
             }
+        }
+        copy_tokenizer(model_dir, dir)
+    }
+
+    /// Sets the trained tensors from a directory [`Policy::save`] wrote.
+    pub fn restore(&self, dir: &Path) -> Result<()> {
+        let device = self.vars[0].device().clone();
+        let saved: HashMap<String, Tensor> = match &self.lora {
+            Some(lc) => {
+                let (got, t) = lora::load(dir, &self.cfg, &device)?;
+                if &got != lc {
+                    anyhow::bail!("{}: adapter settings differ from this run's", dir.display());
+                }
+                t.into_iter().collect()
+            }
+            None => weights::load_weights(dir, &self.cfg, DType::F32, &device)?,
+        };
+        for (n, v) in self.names.iter().zip(&self.vars) {
+            v.set(&saved[n])?;
         }
         Ok(())
     }
+}
+
+/// config.json for float32 weights.
+pub fn save_config(dir: &Path, cfg: &ModelConfig) -> Result<()> {
+    let mut config = cfg.raw.clone();
+    config["dtype"] = "float32".into();
+    if config.get("torch_dtype").is_some() {
+        config["torch_dtype"] = "float32".into();
+    }
+    write_atomic(&dir.join("config.json"), (serde_json::to_string_pretty(&config)? + "\n").as_bytes())
+}
+
+/// Copies the tokenizer and generation files of `from` into `to`.
+pub fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {
+    for f in TOKENIZER_FILES {
+        let src = from.join(f);
+        if src.exists() {
+            write_atomic(&to.join(f), &std::fs::read(&src)?)?;
+        }
+    }
+    Ok(())
+}
+
+/// `pipeline merge-lora`: the base model with a LoRA adapter merged into its weights
+/// (W + (α/r) · B A), written as an HF model directory (float32).
+pub fn merge_lora(model_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<()> {
+    let device = Device::Cpu;
+    let cfg = ModelConfig::load(model_dir)?;
+    let mut base = weights::load_weights(model_dir, &cfg, DType::F32, &device)?;
+    let (lc, adapter) = lora::load(adapter_dir, &cfg, &device)?;
+    lora::merge(&mut base, &lc, &adapter)?;
+    std::fs::create_dir_all(out)?;
+    weights::save_weights(&out.join("model.safetensors"), &base.into_iter().collect(), DType::F32)?;
+    save_config(out, &cfg)?;
+    copy_tokenizer(model_dir, out)
 }
