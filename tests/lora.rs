@@ -5,7 +5,6 @@ mod common;
 use candle_core::{DType, Device};
 use common::*;
 use dpo_pipeline::model::load_decoder;
-use dpo_pipeline::model::lora::LoraConfig;
 use dpo_pipeline::train::policy::{Policy, Trainable};
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -38,13 +37,7 @@ fn continuing_a_peft_adapter_matches_pytorch_autograd_and_trl() {
     assert_eq!(g["weights_blake3"].as_str().unwrap(), dpo_pipeline::store::file_hash(&model.join("model.safetensors")).unwrap().blake3);
     copy_dir(&golden("lora_adapter"), &p.join("adapter"));
     // PEFT's model with the starting adapter, three ways: ours with the adapter, ours merged.
-    let policy = Policy::load_with(
-        &model,
-        DType::F32,
-        &Trainable::Lora { config: LoraConfig::new(1, 1.0, "q_proj", 0.0).unwrap(), from: Some(p.join("adapter")), seed: 0 },
-        &Device::Cpu,
-    )
-    .unwrap();
+    let policy = Policy::load_with(&model, DType::F32, &Trainable::Adapter(p.join("adapter")), &Device::Cpu).unwrap();
     ok(p, &["merge-lora", "--model", "model_llama", "--adapter", "adapter", "--out", "merged"]);
     let merged = load_decoder(&p.join("merged"), DType::F32, &Device::Cpu).unwrap();
     for seq in g["start_logps"].as_array().unwrap() {
@@ -158,8 +151,7 @@ fn a_new_adapter_starts_at_the_reference_resumes_identically_and_merges() {
     assert_eq!(std::fs::read(fin.join("adapter_model.safetensors")).unwrap(), std::fs::read(p.join("part/final/adapter_model.safetensors")).unwrap());
     // Merged, the model gives the adapter's log-probs.
     ok(p, &["merge-lora", "--model", "model_qwen2", "--adapter", "full/final", "--out", "merged"]);
-    let (lc, _) = dpo_pipeline::model::lora::load(&fin, &dpo_pipeline::model::ModelConfig::load(&model).unwrap(), &Device::Cpu).unwrap();
-    let policy = Policy::load_with(&model, DType::F32, &Trainable::Lora { config: lc, from: Some(fin.clone()), seed: 0 }, &Device::Cpu).unwrap();
+    let policy = Policy::load_with(&model, DType::F32, &Trainable::Adapter(fin.clone()), &Device::Cpu).unwrap();
     let merged = load_decoder(&p.join("merged"), DType::F32, &Device::Cpu).unwrap();
     let ids: Vec<u32> = (3..40).collect();
     for (a, b) in seq_logps(&policy.eval_decoder, &ids).iter().zip(seq_logps(&merged, &ids)) {

@@ -102,14 +102,6 @@ impl ChatTemplate {
         Ok(Self { env, special_tokens, source })
     }
 
-    /// Reads the template (see [`template_source`]).
-    pub fn load(model_dir: &Path, tokenizer_config: &serde_json::Value, special_tokens: BTreeMap<String, String>) -> Result<Option<Self>> {
-        template_source(model_dir, tokenizer_config)?
-            .1
-            .map(|s| Self::new(s, special_tokens).with_context(|| format!("{}: chat template", model_dir.display())))
-            .transpose()
-    }
-
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
         let tmpl = self.env.get_template("chat").expect("added in new");
         let mut ctx: BTreeMap<String, Value> = self.special_tokens.iter().map(|(k, v)| (k.clone(), Value::from(v.clone()))).collect();

@@ -6,7 +6,7 @@ use super::input::{Field, Message, RawRow, Skip};
 use crate::store::{InputRef, Manifest};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 
 /// A tokenized pair. Ids are stored before truncation, as TRL stores them; `*_scored` is how
@@ -42,22 +42,47 @@ fn hash_json(v: &serde_json::Value) -> String {
     blake3::hash(v.to_string().as_bytes()).to_hex().to_string()
 }
 
-/// The parts of a model directory that decide how text becomes ids, as stage inputs:
-/// `tokenizer` (tokenizer.json, hashed as parsed JSON so formatting does not matter),
-/// `special_tokens` (tokenizer_config.json's bos/eos/unk/pad) and `chat_template`.
+/// The files of a model directory that decide how text becomes ids, each read once.
+struct TokenizerFiles {
+    tok_path: PathBuf,
+    tok_text: String,
+    cfg_path: PathBuf,
+    cfg: serde_json::Value,
+    template_path: PathBuf,
+    template: Option<String>,
+}
+
+impl TokenizerFiles {
+    fn read(model_dir: &Path) -> Result<Self> {
+        let tok_path = model_dir.join("tokenizer.json");
+        let tok_text = std::fs::read_to_string(&tok_path).with_context(|| format!("cannot read {}", tok_path.display()))?;
+        let cfg_path = model_dir.join("tokenizer_config.json");
+        let cfg = if cfg_path.exists() { json_file(&cfg_path)? } else { serde_json::json!({}) };
+        let (template_path, template) = super::chat::template_source(model_dir, &cfg)?;
+        Ok(Self { tok_path, tok_text, cfg_path, cfg, template_path, template })
+    }
+
+    /// tokenizer_config.json's bos/eos/unk/pad tokens (None where unset).
+    fn special_tokens(&self) -> BTreeMap<String, Option<String>> {
+        ["bos_token", "eos_token", "unk_token", "pad_token"].iter().map(|n| (n.to_string(), token_string(self.cfg.get(*n)))).collect()
+    }
+
+    /// The parts as stage inputs: `tokenizer` (tokenizer.json, hashed as parsed JSON so
+    /// formatting does not matter), `special_tokens` and `chat_template`.
+    fn identity(&self) -> Result<Vec<InputRef>> {
+        let tok: serde_json::Value = serde_json::from_str(&self.tok_text).with_context(|| format!("{}: invalid JSON", self.tok_path.display()))?;
+        Ok(vec![
+            InputRef::new(TOKENIZER_ROLE, &self.tok_path, &hash_json(&tok)),
+            InputRef::new("special_tokens", &self.cfg_path, &hash_json(&serde_json::to_value(self.special_tokens())?)),
+            InputRef::new("chat_template", &self.template_path, blake3::hash(self.template.as_deref().unwrap_or("").as_bytes()).to_hex().as_ref()),
+        ])
+    }
+}
+
+/// The parts of a model directory that decide how text becomes ids, as stage inputs (see
+/// `TokenizerFiles::identity`).
 pub fn tokenizer_identity(model_dir: &Path) -> Result<Vec<InputRef>> {
-    let tok_path = model_dir.join("tokenizer.json");
-    let tok = json_file(&tok_path)?;
-    let cfg_path = model_dir.join("tokenizer_config.json");
-    let cfg = if cfg_path.exists() { json_file(&cfg_path)? } else { serde_json::json!({}) };
-    let special: BTreeMap<String, Option<String>> =
-        ["bos_token", "eos_token", "unk_token", "pad_token"].iter().map(|n| (n.to_string(), token_string(cfg.get(*n)))).collect();
-    let (template_path, template) = super::chat::template_source(model_dir, &cfg)?;
-    Ok(vec![
-        InputRef::new(TOKENIZER_ROLE, &tok_path, &hash_json(&tok)),
-        InputRef::new("special_tokens", &cfg_path, &hash_json(&serde_json::to_value(&special)?)),
-        InputRef::new("chat_template", &template_path, blake3::hash(template.unwrap_or_default().as_bytes()).to_hex().as_ref()),
-    ])
+    TokenizerFiles::read(model_dir)?.identity()
 }
 
 /// Refuses a model whose tokenizer.json differs from the one `prepared` made its ids with:
@@ -99,26 +124,18 @@ fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
 
 impl ModelTokenizer {
     pub fn load(model_dir: &Path) -> Result<Self> {
-        let tok_path = model_dir.join("tokenizer.json");
-        let mut tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", tok_path.display()))?;
+        let files = TokenizerFiles::read(model_dir)?;
+        let mut tokenizer: Tokenizer = files.tok_text.parse().map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", files.tok_path.display()))?;
         // HF's tokenizer(text) without truncation/padding arguments turns both off.
         tokenizer.with_truncation(None).map_err(|e| anyhow!("{e}"))?;
         tokenizer.with_padding(None);
-        let cfg_path = model_dir.join("tokenizer_config.json");
-        let cfg: serde_json::Value = if cfg_path.exists() {
-            serde_json::from_str(&std::fs::read_to_string(&cfg_path)?).with_context(|| format!("{}: invalid JSON", cfg_path.display()))?
-        } else {
-            serde_json::json!({})
-        };
-        let mut special = BTreeMap::new();
-        for name in ["bos_token", "eos_token", "unk_token", "pad_token"] {
-            if let Some(t) = token_string(cfg.get(name)) {
-                special.insert(name.to_string(), t);
-            }
-        }
+        let special: BTreeMap<String, String> = files.special_tokens().into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
         let eos_token = special.get("eos_token").cloned();
-        let template = ChatTemplate::load(model_dir, &cfg, special)?;
-        Ok(Self { tokenizer, eos_token, template, identity: tokenizer_identity(model_dir)? })
+        let template = match &files.template {
+            Some(source) => Some(ChatTemplate::new(source.clone(), special).with_context(|| format!("{}: chat template", model_dir.display()))?),
+            None => None,
+        };
+        Ok(Self { tokenizer, eos_token, template, identity: files.identity()? })
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Vec<u32> {

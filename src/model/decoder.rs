@@ -328,8 +328,8 @@ impl Decoder {
 
     /// The output projection [vocab, d] (the embedding when tied), as stored: the log-prob
     /// ops take it in the compute dtype or, frozen, in bf16/f16.
-    pub fn lm_head(&self) -> Result<Tensor> {
-        Ok(self.lm_head.as_ref().unwrap_or(&self.embed_tokens).clone())
+    pub fn lm_head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
     /// cos and sin [b, t, 1, hd] for the layout's positions (f32 math, as HF).

@@ -176,19 +176,11 @@ pub fn save(dir: &Path, lc: &LoraConfig, tensors: &BTreeMap<String, Tensor>, bas
 
 /// The base weights with each adapted module merged: W + (α/r) · B A.
 pub fn merge(base: &mut HashMap<String, Tensor>, lc: &LoraConfig, adapter: &BTreeMap<String, Tensor>) -> Result<()> {
-    for (m, _, _) in lc.modules_of(adapter) {
+    for m in adapter.keys().filter_map(|k| k.strip_suffix(".lora_A.weight")) {
         let w = base.get(&format!("{m}.weight")).with_context(|| format!("base has no `{m}.weight`"))?;
         let (a, b) = (&adapter[&format!("{m}.lora_A.weight")], &adapter[&format!("{m}.lora_B.weight")]);
-        let delta = (b.matmul(a)? * lc.scale())?.to_dtype(w.dtype())?;
-        let merged = (w + delta)?;
+        let merged = (w + (b.matmul(a)? * lc.scale())?.to_dtype(w.dtype())?)?;
         base.insert(format!("{m}.weight"), merged);
     }
     Ok(())
-}
-
-impl LoraConfig {
-    /// The module paths an adapter's tensors cover.
-    fn modules_of(&self, adapter: &BTreeMap<String, Tensor>) -> Vec<(String, usize, usize)> {
-        adapter.keys().filter_map(|k| k.strip_suffix(".lora_A.weight")).map(|m| (m.to_string(), 0, 0)).collect()
-    }
 }

@@ -149,10 +149,8 @@ fn restore(dir: &Path, fp: &str, policy: &Policy, opt: &mut AdamW) -> Result<Sta
 /// What this run trains, from the settings.
 fn trainable(cfg: &TrainSettings) -> Result<Trainable> {
     Ok(match (&cfg.adapter, cfg.lora_r) {
-        (Some(dir), _) => Trainable::Lora { config: LoraConfig::new(1, 1.0, "q_proj", 0.0)?, from: Some(dir.clone()), seed: cfg.seed },
-        (None, Some(r)) => {
-            Trainable::Lora { config: LoraConfig::new(r, cfg.lora_alpha, &cfg.lora_targets, cfg.lora_dropout)?, from: None, seed: cfg.seed }
-        }
+        (Some(dir), _) => Trainable::Adapter(dir.clone()),
+        (None, Some(r)) => Trainable::NewLora { config: LoraConfig::new(r, cfg.lora_alpha, &cfg.lora_targets, cfg.lora_dropout)?, seed: cfg.seed },
         (None, None) => Trainable::Full,
     })
 }

@@ -21,8 +21,10 @@ const TOKENIZER_FILES: &[&str] =
 pub enum Trainable {
     /// Every weight.
     Full,
-    /// A LoRA adapter: new (initialised from the seed) or loaded from a PEFT directory.
-    Lora { config: LoraConfig, from: Option<std::path::PathBuf>, seed: u64 },
+    /// A new LoRA adapter, initialised from the seed as PEFT does.
+    NewLora { config: LoraConfig, seed: u64 },
+    /// An existing PEFT LoRA adapter (its adapter_config.json gives r, α and targets).
+    Adapter(std::path::PathBuf),
 }
 
 pub struct Policy {
@@ -53,11 +55,12 @@ impl Policy {
         let tensors = weights::load_weights(model_dir, &cfg, base_dtype, device)?;
         match what {
             Trainable::Full => Self::from_tensors(cfg, tensors),
-            Trainable::Lora { config, from, seed } => {
-                let (config, adapter) = match from {
-                    Some(dir) => lora::load(dir, &cfg, device)?,
-                    None => (config.clone(), config.init(&cfg, *seed, device)?),
-                };
+            Trainable::NewLora { config, seed } => {
+                let adapter = config.init(&cfg, *seed, device)?;
+                Self::with_adapter(cfg, tensors, config.clone(), adapter)
+            }
+            Trainable::Adapter(dir) => {
+                let (config, adapter) = lora::load(dir, &cfg, device)?;
                 Self::with_adapter(cfg, tensors, config, adapter)
             }
         }

@@ -115,5 +115,5 @@ pub fn seq_logps(dec: &dpo_pipeline::model::Decoder, ids: &[u32]) -> Vec<f32> {
     let sc =
         dpo_pipeline::model::logprobs::Scored { rows: (0..n as u32 - 1).collect(), targets: ids[1..].to_vec(), seq: vec![0; n - 1], num_seqs: 1 };
     let h = dec.hidden(&layout).unwrap();
-    dpo_pipeline::model::logprobs::token_logps(&h, &dec.lm_head().unwrap(), &sc).unwrap().to_vec1().unwrap()
+    dpo_pipeline::model::logprobs::token_logps(&h, dec.lm_head(), &sc).unwrap().to_vec1().unwrap()
 }
