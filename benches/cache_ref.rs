@@ -1,5 +1,5 @@
 //! `cargo bench --bench cache_ref`: reference-model throughput of cache-ref on the `small`
-//! generated model, the FLOP rate it implies beside a plain candle matmul, padding by layout.
+//! generated model, the FLOP rate it implies beside a plain candle matmul, padding by layout (packed, shared-prompt, padded).
 mod common;
 use candle_core::{Device, Tensor};
 use common::*;
@@ -28,7 +28,7 @@ fn main() {
     let gflops = matmul_gflops();
     println!("cache-ref benchmark (small Qwen2, 1,500 conversational pairs, {threads} threads)");
     println!("  plain candle matmul 1024^3: {gflops:.1} GFLOP/s");
-    for layout in ["shared-prompt", "padded"] {
+    for layout in ["packed", "shared-prompt", "padded"] {
         let out = format!("cache-{layout}");
         let (wall, rss) = run(p, &["--threads", &threads, "cache-ref", "--prepared", "prep", "--model", "m", "--out", &out, "--layout", layout]);
         let m = manifest(&p.join(&out));

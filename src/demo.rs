@@ -18,8 +18,8 @@ pub fn run(dir: &Path, steps: usize, rows: usize) -> Result<()> {
     }
     let data = dir.join("prefs.parquet");
     if !data.exists() {
-        write_synth(&data, rows, 1, SynthFormat::Standard)?;
-        write_synth(&eval_path(&data), 200, 2, SynthFormat::Standard)?;
+        write_synth(&data, rows, 1, SynthFormat::Standard, false)?;
+        write_synth(&eval_path(&data), 200, 2, SynthFormat::Standard, false)?;
         eprintln!("demo: generated {rows} synthetic preference rows (+200 held out) in {}", data.display());
     }
     let prepare = PrepareSettings {

@@ -27,6 +27,9 @@ struct Cli {
     /// CPU threads for tokenization and tensor math (default: all cores; never more than are free).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Device for the model stages: cpu, cuda or cuda:N (default: cuda:0 in a CUDA build, else cpu).
+    #[arg(long, global = true, value_name = "DEVICE")]
+    device: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -145,11 +148,33 @@ enum Cmd {
         /// Also write N held-out rows (different seed) to FILE with `.eval` before the extension.
         #[arg(long, default_value_t = 0)]
         eval_rows: usize,
+        /// Stretch prompts and answers with background sentences to UltraFeedback-like lengths
+        /// (prompts ~15–200 tokens, answers ~5–200), for benchmarks of batching and padding.
+        #[arg(long)]
+        long: bool,
     },
 }
 
+/// Keeps freed memory in the process for the next forward instead of unmapping it: a model's
+/// activations are the same few large buffers every batch, and glibc's defaults would hand
+/// each back to the kernel and fault it in again page by page (8% of cache-ref's time at the
+/// 0.5B shape). Buffers up to 32 MiB (glibc's ceiling) then come from the reused heap.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}
+
 fn main() {
+    keep_freed_memory();
     let cli = Cli::parse();
+    if let Some(d) = &cli.device {
+        dpo_pipeline::model::set_device(d);
+    }
     if let Some(n) = cli.threads {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
@@ -200,7 +225,7 @@ fn run(cmd: Cmd) -> Result<()> {
             let cfg = init_model(&InitSpec { arch, size, seed }, &out)?;
             eprintln!("init-model: {arch:?} {size:?}, {} parameters, vocab {} -> {}", cfg.num_parameters(), cfg.vocab_size, out.display());
         }
-        Cmd::SynthPrefs { out, rows, seed, conversational, implicit, eval_rows } => {
+        Cmd::SynthPrefs { out, rows, seed, conversational, implicit, eval_rows, long } => {
             let format = if conversational {
                 SynthFormat::Conversational
             } else if implicit {
@@ -208,11 +233,11 @@ fn run(cmd: Cmd) -> Result<()> {
             } else {
                 SynthFormat::Standard
             };
-            write_synth(&out, rows, seed, format)?;
+            write_synth(&out, rows, seed, format, long)?;
             eprintln!("synth-prefs: {rows} rows -> {}", out.display());
             if eval_rows > 0 {
                 let eval = eval_path(&out);
-                write_synth(&eval, eval_rows, seed.wrapping_add(1_000_003), format)?;
+                write_synth(&eval, eval_rows, seed.wrapping_add(1_000_003), format, long)?;
                 eprintln!("synth-prefs: {eval_rows} eval rows -> {}", eval.display());
             }
         }

@@ -133,16 +133,17 @@ settings! {
         /// Output directory.
         #[arg(value_name = "DIR")]
         out: PathBuf = PathBuf::from("ref_cache"),
-        /// Tokens per forward batch, padding included.
+        /// Token slots per forward batch, padding included (packed batches have none).
         #[arg(value_name = "TOKENS")]
-        batch_tokens: usize = 4096,
+        batch_tokens: usize = 1024,
         /// Compute dtype: f32, bf16 or f16 (log-probs are always accumulated in f32).
         #[arg(value_name = "DTYPE")]
         dtype: String = "f32".into(),
-        /// Attention layout: shared-prompt computes each pair's prompt once; padded is TRL's
-        /// two right-padded rows.
+        /// Attention layout: packed puts the batch's pairs back to back with no padding, each
+        /// pair computing its prompt once and attending only to itself; shared-prompt is one
+        /// padded row per pair; padded is TRL's two right-padded rows per pair.
         #[arg(value_enum)]
-        layout: LayoutKind = LayoutKind::SharedPrompt,
+        layout: LayoutKind = LayoutKind::Packed,
         /// Replace a cache built from other inputs or settings (or damaged).
         #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
         force: bool = false,
@@ -217,7 +218,7 @@ settings! {
         save_every: usize = 500,
         /// Attention layout (see cache-ref).
         #[arg(value_enum)]
-        layout: LayoutKind = LayoutKind::SharedPrompt,
+        layout: LayoutKind = LayoutKind::Packed,
         /// Continue from the newest complete checkpoint in --out (from the start if there is none).
         #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
         resume: bool = false,
@@ -241,10 +242,13 @@ settings! {
         /// this adapter merged (`pipeline merge-lora`), as TRL uses a copy of the adapter.
         #[arg(num_args = 1, value_name = "DIR")]
         adapter: Option<PathBuf> = None,
-        /// Dtype the frozen base weights are held in under LoRA (f32 or bf16); adapters and
-        /// their math stay f32.
+        /// Dtype the frozen base weights are held in under LoRA (f32 or bf16); adapters stay f32.
         #[arg(value_name = "DTYPE")]
         base_dtype: String = "f32".into(),
+        /// Compute dtype: f32, or bf16 for mixed precision (bf16 matmuls over f32 master
+        /// weights, f32 AdamW state, log-softmax and loss in f32, as torch autocast + AdamW).
+        #[arg(value_name = "DTYPE")]
+        dtype: String = "f32".into(),
         /// Ablation: load the reference model and compute its log-probs in every step.
         #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
         ref_in_loop: bool = false,
@@ -384,6 +388,9 @@ impl TrainSettings {
         let base = parse_dtype(&self.base_dtype).context("--base-dtype")?;
         if base == candle_core::DType::F16 || (!lora && base != candle_core::DType::F32) {
             bail!("--base-dtype holds a frozen LoRA base in f32 or bf16; full fine-tuning trains f32 weights");
+        }
+        if !matches!(parse_dtype(&self.dtype).context("--dtype")?, candle_core::DType::F32 | candle_core::DType::BF16) {
+            bail!("train --dtype is f32 or bf16 (mixed precision over f32 weights)");
         }
         if self.resume && self.force {
             bail!("--resume continues a run and --force discards it: pass one of them");

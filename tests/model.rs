@@ -76,7 +76,7 @@ fn padding_and_shared_prompt_layouts_agree_with_a_row_alone() {
             (sum(&c), sum(&r))
         })
         .collect();
-    for kind in [LayoutKind::Padded, LayoutKind::SharedPrompt] {
+    for kind in [LayoutKind::Packed, LayoutKind::Padded, LayoutKind::SharedPrompt] {
         let lp = pair_logps(&dec, kind, &pairs).unwrap();
         let (c, r): (Vec<f32>, Vec<f32>) = (lp.chosen.to_vec1().unwrap(), lp.rejected.to_vec1().unwrap());
         for i in 0..pairs.len() {
@@ -95,13 +95,13 @@ fn truncation_scores_only_the_first_tokens() {
     let mut cut = pair(&p, &c, &r);
     cut.chosen_scored = 2;
     let full = pair(&p, &c[..2], &r);
-    for kind in [LayoutKind::Padded, LayoutKind::SharedPrompt] {
+    for kind in [LayoutKind::Packed, LayoutKind::Padded, LayoutKind::SharedPrompt] {
         let a = pair_logps(&dec, kind, &[cut]).unwrap().chosen.to_vec1::<f32>().unwrap()[0];
         let b = pair_logps(&dec, kind, &[full]).unwrap().chosen.to_vec1::<f32>().unwrap()[0];
         assert!((a - b).abs() < 1e-6, "{kind:?}: {a} vs {b}");
     }
     let (layout, sc) = batch::build(LayoutKind::SharedPrompt, &[cut]);
-    assert_eq!(layout.len, 3 + 2 + 2);
+    assert_eq!(layout.input_ids.len(), 3 + 2 + 2);
     assert_eq!(sc.rows.len(), 4);
 }
 
@@ -315,20 +315,22 @@ fn fused_rms_norm_matches_the_composite_ops_in_value_and_gradient() {
     }
 }
 
-/// At a production vocabulary (Qwen2's 151,936 rows) both log-prob paths run in many row
-/// chunks (fused: 6 rows, composite: 27), and sequences cross chunk boundaries. Values and
+/// At a production vocabulary (Qwen2's 151,936 rows) both log-prob paths run in chunks (fused:
+/// 256-row chunks × 19 vocabulary blocks with a running log-sum-exp; composite: 27-row chunks),
+/// and sequences cross chunk boundaries. Values and
 /// gradients must equal one unchunked float64 log-softmax over the whole logits.
 #[test]
 fn lm_head_log_probs_over_a_real_vocabulary_span_many_chunks() {
     use candle_core::{Tensor, Var};
     use dpo_pipeline::model::logprobs::{sequence_logps, token_logps_composite};
-    let (m, k, v) = (40usize, 16usize, 151_936usize);
+    let (m, k, v) = (270usize, 16usize, 151_936usize);
     let dev = Device::Cpu;
     let h0 = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
     let w0 = (Tensor::randn(0f32, 1.0, (v, k), &dev).unwrap() * 0.3).unwrap();
     let targets: Vec<u32> = (0..m as u32).map(|i| (i * 7919 + 13) % v as u32).collect();
-    // Four sequences of 5, 9, 13 and 13 tokens: boundaries at 5, 14, 27 cross both chunkings.
-    let seq: Vec<u32> = [(0u32, 5usize), (1, 9), (2, 13), (3, 13)].iter().flat_map(|&(s, n)| std::iter::repeat_n(s, n)).collect();
+    // Four sequences of 5, 9, 13 and 243 tokens: they cross the composite's 27-row chunks and
+    // the last one the fused op's 256-row chunk.
+    let seq: Vec<u32> = [(0u32, 5usize), (1, 9), (2, 13), (3, 243)].iter().flat_map(|&(s, n)| std::iter::repeat_n(s, n)).collect();
     let sc = Scored { rows: (0..m as u32).collect(), targets: targets.clone(), seq, num_seqs: 4 };
     let up = Tensor::new(&[0.7f64, -1.3, 0.4, 2.0], &dev).unwrap();
     let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -418,4 +420,67 @@ fn frozen_linear_matches_matmul_and_gives_w_no_gradient() {
         assert!(diff(go.get(x.as_tensor()).unwrap(), gp.get(x.as_tensor()).unwrap()) < 1e-5, "{wd:?} dx");
         assert!(go.get(&w).is_none(), "{wd:?}: a frozen weight got a gradient");
     }
+}
+
+/// The fused SwiGLU gate and rotary embedding equal the composite ops in value and gradient.
+#[test]
+fn fused_silu_mul_and_rope_match_the_composite_ops_in_value_and_gradient() {
+    use candle_core::{Tensor, Var};
+    use dpo_pipeline::model::decoder::{rope, rope_composite, silu_mul};
+    let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let close = |what: &str, a: &[f64], b: &[f64], tol: f64| {
+        let worst = a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max);
+        assert!(worst < tol, "{what}: max diff {worst}");
+    };
+    for dtype in [DType::F32, DType::F64] {
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+        let rand = |shape: &[usize], s: f32| Tensor::randn(0f32, s, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        // SwiGLU: gradients to both inputs.
+        let (g, u) = (Var::from_tensor(&rand(&[37, 29], 2.0)).unwrap(), Var::from_tensor(&rand(&[37, 29], 1.0)).unwrap());
+        let up = rand(&[37, 29], 1.0);
+        let run = |fused: bool| {
+            let y = if fused { silu_mul(g.as_tensor(), u.as_tensor()).unwrap() } else { (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap() };
+            let gr = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            (f(&y), f(gr.get(g.as_tensor()).unwrap()), f(gr.get(u.as_tensor()).unwrap()))
+        };
+        let (a, b) = (run(true), run(false));
+        close("silu_mul value", &a.0, &b.0, tol);
+        close("silu_mul grad gate", &a.1, &b.1, tol);
+        close("silu_mul grad up", &a.2, &b.2, tol);
+        // RoPE: [tokens, heads, head_dim] with per-token angles.
+        let (n, h, hd) = (11, 3, 8);
+        let x = Var::from_tensor(&rand(&[n, h, hd], 1.0)).unwrap();
+        let ang: Vec<f64> = (0..n * hd).map(|i| (i / hd) as f64 * 0.37 * (1.0 + (i % (hd / 2)) as f64)).collect();
+        let cos = Tensor::from_vec(ang.iter().map(|a| a.cos()).collect::<Vec<_>>(), (n, 1, hd), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let sin = Tensor::from_vec(ang.iter().map(|a| a.sin()).collect::<Vec<_>>(), (n, 1, hd), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let up = rand(&[n, h, hd], 1.0);
+        let run = |fused: bool| {
+            let y = if fused { rope(x.as_tensor(), &cos, &sin).unwrap() } else { rope_composite(x.as_tensor(), &cos, &sin).unwrap() };
+            let gr = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            (f(&y), f(gr.get(x.as_tensor()).unwrap()))
+        };
+        let (a, b) = (run(true), run(false));
+        close("rope value", &a.0, &b.0, tol);
+        close("rope grad", &a.1, &b.1, tol);
+    }
+}
+
+/// Packing: one row holding pairs of very different lengths, each its own attention block,
+/// gives every pair exactly what it gets scored alone, and leaves no padding.
+#[test]
+fn packed_rows_have_no_padding_and_blocks_follow_the_pairs() {
+    let (p1, c1, r1) = (vec![1u32, 2, 3], vec![4u32, 5], vec![6u32]);
+    let (p2, c2, r2) = (vec![7u32], vec![8u32, 9, 10, 11], vec![12u32, 13]);
+    let pairs = [pair(&p1, &c1, &r1), pair(&p2, &c2, &r2)];
+    let (layout, sc) = batch::build(LayoutKind::Packed, &pairs);
+    assert_eq!(layout.input_ids, vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
+    // Positions restart per pair and, for rejected, after the prompt.
+    assert_eq!(layout.positions, vec![0, 1, 2, 3, 4, 3, 0, 1, 2, 3, 4, 1, 2]);
+    let blocks: Vec<(usize, usize, Vec<usize>)> = layout.blocks.iter().map(|b| (b.len, b.prefix, b.branches.clone())).collect();
+    assert_eq!(blocks, vec![(6, 3, vec![2, 1]), (7, 1, vec![4, 2])]);
+    // Rejected's first token is predicted from the prompt's last token, not from chosen.
+    assert_eq!(sc.rows, vec![2, 3, 2, 6, 7, 8, 9, 6, 11]);
+    assert_eq!(sc.seq, vec![0, 0, 1, 2, 2, 2, 2, 3, 3]);
+    let padded = batch::slots(LayoutKind::SharedPrompt, &pairs);
+    assert_eq!((batch::slots(LayoutKind::Packed, &pairs), padded), (13, 14));
 }

@@ -38,7 +38,7 @@ fn step_zero_rewards_are_zero_and_loss_is_ln2() {
     let policy = Policy::load(&model, DType::F32, &Device::Cpu).unwrap();
     let pairs: Vec<PairView> = (0..16).map(|i| prep.pair(i)).collect();
     let (rc, rr) = refs(&cache, &pairs);
-    for layout in [LayoutKind::SharedPrompt, LayoutKind::Padded] {
+    for layout in [LayoutKind::Packed, LayoutKind::SharedPrompt, LayoutKind::Padded] {
         let b = batch_loss(&policy.decoder, layout, DPO, &pairs, &rc, &rr).unwrap();
         for r in b.out.chosen_rewards.to_vec1::<f32>().unwrap().iter().chain(&b.out.rejected_rewards.to_vec1::<f32>().unwrap()) {
             assert!(r.abs() < 1e-4, "{layout:?}: step-0 reward {r}");
@@ -175,17 +175,20 @@ fn adamw_clipping_and_schedules_match_pytorch_and_transformers() {
     let a = &g["adamw"];
     let f = |v: &Value| v.as_f64().unwrap();
     let vecf = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect::<Vec<_>>();
-    let var = candle_core::Var::from_tensor(&Tensor::new(vecf(&a["init"]).as_slice(), &Device::Cpu).unwrap()).unwrap();
     let cfg = AdamWConfig { lr: f(&a["lr"]), beta1: f(&a["beta1"]), beta2: f(&a["beta2"]), eps: f(&a["eps"]), weight_decay: f(&a["weight_decay"]) };
-    let mut opt = AdamW::new(cfg, std::slice::from_ref(&var)).unwrap();
-    for (i, step) in a["steps"].as_array().unwrap().iter().enumerate() {
-        let grad = Tensor::new(vecf(&step["grad"]).as_slice(), &Device::Cpu).unwrap();
-        let (norm, clipped) = clip_by_global_norm(&[grad], f(&a["max_grad_norm"])).unwrap();
-        assert!((norm - f(&step["grad_norm"])).abs() < 1e-12, "step {i} grad_norm {norm}");
-        opt.step(std::slice::from_ref(&var), &clipped, cfg.lr).unwrap();
-        let got = var.as_tensor().to_vec1::<f64>().unwrap();
-        for (x, y) in got.iter().zip(vecf(&step["param"])) {
-            assert!((x - y).abs() < 1e-12, "step {i}: {x} vs torch {y}");
+    // Both update paths: raw CPU slices, and the candle ops other devices use.
+    for tensor_ops in [false, true] {
+        let var = candle_core::Var::from_tensor(&Tensor::new(vecf(&a["init"]).as_slice(), &Device::Cpu).unwrap()).unwrap();
+        let mut opt = AdamW::with_tensor_moments(cfg, std::slice::from_ref(&var), tensor_ops).unwrap();
+        for (i, step) in a["steps"].as_array().unwrap().iter().enumerate() {
+            let grad = Tensor::new(vecf(&step["grad"]).as_slice(), &Device::Cpu).unwrap();
+            let (norm, clipped) = clip_by_global_norm(&[grad], f(&a["max_grad_norm"])).unwrap();
+            assert!((norm - f(&step["grad_norm"])).abs() < 1e-12, "step {i} grad_norm {norm}");
+            opt.step(std::slice::from_ref(&var), &clipped, cfg.lr).unwrap();
+            let got = var.as_tensor().to_vec1::<f64>().unwrap();
+            for (x, y) in got.iter().zip(vecf(&step["param"])) {
+                assert!((x - y).abs() < 1e-12, "tensor ops {tensor_ops}, step {i}: {x} vs torch {y}");
+            }
         }
     }
     let s = &g["schedules"];
@@ -223,7 +226,7 @@ fn resumed_run_logs_the_same_metrics_and_checkpoints_are_hf_layout() {
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(&b) {
         for (k, v) in x.as_object().unwrap() {
-            if k == "tokens_per_s" || k == "step_seconds" {
+            if k == "tokens_per_s" || k.ends_with("_seconds") {
                 continue;
             }
             assert_eq!(v, &y[k], "step {} {k}", x["step"]);
@@ -420,4 +423,49 @@ fn sixteen_unclipped_steps_match_pytorch_autograd_and_trl() {
             }
         }
     }
+}
+
+/// Mixed precision (`train --dtype bf16`): bf16 compute over f32 master weights. The loss and
+/// gradients stay close to the f32 path's, the trained tensors stay f32, and an AdamW step
+/// lands updates far below bf16's resolution at the weights' scale, which bf16 weights would lose.
+#[test]
+fn bf16_mixed_precision_tracks_f32_and_keeps_f32_master_weights() {
+    use dpo_pipeline::train::policy::Trainable;
+    let d = tmp();
+    let model = setup(d.path(), "llama", "16");
+    let prep = PreparedDataset::open(&d.path().join("prep")).unwrap();
+    let cache = RefCache::open(&d.path().join("cache"), &prep).unwrap();
+    let pairs: Vec<PairView> = (0..8).map(|i| prep.pair(i)).collect();
+    let (rc, rr) = refs(&cache, &pairs);
+    // Reference values shifted so the loss is away from ln 2 and the gradient is not tiny.
+    let rr: Vec<f32> = rr.iter().map(|x| x + 3.0).collect();
+    let run = |compute: DType| {
+        let policy = Policy::load_mixed(&model, DType::F32, Some(compute), &Trainable::Full, &Device::Cpu).unwrap();
+        let b = batch_loss(&policy.decoder, LayoutKind::Packed, DPO, &pairs, &rc, &rr).unwrap();
+        assert_eq!(b.loss.dtype(), DType::F32, "the loss is computed in f32");
+        let grads = gradients(&b.loss, &policy).unwrap();
+        let flat: Vec<f64> = grads.iter().flat_map(|g| g.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()).collect();
+        (b.loss.to_scalar::<f32>().unwrap(), flat, policy, grads)
+    };
+    let (l32, g32, _, _) = run(DType::F32);
+    let (l16, g16, policy, grads) = run(DType::BF16);
+    assert!((l16 - l32).abs() < 0.02 * l32.abs(), "loss bf16 {l16} vs f32 {l32}");
+    let dot: f64 = g32.iter().zip(&g16).map(|(a, b)| a * b).sum();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let cosine = dot / (norm(&g32) * norm(&g16));
+    let rel = (norm(&g16) - norm(&g32)).abs() / norm(&g32);
+    assert!(cosine > 0.99 && rel < 0.05, "bf16 gradient vs f32: cosine {cosine}, norm off by {rel}");
+    assert!(policy.vars.iter().all(|v| v.dtype() == DType::F32), "master weights are f32");
+
+    let i = policy.names.iter().position(|n| n.ends_with("layers.0.mlp.down_proj.weight")).unwrap();
+    let before = policy.vars[i].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let cfg = AdamWConfig { lr: 1e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    let mut opt = AdamW::new(cfg, &policy.vars).unwrap();
+    opt.step(&policy.vars, &grads, cfg.lr).unwrap();
+    let after = policy.vars[i].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let bf = |x: f32| half::bf16::from_f32(x);
+    let changed = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+    let bf16_visible = before.iter().zip(&after).filter(|(a, b)| bf(**a) != bf(**b)).count();
+    assert!(changed > before.len() / 2, "{changed} of {} weights moved", before.len());
+    assert!(bf16_visible < changed / 4, "{bf16_visible} of {changed} updates would survive bf16 weights");
 }

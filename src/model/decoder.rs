@@ -14,38 +14,77 @@ use candle_core::{DType, Device, Tensor, D};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// What the forward sees: `batch` rows of `len` tokens, each token's rope position, and
-/// which keys each query may attend to.
-#[derive(Debug, Clone)]
+/// What the forward sees: tokens, each token's rope position, and the attention blocks that
+/// cover them in order. A token attends only within its block, so the cost of attention
+/// follows the blocks' lengths, never the batch's square.
+#[derive(Debug, Clone, Default)]
 pub struct SeqLayout {
-    pub batch: usize,
-    pub len: usize,
     pub input_ids: Vec<u32>,
     pub positions: Vec<u32>,
-    /// `visible[(b * len + i) * len + j]`: query i of row b may attend to key j.
-    pub visible: Vec<bool>,
+    pub blocks: Vec<Block>,
 }
 
-impl SeqLayout {
-    /// Additive mask [batch, 1, 1, len, len]; `window` hides keys `window` or more positions back.
-    fn mask(&self, window: Option<usize>, dtype: DType, device: &Device) -> Result<Tensor> {
-        let (b, t) = (self.batch, self.len);
-        let mut m = vec![0f32; b * t * t];
-        for r in 0..b {
-            for i in 0..t {
-                let qi = r * t + i;
-                for j in 0..t {
-                    let mut ok = self.visible[qi * t + j];
-                    if let (true, Some(w)) = (ok, window) {
-                        ok = (self.positions[qi] as i64 - self.positions[r * t + j] as i64) < w as i64;
-                    }
-                    if !ok {
-                        m[qi * t + j] = -1e9;
-                    }
+/// `len` tokens that attend only among themselves: a causal `prefix`, then `branches` (their
+/// lengths), each seeing the prefix and itself causally but no other branch; the remaining
+/// `len − prefix − Σ branches` tokens are padding, each seeing only itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    pub len: usize,
+    pub prefix: usize,
+    pub branches: Vec<usize>,
+}
+
+impl Block {
+    /// A plain causal sequence.
+    pub fn causal(len: usize) -> Self {
+        Self { len, prefix: len, branches: vec![] }
+    }
+
+    /// Additive mask [len, len]: 0 where query i may see key j, −1e9 elsewhere; `window`
+    /// hides keys `window` or more positions back (`positions` are the block's).
+    fn mask(&self, positions: &[u32], window: Option<usize>) -> Vec<f32> {
+        let t = self.len;
+        // Which part each token is in: 0 the prefix, k + 1 branch k, usize::MAX padding.
+        let mut part = vec![usize::MAX; t];
+        let mut at = self.prefix;
+        part[..self.prefix].fill(0);
+        for (k, &n) in self.branches.iter().enumerate() {
+            part[at..at + n].fill(k + 1);
+            at += n;
+        }
+        let mut m = vec![-1e9f32; t * t];
+        for i in 0..t {
+            for j in 0..=i {
+                let ok = if part[i] == usize::MAX { i == j } else { j < self.prefix || part[j] == part[i] };
+                let in_window = window.is_none_or(|w| (positions[i] as i64 - positions[j] as i64) < w as i64);
+                if ok && in_window {
+                    m[i * t + j] = 0.0;
                 }
             }
         }
-        Ok(Tensor::from_vec(m, (b, 1, 1, t, t), device)?.to_dtype(dtype)?)
+        m
+    }
+}
+
+impl SeqLayout {
+    /// One causal sequence.
+    pub fn causal(ids: &[u32]) -> Self {
+        Self { input_ids: ids.to_vec(), positions: (0..ids.len() as u32).collect(), blocks: vec![Block::causal(ids.len())] }
+    }
+
+    /// Runs of consecutive equal-length blocks, computed as one batched attention each:
+    /// (first token, blocks, block length).
+    fn groups(&self) -> Vec<(usize, usize, usize)> {
+        let mut out: Vec<(usize, usize, usize)> = Vec::new();
+        let mut at = 0;
+        for b in &self.blocks {
+            match out.last_mut() {
+                Some((_, n, len)) if *len == b.len => *n += 1,
+                _ => out.push((at, 1, b.len)),
+            }
+            at += b.len;
+        }
+        out
     }
 }
 
@@ -138,13 +177,14 @@ fn get(t: &HashMap<String, Tensor>, name: &str) -> Result<Tensor> {
 
 /// What every layer's attention shares for one forward.
 struct AttnInputs {
-    b: usize,
-    t: usize,
-    /// [b, t, 1, hd], in the compute dtype.
+    /// [n, 1, hd] for the n tokens, in the compute dtype.
     cos: Tensor,
     sin: Tensor,
-    /// Additive masks [b, 1, 1, t, t] (f32 or f64), one per sliding window in use.
-    masks: HashMap<Option<usize>, Tensor>,
+    /// Runs of equal-length blocks: (first token, blocks, block length).
+    groups: Vec<(usize, usize, usize)>,
+    /// Per sliding window in use, one additive mask [blocks, 1, 1, len, len] per group
+    /// (f32, or f64 for f64 models).
+    masks: HashMap<Option<usize>, Vec<Tensor>>,
 }
 
 /// `LlamaAttention` / `Qwen2Attention`.
@@ -159,6 +199,28 @@ struct Attention {
     sliding_window: Option<usize>,
 }
 
+/// Rotary embedding of x [n, heads, hd] with cos, sin [n, 1, hd]: the fused CPU op for
+/// f32/f64, else composite ops.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if super::fused::applies(x) {
+        return Ok(x.contiguous()?.apply_op3(cos, sin, super::fused::Rope)?);
+    }
+    rope_composite(x, cos, sin)
+}
+
+/// x·cos + rotate_half(x)·sin, as transformers' apply_rotary_pos_emb.
+pub fn rope_composite(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    Ok((x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?)?)
+}
+
+/// silu(gate) ⊙ up: the fused CPU op for f32/f64, else composite ops.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if super::fused::applies(gate) {
+        return Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, super::fused::SiluMul)?);
+    }
+    Ok((gate.silu()? * up)?)
+}
+
 fn rotate_half(x: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
@@ -167,26 +229,31 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
 }
 
 impl Attention {
-    /// x: [b*t, d] -> [b*t, d]
+    /// x: [n, d] -> [n, d]
     fn forward(&self, x: &Tensor, a: &AttnInputs) -> Result<Tensor> {
-        let (b, t, nh, nkv, hd) = (a.b, a.t, self.num_heads, self.num_kv_heads, self.head_dim);
+        let (n, nh, nkv, hd) = (x.dim(0)?, self.num_heads, self.num_kv_heads, self.head_dim);
         let g = nh / nkv;
-        let rope = |x: &Tensor| -> Result<Tensor> { Ok((x.broadcast_mul(&a.cos)? + rotate_half(x)?.broadcast_mul(&a.sin)?)?) };
-        let q = rope(&self.q_proj.forward(x)?.reshape((b, t, nh, hd))?)?; // [b, t, nh, hd]
-        let k = rope(&self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?)?; // [b, t, nkv, hd]
-        let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?; // [b, t, nkv, hd]
-                                                                   // Grouped-query attention without repeat_kv copies: the g query heads that share a
-                                                                   // kv head are stacked along the row axis of one matmul.
-        let q = q.reshape((b, t, nkv, g, hd))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((b, nkv, g * t, hd))?; // [b, nkv, g*t, hd]
-        let k = k.permute((0, 2, 1, 3))?.contiguous()?; // [b, nkv, t, hd]
-        let v = v.permute((0, 2, 1, 3))?.contiguous()?; // [b, nkv, t, hd]
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, g, t, t))?; // [b, nkv, g, t, t]
-                                                                                                     // Softmax in f32 (f64 stays f64), as transformers' eager attention upcasts bf16/f16.
-        let dtype = scores.dtype();
-        let scores = scores.to_dtype(accum_dtype(dtype))?.broadcast_add(&a.masks[&self.sliding_window])?;
-        let probs = softmax_last(&scores)?.to_dtype(dtype)?.reshape((b, nkv, g * t, t))?; // [b, nkv, g*t, t]
-        let y = probs.matmul(&v)?.reshape((b, nkv, g, t, hd))?; // [b, nkv, g, t, hd]
-        let y = y.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((b * t, nh * hd))?; // [b*t, nh*hd]
+        let rope = |x: &Tensor| rope(x, &a.cos, &a.sin);
+        let q = rope(&self.q_proj.forward(x)?.reshape((n, nh, hd))?)?; // [n, nh, hd]
+        let k = rope(&self.k_proj.forward(x)?.reshape((n, nkv, hd))?)?; // [n, nkv, hd]
+        let v = self.v_proj.forward(x)?.reshape((n, nkv, hd))?; // [n, nkv, hd]
+        let mut ys = Vec::with_capacity(a.groups.len());
+        for (gi, &(start, b, t)) in a.groups.iter().enumerate() {
+            // Grouped-query attention without repeat_kv copies: the g query heads that share a
+            // kv head are stacked along the row axis of one matmul.
+            let q = q.narrow(0, start, b * t)?.reshape((b, t, nkv, g, hd))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((b, nkv, g * t, hd))?;
+            let k = k.narrow(0, start, b * t)?.reshape((b, t, nkv, hd))?.permute((0, 2, 1, 3))?.contiguous()?; // [b, nkv, t, hd]
+            let v = v.narrow(0, start, b * t)?.reshape((b, t, nkv, hd))?.permute((0, 2, 1, 3))?.contiguous()?; // [b, nkv, t, hd]
+            let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, g, t, t))?; // [b, nkv, g, t, t]
+                                                                                                         // Softmax in f32 (f64 stays f64), as transformers' eager attention upcasts bf16/f16.
+            let dtype = scores.dtype();
+            let scores = scores.to_dtype(accum_dtype(dtype))?.broadcast_add(&a.masks[&self.sliding_window][gi])?;
+            let probs = softmax_last(&scores)?.to_dtype(dtype)?.reshape((b, nkv, g * t, t))?; // [b, nkv, g*t, t]
+            let y = probs.matmul(&v)?.reshape((b, nkv, g, t, hd))?; // [b, nkv, g, t, hd]
+            ys.push(y.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((b * t, nh * hd))?);
+            // [b*t, nh*hd]
+        }
+        let y = if ys.len() == 1 { ys.pop().expect("one group") } else { Tensor::cat(&ys, 0)? };
         self.o_proj.forward(&y)
     }
 }
@@ -201,7 +268,7 @@ struct Mlp {
 impl Mlp {
     /// x: [n, d] -> [n, d] (intermediate [n, i])
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down_proj.forward(&(self.gate_proj.forward(x)?.silu()? * self.up_proj.forward(x)?)?)
+        self.down_proj.forward(&silu_mul(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?)
     }
 }
 
@@ -215,7 +282,7 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(t: &HashMap<String, Tensor>, cfg: &ModelConfig, i: usize, opts: &DecoderOptions, dtype: DType) -> Result<Self> {
+    fn load(t: &HashMap<String, Tensor>, cfg: &ModelConfig, i: usize, opts: &DecoderOptions) -> Result<Self> {
         let p = format!("model.layers.{i}");
         let lin = |name: &str, bias: bool| Linear::load(t, &format!("{p}.{name}"), bias, opts);
         Ok(Self {
@@ -234,16 +301,17 @@ impl DecoderLayer {
                 up_proj: lin("mlp.up_proj", cfg.mlp_bias)?,
                 down_proj: lin("mlp.down_proj", cfg.mlp_bias)?,
             },
-            input_layernorm: cast(&get(t, &format!("{p}.input_layernorm.weight"))?, dtype)?,
-            post_attention_layernorm: cast(&get(t, &format!("{p}.post_attention_layernorm.weight"))?, dtype)?,
+            input_layernorm: get(t, &format!("{p}.input_layernorm.weight"))?,
+            post_attention_layernorm: get(t, &format!("{p}.post_attention_layernorm.weight"))?,
             eps: cfg.rms_norm_eps,
         })
     }
 
-    /// x: [b*t, d] -> [b*t, d]
+    /// x: [n, d] -> [n, d]
     fn forward(&self, x: &Tensor, a: &AttnInputs) -> Result<Tensor> {
-        let x = (x + self.self_attn.forward(&rms_norm(x, &self.input_layernorm, self.eps)?, a)?)?;
-        Ok((&x + self.mlp.forward(&rms_norm(&x, &self.post_attention_layernorm, self.eps)?)?)?)
+        // Norm weights are cast where they are used, so a trained f32 master copy stays live.
+        let x = (x + self.self_attn.forward(&rms_norm(x, &cast(&self.input_layernorm, x.dtype())?, self.eps)?, a)?)?;
+        Ok((&x + self.mlp.forward(&rms_norm(&x, &cast(&self.post_attention_layernorm, x.dtype())?, self.eps)?)?)?)
     }
 }
 
@@ -313,10 +381,10 @@ impl Decoder {
     pub fn with_options(cfg: &ModelConfig, t: &HashMap<String, Tensor>, opts: &DecoderOptions) -> Result<Self> {
         let embed_tokens = get(t, "model.embed_tokens.weight")?;
         let dtype = opts.compute_dtype.unwrap_or(embed_tokens.dtype());
-        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(t, cfg, i, opts, dtype)).collect::<Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(t, cfg, i, opts)).collect::<Result<Vec<_>>>()?;
         Ok(Self {
             lm_head: if cfg.tie_word_embeddings { None } else { Some(get(t, "lm_head.weight")?) },
-            norm: cast(&get(t, "model.norm.weight")?, dtype)?,
+            norm: get(t, "model.norm.weight")?,
             dtype,
             device: embed_tokens.device().clone(),
             embed_tokens,
@@ -332,7 +400,7 @@ impl Decoder {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
-    /// cos and sin [b, t, 1, hd] for the layout's positions (f32 math, as HF).
+    /// cos and sin [n, 1, hd] for the layout's positions (f32 math, as HF).
     fn rope(&self, layout: &SeqLayout) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let n = layout.positions.len();
@@ -346,28 +414,48 @@ impl Decoder {
                 }
             }
         }
-        let shape = (layout.batch, layout.len, 1, 2 * half);
-        let mk = |v: Vec<f32>| -> Result<Tensor> { Ok(Tensor::from_vec(v, shape, &self.device)?.to_dtype(self.dtype)?) };
+        let mk = |v: Vec<f32>| -> Result<Tensor> { Ok(Tensor::from_vec(v, (n, 1, 2 * half), &self.device)?.to_dtype(self.dtype)?) };
         Ok((mk(cos)?, mk(sin)?))
     }
 
-    /// Final-norm hidden states, [b*t, d].
+    /// The additive masks of every group of blocks for one sliding window.
+    fn masks(&self, layout: &SeqLayout, groups: &[(usize, usize, usize)], window: Option<usize>) -> Result<Vec<Tensor>> {
+        let mut out = Vec::with_capacity(groups.len());
+        let mut bi = 0;
+        for &(start, n, len) in groups {
+            let mut m = Vec::with_capacity(n * len * len);
+            for k in 0..n {
+                let at = start + k * len;
+                m.extend(layout.blocks[bi + k].mask(&layout.positions[at..at + len], window));
+            }
+            bi += n;
+            out.push(Tensor::from_vec(m, (n, 1, 1, len, len), &self.device)?.to_dtype(accum_dtype(self.dtype))?);
+        }
+        Ok(out)
+    }
+
+    /// Final-norm hidden states, [n, d] for the layout's n tokens.
     pub fn hidden(&self, layout: &SeqLayout) -> Result<Tensor> {
-        let (b, t) = (layout.batch, layout.len);
-        let ids = Tensor::from_slice(&layout.input_ids, b * t, &self.device)?;
-        let mut x = cast(&self.embed_tokens.index_select(&ids, 0)?, self.dtype)?; // [b*t, d]
+        let n = layout.input_ids.len();
+        anyhow::ensure!(
+            layout.positions.len() == n && layout.blocks.iter().map(|b| b.len).sum::<usize>() == n,
+            "layout blocks do not cover its tokens"
+        );
+        let ids = Tensor::from_slice(&layout.input_ids, n, &self.device)?;
+        let mut x = cast(&self.embed_tokens.index_select(&ids, 0)?, self.dtype)?; // [n, d]
         let (cos, sin) = self.rope(layout)?;
+        let groups = layout.groups();
         let mut masks = HashMap::new();
         for l in &self.layers {
             let w = l.self_attn.sliding_window;
             if let std::collections::hash_map::Entry::Vacant(e) = masks.entry(w) {
-                e.insert(layout.mask(w, accum_dtype(self.dtype), &self.device)?);
+                e.insert(self.masks(layout, &groups, w)?);
             }
         }
-        let a = AttnInputs { b, t, cos, sin, masks };
+        let a = AttnInputs { cos, sin, groups, masks };
         for layer in &self.layers {
             x = layer.forward(&x, &a)?;
         }
-        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+        rms_norm(&x, &cast(&self.norm, self.dtype)?, self.cfg.rms_norm_eps)
     }
 }

@@ -1,13 +1,17 @@
 //! Fused output projection + log-softmax + target pick, with its own backward (softmax −
-//! one-hot), computed in row chunks: neither the (tokens × vocab) logits nor their gradient
-//! ever exist whole, in the forward or in the backward. CPU, f32 and f64.
+//! one-hot), computed in (rows × vocabulary) blocks with a running log-sum-exp: neither the
+//! (tokens × vocab) logits nor their gradient ever exist whole, in the forward or in the
+//! backward. CPU, f32 and f64.
 use anyhow::Result;
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-/// Logits elements per chunk.
-const CHUNK_ELEMS: usize = 1 << 20;
+/// Rows per chunk and vocabulary entries per block: the logits exist one [ROWS, VOCAB_BLOCK]
+/// block at a time (8 MiB in f32). Each block's GEMM reads its slice of the projection once
+/// for 256 rows, so packing the (vocab × hidden) weight stays a small share of the work.
+const ROWS: usize = 256;
+const VOCAB_BLOCK: usize = 8192;
 
 pub trait Real: Copy + Send + Sync + 'static + PartialOrd + candle_core::WithDType {
     fn exp(self) -> Self;
@@ -48,21 +52,33 @@ fn par() -> Parallelism {
     }
 }
 
-/// Turns each row of logits into log-softmax in place; returns log p(target) per row.
-fn log_softmax_pick<T: Real>(logits: &mut [T], v: usize, targets: &[u32]) -> Vec<T> {
-    logits
-        .par_chunks_mut(v)
-        .zip(targets.par_iter())
-        .map(|(row, &t)| {
-            let max = row.iter().fold(row[0], |m, &x| if x > m { x } else { m });
-            let sum: f64 = row.iter().map(|&x| (x.to() - max.to()).exp()).sum();
-            let lse = max.to() + sum.ln();
-            for x in row.iter_mut() {
-                *x = T::from(x.to() - lse);
-            }
-            row[t as usize]
-        })
-        .collect()
+/// Running log-sum-exp of one row over vocabulary blocks (f64), and its target's logit.
+#[derive(Clone, Copy)]
+struct RowLse {
+    max: f64,
+    sum: f64,
+    target_logit: f64,
+}
+
+impl RowLse {
+    const EMPTY: Self = Self { max: f64::NEG_INFINITY, sum: 0.0, target_logit: f64::NAN };
+
+    /// Folds in `row`, the logits of vocabulary entries `v0..v0 + row.len()`.
+    fn add<T: Real>(&mut self, row: &[T], v0: usize, target: usize) {
+        let bmax = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x.to()));
+        let max = self.max.max(bmax);
+        // exp in the logits' own precision (f32's is several times cheaper), summed in f64.
+        let m = T::from(max);
+        self.sum = self.sum * (self.max - max).exp() + row.iter().map(|&x| (x - m).exp().to()).sum::<f64>();
+        self.max = max;
+        if (v0..v0 + row.len()).contains(&target) {
+            self.target_logit = row[target - v0].to();
+        }
+    }
+
+    fn lse(&self) -> f64 {
+        self.max + self.sum.ln()
+    }
 }
 
 pub struct LogProbs {
@@ -80,87 +96,110 @@ fn contiguous<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result
 }
 
 impl LogProbs {
+    /// log p(target) per row: logit_t − logsumexp(logits), accumulated over vocabulary blocks.
     fn fwd<T: Real>(&self, h: &[T], w: &[T], m: usize, k: usize, v: usize) -> Vec<T> {
-        let chunk = (CHUNK_ELEMS / v).clamp(1, m.max(1));
+        let vb_max = VOCAB_BLOCK.min(v);
         let mut out = Vec::with_capacity(m);
-        let mut logits = vec![T::from(0.0); chunk * v];
-        for start in (0..m).step_by(chunk) {
-            let c = chunk.min(m - start);
-            // SAFETY: the slices hold c×k, v×k and c×v elements, row-major.
-            unsafe { matmul_abt(c, v, k, h[start * k..].as_ptr(), w.as_ptr(), logits.as_mut_ptr()) };
-            out.extend(log_softmax_pick(&mut logits[..c * v], v, &self.targets[start..start + c]));
+        let mut logits = vec![T::from(0.0); ROWS.min(m) * vb_max];
+        for r0 in (0..m).step_by(ROWS) {
+            let c = ROWS.min(m - r0);
+            let targets = &self.targets[r0..r0 + c];
+            let mut rows = vec![RowLse::EMPTY; c];
+            for v0 in (0..v).step_by(vb_max) {
+                let vb = vb_max.min(v - v0);
+                // SAFETY: h rows [r0, r0+c) are c×k, w rows [v0, v0+vb) are vb×k, logits holds c×vb.
+                unsafe { matmul_abt(c, vb, k, h[r0 * k..].as_ptr(), w[v0 * k..].as_ptr(), logits.as_mut_ptr()) };
+                logits[..c * vb]
+                    .par_chunks(vb)
+                    .zip(rows.par_iter_mut())
+                    .zip(targets.par_iter())
+                    .for_each(|((row, st), &t)| st.add(row, v0, t as usize));
+            }
+            out.extend(rows.iter().map(|st| T::from(st.target_logit - st.lse())));
         }
         out
     }
 
-    /// Gradients wrt h [m, k] and w [v, k] for upstream gradient `g` [m]:
-    /// d logp_i / d logits_i = onehot(t_i) − softmax(logits_i).
-    fn bwd_impl<T: Real>(&self, h: &[T], w: &[T], g: &[T], m: usize, k: usize, v: usize) -> (Vec<T>, Option<Vec<T>>) {
-        let chunk = (CHUNK_ELEMS / v).clamp(1, m.max(1));
+    /// Gradients wrt h [m, k] and w [v, k] for upstream gradient `g` [m], given the forward's
+    /// output `logp` [m]: d logp_i / d logits_i = onehot(t_i) − softmax(logits_i), with
+    /// softmax = exp(logits − lse) and lse_i = h_i · w_{t_i} − logp_i (no second reduction pass).
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_impl<T: Real>(&self, h: &[T], w: &[T], g: &[T], logp: &[T], m: usize, k: usize, v: usize) -> (Vec<T>, Option<Vec<T>>) {
+        let vb_max = VOCAB_BLOCK.min(v);
         let mut gh = vec![T::from(0.0); m * k];
         let mut gw = if self.weight_grad { vec![T::from(0.0); v * k] } else { Vec::new() };
-        let mut d = vec![T::from(0.0); chunk * v];
-        for start in (0..m).step_by(chunk) {
-            let c = chunk.min(m - start);
-            // SAFETY: as in fwd.
-            unsafe { matmul_abt(c, v, k, h[start * k..].as_ptr(), w.as_ptr(), d.as_mut_ptr()) };
-            let targets = &self.targets[start..start + c];
-            log_softmax_pick(&mut d[..c * v], v, targets);
-            d[..c * v].par_chunks_mut(v).zip(targets.par_iter()).zip(g[start..start + c].par_iter()).for_each(|((row, &t), &gi)| {
-                for x in row.iter_mut() {
-                    *x = T::from(-gi.to() * x.to().exp());
+        let mut d = vec![T::from(0.0); ROWS.min(m) * vb_max];
+        let lse: Vec<f64> = (0..m)
+            .into_par_iter()
+            .map(|i| {
+                let (hi, wt) = (&h[i * k..(i + 1) * k], &w[self.targets[i] as usize * k..][..k]);
+                hi.iter().zip(wt).map(|(&a, &b)| a.to() * b.to()).sum::<f64>() - logp[i].to()
+            })
+            .collect();
+        for r0 in (0..m).step_by(ROWS) {
+            let c = ROWS.min(m - r0);
+            for v0 in (0..v).step_by(vb_max) {
+                let vb = vb_max.min(v - v0);
+                // SAFETY: as in fwd.
+                unsafe { matmul_abt(c, vb, k, h[r0 * k..].as_ptr(), w[v0 * k..].as_ptr(), d.as_mut_ptr()) };
+                d[..c * vb].par_chunks_mut(vb).enumerate().for_each(|(i, row)| {
+                    let (gi, l, t) = (g[r0 + i].to(), lse[r0 + i], self.targets[r0 + i] as usize);
+                    for x in row.iter_mut() {
+                        *x = T::from(-gi * (*x - T::from(l)).exp().to());
+                    }
+                    if (v0..v0 + vb).contains(&t) {
+                        row[t - v0] = T::from(row[t - v0].to() + gi);
+                    }
+                });
+                // SAFETY: gh rows [r0, r0+c) are c×k; d is c×vb; w and gw rows [v0, v0+vb) are vb×k.
+                unsafe {
+                    // gh[c, k] += d[c, vb] · w[vb, k]
+                    gemm::gemm(
+                        c,
+                        k,
+                        vb,
+                        gh[r0 * k..].as_mut_ptr(),
+                        1,
+                        k as isize,
+                        true,
+                        d.as_ptr(),
+                        1,
+                        vb as isize,
+                        w[v0 * k..].as_ptr(),
+                        1,
+                        k as isize,
+                        T::from(1.0),
+                        T::from(1.0),
+                        false,
+                        false,
+                        false,
+                        par(),
+                    );
+                    // gw[vb, k] += dᵀ[vb, c] · h[c, k]
+                    if self.weight_grad {
+                        gemm::gemm(
+                            vb,
+                            k,
+                            c,
+                            gw[v0 * k..].as_mut_ptr(),
+                            1,
+                            k as isize,
+                            true,
+                            d.as_ptr(),
+                            vb as isize,
+                            1,
+                            h[r0 * k..].as_ptr(),
+                            1,
+                            k as isize,
+                            T::from(1.0),
+                            T::from(1.0),
+                            false,
+                            false,
+                            false,
+                            par(),
+                        );
+                    }
                 }
-                row[t as usize] = T::from(row[t as usize].to() + gi.to());
-            });
-            // SAFETY: gh rows [start, start+c) are c×k; d is c×v; w is v×k; gw is v×k.
-            unsafe {
-                // gh[c, k] = d[c, v] · w[v, k]
-                gemm::gemm(
-                    c,
-                    k,
-                    v,
-                    gh[start * k..].as_mut_ptr(),
-                    1,
-                    k as isize,
-                    false,
-                    d.as_ptr(),
-                    1,
-                    v as isize,
-                    w.as_ptr(),
-                    1,
-                    k as isize,
-                    T::from(0.0),
-                    T::from(1.0),
-                    false,
-                    false,
-                    false,
-                    par(),
-                );
-                // gw[v, k] += dᵀ[v, c] · h[c, k]
-                if !self.weight_grad {
-                    continue;
-                }
-                gemm::gemm(
-                    v,
-                    k,
-                    c,
-                    gw.as_mut_ptr(),
-                    1,
-                    k as isize,
-                    true,
-                    d.as_ptr(),
-                    v as isize,
-                    1,
-                    h[start * k..].as_ptr(),
-                    1,
-                    k as isize,
-                    T::from(1.0),
-                    T::from(1.0),
-                    false,
-                    false,
-                    false,
-                    par(),
-                );
             }
         }
         (gh, self.weight_grad.then_some(gw))
@@ -186,24 +225,42 @@ impl CustomOp2 for LogProbs {
         Ok((out, Shape::from(m)))
     }
 
-    fn bwd(&self, h: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, h: &Tensor, w: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (m, k) = h.dims2()?;
         let v = w.dim(0)?;
         let grad = grad.contiguous()?;
+        let res = res.contiguous()?;
         let (hs, hl) = h.storage_and_layout();
         let (ws, wl) = w.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
-        let (Storage::Cpu(hs), Storage::Cpu(ws), Storage::Cpu(gs)) = (&*hs, &*ws, &*gs) else {
+        let (rs, rl) = res.storage_and_layout();
+        let (Storage::Cpu(hs), Storage::Cpu(ws), Storage::Cpu(gs), Storage::Cpu(rs)) = (&*hs, &*ws, &*gs, &*rs) else {
             return Err(candle_core::Error::Msg("fused log-probs: CPU only".into()));
         };
         let dev = h.device();
         Ok(match h.dtype() {
             DType::F32 => {
-                let (gh, gw) = self.bwd_impl(contiguous::<f32>(hs, hl)?, &widened::<f32>(ws, wl)?, contiguous::<f32>(gs, gl)?, m, k, v);
+                let (gh, gw) = self.bwd_impl(
+                    contiguous::<f32>(hs, hl)?,
+                    &widened::<f32>(ws, wl)?,
+                    contiguous::<f32>(gs, gl)?,
+                    contiguous::<f32>(rs, rl)?,
+                    m,
+                    k,
+                    v,
+                );
                 (Some(Tensor::from_vec(gh, (m, k), dev)?), gw.map(|gw| Tensor::from_vec(gw, (v, k), dev)).transpose()?)
             }
             _ => {
-                let (gh, gw) = self.bwd_impl(contiguous::<f64>(hs, hl)?, &widened::<f64>(ws, wl)?, contiguous::<f64>(gs, gl)?, m, k, v);
+                let (gh, gw) = self.bwd_impl(
+                    contiguous::<f64>(hs, hl)?,
+                    &widened::<f64>(ws, wl)?,
+                    contiguous::<f64>(gs, gl)?,
+                    contiguous::<f64>(rs, rl)?,
+                    m,
+                    k,
+                    v,
+                );
                 (Some(Tensor::from_vec(gh, (m, k), dev)?), gw.map(|gw| Tensor::from_vec(gw, (v, k), dev)).transpose()?)
             }
         })
@@ -421,5 +478,158 @@ impl CustomOp2 for RmsNorm {
                 (Some(Tensor::from_vec(dx, xshape, dev)?), Some(Tensor::from_vec(dw, wshape, dev)?))
             }
         })
+    }
+}
+
+/// The three contiguous CPU slices of a custom op's backward inputs, as `T`.
+fn cpu3<T: Real, R>(a: &Tensor, b: &Tensor, c: &Tensor, f: impl FnOnce(&[T], &[T], &[T]) -> R) -> candle_core::Result<R> {
+    let (c_, a_, b_) = (c.contiguous()?, a.contiguous()?, b.contiguous()?);
+    let (sa, la) = a_.storage_and_layout();
+    let (sb, lb) = b_.storage_and_layout();
+    let (sc, lc) = c_.storage_and_layout();
+    let (Storage::Cpu(sa), Storage::Cpu(sb), Storage::Cpu(sc)) = (&*sa, &*sb, &*sc) else {
+        return Err(candle_core::Error::Msg("fused op: CPU only".into()));
+    };
+    Ok(f(contiguous::<T>(sa, la)?, contiguous::<T>(sb, lb)?, contiguous::<T>(sc, lc)?))
+}
+
+/// Elements per parallel task of the element-wise ops.
+const ELEMS_PER_TASK: usize = 1 << 14;
+
+/// SwiGLU's gate: silu(gate) ⊙ up in one pass, with its own backward
+/// (d gate = dy·up·σ(g)·(1 + g·(1 − σ(g))), d up = dy·silu(g)): one output kept instead of
+/// candle's three (silu, its input, the product). CPU, f32 and f64.
+pub struct SiluMul;
+
+fn silu_mul_fwd<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
+    let mut out = vec![T::from(0.0); g.len()];
+    out.par_chunks_mut(ELEMS_PER_TASK).zip(g.par_chunks(ELEMS_PER_TASK).zip(u.par_chunks(ELEMS_PER_TASK))).for_each(|(o, (g, u))| {
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            let gv = g.to();
+            *o = T::from(gv / (1.0 + (-gv).exp()) * u.to());
+        }
+    });
+    out
+}
+
+fn silu_mul_bwd<T: Real>(g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+    let (mut dg, mut du) = (vec![T::from(0.0); g.len()], vec![T::from(0.0); g.len()]);
+    dg.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(du.par_chunks_mut(ELEMS_PER_TASK))
+        .zip(g.par_chunks(ELEMS_PER_TASK).zip(u.par_chunks(ELEMS_PER_TASK)).zip(dy.par_chunks(ELEMS_PER_TASK)))
+        .for_each(|((dg, du), ((g, u), dy))| {
+            for i in 0..g.len() {
+                let (gv, uv, d) = (g[i].to(), u[i].to(), dy[i].to());
+                let s = 1.0 / (1.0 + (-gv).exp());
+                dg[i] = T::from(d * uv * s * (1.0 + gv * (1.0 - s)));
+                du[i] = T::from(d * gv * s);
+            }
+        });
+    (dg, du)
+}
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            return Err(candle_core::Error::Msg(format!("silu-mul: shapes {:?} and {:?}", l1.shape(), l2.shape())));
+        }
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(silu_mul_fwd(contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?)),
+            DType::F64 => CpuStorage::F64(silu_mul_fwd(contiguous::<f64>(s1, l1)?, contiguous::<f64>(s2, l2)?)),
+            dt => return Err(candle_core::Error::Msg(format!("silu-mul: unsupported dtype {dt:?}"))),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dev, shape) = (g.device(), g.shape());
+        let (dg, du) = match g.dtype() {
+            DType::F32 => {
+                let (a, b) = cpu3::<f32, _>(g, u, dy, silu_mul_bwd)?;
+                (Tensor::from_vec(a, shape, dev)?, Tensor::from_vec(b, shape, dev)?)
+            }
+            _ => {
+                let (a, b) = cpu3::<f64, _>(g, u, dy, silu_mul_bwd)?;
+                (Tensor::from_vec(a, shape, dev)?, Tensor::from_vec(b, shape, dev)?)
+            }
+        };
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// Rotary embedding x·cos + rotate_half(x)·sin (as transformers) for x [n, heads, hd] and
+/// cos, sin [n, 1, hd], in one pass, with its own backward (dx = dy·cos + rotate_halfᵀ(dy·sin)):
+/// no narrow/neg/cat temporaries. cos and sin are constants (no gradient). CPU, f32 and f64.
+pub struct Rope;
+
+/// `out[i] = x[i]·cos + sign·x[partner]·sin` per token and head; `transpose` applies the
+/// adjoint of rotate_half (the backward), which swaps which half carries the minus sign.
+fn rope_apply<T: Real>(x: &[T], cos: &[T], sin: &[T], hd: usize, transpose: bool) -> Vec<T> {
+    let half = hd / 2;
+    let heads = x.len() / (cos.len() / hd) / hd;
+    let mut out = vec![T::from(0.0); x.len()];
+    out.par_chunks_mut(heads * hd).zip(x.par_chunks(heads * hd)).enumerate().for_each(|(t, (o, x))| {
+        let (c, s) = (&cos[t * hd..(t + 1) * hd], &sin[t * hd..(t + 1) * hd]);
+        for (o, x) in o.chunks_mut(hd).zip(x.chunks(hd)) {
+            for d in 0..half {
+                let (x1, x2) = (x[d].to(), x[d + half].to());
+                if transpose {
+                    // d x1 = g1·c1 + g2·s2, d x2 = g2·c2 − g1·s1
+                    o[d] = T::from(x1 * c[d].to() + x2 * s[d + half].to());
+                    o[d + half] = T::from(x2 * c[d + half].to() - x1 * s[d].to());
+                } else {
+                    o[d] = T::from(x1 * c[d].to() - x2 * s[d].to());
+                    o[d + half] = T::from(x2 * c[d + half].to() + x1 * s[d + half].to());
+                }
+            }
+        }
+    });
+    out
+}
+
+impl candle_core::CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, _, hd) = l1.shape().dims3()?;
+        if l2.shape().dims() != [n, 1, hd] || l3.shape().dims() != [n, 1, hd] || hd % 2 != 0 {
+            return Err(candle_core::Error::Msg(format!("rope: x {:?}, cos {:?}, sin {:?}", l1.shape(), l2.shape(), l3.shape())));
+        }
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(rope_apply(contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?, contiguous::<f32>(s3, l3)?, hd, false)),
+            DType::F64 => CpuStorage::F64(rope_apply(contiguous::<f64>(s1, l1)?, contiguous::<f64>(s2, l2)?, contiguous::<f64>(s3, l3)?, hd, false)),
+            dt => return Err(candle_core::Error::Msg(format!("rope: unsupported dtype {dt:?}"))),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let hd = dy.dim(2)?;
+        let dx = match dy.dtype() {
+            DType::F32 => Tensor::from_vec(cpu3::<f32, _>(dy, cos, sin, |g, c, s| rope_apply(g, c, s, hd, true))?, dy.shape(), dy.device())?,
+            _ => Tensor::from_vec(cpu3::<f64, _>(dy, cos, sin, |g, c, s| rope_apply(g, c, s, hd, true))?, dy.shape(), dy.device())?,
+        };
+        Ok((Some(dx), None, None))
     }
 }

@@ -14,14 +14,35 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use std::path::Path;
 
-/// The device tensors live on: the first CUDA GPU when built with `--features cuda`, else CPU.
+/// The device the stages compute on, set once from `--device` (default: the first CUDA GPU
+/// in a `--features cuda` build, else the CPU).
+static DEVICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Chooses the device for this process: `cpu`, `cuda` or `cuda:N`. Checked when a stage
+/// first asks for it.
+pub fn set_device(spec: &str) {
+    let _ = DEVICE.set(spec.to_string());
+}
+
 pub fn device() -> Result<Device> {
-    #[cfg(feature = "cuda")]
-    {
-        return Ok(Device::new_cuda(0)?);
+    let spec = DEVICE.get().map(String::as_str).unwrap_or(if cfg!(feature = "cuda") { "cuda:0" } else { "cpu" });
+    parse_device(spec)
+}
+
+/// `cpu`, `cuda` (the first GPU) or `cuda:N`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let ordinal = match spec {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        s => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => n,
+            None => anyhow::bail!("--device {spec}: expected cpu, cuda or cuda:N"),
+        },
+    };
+    if !cfg!(feature = "cuda") {
+        anyhow::bail!("--device {spec}: this binary was built without CUDA (build one with scripts/build-cuda.sh)");
     }
-    #[allow(unreachable_code)]
-    Ok(Device::Cpu)
+    Ok(Device::new_cuda(ordinal)?)
 }
 
 /// Loads an HF model directory into the decoder (inference: plain tensors, no autograd).

@@ -1,16 +1,21 @@
-//! Turning pairs into decoder inputs. Two layouts, identical in what they score:
-//! - `Padded`: chosen and rejected as separate right-padded rows (what TRL does).
-//! - `SharedPrompt`: one row per pair, prompt ‖ chosen ‖ rejected, rejected tokens blind to
-//!   chosen ones and their positions restarting after the prompt: the prompt is computed once.
+//! Turning pairs into decoder inputs. Three layouts, identical in what they score:
+//! - `Packed` (default): every pair of the batch back to back in one row, no padding at all;
+//!   each pair is its own attention block in the shared-prompt arrangement below, with
+//!   positions restarting per pair, so no token sees another pair.
+//! - `SharedPrompt`: one right-padded row per pair, prompt ‖ chosen ‖ rejected, rejected tokens
+//!   blind to chosen ones and their positions restarting after the prompt: the prompt is
+//!   computed once.
+//! - `Padded`: chosen and rejected as separate right-padded rows (what TRL does): the ablation.
 use crate::data::prepared::PairView;
-use crate::model::decoder::SeqLayout;
+use crate::model::decoder::{Block, SeqLayout};
 use crate::model::logprobs::Scored;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum LayoutKind {
-    Padded,
+    Packed,
     SharedPrompt,
+    Padded,
 }
 
 /// A pair cut to what is scored: prompt, and the completions' first `*_scored` tokens.
@@ -23,7 +28,7 @@ pub fn row_len(kind: LayoutKind, p: &PairView) -> usize {
     let (pr, c, r) = scored_parts(p);
     match kind {
         LayoutKind::Padded => pr.len() + c.len().max(r.len()),
-        LayoutKind::SharedPrompt => pr.len() + c.len() + r.len(),
+        LayoutKind::SharedPrompt | LayoutKind::Packed => pr.len() + c.len() + r.len(),
     }
 }
 
@@ -33,88 +38,114 @@ pub fn computed_tokens(kind: LayoutKind, p: &PairView) -> usize {
     pr.len() * rows_per_pair(kind) + c.len() + r.len()
 }
 
-/// Rows per pair in a layout.
+/// Rows (attention blocks) per pair in a layout.
 pub fn rows_per_pair(kind: LayoutKind) -> usize {
     match kind {
         LayoutKind::Padded => 2,
-        LayoutKind::SharedPrompt => 1,
+        LayoutKind::SharedPrompt | LayoutKind::Packed => 1,
     }
+}
+
+/// Token slots a batch of pairs occupies, padding included.
+pub fn slots(kind: LayoutKind, pairs: &[PairView]) -> usize {
+    match kind {
+        LayoutKind::Packed => pairs.iter().map(|p| row_len(kind, p)).sum(),
+        _ => pairs.len() * rows_per_pair(kind) * pairs.iter().map(|p| row_len(kind, p)).max().unwrap_or(0),
+    }
+}
+
+/// One attention block before padding: its tokens as (token, position, Some(seq) if scored),
+/// its causal prefix length and its branches' lengths (see [`Block`]).
+struct Unit {
+    tokens: Vec<(u32, u32, Option<u32>)>,
+    prefix: usize,
+    branches: Vec<usize>,
+}
+
+fn units(kind: LayoutKind, pairs: &[PairView]) -> Vec<Unit> {
+    let mut out = Vec::with_capacity(pairs.len() * rows_per_pair(kind));
+    for (i, p) in pairs.iter().enumerate() {
+        let (pr, c, r) = scored_parts(p);
+        let (sc, sr) = (2 * i as u32, 2 * i as u32 + 1);
+        let prompt = pr.iter().enumerate().map(|(k, &t)| (t, k as u32, None));
+        let np = pr.len() as u32;
+        let comp = |ids: &[u32], s: u32| ids.iter().enumerate().map(move |(k, &t)| (t, np + k as u32, Some(s))).collect::<Vec<_>>();
+        match kind {
+            // One causal sequence per completion: everything is prefix.
+            LayoutKind::Padded => {
+                for (ids, s) in [(c, sc), (r, sr)] {
+                    let tokens: Vec<_> = prompt.clone().chain(comp(ids, s)).collect();
+                    out.push(Unit { prefix: tokens.len(), tokens, branches: vec![] });
+                }
+            }
+            LayoutKind::SharedPrompt | LayoutKind::Packed => {
+                let tokens: Vec<_> = prompt.chain(comp(c, sc)).chain(comp(r, sr)).collect();
+                out.push(Unit { tokens, prefix: pr.len(), branches: vec![c.len(), r.len()] });
+            }
+        }
+    }
+    out
 }
 
 /// Decoder input for `pairs`. Sequence 2i is pair i's chosen, 2i+1 its rejected, in `Scored`.
 pub fn build(kind: LayoutKind, pairs: &[PairView]) -> (SeqLayout, Scored) {
-    let rows: Vec<Vec<(u32, u32, Option<u32>)>> = match kind {
-        // Each entry: (token, position, Some(seq) if the token is scored).
-        LayoutKind::Padded => pairs
-            .iter()
-            .flat_map(|p| {
-                let (pr, c, r) = scored_parts(p);
-                [c, r].map(|comp| pr.iter().map(|&t| (t, None)).chain(comp.iter().map(|&t| (t, Some(())))).collect::<Vec<_>>())
-            })
-            .enumerate()
-            .map(|(s, toks)| toks.into_iter().enumerate().map(|(pos, (t, sc))| (t, pos as u32, sc.map(|_| s as u32))).collect())
-            .collect(),
-        LayoutKind::SharedPrompt => pairs
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let (pr, c, r) = scored_parts(p);
-                let np = pr.len() as u32;
-                let mut row: Vec<(u32, u32, Option<u32>)> = pr.iter().enumerate().map(|(k, &t)| (t, k as u32, None)).collect();
-                row.extend(c.iter().enumerate().map(|(k, &t)| (t, np + k as u32, Some(2 * i as u32))));
-                row.extend(r.iter().enumerate().map(|(k, &t)| (t, np + k as u32, Some(2 * i as u32 + 1))));
-                row
-            })
-            .collect(),
+    let units = units(kind, pairs);
+    // Packed blocks keep their own length; the padded layouts pad every row to the longest.
+    let pad_to = match kind {
+        LayoutKind::Packed => None,
+        _ => Some(units.iter().map(|u| u.tokens.len()).max().unwrap_or(1).max(1)),
     };
-    let batch = rows.len();
-    let len = rows.iter().map(|r| r.len()).max().unwrap_or(1).max(1);
+    let total = pad_to.map_or_else(|| units.iter().map(|u| u.tokens.len()).sum(), |t| t * units.len());
     let mut layout =
-        SeqLayout { batch, len, input_ids: vec![0; batch * len], positions: vec![0; batch * len], visible: vec![false; batch * len * len] };
+        SeqLayout { input_ids: Vec::with_capacity(total), positions: Vec::with_capacity(total), blocks: Vec::with_capacity(units.len()) };
     let mut sc = Scored { num_seqs: 2 * pairs.len(), ..Default::default() };
-    for (b, row) in rows.iter().enumerate() {
-        let base = b * len;
-        // Where each token's own sequence starts (for "blind to chosen" in the shared layout).
-        let prompt_len = row.iter().take_while(|e| e.2.is_none()).count();
+    for u in &units {
+        let base = layout.input_ids.len();
+        let row = &u.tokens;
         for (i, &(tok, pos, seq)) in row.iter().enumerate() {
-            layout.input_ids[base + i] = tok;
-            layout.positions[base + i] = pos;
-            for (j, &(_, _, sj)) in row.iter().enumerate().take(i + 1) {
-                // A key is visible if it is the prompt, or belongs to the same completion.
-                layout.visible[(base + i) * len + j] = j < prompt_len || sj == seq;
-            }
+            layout.input_ids.push(tok);
+            layout.positions.push(pos);
             if let Some(s) = seq {
-                // The first completion token is predicted from the last prompt token; later
+                // The first completion token is predicted from the last prefix token; later
                 // ones from the previous token of the same completion.
                 // Prepared rows always have a prompt token (PreparedDataset::open checks it).
-                let prev = (0..i).rev().find(|&j| j < prompt_len || row[j].2 == Some(s)).expect("a pair has a prompt token");
+                let prev = (0..i).rev().find(|&j| j < u.prefix || row[j].2 == Some(s)).expect("a pair has a prompt token");
                 sc.rows.push((base + prev) as u32);
                 sc.targets.push(tok);
                 sc.seq.push(s);
             }
         }
-        // Padding: each pad query sees itself only (keeps softmax finite; never scored).
+        let len = pad_to.unwrap_or(row.len());
+        // Padding: token 0 at the next positions (never scored; each pad sees only itself).
         for i in row.len()..len {
-            layout.positions[base + i] = i as u32;
-            layout.visible[(base + i) * len + i] = true;
+            layout.input_ids.push(0);
+            layout.positions.push(i as u32);
         }
+        layout.blocks.push(Block { len, prefix: u.prefix, branches: u.branches.clone() });
     }
     (layout, sc)
 }
 
-/// Groups `items` (pair index, row length) into batches whose padded size
-/// `rows × longest row` stays within `budget` tokens; sorted by length to waste little padding.
+/// Groups `items` (pair index, row length) into batches of at most `budget` token slots
+/// (padding included), in length order so padded rows waste little.
 pub fn plan_batches(kind: LayoutKind, mut items: Vec<(u32, usize)>, budget: usize) -> Vec<Vec<u32>> {
     items.sort_by_key(|&(i, len)| (len, i));
     let per = rows_per_pair(kind);
     let mut batches = Vec::new();
     let mut cur: Vec<u32> = Vec::new();
+    let mut used = 0;
     for (i, len) in items {
         // Sorted ascending, so `len` is the longest row so far in this batch.
-        if !cur.is_empty() && (cur.len() + 1) * per * len > budget {
+        let after = match kind {
+            LayoutKind::Packed => used + len,
+            _ => (cur.len() + 1) * per * len,
+        };
+        if !cur.is_empty() && after > budget {
             batches.push(std::mem::take(&mut cur));
+            used = 0;
         }
         cur.push(i);
+        used += len;
     }
     if !cur.is_empty() {
         batches.push(cur);

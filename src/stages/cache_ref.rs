@@ -145,8 +145,7 @@ pub fn run(cfg: &CacheRefSettings) -> Result<Manifest> {
         write_atomic(&progress_path, serde_json::to_string(&prog)?.as_bytes())?;
         batches_run += 1;
         rows_run += rows.len();
-        let longest = pairs.iter().map(|p| batch::row_len(cfg.layout, p)).max().unwrap_or(0);
-        padded += pairs.len() * batch::rows_per_pair(cfg.layout) * longest;
+        padded += batch::slots(cfg.layout, &pairs);
         tokens += pairs.iter().map(|p| batch::computed_tokens(cfg.layout, p)).sum::<usize>();
         pb.inc(rows.len() as u64);
         pb.set_message(format!("{:.0} tokens/s", tokens as f64 / t_run.elapsed().as_secs_f64().max(1e-9)));

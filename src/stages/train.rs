@@ -211,7 +211,8 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
 
     let device = model::device()?;
     let base_dtype = weights::parse_dtype(&cfg.base_dtype)?;
-    let policy = Policy::load_with(&model_dir, base_dtype, &trainable(cfg)?, &device)?;
+    let compute = weights::parse_dtype(&cfg.dtype)?;
+    let policy = Policy::load_mixed(&model_dir, base_dtype, Some(compute), &trainable(cfg)?, &device)?;
     let mut opt = AdamW::new(
         AdamWConfig { lr: cfg.lr, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay },
         &policy.vars,
@@ -253,6 +254,8 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
         let mut acc: Option<Vec<Tensor>> = None;
         let mut stats = PairStats::default();
         let mut tokens = 0;
+        // Where the step's time goes: policy forward + loss, backward, clipping + AdamW.
+        let (mut fwd_s, mut bwd_s) = (0.0, 0.0);
         for micro in 0..cfg.grad_accum {
             policy.reseed(cfg.seed, step, micro);
             let ids = cursor.take(&train_rows, cfg.seed, cfg.shuffle, cfg.batch_size, &mut order);
@@ -264,8 +267,12 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
                 }
                 None => (ids.iter().map(|&i| cache_c[i as usize]).collect(), ids.iter().map(|&i| cache_r[i as usize]).collect()),
             };
+            let t = Instant::now();
             let b = batch_loss(&policy.decoder, cfg.layout, loss, &pairs, &rc, &rr)?;
+            fwd_s += t.elapsed().as_secs_f64();
+            let t = Instant::now();
             let grads = gradients(&(&b.loss / cfg.grad_accum as f64)?, &policy)?;
+            bwd_s += t.elapsed().as_secs_f64();
             acc = Some(match acc {
                 None => grads,
                 Some(a) => a.iter().zip(&grads).map(|(x, y)| x + y).collect::<candle_core::Result<_>>()?,
@@ -273,8 +280,10 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
             b.record(&mut stats)?;
             tokens += b.tokens;
         }
+        let t = Instant::now();
         let (grad_norm, clipped) = clip_by_global_norm(&acc.expect("grad_accum >= 1"), cfg.max_grad_norm)?;
         opt.step(&policy.vars, &clipped, lr)?;
+        let opt_s = t.elapsed().as_secs_f64();
         let n = step + 1;
         let dt = t_step.elapsed().as_secs_f64();
         tokens_total += tokens;
@@ -284,6 +293,9 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
         row.insert("learning_rate".into(), lr);
         row.insert("tokens_per_s".into(), tokens as f64 / dt.max(1e-9));
         row.insert("step_seconds".into(), dt);
+        row.insert("forward_seconds".into(), fwd_s);
+        row.insert("backward_seconds".into(), bwd_s);
+        row.insert("optimizer_seconds".into(), opt_s);
         row.insert("epoch".into(), (n * per_step) as f64 / train_rows.len() as f64);
         pb.set_message(format!(
             "loss {:.4} acc {:.2} {:.0} tok/s",

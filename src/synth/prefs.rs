@@ -88,6 +88,43 @@ pub fn synth_row(rng: &mut Rng) -> SynthRow {
     SynthRow { question, chosen: right, rejected: wrong, system: rng.below(2) == 0 }
 }
 
+/// Background sentences for `--long` rows: they stretch prompts and answers to the length
+/// spread of published preference sets without touching which answer is right.
+const FILLER: &[&str] = &[
+    "Some background may help here, so please read the whole note before answering.",
+    "This question comes from a set that checks simple facts about the world.",
+    "Answer in one short sentence and keep the wording plain and direct.",
+    "People often get this wrong when they answer too quickly without thinking.",
+    "The answer should be the one most readers would agree with at once.",
+    "There is no trick in the question, and the usual meaning of each word applies.",
+    "Think about what you have seen or heard in everyday life before you decide.",
+    "A good answer names the fact and does not add anything that is not asked for.",
+];
+
+/// Appends 0..=max filler sentences to `text`.
+fn stretch(text: &str, rng: &mut Rng, max: usize) -> String {
+    let mut s = text.to_string();
+    for _ in 0..rng.below(max + 1) {
+        s.push(' ');
+        let sentence: &&str = rng.pick(FILLER);
+        s.push_str(sentence);
+    }
+    s
+}
+
+/// `row` with a context before the question and explanations after both answers, each of
+/// 0–4 sentences drawn independently: with the generated tokenizers, prompts of ~15–200
+/// tokens and answers of ~5–200, a spread like UltraFeedback's (for benchmarks of packing).
+pub fn lengthen(row: SynthRow, rng: &mut Rng) -> SynthRow {
+    let context = stretch("", rng, 4);
+    SynthRow {
+        question: format!("{}{}{}", context.trim_start(), if context.is_empty() { "" } else { " " }, row.question),
+        chosen: stretch(&row.chosen, rng, 4),
+        rejected: stretch(&row.rejected, rng, 4),
+        system: row.system,
+    }
+}
+
 /// Plain-text rendering used by the standard format (and to train the demo tokenizer).
 pub fn text_prompt(row: &SynthRow) -> String {
     format!("Question: {}\nAnswer:", row.question)
@@ -131,9 +168,18 @@ fn conversation(row: &SynthRow) -> (Vec<Message>, Vec<Message>, Vec<Message>) {
     (prompt, vec![msg("assistant", &row.chosen)], vec![msg("assistant", &row.rejected)])
 }
 
-/// Writes `rows` synthetic pairs to a parquet file (atomically).
-pub fn write_synth(path: &Path, rows: usize, seed: u64, format: SynthFormat) -> Result<()> {
+/// Writes `rows` synthetic pairs to a parquet file (atomically); `long` stretches them
+/// (see [`lengthen`]).
+pub fn write_synth(path: &Path, rows: usize, seed: u64, format: SynthFormat, long: bool) -> Result<()> {
     let mut rng = Rng::new(seed);
+    let next = |rng: &mut Rng| {
+        let row = synth_row(rng);
+        if long {
+            lengthen(row, rng)
+        } else {
+            row
+        }
+    };
     let (schema, conv) = match format {
         SynthFormat::Standard => (vec![("prompt", DataType::Utf8), ("chosen", DataType::Utf8), ("rejected", DataType::Utf8)], false),
         SynthFormat::Conversational => (vec![("prompt", messages_type()), ("chosen", messages_type()), ("rejected", messages_type())], true),
@@ -148,7 +194,7 @@ pub fn write_synth(path: &Path, rows: usize, seed: u64, format: SynthFormat) -> 
         let arrays: Vec<ArrayRef> = if conv {
             let mut b: [ListBuilder<StructBuilder>; 3] = std::array::from_fn(|_| messages_builder());
             for _ in 0..n {
-                let (p, c, r) = conversation(&synth_row(&mut rng));
+                let (p, c, r) = conversation(&next(&mut rng));
                 append_messages(&mut b[0], &p);
                 append_messages(&mut b[1], &c);
                 append_messages(&mut b[2], &r);
@@ -157,7 +203,7 @@ pub fn write_synth(path: &Path, rows: usize, seed: u64, format: SynthFormat) -> 
         } else {
             let mut b: [StringBuilder; 3] = std::array::from_fn(|_| StringBuilder::new());
             for _ in 0..n {
-                let row = synth_row(&mut rng);
+                let row = next(&mut rng);
                 let p = text_prompt(&row);
                 b[0].append_value(&p);
                 if format == SynthFormat::Implicit {

@@ -14,7 +14,8 @@ use std::sync::Arc;
 pub const PAIR_KEYS: &[&str] =
     &["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"];
 /// Train-only metrics.
-pub const STEP_KEYS: &[&str] = &["grad_norm", "learning_rate", "tokens_per_s", "step_seconds", "epoch"];
+pub const STEP_KEYS: &[&str] =
+    &["grad_norm", "learning_rate", "tokens_per_s", "step_seconds", "forward_seconds", "backward_seconds", "optimizer_seconds", "epoch"];
 
 pub fn columns() -> Vec<String> {
     let mut c: Vec<String> = PAIR_KEYS.iter().chain(STEP_KEYS).map(|s| s.to_string()).collect();

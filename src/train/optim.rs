@@ -22,15 +22,18 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
-/// A moment buffer in the parameter's dtype.
+/// A moment buffer in the parameter's dtype: host memory for CPU parameters, a tensor on the
+/// parameter's device otherwise.
 enum Moment {
     F32(Vec<f32>),
     F64(Vec<f64>),
+    Tensor(Tensor),
 }
 
-/// First and second moments per parameter, and the step count for bias correction. The update
-/// is one pass over raw slices per parameter (candle ops would allocate a dozen
-/// parameter-sized temporaries per step).
+/// First and second moments per parameter, and the step count for bias correction. On CPU the
+/// update is one pass over raw slices per parameter (candle ops would allocate a dozen
+/// parameter-sized temporaries per step); on other devices it is candle ops on the device,
+/// with no host round trip.
 pub struct AdamW {
     pub cfg: AdamWConfig,
     m: Vec<Moment>,
@@ -38,13 +41,25 @@ pub struct AdamW {
     pub t: usize,
 }
 
-fn zeros_like(p: &Var) -> Result<Moment> {
+fn zeros_like(p: &Var, on_device: bool) -> Result<Moment> {
     let n = p.elem_count();
     Ok(match p.dtype() {
+        DType::F32 | DType::F64 if on_device => Moment::Tensor(p.as_tensor().zeros_like()?),
         DType::F32 => Moment::F32(vec![0.0; n]),
         DType::F64 => Moment::F64(vec![0.0; n]),
         dt => bail!("AdamW keeps f32 or f64 parameters, not {dt:?}"),
     })
+}
+
+/// The same update as [`update`] from candle ops, in the parameter's dtype (as torch's foreach
+/// AdamW): returns (new p, new m, new v).
+#[allow(clippy::too_many_arguments)]
+fn update_tensors(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, lr: f64, c: &AdamWConfig, bc1: f64, bc2: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    let m = ((m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+    let v = ((v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+    let denom = ((v.sqrt()? / bc2.sqrt())? + c.eps)?;
+    let p = ((p * (1.0 - lr * c.weight_decay))? - ((&m / denom)? * (lr / bc1))?)?;
+    Ok((p, m, v))
 }
 
 /// One AdamW update of `p` with gradient `g`, in f64 arithmetic; returns the new values.
@@ -77,7 +92,15 @@ fn with_slice<T: Real, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
 
 impl AdamW {
     pub fn new(cfg: AdamWConfig, params: &[Var]) -> Result<Self> {
-        Ok(Self { cfg, m: params.iter().map(zeros_like).collect::<Result<_>>()?, v: params.iter().map(zeros_like).collect::<Result<_>>()?, t: 0 })
+        let on_device = params.first().is_some_and(|p| !p.device().is_cpu());
+        Self::with_tensor_moments(cfg, params, on_device)
+    }
+
+    /// `tensor_ops`: keep the moments as tensors and update with candle ops (what non-CPU
+    /// devices use; on CPU for testing that path against the slice one).
+    pub fn with_tensor_moments(cfg: AdamWConfig, params: &[Var], tensor_ops: bool) -> Result<Self> {
+        let zeros = || params.iter().map(|p| zeros_like(p, tensor_ops)).collect::<Result<Vec<_>>>();
+        Ok(Self { cfg, m: zeros()?, v: zeros()?, t: 0 })
     }
 
     /// One update at learning rate `lr` (torch.optim.AdamW, amsgrad off, maximize off).
@@ -97,6 +120,11 @@ impl AdamW {
                     let vals = with_slice::<f64, _>(p.as_tensor(), |ps| with_slice::<f64, _>(&g, |gs| update(ps, gs, m, v, lr, &c, bc1, bc2)))??;
                     Tensor::from_vec(vals, p.shape(), p.device())?
                 }
+                (Moment::Tensor(m), Moment::Tensor(v)) => {
+                    let (new, m2, v2) = update_tensors(p.as_tensor(), &g, m, v, lr, &c, bc1, bc2)?;
+                    (*m, *v) = (m2, v2);
+                    new
+                }
                 _ => unreachable!("moments are made in the parameter's dtype"),
             };
             p.set(&new)?;
@@ -110,6 +138,7 @@ impl AdamW {
             Ok(match b {
                 Moment::F32(x) => Tensor::from_slice(x, like.shape(), like.device())?,
                 Moment::F64(x) => Tensor::from_slice(x, like.shape(), like.device())?,
+                Moment::Tensor(x) => x.clone(),
             })
         };
         Ok((t(&self.m[i])?, t(&self.v[i])?))
@@ -122,6 +151,7 @@ impl AdamW {
             match dst {
                 Moment::F32(x) => *x = src.to_dtype(DType::F32)?.to_vec1()?,
                 Moment::F64(x) => *x = src.to_dtype(DType::F64)?.to_vec1()?,
+                Moment::Tensor(x) => *x = src.to_device(x.device())?.to_dtype(x.dtype())?.reshape(x.shape())?,
             }
             Ok(())
         };
@@ -146,12 +176,13 @@ pub fn lr_factor(kind: SchedulerKind, step: usize, warmup: usize, total: usize) 
 
 /// Global L2 norm of the gradients (what PyTorch's clip_grad_norm_ returns, before clipping),
 /// and the gradients scaled so their norm is at most `max_norm` (torch: max_norm / (norm + 1e-6)).
+/// The squares are summed on the gradients' device and read back once.
 pub fn clip_by_global_norm(grads: &[Tensor], max_norm: f64) -> Result<(f64, Vec<Tensor>)> {
-    let mut sq = 0f64;
-    for g in grads {
-        sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    if grads.is_empty() {
+        return Ok((0.0, vec![]));
     }
-    let norm = sq.sqrt();
+    let per_param = grads.iter().map(|g| Ok(g.sqr()?.sum_all()?.to_dtype(DType::F64)?)).collect::<Result<Vec<_>>>()?;
+    let norm = Tensor::stack(&per_param, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt();
     if max_norm > 0.0 && norm > max_norm {
         let coef = max_norm / (norm + 1e-6);
         return Ok((norm, grads.iter().map(|g| g * coef).collect::<candle_core::Result<_>>()?));

@@ -51,22 +51,35 @@ impl Policy {
     /// `base_dtype` is the dtype the (frozen, under LoRA) weights are held in; LoRA math and
     /// adapters are f32 whatever it is.
     pub fn load_with(model_dir: &Path, base_dtype: DType, what: &Trainable, device: &Device) -> Result<Self> {
+        Self::load_mixed(model_dir, base_dtype, None, what, device)
+    }
+
+    /// As `load_with`, computing in `compute` (default: the weights' dtype, f32 under LoRA).
+    /// Mixed precision is `compute` bf16 over f32 weights: the trained tensors stay f32 (the
+    /// master copy AdamW updates, with f32 moments) and are cast to bf16 where they are used;
+    /// gradients flow back through the casts to f32, and log-softmax and loss run in f32, as
+    /// torch autocast + AdamW do.
+    pub fn load_mixed(model_dir: &Path, base_dtype: DType, compute: Option<DType>, what: &Trainable, device: &Device) -> Result<Self> {
         let cfg = ModelConfig::load(model_dir)?;
         let tensors = weights::load_weights(model_dir, &cfg, base_dtype, device)?;
         match what {
-            Trainable::Full => Self::from_tensors(cfg, tensors),
+            Trainable::Full => Self::from_tensors_in(cfg, tensors, compute),
             Trainable::NewLora { config, seed } => {
                 let adapter = config.init(&cfg, *seed, device)?;
-                Self::with_adapter(cfg, tensors, config.clone(), adapter)
+                Self::with_adapter(cfg, tensors, config.clone(), adapter, compute.unwrap_or(DType::F32))
             }
             Trainable::Adapter(dir) => {
                 let (config, adapter) = lora::load(dir, &cfg, device)?;
-                Self::with_adapter(cfg, tensors, config, adapter)
+                Self::with_adapter(cfg, tensors, config, adapter, compute.unwrap_or(DType::F32))
             }
         }
     }
 
     pub fn from_tensors(cfg: ModelConfig, tensors: HashMap<String, Tensor>) -> Result<Self> {
+        Self::from_tensors_in(cfg, tensors, None)
+    }
+
+    fn from_tensors_in(cfg: ModelConfig, tensors: HashMap<String, Tensor>, compute: Option<DType>) -> Result<Self> {
         let names: Vec<String> = {
             let mut n: Vec<String> = tensors.keys().cloned().collect();
             n.sort();
@@ -76,10 +89,25 @@ impl Policy {
         let tracked: HashMap<String, Tensor> = names.iter().cloned().zip(vars.iter().map(|v| v.as_tensor().clone())).collect();
         let detached: HashMap<String, Tensor> = names.iter().cloned().zip(vars.iter().map(|v| v.as_tensor().detach())).collect();
         let dropout_rng = Arc::new(Mutex::new(Rng::new(0)));
-        Ok(Self { decoder: Decoder::new(&cfg, &tracked)?, eval_decoder: Decoder::new(&cfg, &detached)?, cfg, names, vars, lora: None, dropout_rng })
+        let opts = DecoderOptions { compute_dtype: compute, ..Default::default() };
+        Ok(Self {
+            decoder: Decoder::with_options(&cfg, &tracked, &opts)?,
+            eval_decoder: Decoder::with_options(&cfg, &detached, &opts)?,
+            cfg,
+            names,
+            vars,
+            lora: None,
+            dropout_rng,
+        })
     }
 
-    fn with_adapter(cfg: ModelConfig, base: HashMap<String, Tensor>, config: LoraConfig, adapter: BTreeMap<String, Tensor>) -> Result<Self> {
+    fn with_adapter(
+        cfg: ModelConfig,
+        base: HashMap<String, Tensor>,
+        config: LoraConfig,
+        adapter: BTreeMap<String, Tensor>,
+        compute: DType,
+    ) -> Result<Self> {
         let names: Vec<String> = adapter.keys().cloned().collect();
         let vars = names.iter().map(|n| Ok(Var::from_tensor(&adapter[n])?)).collect::<Result<Vec<_>>>()?;
         let dropout_rng = Arc::new(Mutex::new(Rng::new(0)));
@@ -92,7 +120,7 @@ impl Policy {
             Decoder::with_options(
                 &cfg,
                 &t,
-                &DecoderOptions { compute_dtype: Some(DType::F32), lora_scale: Some(config.scale()), lora_dropout: dropout, frozen_base: true },
+                &DecoderOptions { compute_dtype: Some(compute), lora_scale: Some(config.scale()), lora_dropout: dropout, frozen_base: true },
             )
         };
         Ok(Self { decoder: with(true)?, eval_decoder: with(false)?, cfg, names, vars, lora: Some(config), dropout_rng })

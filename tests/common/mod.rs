@@ -105,13 +105,7 @@ pub fn prepare_synth(dir: &Path, model: &Path, rows: &str, eval_rows: &str) {
 /// Per-token log-probs of one unpadded causal sequence.
 pub fn seq_logps(dec: &dpo_pipeline::model::Decoder, ids: &[u32]) -> Vec<f32> {
     let n = ids.len();
-    let layout = dpo_pipeline::model::decoder::SeqLayout {
-        batch: 1,
-        len: n,
-        input_ids: ids.to_vec(),
-        positions: (0..n as u32).collect(),
-        visible: (0..n * n).map(|k| k % n <= k / n).collect(),
-    };
+    let layout = dpo_pipeline::model::decoder::SeqLayout::causal(ids);
     let sc =
         dpo_pipeline::model::logprobs::Scored { rows: (0..n as u32 - 1).collect(), targets: ids[1..].to_vec(), seq: vec![0; n - 1], num_seqs: 1 };
     let h = dec.hidden(&layout).unwrap();
