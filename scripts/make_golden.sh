@@ -9,8 +9,10 @@ cargo build -q
 tmp=$(mktemp -d)
 for arch in llama qwen2; do
   target/debug/pipeline init-model --arch "$arch" --size tiny --seed 0 --out "$tmp/$arch"
+  target/debug/pipeline init-model --arch "$arch" --size tiny --seed 0 --reward --out "$tmp/rm_$arch"
 done
 "$PY" scripts/make_golden.py "$tmp"
+"$PY" scripts/make_sample_golden.py "$tmp"  # last: it writes generation_config.json into the models
 target/debug/pipeline synth-prefs --out "$tmp/trajectory.parquet" --rows 64 --seed 0
 "$PY" scripts/make_trajectory_golden.py "$tmp/llama" "$tmp/trajectory.parquet"
 rm -rf "$tmp"

@@ -2,8 +2,8 @@
 //! defaults (`settings`), and calls a stage.
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use dpo_pipeline::settings::{CacheRefLayer, PipelineFile, PrepareLayer, TrainLayer};
-use dpo_pipeline::synth::model::{init_model, Arch, InitSpec, Size};
+use dpo_pipeline::settings::{CacheRefLayer, LabelLayer, PipelineFile, PrepareLayer, SampleLayer, TrainLayer};
+use dpo_pipeline::synth::model::{init_model, init_reward_model, Arch, InitSpec, Size};
 use dpo_pipeline::synth::prefs::{eval_path, write_synth, SynthFormat};
 use dpo_pipeline::{demo, stages};
 use std::path::PathBuf;
@@ -17,6 +17,9 @@ use std::path::PathBuf;
     prepare    preference parquet (prompt, chosen, rejected) -> token ids + manifest\n  \
     cache-ref  frozen reference model, run once -> log π_ref(y_w|x), log π_ref(y_l|x) as mmap columns\n  \
     train      DPO trainer reading the cache: each step runs only the policy\n\n\
+    and, to close the loop (iterative / on-policy DPO):\n  \
+    sample     K completions per prompt from a model (key-value cache, seeded)\n  \
+    label      score them (reward model or judge command) and pair best against worst\n\n\
     Every stage writes a manifest.json with a fingerprint of its inputs and settings, skips work \
     that is already done, refuses to overwrite other work without --force, and leaves parquet \
     files to read with polars. Settings come from flags, then the stage's section of a pipeline \
@@ -93,7 +96,25 @@ enum Cmd {
         #[command(flatten)]
         flags: Box<TrainLayer>,
     },
-    /// Run the stages of a pipeline TOML in order, each skipped when already up to date.
+    /// Sample completions of prompts from a model, for on-policy / iterative DPO.
+    Sample {
+        #[command(flatten)]
+        file: ConfigFile,
+        #[command(flatten)]
+        flags: SampleLayer,
+    },
+    /// Score samples with a reward model or a judge command and pair them into preference rows.
+    Label {
+        #[command(flatten)]
+        file: ConfigFile,
+        #[command(flatten)]
+        flags: LabelLayer,
+    },
+    /// The synthetic task's judge, for `label --judge-cmd`: reads JSON lines {prompt, completion},
+    /// writes one score per line (1 for the right answer, else partial credit below 1).
+    SynthJudge,
+    /// Run the stages of a pipeline TOML in order, each skipped when already up to date (with an
+    /// [iterative] section: rounds of sample, label, prepare, cache-ref and train).
     Run {
         /// e.g. pipelines/demo.toml
         config: PathBuf,
@@ -112,6 +133,13 @@ enum Cmd {
         /// Synthetic training rows.
         #[arg(long, default_value_t = 1200)]
         rows: usize,
+        /// Then close the loop: rounds of sample → label (the synthetic task's judge) → train
+        /// from the demo's policy, printing the held-out judged accuracy per round.
+        #[arg(long)]
+        iterative: bool,
+        /// Rounds of --iterative.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// Write a randomly initialised model in Hugging Face layout (config, safetensors, tokenizer).
     InitModel {
@@ -127,6 +155,9 @@ enum Cmd {
         /// Dimensions.
         #[arg(long, value_enum, default_value = "tiny")]
         size: Size,
+        /// A reward model (*ForSequenceClassification, one label) instead of a causal LM.
+        #[arg(long)]
+        reward: bool,
     },
     /// Write a synthetic preference parquet with a learnable signal.
     SynthPrefs {
@@ -206,8 +237,21 @@ fn run(cmd: Cmd) -> Result<()> {
             let f = PipelineFile::load_optional(file.config.as_deref())?;
             stages::train::run(&flags.over(f.train).resolve())?;
         }
+        Cmd::Sample { file, flags } => {
+            let f = PipelineFile::load_optional(file.config.as_deref())?;
+            stages::sample::run(&flags.over(f.sample).resolve())?;
+        }
+        Cmd::Label { file, flags } => {
+            let f = PipelineFile::load_optional(file.config.as_deref())?;
+            stages::label::run(&flags.over(f.label).resolve())?;
+        }
+        Cmd::SynthJudge => dpo_pipeline::synth::judge::run_stdio()?,
         Cmd::Run { config, force } => {
             let f = PipelineFile::load(&config)?;
+            if let Some(it) = &f.iterative {
+                dpo_pipeline::iterative::run(&f, it, force)?;
+                return Ok(());
+            }
             // Check every stage's settings before the first one starts work.
             let (mut p, mut c, mut t) = (f.prepare.resolve(), f.cache_ref.resolve(), f.train.resolve());
             p.force |= force;
@@ -220,9 +264,11 @@ fn run(cmd: Cmd) -> Result<()> {
             stages::cache_ref::run(&c)?;
             stages::train::run(&t)?;
         }
-        Cmd::Demo { dir, steps, rows } => demo::run(&dir, steps, rows)?,
-        Cmd::InitModel { arch, out, seed, size } => {
-            let cfg = init_model(&InitSpec { arch, size, seed }, &out)?;
+        Cmd::Demo { dir, steps, rows, iterative: false, .. } => demo::run(&dir, steps, rows)?,
+        Cmd::Demo { dir, steps, rows, iterative: true, rounds } => demo::run_iterative(&dir, steps, rows, rounds)?,
+        Cmd::InitModel { arch, out, seed, size, reward } => {
+            let spec = InitSpec { arch, size, seed };
+            let cfg = if reward { init_reward_model(&spec, &out)? } else { init_model(&spec, &out)? };
             eprintln!("init-model: {arch:?} {size:?}, {} parameters, vocab {} -> {}", cfg.num_parameters(), cfg.vocab_size, out.display());
         }
         Cmd::SynthPrefs { out, rows, seed, conversational, implicit, eval_rows, long } => {

@@ -399,6 +399,127 @@ impl TrainSettings {
     }
 }
 
+settings! {
+    /// `pipeline sample`: completions of prompts from a model, for on-policy DPO.
+    pub struct SampleSettings, layer SampleLayer {
+        /// Model directory (Hugging Face layout) to sample from.
+        #[arg(value_name = "DIR")]
+        model: PathBuf = PathBuf::new(),
+        /// Parquet files (globs, directories) with a prompt column: strings, or conversations
+        /// (lists of {role, content}) rendered with the chat template and a generation prompt.
+        #[arg(long = "prompts", num_args = 1.., value_name = "PATH")]
+        prompts: Vec<String> = vec![],
+        /// Output directory: samples.parquet, skipped.parquet, manifest.json.
+        #[arg(value_name = "DIR")]
+        out: PathBuf = PathBuf::from("samples"),
+        /// Prompt column.
+        #[arg(value_name = "NAME")]
+        prompt_column: String = "prompt".into(),
+        /// Completions per prompt.
+        #[arg(value_name = "K")]
+        num_samples: usize = 4,
+        /// New tokens per completion at most (it also stops at an end-of-sequence token).
+        #[arg(value_name = "N")]
+        max_new_tokens: usize = 128,
+        /// Softmax temperature; 0 is greedy decoding.
+        #[arg(value_name = "T")]
+        temperature: f64 = 1.0,
+        /// Keep only the K most likely tokens before sampling (0: all).
+        #[arg(value_name = "K")]
+        top_k: usize = 0,
+        /// Nucleus sampling: keep the most likely tokens up to this total probability (1: all).
+        #[arg(value_name = "P")]
+        top_p: f64 = 1.0,
+        /// Seed: each sample's draws depend only on it, its file, row and sample index.
+        #[arg(value_name = "S")]
+        seed: u64 = 0,
+        /// Cache slots decoded together at most: samples × (longest prompt + new tokens).
+        #[arg(value_name = "TOKENS")]
+        batch_tokens: usize = 16384,
+        /// A PEFT LoRA adapter to sample with (merged into the weights at load).
+        #[arg(num_args = 1, value_name = "DIR")]
+        adapter: Option<PathBuf> = None,
+        /// Compute dtype: f32, bf16 or f16.
+        #[arg(value_name = "DTYPE")]
+        dtype: String = "f32".into(),
+        /// Replace an output built from other inputs or settings (or damaged).
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        force: bool = false,
+    }
+}
+
+settings! {
+    /// `pipeline label`: score samples and pair them into preference data.
+    pub struct LabelSettings, layer LabelLayer {
+        /// The output directory of `pipeline sample` (or its samples.parquet).
+        #[arg(value_name = "PATH")]
+        samples: PathBuf = PathBuf::new(),
+        /// Reward model directory: a Hugging Face *ForSequenceClassification model with one label.
+        #[arg(num_args = 1, value_name = "DIR")]
+        reward_model: Option<PathBuf> = None,
+        /// Instead of a reward model: a shell command that reads JSON lines {"prompt", "completion"}
+        /// on stdin and writes one number per line on stdout.
+        #[arg(num_args = 1, value_name = "CMD")]
+        judge_cmd: Option<String> = None,
+        /// Output directory: scores.parquet, prefs.parquet, skipped.parquet, manifest.json.
+        #[arg(value_name = "DIR")]
+        out: PathBuf = PathBuf::from("labels"),
+        /// best-worst: one pair per prompt (highest vs lowest score); all-pairs: every two
+        /// samples whose scores differ by more than --min-margin.
+        #[arg(value_enum)]
+        pairs: PairMode = PairMode::BestWorst,
+        /// A pair needs chosen_score − rejected_score above this.
+        #[arg(value_name = "M")]
+        min_margin: f64 = 0.0,
+        /// Sequences per reward-model forward, in tokens.
+        #[arg(value_name = "TOKENS")]
+        batch_tokens: usize = 4096,
+        /// Replace an output built from other inputs or settings (or damaged).
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        force: bool = false,
+    }
+}
+
+/// How `label` turns scored samples into pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum PairMode {
+    BestWorst,
+    AllPairs,
+}
+
+impl SampleSettings {
+    pub fn validate(&self) -> Result<()> {
+        given("model", &self.model)?;
+        if self.prompts.is_empty() {
+            bail!("--prompts is required: parquet file(s) with a `{}` column", self.prompt_column);
+        }
+        at_least_one("num-samples", self.num_samples)?;
+        at_least_one("max-new-tokens", self.max_new_tokens)?;
+        at_least_one("batch-tokens", self.batch_tokens)?;
+        non_negative("temperature", self.temperature)?;
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("--top-p must be in (0, 1], got {}", self.top_p);
+        }
+        parse_dtype(&self.dtype).context("--dtype")?;
+        Ok(())
+    }
+}
+
+impl LabelSettings {
+    pub fn validate(&self) -> Result<()> {
+        given("samples", &self.samples)?;
+        match (&self.reward_model, &self.judge_cmd) {
+            (Some(_), Some(_)) => bail!("pass --reward-model or --judge-cmd, not both"),
+            (None, None) => bail!("--reward-model DIR or --judge-cmd CMD is required: what scores the samples"),
+            _ => {}
+        }
+        non_negative("min-margin", self.min_margin)?;
+        at_least_one("batch-tokens", self.batch_tokens)?;
+        Ok(())
+    }
+}
+
 /// A pipeline TOML: one section per stage, each a settings layer. Later stages read what
 /// earlier ones wrote unless the file says otherwise.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -407,6 +528,10 @@ pub struct PipelineFile {
     pub prepare: PrepareLayer,
     pub cache_ref: CacheRefLayer,
     pub train: TrainLayer,
+    pub sample: SampleLayer,
+    pub label: LabelLayer,
+    /// Rounds of sample → label → prepare → cache-ref → train (see `iterative`).
+    pub iterative: Option<crate::iterative::IterativeSection>,
 }
 
 impl PipelineFile {

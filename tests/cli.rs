@@ -82,6 +82,12 @@ fn shipped_pipeline_files_are_valid() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
     for f in std::fs::read_dir(dir).unwrap() {
         let f = f.unwrap().path();
+        if std::fs::read_to_string(&f).unwrap().contains("[iterative]") {
+            // Rounds fill in each stage's inputs; the whole file stops at the missing prompts.
+            let e = fails(d.path(), &["run", s(&f)]);
+            assert!(e.contains("no such file"), "{}: {e}", f.display());
+            continue;
+        }
         for stage in ["prepare", "cache-ref", "train"] {
             let e = fails(d.path(), &[stage, "--config", s(&f)]);
             assert!(e.contains("no such file") || e.contains("no manifest.json") || e.contains("config.json"), "{stage} {}: {e}", f.display());

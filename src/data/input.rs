@@ -1,13 +1,15 @@
 //! Reads preference parquet in the shapes people publish: standard (strings), conversational
 //! (lists of {role, content}) and implicit prompt (no prompt column). Streams row groups.
 use anyhow::{bail, Context, Result};
+use arrow_array::builder::{ListBuilder, StringBuilder, StructBuilder};
 use arrow_array::{
     cast::AsArray, Array, ArrayRef, GenericListArray, LargeStringArray, OffsetSizeTrait, RecordBatch, StringArray, StringViewArray, StructArray,
 };
-use arrow_schema::{DataType, Schema};
+use arrow_schema::{DataType, Fields, Schema};
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
@@ -58,13 +60,15 @@ impl Default for ColumnNames {
     }
 }
 
+/// What a column holds: strings, or lists of {role, content} messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub enum Kind {
     Text,
     Messages,
 }
 
-fn kind_of(path: &Path, column: &str, dt: &DataType) -> Result<Kind> {
+/// The kind of a column of `path`, or an error naming the file and column.
+pub fn kind_of(path: &Path, column: &str, dt: &DataType) -> Result<Kind> {
     let is_str = |dt: &DataType| matches!(dt, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
     match dt {
         dt if is_str(dt) => Ok(Kind::Text),
@@ -87,7 +91,8 @@ fn kind_of(path: &Path, column: &str, dt: &DataType) -> Result<Kind> {
     }
 }
 
-fn str_at(arr: &dyn Array, i: usize) -> Option<&str> {
+/// Row `i` of a string column of any arrow string type (None: null or not a string).
+pub fn str_at(arr: &dyn Array, i: usize) -> Option<&str> {
     if arr.is_null(i) {
         return None;
     }
@@ -117,7 +122,8 @@ fn messages_at<O: OffsetSizeTrait>(list: &GenericListArray<O>, i: usize, column:
         .collect()
 }
 
-fn field_at(arr: &ArrayRef, kind: Kind, i: usize, column: &str) -> Result<Field, Skip> {
+/// Row `i` of a string or message-list column.
+pub fn field_at(arr: &ArrayRef, kind: Kind, i: usize, column: &str) -> Result<Field, Skip> {
     if arr.is_null(i) {
         return Err(Skip::new("null_field", format!("column `{column}` is null")));
     }
@@ -151,6 +157,16 @@ fn check_chunks(path: &Path, meta: &parquet::file::metadata::ParquetMetaData, fi
     Ok(())
 }
 
+/// A reader of a user's parquet file whose footer has been checked, and its row count.
+fn open_parquet(path: &Path) -> Result<(ParquetRecordBatchReaderBuilder<std::fs::File>, u64)> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open input {}", path.display()))?;
+    let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).with_context(|| format!("{}: not a readable parquet file", path.display()))?;
+    check_chunks(path, builder.metadata(), file_len)?;
+    let total_rows = builder.metadata().file_metadata().num_rows() as u64;
+    Ok((builder, total_rows))
+}
+
 /// An input row by its index in its file: readable, or skipped with the reason.
 pub type SourceRow = (u64, Result<RawRow, Skip>);
 
@@ -167,11 +183,7 @@ pub struct PreferenceReader {
 
 impl PreferenceReader {
     pub fn open(path: &Path, names: &ColumnNames, batch_rows: usize) -> Result<Self> {
-        let file = std::fs::File::open(path).with_context(|| format!("cannot open input {}", path.display()))?;
-        let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file).with_context(|| format!("{}: not a readable parquet file", path.display()))?;
-        check_chunks(path, builder.metadata(), file_len)?;
-        let total_rows = builder.metadata().file_metadata().num_rows() as u64;
+        let (builder, total_rows) = open_parquet(path)?;
         let schema: Schema = builder.schema().as_ref().clone();
         let find = |name: &str| -> Result<(String, Kind)> {
             let f = schema.field_with_name(name).map_err(|_| {
@@ -224,5 +236,124 @@ impl PreferenceReader {
         }
         self.next_row += batch.num_rows() as u64;
         Ok(Some(out))
+    }
+}
+
+/// Arrow type of a message-list column: list<struct<role: str, content: str>>.
+pub fn messages_type() -> DataType {
+    let fields =
+        Fields::from(vec![arrow_schema::Field::new("role", DataType::Utf8, true), arrow_schema::Field::new("content", DataType::Utf8, true)]);
+    DataType::List(Arc::new(arrow_schema::Field::new("item", DataType::Struct(fields), true)))
+}
+
+pub fn messages_builder() -> ListBuilder<StructBuilder> {
+    let fields = vec![arrow_schema::Field::new("role", DataType::Utf8, true), arrow_schema::Field::new("content", DataType::Utf8, true)];
+    ListBuilder::new(StructBuilder::from_fields(fields, 0))
+}
+
+pub fn append_messages(b: &mut ListBuilder<StructBuilder>, msgs: &[Message]) {
+    let s = b.values();
+    for m in msgs {
+        s.field_builder::<StringBuilder>(0).unwrap().append_value(&m.role);
+        s.field_builder::<StringBuilder>(1).unwrap().append_value(&m.content);
+        s.append(true);
+    }
+    b.append(true);
+}
+
+impl Kind {
+    pub fn of(field: &Field) -> Self {
+        match field {
+            Field::Text(_) => Kind::Text,
+            Field::Messages(_) => Kind::Messages,
+        }
+    }
+
+    pub fn data_type(self) -> DataType {
+        match self {
+            Kind::Text => DataType::Utf8,
+            Kind::Messages => messages_type(),
+        }
+    }
+}
+
+/// A column of `kind` from fields of that kind (strings or message lists), as `prepare` reads it.
+pub fn fields_array<'a>(kind: Kind, fields: impl IntoIterator<Item = &'a Field>) -> Result<ArrayRef> {
+    match kind {
+        Kind::Text => {
+            let mut b = StringBuilder::new();
+            for f in fields {
+                let Field::Text(t) = f else { bail!("a message list in a column of strings") };
+                b.append_value(t);
+            }
+            Ok(Arc::new(b.finish()))
+        }
+        Kind::Messages => {
+            let mut b = messages_builder();
+            for f in fields {
+                let Field::Messages(m) = f else { bail!("a string in a column of message lists") };
+                append_messages(&mut b, m);
+            }
+            Ok(Arc::new(b.finish()))
+        }
+    }
+}
+
+/// A value by its row in its file: readable, or skipped with the reason.
+pub type SourceField = (u64, Result<Field, Skip>);
+
+/// Streams one column of strings or message lists (prompts for `sample`), a record batch at a time.
+pub struct PromptReader {
+    pub path: PathBuf,
+    pub total_rows: u64,
+    pub kind: Kind,
+    column: String,
+    reader: ParquetRecordBatchReader,
+    next_row: u64,
+}
+
+impl PromptReader {
+    pub fn open(path: &Path, column: &str, batch_rows: usize) -> Result<Self> {
+        let (builder, total_rows) = open_parquet(path)?;
+        let schema = builder.schema().clone();
+        let f = schema.field_with_name(column).map_err(|_| {
+            let have: Vec<_> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            anyhow::anyhow!("{}: no column `{column}` (columns: {}); --prompt-column names it", path.display(), have.join(", "))
+        })?;
+        let kind = kind_of(path, column, f.data_type())?;
+        let mask = parquet::arrow::ProjectionMask::columns(builder.parquet_schema(), [column]);
+        let reader = builder.with_projection(mask).with_batch_size(batch_rows).build()?;
+        Ok(Self { path: path.to_path_buf(), total_rows, kind, column: column.to_string(), reader, next_row: 0 })
+    }
+
+    /// The next batch of (row, prompt or why it cannot be used).
+    pub fn next_batch(&mut self) -> Result<Option<Vec<SourceField>>> {
+        let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.reader.next()))
+            .map_err(|_| anyhow::anyhow!("{}: corrupt parquet data (the decoder failed)", self.path.display()))?;
+        let Some(batch) = next else { return Ok(None) };
+        let batch: RecordBatch = batch.with_context(|| format!("{}: cannot decode row group", self.path.display()))?;
+        let col = batch.column_by_name(&self.column).expect("projected").clone();
+        let out = (0..batch.num_rows()).map(|i| (self.next_row + i as u64, field_at(&col, self.kind, i, &self.column))).collect();
+        self.next_row += batch.num_rows() as u64;
+        Ok(Some(out))
+    }
+}
+
+/// Row `i` of an integer column of any arrow integer type, if non-negative and not null.
+pub fn uint_at(arr: &dyn Array, i: usize) -> Option<u64> {
+    use arrow_array::types::*;
+    if arr.is_null(i) {
+        return None;
+    }
+    match arr.data_type() {
+        DataType::UInt64 => Some(arr.as_primitive::<UInt64Type>().value(i)),
+        DataType::UInt32 => Some(arr.as_primitive::<UInt32Type>().value(i) as u64),
+        DataType::UInt16 => Some(arr.as_primitive::<UInt16Type>().value(i) as u64),
+        DataType::UInt8 => Some(arr.as_primitive::<UInt8Type>().value(i) as u64),
+        DataType::Int64 => u64::try_from(arr.as_primitive::<Int64Type>().value(i)).ok(),
+        DataType::Int32 => u64::try_from(arr.as_primitive::<Int32Type>().value(i)).ok(),
+        DataType::Int16 => u64::try_from(arr.as_primitive::<Int16Type>().value(i)).ok(),
+        DataType::Int8 => u64::try_from(arr.as_primitive::<Int8Type>().value(i)).ok(),
+        _ => None,
     }
 }

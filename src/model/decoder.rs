@@ -136,6 +136,8 @@ pub struct DecoderOptions {
     pub lora_dropout: Option<Dropout>,
     /// The linear weights are frozen (LoRA's base): no weight gradients are computed.
     pub frozen_base: bool,
+    /// No `lm_head.weight` (a `*ForSequenceClassification` reward model reads hidden states).
+    pub without_lm_head: bool,
 }
 
 /// `t` in `dtype` (a no-op when it already is).
@@ -229,8 +231,8 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
 }
 
 impl Attention {
-    /// x: [n, d] -> [n, d]
-    fn forward(&self, x: &Tensor, a: &AttnInputs) -> Result<Tensor> {
+    /// x: [n, d] -> ([n, d], the keys and values [n, nkv, hd] for a key-value cache)
+    fn forward(&self, x: &Tensor, a: &AttnInputs) -> Result<(Tensor, Tensor, Tensor)> {
         let (n, nh, nkv, hd) = (x.dim(0)?, self.num_heads, self.num_kv_heads, self.head_dim);
         let g = nh / nkv;
         let rope = |x: &Tensor| rope(x, &a.cos, &a.sin);
@@ -254,7 +256,69 @@ impl Attention {
             // [b*t, nh*hd]
         }
         let y = if ys.len() == 1 { ys.pop().expect("one group") } else { Tensor::cat(&ys, 0)? };
-        self.o_proj.forward(&y)
+        Ok((self.o_proj.forward(&y)?, k, v))
+    }
+
+    /// One new token for each row of a batch cache, x: [b, d]; its keys and values go to
+    /// slot `cache.len` of layer `layer`, and it attends to the row's slots so far.
+    fn decode(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
+        let (b, nh, nkv, hd) = (x.dim(0)?, self.num_heads, self.num_kv_heads, self.head_dim);
+        let g = nh / nkv;
+        let q = rope(&self.q_proj.forward(x)?.reshape((b, nh, hd))?, cos, sin)?.reshape((b, nkv, g, hd))?;
+        let k = rope(&self.k_proj.forward(x)?.reshape((b, nkv, hd))?, cos, sin)?;
+        let v = self.v_proj.forward(x)?.reshape((b, nkv, hd))?;
+        let t = cache.len + 1;
+        cache.k[layer].slice_set(&k.unsqueeze(2)?.contiguous()?, 2, cache.len)?;
+        cache.v[layer].slice_set(&v.unsqueeze(2)?.contiguous()?, 2, cache.len)?;
+        let keys = cache.k[layer].narrow(2, 0, t)?.contiguous()?; // [b, nkv, t, hd]
+        let values = cache.v[layer].narrow(2, 0, t)?.contiguous()?;
+        let scores = (q.matmul(&keys.t()?)? * (1.0 / (hd as f64).sqrt()))?; // [b, nkv, g, t]
+        let dtype = scores.dtype();
+        let mask = cache.mask(t, self.sliding_window, &x.device().clone(), accum_dtype(dtype))?; // [b, 1, 1, t]
+        let probs = softmax_last(&scores.to_dtype(accum_dtype(dtype))?.broadcast_add(&mask)?)?.to_dtype(dtype)?;
+        self.o_proj.forward(&probs.matmul(&values)?.reshape((b, nh * hd))?)
+    }
+}
+
+/// Keys and values of a batch of sequences for incremental decoding, per layer
+/// [rows, nkv, capacity, hd]. Prompts are left-padded to end at the same slot, so each step
+/// writes every row's new token to one slot and attention runs as one batched matmul.
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Left padding of each row (its slots below are masked; its positions start after it).
+    pad: Vec<usize>,
+    /// Slots filled (padding included), the same for every row.
+    pub len: usize,
+}
+
+impl KvCache {
+    pub fn rows(&self) -> usize {
+        self.pad.len()
+    }
+
+    /// Keeps only these rows (sequences that have not finished), in this order.
+    pub fn keep(&mut self, rows: &[u32]) -> Result<()> {
+        let Some(dev) = self.k.first().map(|t| t.device().clone()) else { return Ok(()) };
+        let idx = Tensor::from_slice(rows, rows.len(), &dev)?;
+        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+            *t = t.index_select(&idx, 0)?;
+        }
+        self.pad = rows.iter().map(|&r| self.pad[r as usize]).collect();
+        Ok(())
+    }
+
+    /// Additive mask [rows, 1, 1, t]: a row sees its own slots, within `window` positions.
+    fn mask(&self, t: usize, window: Option<usize>, dev: &Device, dtype: DType) -> Result<Tensor> {
+        let mut m = vec![-1e9f32; self.rows() * t];
+        for (r, &pad) in self.pad.iter().enumerate() {
+            for j in pad..t {
+                if window.is_none_or(|w| t - 1 - j < w) {
+                    m[r * t + j] = 0.0;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, (self.rows(), 1, 1, t), dev)?.to_dtype(dtype)?)
     }
 }
 
@@ -307,10 +371,17 @@ impl DecoderLayer {
         })
     }
 
-    /// x: [n, d] -> [n, d]
-    fn forward(&self, x: &Tensor, a: &AttnInputs) -> Result<Tensor> {
+    /// x: [n, d] -> ([n, d], this layer's keys and values)
+    fn forward(&self, x: &Tensor, a: &AttnInputs) -> Result<(Tensor, Tensor, Tensor)> {
         // Norm weights are cast where they are used, so a trained f32 master copy stays live.
-        let x = (x + self.self_attn.forward(&rms_norm(x, &cast(&self.input_layernorm, x.dtype())?, self.eps)?, a)?)?;
+        let (y, k, v) = self.self_attn.forward(&rms_norm(x, &cast(&self.input_layernorm, x.dtype())?, self.eps)?, a)?;
+        let x = (x + y)?;
+        Ok(((&x + self.mlp.forward(&rms_norm(&x, &cast(&self.post_attention_layernorm, x.dtype())?, self.eps)?)?)?, k, v))
+    }
+
+    fn decode(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
+        let y = self.self_attn.decode(&rms_norm(x, &cast(&self.input_layernorm, x.dtype())?, self.eps)?, cos, sin, cache, layer)?;
+        let x = (x + y)?;
         Ok((&x + self.mlp.forward(&rms_norm(&x, &cast(&self.post_attention_layernorm, x.dtype())?, self.eps)?)?)?)
     }
 }
@@ -383,7 +454,7 @@ impl Decoder {
         let dtype = opts.compute_dtype.unwrap_or(embed_tokens.dtype());
         let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(t, cfg, i, opts)).collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            lm_head: if cfg.tie_word_embeddings { None } else { Some(get(t, "lm_head.weight")?) },
+            lm_head: if cfg.tie_word_embeddings || opts.without_lm_head { None } else { Some(get(t, "lm_head.weight")?) },
             norm: get(t, "model.norm.weight")?,
             dtype,
             device: embed_tokens.device().clone(),
@@ -400,12 +471,12 @@ impl Decoder {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
-    /// cos and sin [n, 1, hd] for the layout's positions (f32 math, as HF).
-    fn rope(&self, layout: &SeqLayout) -> Result<(Tensor, Tensor)> {
+    /// cos and sin [n, 1, hd] for these positions (f32 math, as HF).
+    fn rope(&self, positions: &[u32]) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let n = layout.positions.len();
+        let n = positions.len();
         let (mut cos, mut sin) = (Vec::with_capacity(n * 2 * half), Vec::with_capacity(n * 2 * half));
-        for &p in &layout.positions {
+        for &p in positions {
             for _ in 0..2 {
                 for &f in &self.inv_freq {
                     let a = p as f32 * f;
@@ -436,6 +507,11 @@ impl Decoder {
 
     /// Final-norm hidden states, [n, d] for the layout's n tokens.
     pub fn hidden(&self, layout: &SeqLayout) -> Result<Tensor> {
+        Ok(self.hidden_kv(layout)?.0)
+    }
+
+    /// `hidden`, and every layer's keys and values [n, nkv, hd] (after RoPE) to start a cache.
+    pub fn hidden_kv(&self, layout: &SeqLayout) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
         let n = layout.input_ids.len();
         anyhow::ensure!(
             layout.positions.len() == n && layout.blocks.iter().map(|b| b.len).sum::<usize>() == n,
@@ -443,7 +519,7 @@ impl Decoder {
         );
         let ids = Tensor::from_slice(&layout.input_ids, n, &self.device)?;
         let mut x = cast(&self.embed_tokens.index_select(&ids, 0)?, self.dtype)?; // [n, d]
-        let (cos, sin) = self.rope(layout)?;
+        let (cos, sin) = self.rope(&layout.positions)?;
         let groups = layout.groups();
         let mut masks = HashMap::new();
         for l in &self.layers {
@@ -453,9 +529,60 @@ impl Decoder {
             }
         }
         let a = AttnInputs { cos, sin, groups, masks };
+        let mut kv = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            x = layer.forward(&x, &a)?;
+            let (y, k, v) = layer.forward(&x, &a)?;
+            x = y;
+            kv.push((k, v));
         }
+        Ok((rms_norm(&x, &cast(&self.norm, self.dtype)?, self.cfg.rms_norm_eps)?, kv))
+    }
+
+    /// A batch cache with one row per (start, len): rows `start..start + len` of a `hidden_kv`
+    /// forward (a sequence whose positions start at 0; several rows may share one), left-padded
+    /// to end together, with room for `extra` more tokens.
+    pub fn batch_cache(&self, kv: &[(Tensor, Tensor)], rows: &[(usize, usize)], extra: usize) -> Result<KvCache> {
+        let (nkv, hd) = (self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let longest = rows.iter().map(|r| r.1).max().unwrap_or(0);
+        let pad: Vec<usize> = rows.iter().map(|r| longest - r.1).collect();
+        let zeros = |n: usize| Tensor::zeros((nkv, n, hd), self.dtype, &self.device);
+        let tail = zeros(extra)?;
+        let mut c = KvCache { k: Vec::with_capacity(kv.len()), v: Vec::with_capacity(kv.len()), pad: pad.clone(), len: longest };
+        for (k, v) in kv {
+            for (src, dst) in [(k, &mut c.k), (v, &mut c.v)] {
+                let seqs = rows
+                    .iter()
+                    .zip(&pad)
+                    .map(|(&(start, len), &p)| {
+                        Ok(Tensor::cat(&[&zeros(p)?, &src.narrow(0, start, len)?.transpose(0, 1)?.to_dtype(self.dtype)?, &tail], 1)?)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                dst.push(Tensor::stack(&seqs, 0)?);
+            }
+        }
+        Ok(c)
+    }
+
+    /// One decoding step: `ids[r]` appended to row r of the cache; returns the final-norm
+    /// hidden states [rows, d] of the new tokens.
+    pub fn decode(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let b = ids.len();
+        anyhow::ensure!(cache.rows() == b, "one token per cache row");
+        let capacity = cache.k.first().map_or(0, |t| t.dim(2).unwrap_or(0));
+        anyhow::ensure!(cache.len < capacity, "key-value cache is full ({capacity} slots)");
+        let positions: Vec<u32> = cache.pad.iter().map(|&p| (cache.len - p) as u32).collect();
+        let (cos, sin) = self.rope(&positions)?;
+        let mut x = cast(&self.embed_tokens.index_select(&Tensor::from_slice(ids, b, &self.device)?, 0)?, self.dtype)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            x = layer.decode(&x, &cos, &sin, cache, l)?;
+        }
+        cache.len += 1;
         rms_norm(&x, &cast(&self.norm, self.dtype)?, self.cfg.rms_norm_eps)
+    }
+
+    /// Next-token logits [b, vocab] (f32) from final-norm hidden states [b, d].
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let w = cast(self.lm_head(), hidden.dtype())?;
+        Ok(hidden.matmul(&w.t()?)?.to_dtype(DType::F32)?)
     }
 }

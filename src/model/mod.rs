@@ -5,6 +5,7 @@ pub mod decoder;
 pub mod fused;
 pub mod logprobs;
 pub mod lora;
+pub mod reward;
 pub mod weights;
 
 pub use config::ModelConfig;

@@ -64,14 +64,19 @@ pub fn tensor_names(cfg: &ModelConfig) -> Vec<String> {
 
 /// Loads the decoder's tensors, converted to `dtype`. A missing tensor is an error naming it.
 pub fn load_weights(model_dir: &Path, cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+    load_named(model_dir, &tensor_names(cfg), dtype, device)
+}
+
+/// Loads these tensors, converted to `dtype`. A missing tensor is an error naming it.
+pub fn load_named(model_dir: &Path, names: &[String], dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
     let files = weight_files(model_dir)?;
     // SAFETY: weights are read-only inputs; we do not expect them to change while mapped.
     let st = unsafe { MmapedSafetensors::multi(&files) }.with_context(|| format!("{}: cannot read safetensors", model_dir.display()))?;
     let mut out = HashMap::new();
-    for name in tensor_names(cfg) {
+    for name in names {
         let t =
-            st.load(&name, device).map_err(|_| anyhow::anyhow!("{}: tensor `{name}` is missing from the safetensors files", model_dir.display()))?;
-        out.insert(name, t.to_dtype(dtype)?);
+            st.load(name, device).map_err(|_| anyhow::anyhow!("{}: tensor `{name}` is missing from the safetensors files", model_dir.display()))?;
+        out.insert(name.clone(), t.to_dtype(dtype)?);
     }
     Ok(out)
 }

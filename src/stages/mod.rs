@@ -1,8 +1,10 @@
-//! The three stages. Each owns its output directory; `begin` is what every stage does around
+//! The stages. Each owns its output directory; `begin` is what every stage does around
 //! its work: lock the directory, fingerprint the inputs and settings, decide whether the work
 //! is already done, and hand back what the manifest needs.
 pub mod cache_ref;
+pub mod label;
 pub mod prepare;
+pub mod sample;
 pub mod train;
 
 use crate::store::manifest::fingerprint;

@@ -302,3 +302,22 @@ pub fn init_model(spec: &InitSpec, out: &Path) -> Result<ModelConfig> {
     write_atomic(&out.join("tokenizer_config.json"), (serde_json::to_string_pretty(&tok_cfg)? + "\n").as_bytes())?;
     Ok(cfg)
 }
+
+/// A reward model: `init_model`'s decoder as `*ForSequenceClassification` with one label, its
+/// LM head replaced by a random `score` head [1, hidden] (as transformers lays it out).
+pub fn init_reward_model(spec: &InitSpec, out: &Path) -> Result<ModelConfig> {
+    let cfg = init_model(spec, out)?;
+    let mut tensors: BTreeMap<String, Tensor> = crate::model::weights::load_weights(out, &cfg, DType::F32, &Device::Cpu)?.into_iter().collect();
+    tensors.remove("lm_head.weight");
+    let mut rng = Rng::new(spec.seed ^ 0x5C0E);
+    let score: Vec<f32> = (0..cfg.hidden_size).map(|_| rng.normal() as f32).collect();
+    tensors.insert("score.weight".into(), Tensor::from_vec(score, (1, cfg.hidden_size), &Device::Cpu)?);
+    save_weights(&out.join("model.safetensors"), &tensors, DType::F32)?;
+    let mut config = cfg.raw.clone();
+    let arch = if cfg.model_type == "llama" { "LlamaForSequenceClassification" } else { "Qwen2ForSequenceClassification" };
+    config["architectures"] = serde_json::json!([arch]);
+    config["id2label"] = serde_json::json!({"0": "LABEL_0"});
+    config["label2id"] = serde_json::json!({"LABEL_0": 0});
+    write_atomic(&out.join("config.json"), (serde_json::to_string_pretty(&config)? + "\n").as_bytes())?;
+    ModelConfig::from_json(config)
+}

@@ -1,19 +1,19 @@
 //! Synthetic preference data with a learnable signal: the chosen answer is correct and in a
 //! consistent formal style; the rejected one is wrong and casual. A small model learns to
 //! prefer the first within a few hundred DPO steps.
-use crate::data::input::Message;
+use crate::data::input::{append_messages, messages_builder, messages_type, Message};
 use crate::rng::Rng;
 use crate::store::parquet_props;
 use crate::store::PartialFile;
 use anyhow::Result;
 use arrow_array::builder::{ListBuilder, StringBuilder, StructBuilder};
 use arrow_array::{ArrayRef, RecordBatch};
-use arrow_schema::{DataType, Field, Fields, Schema};
+use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 use std::path::Path;
 use std::sync::Arc;
 
-const COLORS: &[(&str, &str)] = &[
+pub const COLORS: &[(&str, &str)] = &[
     ("sky", "blue"),
     ("grass", "green"),
     ("banana", "yellow"),
@@ -35,7 +35,7 @@ const COLORS: &[(&str, &str)] = &[
     ("chalk", "white"),
     ("crow", "black"),
 ];
-const SOUNDS: &[(&str, &str)] = &[
+pub const SOUNDS: &[(&str, &str)] = &[
     ("cat", "meow"),
     ("dog", "woof"),
     ("cow", "moo"),
@@ -136,26 +136,6 @@ pub enum SynthFormat {
     Conversational,
     /// No prompt column: chosen and rejected carry the prompt (TRL's implicit prompt).
     Implicit,
-}
-
-fn messages_type() -> DataType {
-    let fields = Fields::from(vec![Field::new("role", DataType::Utf8, true), Field::new("content", DataType::Utf8, true)]);
-    DataType::List(Arc::new(Field::new("item", DataType::Struct(fields), true)))
-}
-
-fn messages_builder() -> ListBuilder<StructBuilder> {
-    let fields = vec![Field::new("role", DataType::Utf8, true), Field::new("content", DataType::Utf8, true)];
-    ListBuilder::new(StructBuilder::from_fields(fields, 0))
-}
-
-fn append_messages(b: &mut ListBuilder<StructBuilder>, msgs: &[Message]) {
-    let s = b.values();
-    for m in msgs {
-        s.field_builder::<StringBuilder>(0).unwrap().append_value(&m.role);
-        s.field_builder::<StringBuilder>(1).unwrap().append_value(&m.content);
-        s.append(true);
-    }
-    b.append(true);
 }
 
 fn conversation(row: &SynthRow) -> (Vec<Message>, Vec<Message>, Vec<Message>) {

@@ -32,15 +32,18 @@ fn series(rows: &[(usize, Row)], key: &str) -> Vec<(f64, f64)> {
 }
 
 pub fn curves(path: &Path, rows: &[(usize, Row)]) -> Result<()> {
+    panels(path, rows, &[("loss", "loss"), ("reward accuracy", "rewards/accuracies"), ("reward margin", "rewards/margins")], "step")
+}
+
+/// One panel per (title, key): `key` in blue (train) and `eval/key` in red, over x.
+pub fn panels(path: &Path, rows: &[(usize, Row)], keys: &[(&str, &str)], x_desc: &str) -> Result<()> {
     let labels = font_available();
     let tmp = path.with_extension("partial.png");
     {
-        let root = BitMapBackend::new(&tmp, (1500, 450)).into_drawing_area();
+        let root = BitMapBackend::new(&tmp, (500 * keys.len() as u32, 450)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
-        let panels = root.split_evenly((1, 3));
-        for (panel, (title, key)) in
-            panels.iter().zip([("loss", "loss"), ("reward accuracy", "rewards/accuracies"), ("reward margin", "rewards/margins")])
-        {
+        let areas = root.split_evenly((1, keys.len()));
+        for (panel, &(title, key)) in areas.iter().zip(keys) {
             let train = series(rows, key);
             let eval = series(rows, &format!("eval/{key}"));
             let all: Vec<&(f64, f64)> = train.iter().chain(eval.iter()).collect();
@@ -62,7 +65,7 @@ pub fn curves(path: &Path, rows: &[(usize, Row)]) -> Result<()> {
             let mut chart = b.build_cartesian_2d(0f64..x_max, (y_min - pad)..(y_max + pad)).map_err(|e| anyhow!("{e}"))?;
             let mut mesh = chart.configure_mesh();
             if labels {
-                mesh.x_desc("step");
+                mesh.x_desc(x_desc);
             } else {
                 mesh.disable_x_mesh().disable_y_mesh();
             }

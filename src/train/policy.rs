@@ -120,7 +120,13 @@ impl Policy {
             Decoder::with_options(
                 &cfg,
                 &t,
-                &DecoderOptions { compute_dtype: Some(compute), lora_scale: Some(config.scale()), lora_dropout: dropout, frozen_base: true },
+                &DecoderOptions {
+                    compute_dtype: Some(compute),
+                    lora_scale: Some(config.scale()),
+                    lora_dropout: dropout,
+                    frozen_base: true,
+                    ..Default::default()
+                },
             )
         };
         Ok(Self { decoder: with(true)?, eval_decoder: with(false)?, cfg, names, vars, lora: Some(config), dropout_rng })

@@ -111,3 +111,18 @@ pub fn seq_logps(dec: &dpo_pipeline::model::Decoder, ids: &[u32]) -> Vec<f32> {
     let h = dec.hidden(&layout).unwrap();
     dpo_pipeline::model::logprobs::token_logps(&h, dec.lm_head(), &sc).unwrap().to_vec1().unwrap()
 }
+
+/// Checks that `file`'s columns and polars dtypes are what `schemas/<schema>` says.
+pub fn check_schema(dir: &Path, schema: &str, file: &str) {
+    let spec_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas").join(schema);
+    let spec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(spec_path).unwrap()).unwrap();
+    let want: Vec<(String, String)> = spec["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap().to_string(), c["polars_dtype"].as_str().unwrap().to_string()))
+        .collect();
+    let got = python(dir, &format!("print(json.dumps([[k, str(v)] for k, v in pl.read_parquet_schema({file:?}).items()]))"));
+    let got: Vec<(String, String)> = serde_json::from_str(&got).unwrap();
+    assert_eq!(got, want, "{schema} and {file} drifted apart");
+}

@@ -1,0 +1,298 @@
+//! `pipeline sample`: K completions per prompt from a model (optionally with a LoRA adapter),
+//! with a key-value cache (see `generate`). Writes `samples.parquet` (one row per sample, in
+//! prompt order), `skipped.parquet` (prompts that cannot be sampled, with the reason) and the
+//! manifest.
+use super::prepare::expand_inputs;
+use super::{begin, progress, Begin};
+use crate::data::input::{fields_array, Field, Kind, Message, PromptReader, Skip};
+use crate::data::prepared::rejected_schema;
+use crate::data::tokenize::ModelTokenizer;
+use crate::generate::{generate, Completion, Request, Sampling};
+use crate::model::{self, lora, weights, Decoder, ModelConfig};
+use crate::settings::SampleSettings;
+use crate::store::{file_hash, InputRef, Manifest, ParquetOut};
+use anyhow::{bail, Context, Result};
+use arrow_array::builder::{ListBuilder, UInt32Builder};
+use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
+use arrow_schema::{DataType, Field as ArrowField, Schema, SchemaRef};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub const STAGE: &str = "sample";
+pub const FORMAT_VERSION: u32 = 1;
+pub const SAMPLES: &str = "samples.parquet";
+pub const SKIPPED: &str = "skipped.parquet";
+
+/// samples.parquet's columns; `prompt` and `completion` are strings, or message lists for
+/// conversations (the completion is one assistant message), as `prepare` reads them.
+pub fn samples_schema(kind: Kind) -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        ArrowField::new("source_file", DataType::Utf8, false),
+        ArrowField::new("source_row", DataType::UInt64, false),
+        ArrowField::new("sample_index", DataType::UInt32, false),
+        ArrowField::new("prompt", kind.data_type(), false),
+        ArrowField::new("completion", kind.data_type(), false),
+        ArrowField::new("completion_ids", DataType::List(Arc::new(ArrowField::new("item", DataType::UInt32, true))), false),
+        ArrowField::new("finish_reason", DataType::Utf8, false),
+        ArrowField::new("logp", DataType::Float64, false),
+    ]))
+}
+
+/// A model directory loaded for inference, with a PEFT adapter merged in when given.
+pub fn load_model(model_dir: &Path, adapter: Option<&Path>, dtype: candle_core::DType) -> Result<Decoder> {
+    let device = model::device()?;
+    let cfg = ModelConfig::load(model_dir)?;
+    let Some(adapter) = adapter else { return model::load_decoder(model_dir, dtype, &device) };
+    let mut tensors = weights::load_weights(model_dir, &cfg, candle_core::DType::F32, &device)?;
+    let (lc, a) = lora::load(adapter, &cfg, &device)?;
+    lora::merge(&mut tensors, &lc, &a)?;
+    let tensors = tensors.into_iter().map(|(k, t)| Ok((k, t.to_dtype(dtype)?))).collect::<Result<_>>()?;
+    Decoder::new(&cfg, &tensors)
+}
+
+/// Token ids that end a completion, as transformers' `generate` stops: generation_config.json's
+/// `eos_token_id` (one id or a list), else config.json's, plus the tokenizer's eos_token.
+pub fn eos_ids(model_dir: &Path, tok: &ModelTokenizer) -> Result<Vec<u32>> {
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        match v {
+            serde_json::Value::Number(n) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+            serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+            _ => vec![],
+        }
+    };
+    let gen = model_dir.join("generation_config.json");
+    let source = if gen.exists() { gen } else { model_dir.join("config.json") };
+    let text = std::fs::read_to_string(&source).with_context(|| format!("cannot read {}", source.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", source.display()))?;
+    let mut out = ids(&json["eos_token_id"]);
+    if let Some(id) = tok.eos_token.as_deref().and_then(|t| tok.tokenizer.token_to_id(t)) {
+        if !out.contains(&id) {
+            out.push(id);
+        }
+    }
+    if out.is_empty() {
+        bail!("{}: no eos_token_id, and the tokenizer has no eos_token: completions could only stop at --max-new-tokens", source.display());
+    }
+    Ok(out)
+}
+
+/// A prompt as the model sees it: plain text tokenized as TRL tokenizes a prompt (special
+/// tokens added), a conversation rendered with the chat template and a generation prompt.
+pub fn prompt_ids(tok: &ModelTokenizer, prompt: &Field) -> Result<Vec<u32>, Skip> {
+    match prompt {
+        Field::Text(t) => Ok(tok.encode(t, true)),
+        Field::Messages(m) => {
+            let t =
+                tok.template.as_ref().ok_or_else(|| Skip::new("no_chat_template", "a conversation prompt, and the model has no chat template"))?;
+            Ok(tok.encode(&t.render(m, true).map_err(|e| Skip::new("template_error", e))?, false))
+        }
+    }
+}
+
+/// One prompt to sample from.
+struct Prompt {
+    file: Arc<str>,
+    file_index: u64,
+    row: u64,
+    prompt: Field,
+    ids: Vec<u32>,
+}
+
+/// Each sample's seed: a hash of the run's seed and the sample's place in the inputs.
+fn sample_seed(seed: u64, file_index: u64, row: u64, sample: usize) -> u64 {
+    let mut h = blake3::Hasher::new();
+    for x in [seed, file_index, row, sample as u64] {
+        h.update(&x.to_le_bytes());
+    }
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+pub fn run(cfg: &SampleSettings) -> Result<Manifest> {
+    cfg.validate()?;
+    let files = expand_inputs(&cfg.prompts)?;
+    let tok = ModelTokenizer::load(&cfg.model)?;
+    let dtype = weights::parse_dtype(&cfg.dtype)?;
+    let model_cfg = ModelConfig::load(&cfg.model)?;
+    let mut inputs = Vec::new();
+    for f in &files {
+        inputs.push(InputRef::new("prompts", f, &file_hash(f)?.blake3));
+    }
+    inputs.push(InputRef::new("model", &cfg.model, &weights::weights_hash(&cfg.model)?));
+    if let Some(a) = &cfg.adapter {
+        inputs.push(InputRef::new("adapter", a, &file_hash(&a.join("adapter_model.safetensors"))?.blake3));
+    }
+    inputs.extend(tok.identity.iter().cloned());
+    let eos = eos_ids(&cfg.model, &tok)?;
+    // What changes the samples; --batch-tokens does not.
+    let settings = serde_json::json!({
+        "prompt_column": cfg.prompt_column, "num_samples": cfg.num_samples, "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed, "dtype": cfg.dtype,
+        "eos_token_ids": eos, "config": model_cfg.raw,
+    });
+    let sd = match begin(STAGE, FORMAT_VERSION, &cfg.out, inputs, settings, cfg.force)? {
+        Begin::UpToDate(m) => return Ok(m),
+        Begin::Run(sd) => sd,
+    };
+    let t0 = Instant::now();
+
+    // Prompts, in file and row order; the ones that cannot be sampled go to skipped.parquet.
+    let mut prompts = Vec::new();
+    let mut skipped: Vec<(Arc<str>, u64, Skip)> = Vec::new();
+    let mut kind = None;
+    let max_pos = model_cfg.raw["max_position_embeddings"].as_u64().map(|v| v as usize);
+    for (fi, f) in files.iter().enumerate() {
+        let mut reader = PromptReader::open(f, &cfg.prompt_column, 4096)?;
+        let name: Arc<str> = f.display().to_string().into();
+        match kind {
+            None => kind = Some(reader.kind),
+            Some(k) if k != reader.kind => {
+                bail!(
+                    "{}: column `{}` holds {:?} prompts, but earlier files hold {k:?}; sample them separately",
+                    f.display(),
+                    cfg.prompt_column,
+                    reader.kind
+                )
+            }
+            _ => {}
+        }
+        while let Some(batch) = reader.next_batch()? {
+            for (row, field) in batch {
+                let encoded = field.and_then(|p| {
+                    let ids = prompt_ids(&tok, &p)?;
+                    if ids.is_empty() {
+                        return Err(Skip::new("empty_prompt", "the prompt has no tokens"));
+                    }
+                    if let Some(m) = max_pos.filter(|&m| ids.len() + cfg.max_new_tokens > m) {
+                        return Err(Skip::new(
+                            "prompt_too_long",
+                            format!("{} prompt tokens + {} new tokens exceed max_position_embeddings {m}", ids.len(), cfg.max_new_tokens),
+                        ));
+                    }
+                    Ok((p, ids))
+                });
+                match encoded {
+                    Ok((prompt, ids)) => prompts.push(Prompt { file: name.clone(), file_index: fi as u64, row, prompt, ids }),
+                    Err(s) => skipped.push((name.clone(), row, s)),
+                }
+            }
+        }
+    }
+    let kind = kind.unwrap_or(Kind::Text);
+    let decoder = load_model(&cfg.model, cfg.adapter.as_deref(), dtype)?;
+    let sampling = Sampling { temperature: cfg.temperature, top_k: cfg.top_k, top_p: cfg.top_p };
+
+    let total = (prompts.len() * cfg.num_samples) as u64;
+    let pb = progress(total, "sample", "samples");
+    let mut out = ParquetOut::create(&cfg.out.join(SAMPLES), samples_schema(kind))?;
+    let (mut tokens, mut by_finish) = (0u64, BTreeMap::<String, u64>::new());
+    let mut start = 0;
+    while start < prompts.len() {
+        // As many prompts as fit the token budget with all their samples (at least one); rows
+        // are left-padded to the longest prompt, so that is what each row costs.
+        let mut end = start;
+        let mut longest = 0;
+        while end < prompts.len() {
+            let l = longest.max(prompts[end].ids.len());
+            if end > start && (end + 1 - start) * cfg.num_samples * (l + cfg.max_new_tokens) > cfg.batch_tokens {
+                break;
+            }
+            longest = l;
+            end += 1;
+        }
+        let wave = &prompts[start..end];
+        let requests: Vec<Request> = wave
+            .iter()
+            .map(|p| Request { prompt: p.ids.clone(), seeds: (0..cfg.num_samples).map(|k| sample_seed(cfg.seed, p.file_index, p.row, k)).collect() })
+            .collect();
+        let mut on_token = |n: usize| {
+            tokens += n as u64;
+            pb.set_message(format!("{:.1} tokens/s", tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9)));
+        };
+        let done = generate(&decoder, &requests, cfg.max_new_tokens, &eos, &sampling, &mut on_token)?;
+        for c in done.iter().flatten() {
+            *by_finish.entry(format!("finish_{}", c.finish.as_str())).or_default() += 1;
+        }
+        out.write(&samples_batch(&tok, kind, wave, &done, &eos)?)?;
+        pb.inc((wave.len() * cfg.num_samples) as u64);
+        start = end;
+    }
+    pb.finish_and_clear();
+    out.finish()?;
+    write_skipped(&cfg.out.join(SKIPPED), &skipped)?;
+
+    let wall = t0.elapsed().as_secs_f64();
+    let mut counts: BTreeMap<String, u64> = by_finish;
+    counts.insert("prompts".into(), prompts.len() as u64);
+    counts.insert("samples".into(), total);
+    counts.insert("tokens".into(), tokens);
+    counts.insert("skipped".into(), skipped.len() as u64);
+    for (_, _, s) in &skipped {
+        *counts.entry(format!("skipped_{}", s.reason)).or_default() += 1;
+    }
+    let stats = serde_json::json!({"samples_per_s": total as f64 / wall.max(1e-9), "tokens_per_s": tokens as f64 / wall.max(1e-9)});
+    let manifest = sd.manifest(counts, stats);
+    let manifest = sd.finish(manifest, &[SAMPLES, SKIPPED])?;
+    eprintln!(
+        "sample: {total} samples of {} prompts, {tokens} tokens in {wall:.1}s ({:.1} samples/s, {:.1} tokens/s) -> {}",
+        prompts.len(),
+        total as f64 / wall.max(1e-9),
+        tokens as f64 / wall.max(1e-9),
+        cfg.out.join(SAMPLES).display()
+    );
+    if !skipped.is_empty() {
+        eprintln!("sample: {} prompts skipped; see {}", skipped.len(), cfg.out.join(SKIPPED).display());
+    }
+    Ok(manifest)
+}
+
+/// Rows of samples.parquet for one wave of prompts.
+fn samples_batch(tok: &ModelTokenizer, kind: Kind, wave: &[Prompt], done: &[Vec<Completion>], eos: &[u32]) -> Result<RecordBatch> {
+    let (mut file, mut row, mut index, mut prompt, mut completion, mut finish, mut logp) = (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut ids = ListBuilder::new(UInt32Builder::new());
+    for (p, samples) in wave.iter().zip(done) {
+        for (k, c) in samples.iter().enumerate() {
+            let text_ids = match c.ids.last() {
+                Some(last) if eos.contains(last) => &c.ids[..c.ids.len() - 1],
+                _ => &c.ids[..],
+            };
+            let text = tok.tokenizer.decode(text_ids, true).map_err(|e| anyhow::anyhow!("cannot decode a completion: {e}"))?;
+            file.push(p.file.to_string());
+            row.push(p.row);
+            index.push(k as u32);
+            prompt.push(p.prompt.clone());
+            completion.push(match kind {
+                Kind::Text => Field::Text(text),
+                Kind::Messages => Field::Messages(vec![Message { role: "assistant".into(), content: text }]),
+            });
+            ids.append_value(c.ids.iter().map(|&x| Some(x)));
+            finish.push(c.finish.as_str());
+            logp.push(c.logp);
+        }
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(file)),
+        Arc::new(UInt64Array::from(row)),
+        Arc::new(UInt32Array::from(index)),
+        fields_array(kind, &prompt)?,
+        fields_array(kind, &completion)?,
+        Arc::new(ids.finish()),
+        Arc::new(StringArray::from(finish)),
+        Arc::new(Float64Array::from(logp)),
+    ];
+    Ok(RecordBatch::try_new(samples_schema(kind), columns)?)
+}
+
+/// skipped.parquet: source_file, source_row, reason, detail (the schema of prepare's rejected.parquet).
+pub fn write_skipped(path: &Path, rows: &[(Arc<str>, u64, Skip)]) -> Result<()> {
+    let mut out = ParquetOut::create(path, rejected_schema())?;
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(rows.iter().map(|r| r.0.to_string()).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(rows.iter().map(|r| r.2.reason).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(rows.iter().map(|r| r.2.detail.clone()).collect::<Vec<_>>())),
+    ];
+    out.write(&RecordBatch::try_new(rejected_schema(), columns)?)?;
+    out.finish()
+}
