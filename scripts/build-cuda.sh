@@ -8,6 +8,9 @@
 # stands in for it: the real one is loaded on the GPU machine. Stay on nvcc 13.0: a newer one
 # emits a PTX ISA that driver 580 rejects. CUDA_COMPUTE_CAP defaults to 90 (H100/H200).
 #
+# `scripts/build-cuda.sh --check` only type-checks the CUDA build (all targets) with the same
+# toolchain, without building or packing a binary (what CI runs).
+#
 # On the GPU machine: zstd -d pipeline-cuda.zst -o pipeline && chmod +x pipeline, with the CUDA 13
 # runtime libraries (libcublas.so.13, libcublasLt.so.13, libcurand.so.10, libcudart.so.13, e.g. the
 # nvidia/cu13/lib of a PyTorch cu130 venv) on LD_LIBRARY_PATH.
@@ -48,6 +51,11 @@ export RUSTFLAGS="-L native=$stub -L native=$root/lib ${RUSTFLAGS:-}"
 # Its own target dir: other RUSTFLAGS would otherwise rebuild the CPU release build each time.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/cuda}
 start=$(date +%s)
+if [ "${1:-}" = "--check" ]; then
+  cargo check --locked --features cuda --all-targets
+  echo "build-cuda: cargo check --features cuda passed in $(( $(date +%s) - start )) s"
+  exit 0
+fi
 cargo build --release --locked --features cuda
 echo "build-cuda: built in $(( $(date +%s) - start )) s"
 mkdir -p dist
