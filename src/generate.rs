@@ -127,7 +127,7 @@ fn draw(weights: &[f64], total: f64, rng: &mut Rng) -> usize {
     last
 }
 
-/// One unfinished sample (row `row` of the batch cache).
+/// One unfinished sample.
 struct Live {
     request: usize,
     sample: usize,
@@ -146,6 +146,10 @@ pub fn generate(
     s: &Sampling,
     on_token: &mut dyn FnMut(usize),
 ) -> Result<Vec<Vec<Completion>>> {
+    if max_new == 0 {
+        let empty = Completion { ids: vec![], finish: Finish::Length, logp: 0.0 };
+        return Ok(requests.iter().map(|r| vec![empty.clone(); r.seeds.len()]).collect());
+    }
     let mut out: Vec<Vec<Option<Completion>>> = requests.iter().map(|r| vec![None; r.seeds.len()]).collect();
     let mut finish = |l: Live, f: Finish| out[l.request][l.sample] = Some(Completion { ids: l.ids, finish: f, logp: l.logp });
     // Prefill: the prompts back to back, each its own causal block.
@@ -160,7 +164,7 @@ pub fn generate(
     }
     let mut live = Vec::new();
     let mut rows = Vec::new();
-    let mut cache = if requests.is_empty() || max_new == 0 {
+    let mut cache = if requests.is_empty() {
         None
     } else {
         let (hidden, kv) = dec.hidden_kv(&layout)?;
