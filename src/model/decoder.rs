@@ -261,7 +261,8 @@ impl Attention {
 
     /// One new token for each row of a batch cache, x: [b, d]; its keys and values go to
     /// slot `cache.len` of layer `layer`, and it attends to the row's slots so far.
-    fn decode(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
+    fn decode(&self, x: &Tensor, a: &DecodeInputs, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
+        let (cos, sin) = (&a.cos, &a.sin);
         let (b, nh, nkv, hd) = (x.dim(0)?, self.num_heads, self.num_kv_heads, self.head_dim);
         let g = nh / nkv;
         let q = rope(&self.q_proj.forward(x)?.reshape((b, nh, hd))?, cos, sin)?.reshape((b, nkv, g, hd))?;
@@ -274,10 +275,19 @@ impl Attention {
         let values = cache.v[layer].narrow(2, 0, t)?.contiguous()?;
         let scores = (q.matmul(&keys.t()?)? * (1.0 / (hd as f64).sqrt()))?; // [b, nkv, g, t]
         let dtype = scores.dtype();
-        let mask = cache.mask(t, self.sliding_window, &x.device().clone(), accum_dtype(dtype))?; // [b, 1, 1, t]
-        let probs = softmax_last(&scores.to_dtype(accum_dtype(dtype))?.broadcast_add(&mask)?)?.to_dtype(dtype)?;
+        let mask = &a.masks[&self.sliding_window]; // [b, 1, 1, t]
+        let probs = softmax_last(&scores.to_dtype(accum_dtype(dtype))?.broadcast_add(mask)?)?.to_dtype(dtype)?;
         self.o_proj.forward(&probs.matmul(&values)?.reshape((b, nh * hd))?)
     }
+}
+
+/// What every layer's attention shares for one decoding step.
+struct DecodeInputs {
+    /// [b, 1, hd] for the new tokens' positions.
+    cos: Tensor,
+    sin: Tensor,
+    /// Per sliding window in use, the additive mask [b, 1, 1, t] over the cache's slots.
+    masks: HashMap<Option<usize>, Tensor>,
 }
 
 /// Keys and values of a batch of sequences for incremental decoding, per layer
@@ -379,8 +389,8 @@ impl DecoderLayer {
         Ok(((&x + self.mlp.forward(&rms_norm(&x, &cast(&self.post_attention_layernorm, x.dtype())?, self.eps)?)?)?, k, v))
     }
 
-    fn decode(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
-        let y = self.self_attn.decode(&rms_norm(x, &cast(&self.input_layernorm, x.dtype())?, self.eps)?, cos, sin, cache, layer)?;
+    fn decode(&self, x: &Tensor, a: &DecodeInputs, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
+        let y = self.self_attn.decode(&rms_norm(x, &cast(&self.input_layernorm, x.dtype())?, self.eps)?, a, cache, layer)?;
         let x = (x + y)?;
         Ok((&x + self.mlp.forward(&rms_norm(&x, &cast(&self.post_attention_layernorm, x.dtype())?, self.eps)?)?)?)
     }
@@ -572,9 +582,17 @@ impl Decoder {
         anyhow::ensure!(cache.len < capacity, "key-value cache is full ({capacity} slots)");
         let positions: Vec<u32> = cache.pad.iter().map(|&p| (cache.len - p) as u32).collect();
         let (cos, sin) = self.rope(&positions)?;
+        let mut masks = HashMap::new();
+        for l in &self.layers {
+            let w = l.self_attn.sliding_window;
+            if let std::collections::hash_map::Entry::Vacant(e) = masks.entry(w) {
+                e.insert(cache.mask(cache.len + 1, w, &self.device, accum_dtype(self.dtype))?);
+            }
+        }
+        let a = DecodeInputs { cos, sin, masks };
         let mut x = cast(&self.embed_tokens.index_select(&Tensor::from_slice(ids, b, &self.device)?, 0)?, self.dtype)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            x = layer.decode(&x, &cos, &sin, cache, l)?;
+            x = layer.decode(&x, &a, cache, l)?;
         }
         cache.len += 1;
         rms_norm(&x, &cast(&self.norm, self.dtype)?, self.cfg.rms_norm_eps)

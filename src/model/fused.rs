@@ -45,6 +45,16 @@ unsafe fn matmul_abt<T: Real>(c: usize, v: usize, k: usize, a: *const T, b: *con
     gemm::gemm(c, v, k, out, 1, v as isize, false, a, 1, k as isize, b, k as isize, 1, T::from(0.0), T::from(1.0), false, false, false, par());
 }
 
+/// out[m, n] += A[m, k] · B[k, n] for a row-major B; A's entry (i, j) is at a + i·a_rs + j·a_cs
+/// (a transposed A is the same memory with the strides swapped).
+///
+/// # Safety
+/// out, a and b must hold the m×n, m×k (as strided) and k×n entries.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_acc<T: Real>(m: usize, n: usize, k: usize, out: *mut T, a: *const T, a_cs: isize, a_rs: isize, b: *const T) {
+    gemm::gemm(m, n, k, out, 1, n as isize, true, a, a_cs, a_rs, b, 1, n as isize, T::from(1.0), T::from(1.0), false, false, false, par());
+}
+
 fn par() -> Parallelism {
     match rayon::current_num_threads() {
         1 => Parallelism::None,
@@ -154,50 +164,10 @@ impl LogProbs {
                 // SAFETY: gh rows [r0, r0+c) are c×k; d is c×vb; w and gw rows [v0, v0+vb) are vb×k.
                 unsafe {
                     // gh[c, k] += d[c, vb] · w[vb, k]
-                    gemm::gemm(
-                        c,
-                        k,
-                        vb,
-                        gh[r0 * k..].as_mut_ptr(),
-                        1,
-                        k as isize,
-                        true,
-                        d.as_ptr(),
-                        1,
-                        vb as isize,
-                        w[v0 * k..].as_ptr(),
-                        1,
-                        k as isize,
-                        T::from(1.0),
-                        T::from(1.0),
-                        false,
-                        false,
-                        false,
-                        par(),
-                    );
+                    matmul_acc(c, k, vb, gh[r0 * k..].as_mut_ptr(), d.as_ptr(), 1, vb as isize, w[v0 * k..].as_ptr());
                     // gw[vb, k] += dᵀ[vb, c] · h[c, k]
                     if self.weight_grad {
-                        gemm::gemm(
-                            vb,
-                            k,
-                            c,
-                            gw[v0 * k..].as_mut_ptr(),
-                            1,
-                            k as isize,
-                            true,
-                            d.as_ptr(),
-                            vb as isize,
-                            1,
-                            h[r0 * k..].as_ptr(),
-                            1,
-                            k as isize,
-                            T::from(1.0),
-                            T::from(1.0),
-                            false,
-                            false,
-                            false,
-                            par(),
-                        );
+                        matmul_acc(vb, k, c, gw[v0 * k..].as_mut_ptr(), d.as_ptr(), vb as isize, 1, h[r0 * k..].as_ptr());
                     }
                 }
             }

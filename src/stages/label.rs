@@ -98,10 +98,9 @@ fn reward_ids(tok: &ModelTokenizer, s: &Sample) -> Result<Vec<u32>> {
     })
 }
 
-fn reward_scores(dir: &Path, samples: &[Sample], batch_tokens: usize) -> Result<Vec<f64>> {
-    let tok = ModelTokenizer::load(dir)?;
+fn reward_scores(dir: &Path, tok: &ModelTokenizer, samples: &[Sample], batch_tokens: usize) -> Result<Vec<f64>> {
     let rm = RewardModel::load(dir, candle_core::DType::F32, &model::device()?)?;
-    let ids: Vec<Vec<u32>> = samples.iter().map(|s| reward_ids(&tok, s)).collect::<Result<_>>()?;
+    let ids: Vec<Vec<u32>> = samples.iter().map(|s| reward_ids(tok, s)).collect::<Result<_>>()?;
     let pb = progress(samples.len() as u64, "label", "samples");
     let mut out = Vec::with_capacity(samples.len());
     let mut start = 0;
@@ -235,9 +234,10 @@ pub fn run(cfg: &LabelSettings) -> Result<Manifest> {
     cfg.validate()?;
     let file = samples_file(&cfg.samples);
     let mut inputs = vec![InputRef::new("samples", &file, &file_hash(&file)?.blake3)];
-    if let Some(rm) = &cfg.reward_model {
+    let reward_tok = cfg.reward_model.as_deref().map(ModelTokenizer::load).transpose()?;
+    if let (Some(rm), Some(tok)) = (&cfg.reward_model, &reward_tok) {
         inputs.push(InputRef::new("reward_model", rm, &weights::weights_hash(rm)?));
-        inputs.extend(ModelTokenizer::load(rm)?.identity);
+        inputs.extend(tok.identity.iter().cloned());
     }
     let settings = serde_json::json!({"judge_cmd": cfg.judge_cmd, "pairs": cfg.pairs, "min_margin": cfg.min_margin});
     let sd = match begin(STAGE, FORMAT_VERSION, &cfg.out, inputs, settings, cfg.force)? {
@@ -246,10 +246,10 @@ pub fn run(cfg: &LabelSettings) -> Result<Manifest> {
     };
     let t0 = Instant::now();
     let (kind, samples) = read_samples(&file)?;
-    let scores = match (&cfg.reward_model, &cfg.judge_cmd) {
-        (Some(rm), _) => reward_scores(rm, &samples, cfg.batch_tokens)?,
-        (None, Some(cmd)) => judge_scores(cmd, &samples)?,
-        (None, None) => unreachable!("validated"),
+    let scores = match (&cfg.reward_model, &reward_tok, &cfg.judge_cmd) {
+        (Some(rm), Some(tok), _) => reward_scores(rm, tok, &samples, cfg.batch_tokens)?,
+        (None, _, Some(cmd)) => judge_scores(cmd, &samples)?,
+        _ => unreachable!("validated"),
     };
     let (pairs, skipped) = make_pairs(&samples, &scores, cfg.pairs, cfg.min_margin);
     write_scores(&cfg.out.join(SCORES), kind, &samples, &scores)?;
