@@ -45,8 +45,25 @@ def batch_logps(model, seqs, dev):
     return torch.stack(out), int(mask.sum()), ids.numel()
 
 
+DEV = "cuda"  # --device cpu: the CPU rehearsal of scripts/gpu-check.sh
+
+
 def load(model_dir, dtype, attn="sdpa"):
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], attn_implementation=attn).cuda()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], attn_implementation=attn).to(DEV)
+
+
+def sync():
+    if DEV.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def reset_peak():
+    if DEV.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb():
+    return torch.cuda.max_memory_allocated() / 2**30 if DEV.startswith("cuda") else None
 
 
 def cmd_logps(a):
@@ -55,7 +72,7 @@ def cmd_logps(a):
     worst = 0.0
     with torch.inference_mode():
         for rid, p, c, r in pairs(a.prepared):
-            lp, _, _ = batch_logps(model, [(p, c), (p, r)], "cuda")
+            lp, _, _ = batch_logps(model, [(p, c), (p, r)], DEV)
             worst = max(worst, abs(lp[0].item() - ours[rid]["ref_chosen_logps"]), abs(lp[1].item() - ours[rid]["ref_rejected_logps"]))
     ok = worst <= a.tol
     print(json.dumps({"check": f"cache-ref {a.dtype} vs transformers", "max_abs_diff": worst, "tolerance": a.tol, "ok": ok}))
@@ -65,19 +82,19 @@ def cmd_logps(a):
 def cmd_forward(a):
     model = load(a.model, a.dtype).eval()
     ps = pairs(a.prepared)
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak()
     with torch.inference_mode():
-        batch_logps(model, [(ps[0][1], ps[0][2])], "cuda")  # warm-up
-        torch.cuda.synchronize()
+        batch_logps(model, [(ps[0][1], ps[0][2])], DEV)  # warm-up
+        sync()
         t, tokens, slots = time.perf_counter(), 0, 0
         for i in range(0, len(ps), a.batch):
             seqs = [(p, x) for _, p, c, r in ps[i : i + a.batch] for x in (c, r)]
-            _, n, s = batch_logps(model, seqs, "cuda")
+            _, n, s = batch_logps(model, seqs, DEV)
             tokens, slots = tokens + n, slots + s
-        torch.cuda.synchronize()
+        sync()
         dt = time.perf_counter() - t
     print(json.dumps({"what": f"transformers {a.dtype} forward (sdpa)", "pairs": len(ps), "tokens_per_s": tokens / dt, "padding": 1 - tokens / slots,
-                      "seconds": dt, "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30}))
+                      "seconds": dt, "peak_gpu_gb": peak_gb()}))
 
 
 def cmd_dpo_step(a):
@@ -85,27 +102,28 @@ def cmd_dpo_step(a):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     ps = pairs(a.prepared)[: a.batch]
     seqs = [(p, x) for _, p, c, r in ps for x in (c, r)]
-    ref = torch.zeros(len(seqs), device="cuda")
+    ref = torch.zeros(len(seqs), device=DEV)
     times = []
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak()
     for _ in range(a.steps + 1):
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            lp, _, _ = batch_logps(model, seqs, "cuda")
+        with torch.autocast(DEV.split(":")[0], dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
+            lp, _, _ = batch_logps(model, seqs, DEV)
         d = (lp - ref).view(-1, 2)
         loss = -torch.nn.functional.logsigmoid(0.1 * (d[:, 0] - d[:, 1])).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t)
-    print(json.dumps({"what": "PyTorch bf16 autocast DPO step (fwd+bwd+AdamW)", "pairs": len(ps), "seconds_per_step": statistics.median(times[1:]),
-                      "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30}))
+    print(json.dumps({"what": f"PyTorch {a.dtype} {'autocast ' if a.dtype == 'bf16' else ''}DPO step (fwd+bwd+AdamW)", "pairs": len(ps), "seconds_per_step": statistics.median(times[1:]),
+                      "peak_gpu_gb": peak_gb()}))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (rehearsal)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("logps")
     s.add_argument("model"), s.add_argument("prepared"), s.add_argument("cache")
@@ -116,8 +134,11 @@ def main():
     s = sub.add_parser("dpo-step")
     s.add_argument("model"), s.add_argument("prepared")
     s.add_argument("--batch", type=int, default=4), s.add_argument("--steps", type=int, default=5)
+    s.add_argument("--dtype", default="bf16", choices=DTYPES, help="bf16: autocast (f32 in the CPU rehearsal: CPU bf16 autocast is emulated, slow)")
     a = ap.parse_args()
-    if not torch.cuda.is_available():
+    global DEV
+    DEV = a.device
+    if DEV.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu_check.py: torch sees no CUDA device")
     {"logps": cmd_logps, "forward": cmd_forward, "dpo-step": cmd_dpo_step}[a.cmd](a)
 

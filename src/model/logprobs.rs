@@ -32,19 +32,22 @@ pub fn token_logps(hidden: &Tensor, lm_head: &Tensor, sc: &Scored) -> Result<Ten
 }
 
 /// The same on any device and dtype (GPUs, bf16), holding one chunk of logits at a time in the
-/// forward and in the backward: the forward runs detached, and `RecomputeLogProbs` attaches its
-/// gradient, recomputing each chunk's logits from h and W when the backward reaches it.
+/// forward and in the backward: the forward runs detached (keeping each row's log-sum-exp), and
+/// `RecomputeLogProbs` attaches its gradient, recomputing the logits block by block of the
+/// vocabulary when the backward reaches it.
 pub fn token_logps_recompute(h: &Tensor, lm_head: &Tensor, targets: &[u32]) -> Result<Tensor> {
     let w = lm_head.to_dtype(h.dtype())?;
-    let logp = token_logps_composite(&h.detach(), &w.detach(), targets)?;
-    let op = RecomputeLogProbs { targets: targets.to_vec(), weight_grad: w.track_op() };
+    let (logp, lse) = logps_lse(&h.detach(), &w.detach(), targets)?;
+    let op = RecomputeLogProbs { targets: targets.to_vec(), lse, weight_grad: w.track_op() };
     Ok(h.contiguous()?.apply_op3(&w.contiguous()?, &logp, op)?)
 }
 
 /// Returns its third argument (the detached log-probs); its backward is that of
-/// log_softmax(h Wᵀ)[target] with respect to h and W, chunk by chunk.
+/// log_softmax(h Wᵀ)[target] with respect to h and W.
 struct RecomputeLogProbs {
     targets: Vec<u32>,
+    /// log Σ_v exp(h_i·W_v) per row, from the forward [m], f32 (f64 for f64).
+    lse: Tensor,
     /// W takes part in autograd (a trained head); else its gradient is skipped.
     weight_grad: bool,
 }
@@ -78,7 +81,9 @@ impl candle_core::CustomOp3 for RecomputeLogProbs {
         Ok((logp.try_clone(l)?, l.shape().clone()))
     }
 
-    /// d logp_i / d h_i = W[t_i] − Σ_v p_iv W_v;  d logp_i / d W = (onehot(t_i) − p_i) ⊗ h_i.
+    /// d logp_i / d h_i = W[t_i] − Σ_v p_iv W_v;  d logp_i / d W = (onehot(t_i) − p_i) ⊗ h_i,
+    /// with p_iv = exp(h_i·W_v − lse_i), one vocabulary block at a time: each block of dW is
+    /// written once (row chunks would rewrite all of dW per chunk).
     fn bwd(
         &self,
         h: &Tensor,
@@ -87,52 +92,69 @@ impl candle_core::CustomOp3 for RecomputeLogProbs {
         _: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Detached: ops on a tracked W here would build a graph that keeps every block's
+        // intermediates alive until the backward ends.
+        let (h, w) = (&h.detach(), &w.detach());
         let (m, vocab) = (self.targets.len(), w.dim(0)?);
-        let (dtype, acc) = (h.dtype(), super::decoder::accum_dtype(h.dtype()));
-        let chunk = (CHUNK_ELEMS / vocab).clamp(1, m.max(1));
-        let w_t = w.t()?;
-        let mut dh = Vec::with_capacity(m.div_ceil(chunk));
-        let mut dw = if self.weight_grad { Some(Tensor::zeros(w.shape(), acc, w.device())?) } else { None };
-        for start in (0..m).step_by(chunk) {
-            let n = chunk.min(m - start);
-            let hc = h.narrow(0, start, n)?;
-            let logits = hc.matmul(&w_t)?.to_dtype(acc)?;
-            let e = logits.broadcast_sub(&logits.max_keepdim(1)?)?.exp()?;
-            let p = e.broadcast_div(&e.sum_keepdim(1)?)?; // [n, vocab]
-            let g = grad.narrow(0, start, n)?.to_dtype(acc)?.unsqueeze(1)?; // [n, 1]
+        let (dtype, acc, dev) = (h.dtype(), super::decoder::accum_dtype(h.dtype()), h.device());
+        let block = (CHUNK_ELEMS / m.max(1)).max(1024).min(vocab.max(1));
+        let g = grad.to_dtype(acc)?.unsqueeze(1)?; // [m, 1]
+        let lse = self.lse.unsqueeze(1)?;
+        let tgt = Tensor::from_slice(&self.targets, m, dev)?;
+        // The one-hot term of dh: g_i · W[t_i].
+        let mut dh = w.index_select(&tgt, 0)?.to_dtype(acc)?.broadcast_mul(&g)?;
+        let hg = h.to_dtype(acc)?.broadcast_mul(&g)?; // [m, k], the one-hot term of dW's rows
+        let mut dw_blocks = Vec::new();
+        for v0 in (0..vocab).step_by(block) {
+            let b = block.min(vocab - v0);
+            let wb = w.narrow(0, v0, b)?;
+            let p = h.matmul(&wb.t()?)?.to_dtype(acc)?.broadcast_sub(&lse)?.exp()?; // [m, b]
             let gp = p.broadcast_mul(&g)?.to_dtype(dtype)?; // g·p, in the compute dtype like the forward's matmul
-            let tgt = Tensor::from_slice(&self.targets[start..start + n], n, h.device())?;
-            let w_tgt = w.index_select(&tgt, 0)?.to_dtype(acc)?;
-            dh.push((w_tgt.broadcast_mul(&g)? - gp.matmul(w)?.to_dtype(acc)?)?.to_dtype(dtype)?);
-            if let Some(d) = dw.as_mut() {
-                let hg = hc.to_dtype(acc)?.broadcast_mul(&g)?;
-                *d = (d.index_add(&tgt, &hg, 0)? - gp.t()?.matmul(&hc)?.to_dtype(acc)?)?;
+            dh = (dh - gp.matmul(&wb)?.to_dtype(acc)?)?;
+            if self.weight_grad {
+                let mut dwb = gp.t()?.matmul(h)?.to_dtype(acc)?.neg()?; // [b, k]
+                let (rows, local): (Vec<u32>, Vec<u32>) = (self.targets.iter().enumerate())
+                    .filter(|&(_, &t)| (v0..v0 + b).contains(&(t as usize)))
+                    .map(|(i, &t)| (i as u32, t - v0 as u32))
+                    .unzip();
+                if !rows.is_empty() {
+                    let n = rows.len();
+                    let rows = Tensor::from_vec(rows, n, dev)?;
+                    dwb = dwb.index_add(&Tensor::from_vec(local, n, dev)?, &hg.index_select(&rows, 0)?, 0)?;
+                }
+                dw_blocks.push(dwb.to_dtype(w.dtype())?);
             }
         }
-        let dh = if dh.len() == 1 { dh.pop().expect("one chunk") } else { Tensor::cat(&dh, 0)? };
-        Ok((Some(dh), dw.map(|d| d.to_dtype(w.dtype())).transpose()?, None))
+        let dw = if self.weight_grad { Some(Tensor::cat(&dw_blocks, 0)?) } else { None };
+        Ok((Some(dh.to_dtype(dtype)?), dw, None))
     }
 }
 
 /// The same from candle's differentiable ops, chunked over rows: autograd keeps each chunk's
-/// logits for the backward (the forward of `token_logps_recompute`, and a reference in tests).
+/// logits for the backward (a reference in tests and benchmarks).
 pub fn token_logps_composite(h: &Tensor, lm_head: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    Ok(logps_lse(h, &lm_head.to_dtype(h.dtype())?, targets)?.0)
+}
+
+/// log π(target) and log Σ exp(logits) per row, f32 [m] each (f64 for f64), in row chunks.
+fn logps_lse(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<(Tensor, Tensor)> {
     let dev = h.device();
     let m = targets.len();
-    let vocab = lm_head.dim(0)?;
-    let chunk = (CHUNK_ELEMS / vocab).clamp(1, m);
-    let w_t = lm_head.to_dtype(h.dtype())?.t()?;
-    let mut parts = Vec::with_capacity(m.div_ceil(chunk));
+    let chunk = (CHUNK_ELEMS / w.dim(0)?).clamp(1, m.max(1));
+    let w_t = w.t()?;
+    let (mut logps, mut lses) = (Vec::with_capacity(m.div_ceil(chunk)), Vec::with_capacity(m.div_ceil(chunk)));
     for start in (0..m).step_by(chunk) {
         let n = chunk.min(m - start);
         let logits = h.narrow(0, start, n)?.matmul(&w_t)?.to_dtype(super::decoder::accum_dtype(h.dtype()))?;
         // log_softmax(x)[y] = (x_y - max) - log Σ exp(x - max); the max is a constant for autograd.
-        let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?.detach())?;
+        let max = logits.max_keepdim(1)?.detach();
+        let shifted = logits.broadcast_sub(&max)?;
         let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
         let tgt = Tensor::from_slice(&targets[start..start + n], (n, 1), dev)?;
-        parts.push((shifted.gather(&tgt, 1)? - lse)?.squeeze(1)?);
+        logps.push((shifted.gather(&tgt, 1)? - &lse)?.squeeze(1)?);
+        lses.push((lse + max)?.squeeze(1)?);
     }
-    Ok(Tensor::cat(&parts, 0)?)
+    Ok((Tensor::cat(&logps, 0)?, Tensor::cat(&lses, 0)?))
 }
 
 /// Sums token log-probs per sequence: f32 [num_seqs].

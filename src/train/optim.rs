@@ -121,7 +121,8 @@ impl AdamW {
                     Tensor::from_vec(vals, p.shape(), p.device())?
                 }
                 (Moment::Tensor(m), Moment::Tensor(v)) => {
-                    let (new, m2, v2) = update_tensors(p.as_tensor(), &g, m, v, lr, &c, bc1, bc2)?;
+                    // Detached: the update is not part of any graph.
+                    let (new, m2, v2) = update_tensors(&p.as_tensor().detach(), &g, m, v, lr, &c, bc1, bc2)?;
                     (*m, *v) = (m2, v2);
                     new
                 }
