@@ -2,7 +2,8 @@
 //! composite ops, forward + backward, at the shapes DESIGN.md measured.
 use candle_core::{DType, Device, Tensor, Var};
 use dpo_pipeline::model::decoder::{rms_norm, rms_norm_composite, softmax_last, softmax_last_composite};
-use dpo_pipeline::model::{fused, logprobs::token_logps_composite, logprobs::token_logps_recompute};
+use dpo_pipeline::model::fused;
+use dpo_pipeline::model::logprobs::{token_logps_composite, token_logps_recompute};
 use std::time::Instant;
 
 fn time(mut f: impl FnMut()) -> f64 {

@@ -15,7 +15,7 @@
 # Rehearsal without a GPU (device time is scarce; this catches a broken flag or file name first):
 #   GPU_CHECK_DEVICE=cpu bash scripts/gpu-check.sh target/release/pipeline
 # runs every step on the CPU with the CPU binary and CPU torch, with (c) shrunk to 4 pairs and
-# 2 steps of batch 2, torch's DPO step in f32 ((b) then compares CPU with CPU): ~15 min on 2 cores.
+# 2 steps of batch 2, torch's DPO step in f32 ((b) then compares CPU with CPU): ~11 min on 2 cores.
 set -euo pipefail
 BIN=${1:?usage: gpu-check.sh PIPELINE_CUDA_BINARY[.zst] [WORKDIR]}
 WORK=${2:-$(mktemp -d)}
