@@ -17,7 +17,7 @@ fn main() {
     // The same strings prepare encodes (prompt, prompt+chosen+EOS, prompt+rejected+EOS), through
     // tokenizers' encode_batch alone.
     rayon::ThreadPoolBuilder::new().num_threads(threads.parse().unwrap()).build_global().unwrap();
-    let tok = ModelTokenizer::load(&p.join("m")).unwrap();
+    let tok = ModelTokenizer::load(&p.join("m"), dpo_pipeline::data::chat::Date::today()).unwrap();
     let eos = tok.eos_token.clone().unwrap();
     let mut reader = PreferenceReader::open(&p.join("big.parquet"), &ColumnNames::default(), 2048).unwrap();
     let mut texts: Vec<Vec<String>> = Vec::new();

@@ -16,3 +16,5 @@ done
 target/debug/pipeline synth-prefs --out "$tmp/trajectory.parquet" --rows 64 --seed 0
 "$PY" scripts/make_trajectory_golden.py "$tmp/llama" "$tmp/trajectory.parquet"
 rm -rf "$tmp"
+# Tokenizer classes and real templates (needs ../shared/real-tokenizers beside the project).
+"$PY" scripts/make_tokenizer_golden.py

@@ -83,7 +83,8 @@ macro_rules! settings {
 settings! {
     /// `pipeline prepare`: preference parquet -> token ids.
     pub struct PrepareSettings, layer PrepareLayer {
-        /// Preference parquet files, globs or directories (all `*.parquet` inside, sorted).
+        /// Preference data: parquet, JSON Lines (.jsonl, .jsonl.gz, .jsonl.zst), JSON arrays,
+        /// `datasets` save_to_disk directories; files, globs, or directories (their data files, sorted).
         #[arg(long = "input", num_args = 1.., value_name = "PATH")]
         inputs: Vec<String> = vec![],
         /// Files (or globs, directories) whose rows all go to the eval split.
@@ -115,6 +116,11 @@ settings! {
         /// Fraction of rows, chosen by a hash of their content, that go to the eval split.
         #[arg(value_name = "F")]
         eval_fraction: f64 = 0.0,
+        /// The date chat templates' `strftime_now` prints (Llama 3.x writes it in every system
+        /// turn), YYYY-MM-DD; unset: today (UTC). Recorded in the manifest (and fingerprint)
+        /// when the template calls it, so a rerun with the recorded date gives the same ids.
+        #[arg(num_args = 1, value_name = "YYYY-MM-DD")]
+        template_date: Option<String> = None,
         /// Replace an output built from other inputs or settings (or damaged).
         #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
         force: bool = false,
@@ -304,6 +310,7 @@ impl PrepareSettings {
             bail!("--max-prompt-length must be at least 1 (a pair needs a prompt token to score its first completion token); leave it unset to keep whole prompts");
         }
         in_unit("eval-fraction", self.eval_fraction)?;
+        self.template_date().context("--template-date")?;
         let cols = [self.prompt_column.as_deref(), Some(self.chosen_column.as_str()), Some(self.rejected_column.as_str())];
         if cols.iter().flatten().any(|c| c.is_empty()) {
             bail!("--prompt-column, --chosen-column and --rejected-column must not be empty");
@@ -314,6 +321,11 @@ impl PrepareSettings {
             bail!("--prompt-column, --chosen-column and --rejected-column must name different columns");
         }
         Ok(())
+    }
+
+    /// `--template-date`, or today.
+    pub fn template_date(&self) -> Result<crate::data::chat::Date> {
+        self.template_date.as_deref().map_or_else(|| Ok(crate::data::chat::Date::today()), crate::data::chat::Date::parse)
     }
 
     pub fn columns(&self) -> ColumnNames {
@@ -405,8 +417,9 @@ settings! {
         /// Model directory (Hugging Face layout) to sample from.
         #[arg(value_name = "DIR")]
         model: PathBuf = PathBuf::new(),
-        /// Parquet files (globs, directories) with a prompt column: strings, or conversations
-        /// (lists of {role, content}) rendered with the chat template and a generation prompt.
+        /// Files (parquet, JSON Lines, JSON, `datasets` directories; globs, directories) with a
+        /// prompt column: strings, or conversations rendered with the chat template and a
+        /// generation prompt (with the row's `tools` and `chat_template_kwargs` when present).
         #[arg(long = "prompts", num_args = 1.., value_name = "PATH")]
         prompts: Vec<String> = vec![],
         /// Output directory: samples.parquet, skipped.parquet, manifest.json.
@@ -442,6 +455,9 @@ settings! {
         /// Compute dtype: f32, bf16 or f16.
         #[arg(value_name = "DTYPE")]
         dtype: String = "f32".into(),
+        /// The date chat templates' `strftime_now` prints, YYYY-MM-DD (unset: today, UTC).
+        #[arg(num_args = 1, value_name = "YYYY-MM-DD")]
+        template_date: Option<String> = None,
         /// Replace an output built from other inputs or settings (or damaged).
         #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
         force: bool = false,
@@ -502,7 +518,13 @@ impl SampleSettings {
             bail!("--top-p must be in (0, 1], got {}", self.top_p);
         }
         parse_dtype(&self.dtype).context("--dtype")?;
+        self.template_date().context("--template-date")?;
         Ok(())
+    }
+
+    /// `--template-date`, or today.
+    pub fn template_date(&self) -> Result<crate::data::chat::Date> {
+        self.template_date.as_deref().map_or_else(|| Ok(crate::data::chat::Date::today()), crate::data::chat::Date::parse)
     }
 }
 

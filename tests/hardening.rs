@@ -285,7 +285,7 @@ fn the_parquet_reader_never_panics_on_damaged_files() {
 
 #[test]
 fn chat_templates_never_panic_on_arbitrary_source_or_messages() {
-    use dpo_pipeline::data::chat::ChatTemplate;
+    use dpo_pipeline::data::chat::{ChatTemplate, Date, TemplateSource};
     use dpo_pipeline::data::input::Message;
     use dpo_pipeline::rng::Rng;
     const PIECES: &[&str] = &[
@@ -345,12 +345,13 @@ fn chat_templates_never_panic_on_arbitrary_source_or_messages() {
     let mut panics = Vec::new();
     for i in 0..fuzz_iters(2000) {
         let src: String = (0..1 + rng.below(24)).map(|_| *rng.pick(PIECES)).collect();
-        let msgs: Vec<Message> = (0..rng.below(4))
-            .map(|k| Message { role: ["user", "assistant", "system", ""][k % 4].into(), content: rng.pick(PIECES).to_string() })
-            .collect();
+        let msgs: Vec<Message> =
+            (0..rng.below(4)).map(|k| Message::new(["user", "assistant", "system", ""][k % 4], rng.pick::<&str>(PIECES))).collect();
+        let source = TemplateSource { path: "chat_template.jinja".into(), templates: [("default".to_string(), src.clone())].into() };
+        let tools = serde_json::json!([{"type": "function", "function": {"name": rng.pick(PIECES).to_string()}}]);
         let r = std::panic::catch_unwind(|| {
-            if let Ok(t) = ChatTemplate::new(src.clone(), [("eos_token".to_string(), "</s>".to_string())].into()) {
-                let _ = t.render(&msgs, i % 2 == 0);
+            if let Ok(t) = ChatTemplate::new(&source, [("eos_token".to_string(), "</s>".to_string())].into(), Date::today()) {
+                let _ = t.render(&msgs, i % 2 == 0, (i % 3 == 0).then_some(&tools), None);
             }
         });
         if r.is_err() {

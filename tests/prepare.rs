@@ -116,7 +116,7 @@ m = lambda r, c: {"role": r, "content": c}
 df = pl.DataFrame({
   "chosen": [
      [m("user", "hi"), m("assistant", "hello")],
-     [m("user", "hi"), m("assistant", None)],
+     [m("user", "hi"), m(None, "no role")],
      [m("tool", "x"), m("assistant", "a")],
      [m("user", "one"), m("assistant", "a")],
      [m("user", "hey"), m("assistant", "")],
@@ -167,9 +167,9 @@ fn bad_input_is_a_clear_error_with_no_partial_output() {
     // A tokenizer without EOS cannot serve plain text; a model without a template, conversations.
     let noeos = d.path().join("noeos");
     std::fs::create_dir_all(&noeos).unwrap();
-    for f in ["tokenizer.json", "config.json"] {
-        std::fs::copy(model.join(f), noeos.join(f)).unwrap();
-    }
+    // (No config.json: under model_type qwen2 transformers' Qwen2Tokenizer would supply its
+    // default EOS, `<|endoftext|>`.)
+    std::fs::copy(model.join("tokenizer.json"), noeos.join("tokenizer.json")).unwrap();
     std::fs::write(noeos.join("tokenizer_config.json"), r#"{"bos_token": null}"#).unwrap();
     let e = fails(d.path(), &["prepare", "--input", "good.parquet", "--model", s(&noeos), "--out", "o"]);
     assert!(e.contains("no eos_token") && e.contains("good.parquet"), "{e}");

@@ -233,6 +233,13 @@ fn samples_are_reproducible_across_threads_and_batching_and_skipped_prompts_are_
     let reasons: Vec<(u64, String)> =
         skipped.iter().map(|r| (r["source_row"].as_u64().unwrap(), r["reason"].as_str().unwrap().to_string())).collect();
     assert_eq!(reasons, vec![(2, "null_field".to_string()), (4, "empty_prompt".to_string())]);
+    // The same prompts as JSON Lines sample the same completions.
+    python(d.path(), "pl.read_parquet('p.parquet').write_ndjson('p.jsonl')");
+    let mut jsonl = args("j", "2", "100000", "7");
+    jsonl[6] = "p.jsonl".into();
+    run(jsonl);
+    assert_eq!(ids("j"), ids("a"), "JSON Lines prompts sample as their parquet does");
+    assert_eq!(read_rows(d.path(), "j/skipped.parquet").len(), 2);
     // Unchanged inputs and settings: nothing to do.
     let again = run(args("a", "2", "100000", "7"));
     assert!(again.contains("up to date"), "{again}");

@@ -2,6 +2,7 @@
 //! chat templates, TRL-style tokenization, the prepared dataset (written by `prepare`) and the
 //! reference cache (written by `cache-ref`). Knows nothing of models.
 pub mod chat;
+pub mod hf_tokenizer;
 pub mod input;
 pub mod prepared;
 pub mod ref_cache;

@@ -18,7 +18,10 @@ use std::sync::Arc;
 
 pub const STAGE: &str = "prepare";
 /// 2: manifest inputs are typed, with the tokenizer's parts; empty completions are rejected.
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: tokenizers built as transformers 5 builds them (format 2 ran tokenizer.json as it is,
+/// which gives other ids for rebuilt classes such as LlamaTokenizer), templates with tools,
+/// kwargs and the date.
+pub const FORMAT_VERSION: u32 = 3;
 pub const PAIRS_FILE: &str = "pairs.parquet";
 pub const REJECTED_FILE: &str = "rejected.parquet";
 const COLUMNS: [&str; 8] = [
@@ -218,7 +221,16 @@ impl PreparedDataset {
     pub fn open(dir: &Path) -> Result<Self> {
         let manifest = Manifest::load(dir, STAGE)?;
         if manifest.format_version != FORMAT_VERSION {
-            bail!("{}: prepared format version {}, this build reads {FORMAT_VERSION}", dir.display(), manifest.format_version);
+            bail!(
+                "{}: prepared format version {}, this build reads {FORMAT_VERSION}{}; rerun `pipeline prepare --force` on it",
+                dir.display(),
+                manifest.format_version,
+                if manifest.format_version == 2 {
+                    " (format 2 ran tokenizer.json as it is, and transformers rebuilds some tokenizers, e.g. LlamaTokenizer's: the ids may differ)"
+                } else {
+                    ""
+                }
+            );
         }
         for name in COLUMNS.iter().chain([PAIRS_FILE, REJECTED_FILE].iter()) {
             if !manifest.files.contains_key(*name) {

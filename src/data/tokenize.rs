@@ -1,12 +1,12 @@
 //! Tokenization with HF TRL 1.16 DPOTrainer's conventions (see README "Tokenization rules"):
 //! EOS text appended to plain-text completions, joint encodings of prompt+completion, the
 //! prompt cut to the longest common prefix with both, per-sequence `max_length` truncation.
-use super::chat::ChatTemplate;
+use super::chat::{ChatTemplate, Date, TemplateSource};
+use super::hf_tokenizer::{self, Built, TokenizerFiles};
 use super::input::{Field, Message, RawRow, Skip};
 use crate::store::{InputRef, Manifest};
 use anyhow::{anyhow, bail, Context, Result};
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tokenizers::Tokenizer;
 
 /// A tokenized pair. Ids are stored before truncation, as TRL stores them; `*_scored` is how
@@ -20,127 +20,121 @@ pub struct EncodedPair {
     pub rejected_scored: u32,
 }
 
-/// The tokenizer side of a model directory: tokenizer.json, tokenizer_config.json, template.
+/// The tokenizer side of a model directory, as transformers builds it (see `hf_tokenizer`).
 pub struct ModelTokenizer {
     pub tokenizer: Tokenizer,
     pub eos_token: Option<String>,
     pub template: Option<ChatTemplate>,
+    /// Which construction transformers uses for these files (`LlamaTokenizer`, `tokenizer.json as is`, ...).
+    pub construction: String,
+    /// Whether the chat template calls `strftime_now` (then the date is part of the ids).
+    pub template_uses_date: bool,
     /// What decides the token ids, part by part (see [`tokenizer_identity`]).
     pub identity: Vec<InputRef>,
 }
 
-/// Role of tokenizer.json among a stage's inputs: the vocabulary, merges, added tokens and
-/// pipeline, i.e. what the ids mean.
+/// Role of the built tokenizer among a stage's inputs: the vocabulary, merges, added tokens and
+/// pipeline as transformers builds them, i.e. what the ids mean.
 pub const TOKENIZER_ROLE: &str = "tokenizer";
 
-fn json_file(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
-}
-
 fn hash_json(v: &serde_json::Value) -> String {
-    blake3::hash(v.to_string().as_bytes()).to_hex().to_string()
+    blake3::hash(crate::store::manifest::canonical_json(v).as_bytes()).to_hex().to_string()
 }
 
-/// The files of a model directory that decide how text becomes ids, each read once.
-struct TokenizerFiles {
-    tok_path: PathBuf,
-    tok_text: String,
-    cfg_path: PathBuf,
-    cfg: serde_json::Value,
-    template_path: PathBuf,
-    template: Option<String>,
+/// The built tokenizer as JSON (what `check_same_tokenizer` compares section by section).
+fn built_json(b: &Built) -> Result<serde_json::Value> {
+    let text = b.tokenizer.to_string(false).map_err(|e| anyhow!("cannot serialize the tokenizer: {e}"))?;
+    let mut v: serde_json::Value = serde_json::from_str(&text)?;
+    v["construction"] = b.construction.clone().into();
+    Ok(v)
 }
 
-impl TokenizerFiles {
-    fn read(model_dir: &Path) -> Result<Self> {
-        let tok_path = model_dir.join("tokenizer.json");
-        let tok_text = std::fs::read_to_string(&tok_path).with_context(|| format!("cannot read {}", tok_path.display()))?;
-        let cfg_path = model_dir.join("tokenizer_config.json");
-        let cfg = if cfg_path.exists() { json_file(&cfg_path)? } else { serde_json::json!({}) };
-        let (template_path, template) = super::chat::template_source(model_dir, &cfg)?;
-        Ok(Self { tok_path, tok_text, cfg_path, cfg, template_path, template })
-    }
-
-    /// tokenizer_config.json's bos/eos/unk/pad tokens (None where unset).
-    fn special_tokens(&self) -> BTreeMap<String, Option<String>> {
-        ["bos_token", "eos_token", "unk_token", "pad_token"].iter().map(|n| (n.to_string(), token_string(self.cfg.get(*n)))).collect()
-    }
-
-    /// The parts as stage inputs: `tokenizer` (tokenizer.json, hashed as parsed JSON so
-    /// formatting does not matter), `special_tokens` and `chat_template`.
-    fn identity(&self) -> Result<Vec<InputRef>> {
-        let tok: serde_json::Value = serde_json::from_str(&self.tok_text).with_context(|| format!("{}: invalid JSON", self.tok_path.display()))?;
-        Ok(vec![
-            InputRef::new(TOKENIZER_ROLE, &self.tok_path, &hash_json(&tok)),
-            InputRef::new("special_tokens", &self.cfg_path, &hash_json(&serde_json::to_value(self.special_tokens())?)),
-            InputRef::new("chat_template", &self.template_path, blake3::hash(self.template.as_deref().unwrap_or("").as_bytes()).to_hex().as_ref()),
-        ])
-    }
+/// The parts as stage inputs: `tokenizer` (the built tokenizer, hashed as canonical JSON so the
+/// file's formatting does not matter but its construction does), `special_tokens` and `chat_template`.
+fn identity(files: &TokenizerFiles, built: &Built, template: Option<&TemplateSource>) -> Result<Vec<InputRef>> {
+    let template_path = template.map_or_else(|| files.cfg_path.clone(), |t| t.path.clone());
+    Ok(vec![
+        InputRef::new(TOKENIZER_ROLE, &files.tok_path, &hash_json(&built_json(built)?)),
+        InputRef::new("special_tokens", &files.cfg_path, &hash_json(&serde_json::to_value(&built.special_tokens)?)),
+        InputRef::new("chat_template", &template_path, blake3::hash(template.map(|t| t.identity()).unwrap_or_default().as_bytes()).to_hex().as_ref()),
+    ])
 }
 
-/// The parts of a model directory that decide how text becomes ids, as stage inputs (see
-/// `TokenizerFiles::identity`).
+/// The parts of a model directory that decide how text becomes ids, as stage inputs.
 pub fn tokenizer_identity(model_dir: &Path) -> Result<Vec<InputRef>> {
-    TokenizerFiles::read(model_dir)?.identity()
+    let files = TokenizerFiles::read(model_dir)?;
+    let built = hf_tokenizer::build(&files)?;
+    identity(&files, &built, super::chat::template_source(model_dir, &files.cfg)?.as_ref())
 }
 
-/// Refuses a model whose tokenizer.json differs from the one `prepared` made its ids with:
-/// the same ids would then mean other text. Names the files and what in them differs.
+/// Refuses a model whose tokenizer (as transformers builds it) differs from the one `prepared`
+/// made its ids with: the same ids would then mean other text. Names the files and what in
+/// them differs.
 pub fn check_same_tokenizer(prepared: &Manifest, prepared_dir: &Path, model_dir: &Path) -> Result<()> {
     let want = prepared.input(TOKENIZER_ROLE).with_context(|| format!("{}: manifest", prepared_dir.display()))?;
-    let have = tokenizer_identity(model_dir)?;
-    let have = have.iter().find(|i| i.role == TOKENIZER_ROLE).expect("tokenizer_identity lists it");
-    if have.blake3 == want.blake3 {
+    let files = TokenizerFiles::read(model_dir)?;
+    let built = hf_tokenizer::build(&files)?;
+    let have = built_json(&built)?;
+    if hash_json(&have) == want.blake3 {
         return Ok(());
     }
-    // Which sections differ, when the original file is still there to compare with.
-    let sections = match (json_file(Path::new(&want.path)), json_file(Path::new(&have.path))) {
-        (Ok(a), Ok(b)) if hash_json(&a) == want.blake3 => {
-            let keys: std::collections::BTreeSet<&String> = a.as_object().into_iter().chain(b.as_object()).flat_map(|o| o.keys()).collect();
-            let differ: Vec<&str> = keys.into_iter().filter(|k| a.get(k.as_str()) != b.get(k.as_str())).map(|k| k.as_str()).collect();
+    // Which sections differ, when the original directory still builds what prepare used.
+    let original = Path::new(&want.path).parent().map(|d| TokenizerFiles::read(d).and_then(|f| built_json(&hf_tokenizer::build(&f)?)));
+    let sections = match original {
+        Some(Ok(a)) if hash_json(&a) == want.blake3 => {
+            let keys: std::collections::BTreeSet<&String> = a.as_object().into_iter().chain(have.as_object()).flat_map(|o| o.keys()).collect();
+            let differ: Vec<&str> = keys.into_iter().filter(|k| a.get(k.as_str()) != have.get(k.as_str())).map(|k| k.as_str()).collect();
             format!(" (sections that differ: {})", differ.join(", "))
         }
         _ => String::new(),
     };
     bail!(
-        "{} has another tokenizer than the one {} was prepared with: {} differs from {}{sections}; \
+        "{} has another tokenizer than the one {} was prepared with: {} (built as {}) differs from {}{sections}; \
          the prepared token ids would mean other text to this model. Prepare the data again with this model, \
          or use a model with the same tokenizer",
         model_dir.display(),
         prepared_dir.display(),
-        have.path,
+        files.tok_path.display(),
+        built.construction,
         want.path
     )
 }
 
-fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
-    match v? {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Object(o) => o.get("content")?.as_str().map(String::from),
-        _ => None,
-    }
-}
-
 impl ModelTokenizer {
-    pub fn load(model_dir: &Path) -> Result<Self> {
+    /// The model directory's tokenizer and chat template; `date` is what `strftime_now` gives.
+    pub fn load(model_dir: &Path, date: Date) -> Result<Self> {
         let files = TokenizerFiles::read(model_dir)?;
-        let mut tokenizer: Tokenizer = files.tok_text.parse().map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", files.tok_path.display()))?;
+        let built = hf_tokenizer::build(&files)?;
+        let source = super::chat::template_source(model_dir, &files.cfg)?;
+        let identity = identity(&files, &built, source.as_ref())?;
+        let Built { mut tokenizer, construction, special_tokens } = built;
         // HF's tokenizer(text) without truncation/padding arguments turns both off.
         tokenizer.with_truncation(None).map_err(|e| anyhow!("{e}"))?;
         tokenizer.with_padding(None);
-        let special: BTreeMap<String, String> = files.special_tokens().into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
-        let eos_token = special.get("eos_token").cloned();
-        let template = match &files.template {
-            Some(source) => Some(ChatTemplate::new(source.clone(), special).with_context(|| format!("{}: chat template", model_dir.display()))?),
+        let eos_token = special_tokens.get("eos_token").cloned();
+        let template = match &source {
+            Some(s) => Some(ChatTemplate::new(s, special_tokens, date).with_context(|| format!("{}: chat template", model_dir.display()))?),
             None => None,
         };
-        Ok(Self { tokenizer, eos_token, template, identity: files.identity()? })
+        Ok(Self { tokenizer, eos_token, template, construction, template_uses_date: source.as_ref().is_some_and(|s| s.uses_date()), identity })
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Vec<u32> {
         // Encoding a plain string cannot fail with truncation and padding off.
         self.tokenizer.encode(text, add_special_tokens).map(|e| e.get_ids().to_vec()).unwrap_or_default()
+    }
+
+    /// A conversation rendered with the chat template and tokenized as TRL does (no special
+    /// tokens added beyond what the template writes).
+    pub fn encode_chat(
+        &self,
+        msgs: &[Message],
+        add_generation_prompt: bool,
+        tools: Option<&serde_json::Value>,
+        kwargs: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<Vec<u32>, Skip> {
+        let t = self.template.as_ref().ok_or_else(|| Skip::new("no_chat_template", "a conversation, and the model has no chat template"))?;
+        Ok(self.encode(&t.render(msgs, add_generation_prompt, tools, kwargs).map_err(|e| Skip::new("template_error", e))?, false))
     }
 }
 
@@ -201,7 +195,7 @@ fn non_empty_text(chosen: &str, rejected: &str) -> Result<(), Skip> {
 
 fn non_empty_messages(chosen: &[Message], rejected: &[Message]) -> Result<(), Skip> {
     for (name, msgs) in [("chosen", chosen), ("rejected", rejected)] {
-        if let Some(i) = msgs.iter().position(|m| m.content.is_empty()) {
+        if let Some(i) = msgs.iter().position(Message::is_empty) {
             return Err(Skip::new("empty_completion", format!("{name}: completion message {i} has empty content")));
         }
     }
@@ -243,14 +237,14 @@ impl Encoder<'_> {
             }
             (Some(Field::Messages(p)), Field::Messages(c), Field::Messages(r)) => {
                 non_empty_messages(c, r)?;
-                self.chat_joint(p, c, r)?
+                self.chat_joint(row, p, c, r)?
             }
             // No prompt column, or a string prompt beside conversational completions that
             // already contain it (TRL's maybe_extract_prompt): the prompt is the shared prefix.
             (None | Some(Field::Text(_)), Field::Messages(c), Field::Messages(r)) => {
                 let (p, c, r) = extract_messages_prompt(c, r)?;
                 non_empty_messages(&c, &r)?;
-                self.chat_joint(&p, &c, &r)?
+                self.chat_joint(row, &p, &c, &r)?
             }
             _ => return Err(Skip::new("mixed_formats", "prompt is a message list but chosen/rejected are strings")),
         };
@@ -296,14 +290,9 @@ impl Encoder<'_> {
         (self.tok.encode(&format!("{p}{}", with_eos(c)), true), self.tok.encode(&format!("{p}{}", with_eos(r)), true))
     }
 
-    fn chat_joint(&self, p: &[Message], c: &[Message], r: &[Message]) -> Result<Triple<u32>, Skip> {
-        let t = self.tok.template.as_ref().expect("checked by check_ready");
-        let render = |msgs: &[Message], gen: bool| t.render(msgs, gen).map_err(|e| Skip::new("template_error", e));
+    fn chat_joint(&self, row: &RawRow, p: &[Message], c: &[Message], r: &[Message]) -> Result<Triple<u32>, Skip> {
+        let enc = |msgs: &[Message], gen: bool| self.tok.encode_chat(msgs, gen, row.tools.as_ref(), row.template_kwargs.as_ref());
         let join = |a: &[Message], b: &[Message]| [a, b].concat();
-        Ok((
-            self.tok.encode(&render(p, true)?, false),
-            self.tok.encode(&render(&join(p, c), false)?, false),
-            self.tok.encode(&render(&join(p, r), false)?, false),
-        ))
+        Ok((enc(p, true)?, enc(&join(p, c), false)?, enc(&join(p, r), false)?))
     }
 }

@@ -91,8 +91,8 @@ fn reward_ids(tok: &ModelTokenizer, s: &Sample) -> Result<Vec<u32>> {
     Ok(match (&s.prompt, &s.completion) {
         (Field::Text(p), Field::Text(c)) => tok.encode(&format!("{p}{c}"), true),
         (Field::Messages(p), Field::Messages(c)) => {
-            let t = tok.template.as_ref().context("conversational samples need the reward model's chat template, and it has none")?;
-            tok.encode(&t.render(&[p.as_slice(), c.as_slice()].concat(), false).map_err(|e| anyhow::anyhow!("chat template: {e}"))?, false)
+            anyhow::ensure!(tok.template.is_some(), "conversational samples need the reward model's chat template, and it has none");
+            tok.encode_chat(&[p.as_slice(), c.as_slice()].concat(), false, None, None).map_err(|e| anyhow::anyhow!("chat template: {}", e.detail))?
         }
         _ => bail!("prompt and completion of a sample differ in format"),
     })
@@ -234,7 +234,7 @@ pub fn run(cfg: &LabelSettings) -> Result<Manifest> {
     cfg.validate()?;
     let file = samples_file(&cfg.samples);
     let mut inputs = vec![InputRef::new("samples", &file, &file_hash(&file)?.blake3)];
-    let reward_tok = cfg.reward_model.as_deref().map(ModelTokenizer::load).transpose()?;
+    let reward_tok = cfg.reward_model.as_deref().map(|m| ModelTokenizer::load(m, crate::data::chat::Date::today())).transpose()?;
     if let (Some(rm), Some(tok)) = (&cfg.reward_model, &reward_tok) {
         inputs.push(InputRef::new("reward_model", rm, &weights::weights_hash(rm)?));
         inputs.extend(tok.identity.iter().cloned());

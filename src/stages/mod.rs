@@ -97,8 +97,16 @@ impl StageDir {
     }
 }
 
-/// A progress bar on stderr (hidden when stderr is not a terminal).
-pub fn progress(len: u64, what: &str, unit: &str) -> ProgressBar {
+/// A progress bar on stderr (hidden when stderr is not a terminal); a counter with its rate
+/// when the total is not known up front (JSON inputs).
+pub fn progress(len: impl Into<Option<u64>>, what: &str, unit: &str) -> ProgressBar {
+    let Some(len) = len.into() else {
+        let pb = ProgressBar::no_length();
+        pb.set_style(
+            ProgressStyle::with_template(&format!("{what} [{{elapsed_precise}}] {{pos}} {unit} ({{per_sec}}) {{msg}}")).expect("static template"),
+        );
+        return pb;
+    };
     let pb = ProgressBar::new(len);
     pb.set_style(
         ProgressStyle::with_template(&format!(

@@ -1,51 +1,17 @@
 //! Stage 1: preference parquet -> token ids + manifest (see data::prepared for the format).
 use super::{begin, progress, Begin};
-use crate::data::input::{Field, PreferenceReader, RawRow, Skip};
+use crate::data::input::{expand_inputs, input_hash, Field, PreferenceReader, RawRow, Skip};
 use crate::data::prepared::{PairRecord, PreparedWriter, SkippedRecord, Split, FORMAT_VERSION, STAGE};
 use crate::data::tokenize::{EncodedPair, Encoder, ModelTokenizer, Truncation};
 use crate::settings::PrepareSettings;
-use crate::store::{file_hash, InputRef, Manifest};
-use anyhow::{bail, Context, Result};
+use crate::store::{InputRef, Manifest};
+use anyhow::{Context, Result};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 const BATCH_ROWS: usize = 2048;
-
-/// Expands files, directories (their `*.parquet` files) and globs, in a stable order; a
-/// pattern that matches nothing is an error.
-pub fn expand_inputs(patterns: &[String]) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for p in patterns {
-        let path = std::path::Path::new(p);
-        if path.is_dir() {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-                .with_context(|| format!("cannot list {p}"))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.is_file() && f.extension().is_some_and(|x| x == "parquet"))
-                .collect();
-            if files.is_empty() {
-                bail!("input {p}: a directory with no .parquet files");
-            }
-            files.sort();
-            out.extend(files);
-            continue;
-        }
-        if path.exists() {
-            out.push(PathBuf::from(p));
-            continue;
-        }
-        let mut matched: Vec<PathBuf> = glob::glob(p).with_context(|| format!("bad glob `{p}`"))?.filter_map(|r| r.ok()).collect();
-        if matched.is_empty() {
-            bail!("input {p}: no such file (and no file matches it as a glob)");
-        }
-        matched.sort();
-        out.extend(matched);
-    }
-    Ok(out)
-}
 
 /// The row's content, hashed for the train/eval split: adding rows never moves the others.
 fn content_hash(row: &RawRow) -> u64 {
@@ -57,12 +23,20 @@ fn content_hash(row: &RawRow) -> u64 {
             Some(Field::Messages(ms)) => {
                 h.update(b"M");
                 for m in ms {
-                    h.update(&(m.role.len() as u64).to_le_bytes()).update(m.role.as_bytes());
-                    h.update(&(m.content.len() as u64).to_le_bytes()).update(m.content.as_bytes());
+                    let (role, content) = (m.role(), m.content().unwrap_or(""));
+                    h.update(&(role.len() as u64).to_le_bytes()).update(role.as_bytes());
+                    h.update(&(content.len() as u64).to_le_bytes()).update(content.as_bytes());
+                    // Keys beyond {role, content: string} (tool calls, reasoning, ...) count too.
+                    if m.0.len() > 2 || m.content().is_none() {
+                        h.update(crate::store::manifest::canonical_json(&serde_json::Value::Object(m.0.clone())).as_bytes());
+                    }
                 }
                 &mut h
             }
         };
+    }
+    for extra in [row.tools.clone(), row.template_kwargs.clone().map(serde_json::Value::Object)].into_iter().flatten() {
+        h.update(crate::store::manifest::canonical_json(&extra).as_bytes());
     }
     u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().unwrap())
 }
@@ -80,6 +54,7 @@ type RowOutcome = (u64, Result<(EncodedPair, Split), Skip>);
 /// Counts and length statistics for the manifest, kept by the writer thread.
 #[derive(Default)]
 struct Tally {
+    rows: u64,
     counts: BTreeMap<String, u64>,
     skipped_by_reason: BTreeMap<String, u64>,
     plen: LenStats,
@@ -94,6 +69,7 @@ impl Tally {
     /// Counts one batch and splits it into what the writer takes: kept pairs and skipped rows.
     fn record<'a>(&mut self, file: &'a str, results: &'a [RowOutcome]) -> (Vec<PairRecord<'a>>, Vec<SkippedRecord<'a>>) {
         let (mut kept, mut skipped) = (Vec::new(), Vec::new());
+        self.rows += results.len() as u64;
         for (src, r) in results {
             match r {
                 Ok((pair, split)) => {
@@ -138,20 +114,26 @@ pub fn run(cfg: &PrepareSettings) -> Result<Manifest> {
     cfg.validate()?;
     let inputs = expand_inputs(&cfg.inputs)?;
     let eval_inputs = expand_inputs(&cfg.eval_inputs)?;
-    let tok = ModelTokenizer::load(&cfg.model)?;
+    let date = cfg.template_date()?;
+    let tok = ModelTokenizer::load(&cfg.model, date)?;
     let truncation = Truncation { max_length: cfg.max_length, max_prompt_length: cfg.max_prompt_length };
     let mut input_refs = Vec::new();
     for (role, files) in [("input", &inputs), ("eval_input", &eval_inputs)] {
         for f in files {
-            input_refs.push(InputRef::new(role, f, &file_hash(f)?.blake3));
+            input_refs.push(InputRef::new(role, f, &input_hash(f)?));
         }
     }
     input_refs.extend(tok.identity.iter().cloned());
-    let settings = serde_json::json!({
+    let mut settings = serde_json::json!({
         "columns": cfg.columns(),
         "truncation": truncation,
         "eval_fraction": cfg.eval_fraction,
+        "tokenizer_construction": tok.construction,
     });
+    // The date changes the ids only when the template prints it.
+    if tok.template_uses_date {
+        settings["template_date"] = date.to_string().into();
+    }
     let sd = match begin(STAGE, FORMAT_VERSION, &cfg.out, input_refs, settings, cfg.force)? {
         Begin::UpToDate(m) => return Ok(m),
         Begin::Run(sd) => sd,
@@ -166,8 +148,8 @@ pub fn run(cfg: &PrepareSettings) -> Result<Manifest> {
             readers.push((r, split));
         }
     }
-    let total_rows: u64 = readers.iter().map(|(r, _)| r.total_rows).sum();
-    let pb = progress(total_rows, "prepare", "rows");
+    let known: Option<u64> = readers.iter().map(|(r, _)| r.table.total_rows).sum();
+    let pb = progress(known, "prepare", "rows");
     let mut writer = PreparedWriter::create(&cfg.out)?;
     // Tokenization (rayon, this thread) overlaps with encoding and writing the previous
     // batch (the writer thread); a small bounded queue keeps memory flat.
@@ -186,7 +168,7 @@ pub fn run(cfg: &PrepareSettings) -> Result<Manifest> {
         });
         let produced = (|| -> Result<()> {
             for (mut reader, fixed_split) in readers {
-                let file_name: Arc<str> = reader.path.display().to_string().into();
+                let file_name: Arc<str> = reader.path().display().to_string().into();
                 let mut checked = false;
                 while let Some(batch) = reader.next_batch()? {
                     if !checked {
@@ -218,7 +200,7 @@ pub fn run(cfg: &PrepareSettings) -> Result<Manifest> {
         produced?;
         written
     })?;
-    let Tally { mut counts, skipped_by_reason, plen, clen, rlen, truncated_chosen, truncated_rejected, tokens } = tally;
+    let Tally { rows: total_rows, mut counts, skipped_by_reason, plen, clen, rlen, truncated_chosen, truncated_rejected, tokens } = tally;
     pb.finish_and_clear();
     let pairs = counts.get("pairs_train").copied().unwrap_or(0) + counts.get("pairs_eval").copied().unwrap_or(0);
     let rejected: u64 = skipped_by_reason.values().sum();

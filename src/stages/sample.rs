@@ -2,9 +2,8 @@
 //! with a key-value cache (see `generate`). Writes `samples.parquet` (one row per sample, in
 //! prompt order), `skipped.parquet` (prompts that cannot be sampled, with the reason) and the
 //! manifest.
-use super::prepare::expand_inputs;
 use super::{begin, progress, Begin};
-use crate::data::input::{fields_array, Field, Kind, Message, PromptReader, Skip};
+use crate::data::input::{expand_inputs, fields_array, input_hash, Field, Kind, Message, PromptReader, PromptRow, Skip};
 use crate::data::prepared::rejected_schema;
 use crate::data::tokenize::ModelTokenizer;
 use crate::generate::{generate, Completion, Request, Sampling};
@@ -79,15 +78,12 @@ pub fn eos_ids(model_dir: &Path, tok: &ModelTokenizer) -> Result<Vec<u32>> {
 }
 
 /// A prompt as the model sees it: plain text tokenized as TRL tokenizes a prompt (special
-/// tokens added), a conversation rendered with the chat template and a generation prompt.
-pub fn prompt_ids(tok: &ModelTokenizer, prompt: &Field) -> Result<Vec<u32>, Skip> {
-    match prompt {
+/// tokens added), a conversation rendered with the chat template (and the row's tools and
+/// template kwargs) and a generation prompt.
+pub fn prompt_ids(tok: &ModelTokenizer, p: &PromptRow) -> Result<Vec<u32>, Skip> {
+    match &p.prompt {
         Field::Text(t) => Ok(tok.encode(t, true)),
-        Field::Messages(m) => {
-            let t =
-                tok.template.as_ref().ok_or_else(|| Skip::new("no_chat_template", "a conversation prompt, and the model has no chat template"))?;
-            Ok(tok.encode(&t.render(m, true).map_err(|e| Skip::new("template_error", e))?, false))
-        }
+        Field::Messages(m) => tok.encode_chat(m, true, p.tools.as_ref(), p.template_kwargs.as_ref()),
     }
 }
 
@@ -112,12 +108,12 @@ fn sample_seed(seed: u64, file_index: u64, row: u64, sample: usize) -> u64 {
 pub fn run(cfg: &SampleSettings) -> Result<Manifest> {
     cfg.validate()?;
     let files = expand_inputs(&cfg.prompts)?;
-    let tok = ModelTokenizer::load(&cfg.model)?;
+    let tok = ModelTokenizer::load(&cfg.model, cfg.template_date()?)?;
     let dtype = weights::parse_dtype(&cfg.dtype)?;
     let model_cfg = ModelConfig::load(&cfg.model)?;
     let mut inputs = Vec::new();
     for f in &files {
-        inputs.push(InputRef::new("prompts", f, &file_hash(f)?.blake3));
+        inputs.push(InputRef::new("prompts", f, &input_hash(f)?));
     }
     inputs.push(InputRef::new("model", &cfg.model, &weights::weights_hash(&cfg.model)?));
     if let Some(a) = &cfg.adapter {
@@ -126,11 +122,14 @@ pub fn run(cfg: &SampleSettings) -> Result<Manifest> {
     inputs.extend(tok.identity.iter().cloned());
     let eos = eos_ids(&cfg.model, &tok)?;
     // What changes the samples; --batch-tokens does not.
-    let settings = serde_json::json!({
+    let mut settings = serde_json::json!({
         "prompt_column": cfg.prompt_column, "num_samples": cfg.num_samples, "max_new_tokens": cfg.max_new_tokens,
         "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed, "dtype": cfg.dtype,
-        "eos_token_ids": eos, "config": model_cfg.raw,
+        "eos_token_ids": eos, "config": model_cfg.raw, "tokenizer_construction": tok.construction,
     });
+    if tok.template_uses_date {
+        settings["template_date"] = cfg.template_date()?.to_string().into();
+    }
     let sd = match begin(STAGE, FORMAT_VERSION, &cfg.out, inputs, settings, cfg.force)? {
         Begin::UpToDate(m) => return Ok(m),
         Begin::Run(sd) => sd,
@@ -145,20 +144,20 @@ pub fn run(cfg: &SampleSettings) -> Result<Manifest> {
     for (fi, f) in files.iter().enumerate() {
         let mut reader = PromptReader::open(f, &cfg.prompt_column, 4096)?;
         let name: Arc<str> = f.display().to_string().into();
-        match kind {
-            None => kind = Some(reader.kind),
-            Some(k) if k != reader.kind => {
-                bail!(
-                    "{}: column `{}` holds {:?} prompts, but earlier files hold {k:?}; sample them separately",
-                    f.display(),
-                    cfg.prompt_column,
-                    reader.kind
-                )
-            }
-            _ => {}
-        }
         while let Some(batch) = reader.next_batch()? {
             for (row, field) in batch {
+                if let Ok(p) = &field {
+                    let k = Kind::of(&p.prompt);
+                    match kind {
+                        None => kind = Some(k),
+                        Some(first) if first != k => bail!(
+                            "{} row {row}: column `{}` holds a {k:?} prompt, but earlier prompts are {first:?}; sample them separately",
+                            f.display(),
+                            cfg.prompt_column
+                        ),
+                        _ => {}
+                    }
+                }
                 let encoded = field.and_then(|p| {
                     let ids = prompt_ids(&tok, &p)?;
                     if ids.is_empty() {
@@ -170,7 +169,7 @@ pub fn run(cfg: &SampleSettings) -> Result<Manifest> {
                             format!("{} prompt tokens + {} new tokens exceed max_position_embeddings {m}", ids.len(), cfg.max_new_tokens),
                         ));
                     }
-                    Ok((p, ids))
+                    Ok((p.prompt, ids))
                 });
                 match encoded {
                     Ok((prompt, ids)) => prompts.push(Prompt { file: name.clone(), file_index: fi as u64, row, prompt, ids }),
@@ -264,7 +263,7 @@ fn samples_batch(tok: &ModelTokenizer, kind: Kind, wave: &[Prompt], done: &[Vec<
             prompt.push(p.prompt.clone());
             completion.push(match kind {
                 Kind::Text => Field::Text(text),
-                Kind::Messages => Field::Messages(vec![Message { role: "assistant".into(), content: text }]),
+                Kind::Messages => Field::Messages(vec![Message::new("assistant", &text)]),
             });
             ids.append_value(c.ids.iter().map(|&x| Some(x)));
             finish.push(c.finish.as_str());

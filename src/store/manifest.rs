@@ -59,12 +59,29 @@ pub struct FileEntry {
     pub blake3: String,
 }
 
+/// JSON text with every object's keys sorted, so a value's hash does not depend on key order
+/// (objects keep their insertion order in memory: chat templates see keys as the data has them).
+pub fn canonical_json(v: &serde_json::Value) -> String {
+    fn sorted(v: &serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(o) => {
+                let mut keys: Vec<&String> = o.keys().collect();
+                keys.sort();
+                serde_json::Value::Object(keys.into_iter().map(|k| (k.clone(), sorted(&o[k]))).collect())
+            }
+            serde_json::Value::Array(a) => serde_json::Value::Array(a.iter().map(sorted).collect()),
+            other => other.clone(),
+        }
+    }
+    sorted(v).to_string()
+}
+
 /// Fingerprint of a stage's output: blake3 of canonical JSON of the stage, its format version,
 /// the inputs' roles and content hashes (never their paths) and the settings.
 pub fn fingerprint(stage: &str, format_version: u32, inputs: &[InputRef], settings: &serde_json::Value) -> Fingerprint {
     let hashes: Vec<(&str, &str)> = inputs.iter().map(|i| (i.role.as_str(), i.blake3.as_str())).collect();
     let canonical = serde_json::json!({"stage": stage, "format_version": format_version, "inputs": hashes, "settings": settings});
-    blake3::hash(canonical.to_string().as_bytes()).to_hex().to_string()
+    blake3::hash(canonical_json(&canonical).as_bytes()).to_hex().to_string()
 }
 
 pub fn file_hash(path: &Path) -> Result<FileEntry> {

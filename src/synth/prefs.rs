@@ -139,7 +139,7 @@ pub enum SynthFormat {
 }
 
 fn conversation(row: &SynthRow) -> (Vec<Message>, Vec<Message>, Vec<Message>) {
-    let msg = |role: &str, content: &str| Message { role: role.into(), content: content.into() };
+    let msg = |role: &str, content: &str| Message::new(role, content);
     let mut prompt = Vec::new();
     if row.system {
         prompt.push(msg("system", "You are a helpful assistant."));

@@ -70,10 +70,21 @@ pub fn tiny_model(dir: &Path, arch: &str) -> PathBuf {
     tiny_model_seed(dir, arch, 0)
 }
 
+/// The Python the tests read outputs with: the project's `.venv` (scripts/test.sh makes it),
+/// else `python3`.
+pub fn python_bin() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
 /// Runs a Python snippet (with polars and numpy imported) in `dir` and returns its stdout.
 pub fn python(dir: &Path, code: &str) -> String {
     let prelude = "import json, sys\nimport numpy as np\nimport polars as pl\n";
-    let out = Command::new("python3").arg("-c").arg(format!("{prelude}{code}")).current_dir(dir).output().expect("python3");
+    let out = Command::new(python_bin()).arg("-c").arg(format!("{prelude}{code}")).current_dir(dir).output().expect("python3");
     assert!(out.status.success(), "python failed:\n{}\n{}", String::from_utf8_lossy(&out.stderr), code);
     String::from_utf8_lossy(&out.stdout).to_string()
 }
