@@ -214,7 +214,7 @@ fn llama3_rope_scaling_matches_transformers() {
 fn fused_log_probs_match_the_composite_ops_in_value_and_gradient() {
     use candle_core::{Tensor, Var};
     use dpo_pipeline::model::{fused, logprobs::token_logps_composite};
-    for dtype in [DType::F32, DType::F64] {
+    for (dtype, softcap) in [(DType::F32, None), (DType::F64, None), (DType::F32, Some(3.0)), (DType::F64, Some(3.0))] {
         let (m, k, v) = (37, 24, 3001); // several chunks are not needed for correctness, odd sizes are
         let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap();
         let w = Var::from_tensor(&Tensor::randn(0f32, 0.5, (v, k), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap();
@@ -222,9 +222,9 @@ fn fused_log_probs_match_the_composite_ops_in_value_and_gradient() {
         let up = Tensor::randn(0f32, 1.0, m, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         let run = |fusedk: bool| {
             let lp = if fusedk {
-                fused::token_logps(h.as_tensor(), w.as_tensor(), &targets).unwrap()
+                fused::token_logps(h.as_tensor(), w.as_tensor(), &targets, softcap).unwrap()
             } else {
-                token_logps_composite(h.as_tensor(), w.as_tensor(), &targets).unwrap()
+                token_logps_composite(h.as_tensor(), w.as_tensor(), &targets, softcap).unwrap()
             };
             let g = (&lp * &up).unwrap().sum_all().unwrap().backward().unwrap();
             let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -234,7 +234,7 @@ fn fused_log_probs_match_the_composite_ops_in_value_and_gradient() {
         let tol = if dtype == DType::F32 { 2e-4 } else { 1e-10 };
         for (name, x, y) in [("values", &a.0, &b.0), ("grad h", &a.1, &b.1), ("grad w", &a.2, &b.2)] {
             let worst = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max);
-            assert!(worst < tol, "{dtype:?} {name}: max diff {worst}");
+            assert!(worst < tol, "{dtype:?} softcap {softcap:?} {name}: max diff {worst}");
         }
     }
 }
@@ -291,16 +291,22 @@ fn fused_softmax_matches_the_composite_ops_in_value_and_gradient() {
 #[test]
 fn fused_rms_norm_matches_the_composite_ops_in_value_and_gradient() {
     use candle_core::{Tensor, Var};
+    use dpo_pipeline::model::config::NormStyle;
     use dpo_pipeline::model::decoder::{rms_norm, rms_norm_composite};
-    for dtype in [DType::F32, DType::F64] {
+    for (dtype, style) in [
+        (DType::F32, NormStyle::Weight),
+        (DType::F64, NormStyle::Weight),
+        (DType::F32, NormStyle::OnePlusWeight),
+        (DType::F64, NormStyle::OnePlusWeight),
+    ] {
         let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (9, 33), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap();
         let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 33, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap();
         let up = Tensor::randn(0f32, 1.0, (9, 33), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         let run = |fused: bool| {
             let y = if fused {
-                rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap()
+                rms_norm(x.as_tensor(), w.as_tensor(), 1e-6, style).unwrap()
             } else {
-                rms_norm_composite(x.as_tensor(), w.as_tensor(), 1e-6).unwrap()
+                rms_norm_composite(x.as_tensor(), w.as_tensor(), 1e-6, style).unwrap()
             };
             let g = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
             let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -310,7 +316,7 @@ fn fused_rms_norm_matches_the_composite_ops_in_value_and_gradient() {
         let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
         for (name, p, q) in [("y", &a.0, &b.0), ("dx", &a.1, &b.1), ("dw", &a.2, &b.2)] {
             let worst = p.iter().zip(q).map(|(s, t)| (s - t).abs()).fold(0.0, f64::max);
-            assert!(worst < tol, "{dtype:?} {name}: max diff {worst}");
+            assert!(worst < tol, "{dtype:?} {style:?} {name}: max diff {worst}");
         }
     }
 }
@@ -351,10 +357,10 @@ fn lm_head_log_probs_over_a_real_vocabulary_span_many_chunks() {
         let (h, w) = (Var::from_tensor(&h0).unwrap(), Var::from_tensor(&w0).unwrap());
         let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
         let tok = match path {
-            "fused" => token_logps(h.as_tensor(), w.as_tensor(), &sc).unwrap(),
-            "recompute" => token_logps_recompute(h.as_tensor(), w.as_tensor(), &targets).unwrap(),
-            "recompute-bf16" => token_logps_recompute(&bf16(h.as_tensor()), &bf16(w.as_tensor()), &targets).unwrap(),
-            _ => token_logps_composite(h.as_tensor(), w.as_tensor(), &targets).unwrap(),
+            "fused" => token_logps(h.as_tensor(), w.as_tensor(), &sc, None).unwrap(),
+            "recompute" => token_logps_recompute(h.as_tensor(), w.as_tensor(), &targets, None).unwrap(),
+            "recompute-bf16" => token_logps_recompute(&bf16(h.as_tensor()), &bf16(w.as_tensor()), &targets, None).unwrap(),
+            _ => token_logps_composite(h.as_tensor(), w.as_tensor(), &targets, None).unwrap(),
         };
         let got_seq = sequence_logps(&tok, &sc).unwrap();
         let g = (&got_seq * &up.to_dtype(DType::F32).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
@@ -435,9 +441,10 @@ fn frozen_linear_matches_matmul_and_gives_w_no_gradient() {
 
 /// The fused SwiGLU gate and rotary embedding equal the composite ops in value and gradient.
 #[test]
-fn fused_silu_mul_and_rope_match_the_composite_ops_in_value_and_gradient() {
+fn fused_gated_activations_and_rope_match_the_composite_ops_in_value_and_gradient() {
     use candle_core::{Tensor, Var};
-    use dpo_pipeline::model::decoder::{rope, rope_composite, silu_mul};
+    use dpo_pipeline::model::config::Activation;
+    use dpo_pipeline::model::decoder::{gated_act, gelu_tanh_composite, rope, rope_composite};
     let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
     let close = |what: &str, a: &[f64], b: &[f64], tol: f64| {
         let worst = a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max);
@@ -446,18 +453,25 @@ fn fused_silu_mul_and_rope_match_the_composite_ops_in_value_and_gradient() {
     for dtype in [DType::F32, DType::F64] {
         let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
         let rand = |shape: &[usize], s: f32| Tensor::randn(0f32, s, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-        // SwiGLU: gradients to both inputs.
+        // SwiGLU and GeGLU (tanh gelu): gradients to both inputs.
         let (g, u) = (Var::from_tensor(&rand(&[37, 29], 2.0)).unwrap(), Var::from_tensor(&rand(&[37, 29], 1.0)).unwrap());
         let up = rand(&[37, 29], 1.0);
-        let run = |fused: bool| {
-            let y = if fused { silu_mul(g.as_tensor(), u.as_tensor()).unwrap() } else { (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap() };
-            let gr = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
-            (f(&y), f(gr.get(g.as_tensor()).unwrap()), f(gr.get(u.as_tensor()).unwrap()))
-        };
-        let (a, b) = (run(true), run(false));
-        close("silu_mul value", &a.0, &b.0, tol);
-        close("silu_mul grad gate", &a.1, &b.1, tol);
-        close("silu_mul grad up", &a.2, &b.2, tol);
+        for act in [Activation::Silu, Activation::GeluTanh] {
+            let run = |fused: bool| {
+                let y = if fused {
+                    gated_act(g.as_tensor(), u.as_tensor(), act).unwrap()
+                } else {
+                    let a = if act == Activation::Silu { g.as_tensor().silu().unwrap() } else { gelu_tanh_composite(g.as_tensor()).unwrap() };
+                    (a * u.as_tensor()).unwrap()
+                };
+                let gr = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                (f(&y), f(gr.get(g.as_tensor()).unwrap()), f(gr.get(u.as_tensor()).unwrap()))
+            };
+            let (a, b) = (run(true), run(false));
+            close(&format!("{act:?} value"), &a.0, &b.0, tol);
+            close(&format!("{act:?} grad gate"), &a.1, &b.1, tol);
+            close(&format!("{act:?} grad up"), &a.2, &b.2, tol);
+        }
         // RoPE: [tokens, heads, head_dim] with per-token angles.
         let (n, h, hd) = (11, 3, 8);
         let x = Var::from_tensor(&rand(&[n, h, hd], 1.0)).unwrap();

@@ -1,19 +1,126 @@
-//! HF `config.json` in both dialects: transformers 5 (`rope_parameters`, `dtype`) and older
-//! files (top-level `rope_theta`/`rope_scaling`, `torch_dtype`).
+//! HF `config.json` for every family the decoder serves, in both dialects: transformers 5
+//! (`rope_parameters`, `dtype`, `layer_types`) and older files (top-level `rope_theta` /
+//! `rope_scaling`, `torch_dtype`). The families differ in a handful of switches, read here into
+//! one [`ModelConfig`]; the decoder composes them. Each family is a row of `family()`.
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum RopeScaling {
+/// How an RMSNorm scales the normalised value (transformers computes it in f32 and casts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormStyle {
+    /// Llama: cast to the compute dtype, then × w.
+    Weight,
+    /// Gemma: × (1 + w) in f32, then cast.
+    OnePlusWeight,
+    /// OLMo 2: × w in f32, then cast.
+    WeightThenCast,
+}
+
+/// Where a decoder layer's norms sit, under the checkpoint's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormPlacement {
+    /// `input_layernorm` before attention, `post_attention_layernorm` before the MLP (Llama).
+    Pre,
+    /// Gemma: `input_layernorm` → attention → `post_attention_layernorm`,
+    /// `pre_feedforward_layernorm` → MLP → `post_feedforward_layernorm`.
+    Sandwich,
+    /// OLMo 2: attention → `post_attention_layernorm`, MLP → `post_feedforward_layernorm`.
+    Post,
+}
+
+/// RMSNorm of the queries and keys before RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
     None,
-    /// Llama 3.1's frequency-dependent scaling.
+    /// Over each head's `head_dim` (Qwen3, Gemma 3): weights [head_dim].
+    PerHead,
+    /// Over the whole projection (OLMo 2): weights [heads × head_dim].
+    Whole,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// `gelu_pytorch_tanh`.
+    GeluTanh,
+}
+
+/// How RoPE frequencies are computed (transformers' `rope_type`s).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeType {
+    Default,
+    Linear {
+        factor: f64,
+    },
+    /// NTK scaling once a forward's positions pass `max_position_embeddings`.
+    Dynamic {
+        factor: f64,
+        max_position_embeddings: f64,
+    },
     Llama3 {
         factor: f64,
         low_freq_factor: f64,
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        truncate: bool,
+    },
+    /// Phi-3's short and long factors, the long ones once positions pass the original length.
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// One rotary embedding: base, type, how many dims of each head it rotates, and the factor
+/// transformers multiplies cos and sin by (`attention_scaling`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rope {
+    pub theta: f64,
+    pub kind: RopeType,
+    pub rotary_dim: usize,
+    pub attention_scaling: f64,
+}
+
+/// What differs between the layers of one model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerSpec {
+    /// The sliding attention window (keys j with i − w < j ≤ i), if this layer slides.
+    pub window: Option<usize>,
+    /// Which of `ModelConfig::ropes` rotates this layer's queries and keys (None: NoPE).
+    pub rope: Option<usize>,
+    /// A sparse mixture-of-experts MLP instead of the dense one.
+    pub moe: bool,
+}
+
+/// How a family names its experts in the checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertNames {
+    /// Mixtral: `block_sparse_moe.gate`, `block_sparse_moe.experts.E.{w1 (gate), w3 (up), w2 (down)}`.
+    Mixtral,
+    /// Qwen3-MoE: `mlp.gate`, `mlp.experts.E.{gate_proj, up_proj, down_proj}`.
+    Qwen,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// Renormalise the chosen experts' probabilities to sum to 1 (Mixtral always does).
+    pub norm_topk_prob: bool,
+    /// Each expert's intermediate size.
+    pub intermediate_size: usize,
+    pub names: ExpertNames,
+    /// Train adds `router_aux_loss_coef` × the load-balancing loss (when `output_router_logits`).
+    pub output_router_logits: bool,
+    pub router_aux_loss_coef: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -21,29 +128,106 @@ pub struct ModelConfig {
     pub model_type: String,
     pub vocab_size: usize,
     pub hidden_size: usize,
+    /// The dense MLP's intermediate size.
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
     pub head_dim: usize,
     pub rms_norm_eps: f64,
-    pub rope_theta: f64,
-    pub rope_scaling: RopeScaling,
     pub tie_word_embeddings: bool,
-    /// Bias on q/k/v (Qwen2 always; Llama when `attention_bias`).
+    /// Bias on q/k/v (Qwen2 always; Llama-style `attention_bias`).
     pub qkv_bias: bool,
-    /// Bias on o_proj (Llama's `attention_bias` covers it; Qwen2 has none).
+    /// Bias on o_proj (`attention_bias` covers it, except Qwen2).
     pub o_bias: bool,
     pub mlp_bias: bool,
-    /// Per layer: the sliding attention window, if that layer uses one.
-    pub layer_windows: Vec<Option<usize>>,
+    pub norm_style: NormStyle,
+    pub norm_placement: NormPlacement,
+    pub qk_norm: QkNorm,
+    pub activation: Activation,
+    /// Phi-3: one `qkv_proj` and one `gate_up_proj` instead of separate projections.
+    pub fused_projections: bool,
+    /// Gemma: embeddings × √hidden_size (rounded to the compute dtype first).
+    pub embed_scale: bool,
+    /// The factor on q·k (1/√head_dim, or Gemma's `query_pre_attn_scalar`^−½).
+    pub attn_scale: f64,
+    /// Gemma 2: scores → c·tanh(scores/c) before the mask.
+    pub attn_softcap: Option<f64>,
+    /// Gemma 2: logits → c·tanh(logits/c) before the log-softmax.
+    pub final_softcap: Option<f64>,
+    pub ropes: Vec<Rope>,
+    pub layers: Vec<LayerSpec>,
+    pub moe: Option<MoeConfig>,
+    /// Prefix of the text model's tensors (`model.`, or `language_model.model.` for Gemma 3's
+    /// multimodal checkpoints).
+    pub prefix: String,
     /// The checkpoint's own dtype (`dtype` or `torch_dtype`), for saving back.
     pub dtype: Option<String>,
     /// config.json as read, written back unchanged with checkpoints.
     pub raw: Value,
 }
 
-pub const SUPPORTED: &[&str] = &["llama", "qwen2", "mistral"];
+pub const SUPPORTED: &[&str] =
+    &["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma2", "gemma3_text", "gemma3", "phi3", "olmo2", "smollm3"];
+
+/// A family's switches and defaults (transformers 5.23's config classes and modeling files).
+struct Family {
+    default_theta: f64,
+    default_eps: f64,
+    default_tied: bool,
+    norm_style: NormStyle,
+    norm_placement: NormPlacement,
+    qk_norm: QkNorm,
+    activation: Activation,
+    fused_projections: bool,
+    embed_scale: bool,
+    /// Whether the default rope honours `partial_rotary_factor` (only Phi-3's does).
+    partial_rotary: bool,
+    /// `head_dim` when config.json has none (else hidden / heads).
+    default_head_dim: Option<usize>,
+}
+
+fn family(model_type: &str) -> Family {
+    let llama = Family {
+        default_theta: 10_000.0,
+        default_eps: 1e-6,
+        default_tied: false,
+        norm_style: NormStyle::Weight,
+        norm_placement: NormPlacement::Pre,
+        qk_norm: QkNorm::None,
+        activation: Activation::Silu,
+        fused_projections: false,
+        embed_scale: false,
+        partial_rotary: false,
+        default_head_dim: None,
+    };
+    let gemma = Family {
+        default_tied: true,
+        norm_style: NormStyle::OnePlusWeight,
+        norm_placement: NormPlacement::Sandwich,
+        activation: Activation::GeluTanh,
+        embed_scale: true,
+        default_head_dim: Some(256),
+        ..llama
+    };
+    match model_type {
+        "qwen3" => Family { qk_norm: QkNorm::PerHead, default_head_dim: Some(128), ..llama },
+        "qwen3_moe" => Family { qk_norm: QkNorm::PerHead, ..llama },
+        "mixtral" => Family { default_theta: 1e6, default_eps: 1e-5, ..llama },
+        "gemma2" => gemma,
+        "gemma3_text" | "gemma3" => Family { default_theta: 1e6, qk_norm: QkNorm::PerHead, ..gemma },
+        "phi3" => Family { default_eps: 1e-5, fused_projections: true, partial_rotary: true, ..llama },
+        "olmo2" => {
+            Family { default_eps: 1e-5, norm_style: NormStyle::WeightThenCast, norm_placement: NormPlacement::Post, qk_norm: QkNorm::Whole, ..llama }
+        }
+        "smollm3" => Family { default_theta: 2e6, default_tied: true, ..llama },
+        _ => llama,
+    }
+}
+
+fn usize_of(v: &Value) -> Option<usize> {
+    v.as_u64().map(|x| x as usize)
+}
 
 impl ModelConfig {
     pub fn load(model_dir: &Path) -> Result<Self> {
@@ -58,55 +242,99 @@ impl ModelConfig {
         if !SUPPORTED.contains(&model_type.as_str()) {
             bail!("unsupported model_type `{model_type}` (supported: {})", SUPPORTED.join(", "));
         }
-        let req = |k: &str| -> Result<usize> { raw[k].as_u64().map(|v| v as usize).with_context(|| format!("missing or invalid `{k}`")) };
+        // Gemma 3's multimodal checkpoints: the text tower's settings are under `text_config`.
+        let (c, prefix) = if model_type == "gemma3" {
+            let mut t = raw.get("text_config").cloned().context("a gemma3 config needs `text_config`")?;
+            if t.get("tie_word_embeddings").is_none() {
+                t["tie_word_embeddings"] = raw.get("tie_word_embeddings").cloned().unwrap_or(Value::Bool(true));
+            }
+            (t, "language_model.model.")
+        } else {
+            (raw.clone(), "model.")
+        };
+        let f = family(&model_type);
+        let req = |k: &str| -> Result<usize> { usize_of(&c[k]).with_context(|| format!("missing or invalid `{k}`")) };
         let hidden_size = req("hidden_size")?;
         let num_attention_heads = req("num_attention_heads")?;
         let num_hidden_layers = req("num_hidden_layers")?;
-        let num_key_value_heads = raw["num_key_value_heads"].as_u64().map(|v| v as usize).unwrap_or(num_attention_heads);
-        let head_dim = raw["head_dim"].as_u64().map(|v| v as usize).unwrap_or(hidden_size / num_attention_heads);
-        if num_attention_heads % num_key_value_heads != 0 {
+        let num_key_value_heads = usize_of(&c["num_key_value_heads"]).unwrap_or(num_attention_heads);
+        let head_dim = usize_of(&c["head_dim"]).or(f.default_head_dim).unwrap_or(hidden_size / num_attention_heads);
+        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
             bail!("num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}");
         }
-        // transformers 5 keeps rope settings in `rope_parameters`; older files at top level.
-        let rope = raw.get("rope_parameters").filter(|v| v.is_object()).or(raw.get("rope_scaling").filter(|v| v.is_object()));
-        let rope_theta = raw["rope_theta"].as_f64().or_else(|| rope.and_then(|r| r["rope_theta"].as_f64())).unwrap_or(10000.0);
-        let rope_type = rope.and_then(|r| r["rope_type"].as_str().or(r["type"].as_str())).unwrap_or("default");
-        let rope_scaling = match rope_type {
-            "default" | "linear" if rope.and_then(|r| r["factor"].as_f64()).unwrap_or(1.0) == 1.0 => RopeScaling::None,
-            "llama3" => {
-                let r = rope.expect("rope_type came from it");
-                let f = |k: &str| r[k].as_f64().with_context(|| format!("llama3 rope scaling needs `{k}`"));
-                RopeScaling::Llama3 {
-                    factor: f("factor")?,
-                    low_freq_factor: f("low_freq_factor")?,
-                    high_freq_factor: f("high_freq_factor")?,
-                    original_max_position_embeddings: f("original_max_position_embeddings")?,
-                }
-            }
-            other => bail!("unsupported rope scaling `{other}` (supported: default, llama3)"),
+        let max_pos = c["max_position_embeddings"].as_f64().unwrap_or(2048.0);
+        let layer_types = layer_types(&model_type, &c, num_hidden_layers)?;
+        let window =
+            if matches!(model_type.as_str(), "qwen2" | "qwen3" | "qwen3_moe" | "smollm3") && !c["use_sliding_window"].as_bool().unwrap_or(false) {
+                None
+            } else {
+                usize_of(&c["sliding_window"])
+            };
+        // RoPE: one embedding, or (Gemma 3) one for full and one for sliding layers.
+        let rope_dim = |prf: f64| if f.partial_rotary { (head_dim as f64 * prf) as usize } else { head_dim };
+        let mut ropes = vec![];
+        let gemma3 = matches!(model_type.as_str(), "gemma3" | "gemma3_text");
+        let params = rope_params(&c, &model_type, f.default_theta)?;
+        ropes.push(Rope::new(&params, rope_dim(params.prf), max_pos)?);
+        if gemma3 {
+            let local =
+                RopeParams { theta: c["rope_local_base_freq"].as_f64().unwrap_or(10_000.0), kind: "default".into(), obj: Value::Null, prf: 1.0 };
+            let local = match c.get("rope_parameters").and_then(|p| p.get("sliding_attention")) {
+                Some(nested) => RopeParams::from_obj(nested, local.theta, &model_type)?,
+                None => local,
+            };
+            ropes.push(Rope::new(&local, head_dim, max_pos)?);
+        }
+        let no_rope: Option<Vec<bool>> = if model_type == "smollm3" {
+            let interval = usize_of(&c["no_rope_layer_interval"]).unwrap_or(4);
+            Some(match c["no_rope_layers"].as_array() {
+                Some(a) => a.iter().map(|v| v.as_u64() == Some(0)).collect(),
+                None => (0..num_hidden_layers).map(|i| (i + 1) % interval == 0).collect(),
+            })
+        } else {
+            None
         };
-        let attention_bias = raw["attention_bias"].as_bool().unwrap_or(false);
-        let is_qwen2 = model_type == "qwen2";
-        let window = raw["sliding_window"].as_u64().map(|v| v as usize);
-        let layer_windows = (0..num_hidden_layers)
+        let moe = moe_config(&model_type, &c)?;
+        let mlp_only: Vec<usize> = c["mlp_only_layers"].as_array().map(|a| a.iter().filter_map(usize_of).collect()).unwrap_or_default();
+        let sparse_step = usize_of(&c["decoder_sparse_step"]).unwrap_or(1).max(1);
+        let layers = (0..num_hidden_layers)
             .map(|i| {
-                if let Some(types) = raw["layer_types"].as_array() {
-                    return (types.get(i).and_then(|t| t.as_str()) == Some("sliding_attention")).then_some(window).flatten();
-                }
-                match model_type.as_str() {
-                    "mistral" => window,
-                    "qwen2" if raw["use_sliding_window"].as_bool().unwrap_or(false) => {
-                        let from = raw["max_window_layers"].as_u64().unwrap_or(0) as usize;
-                        if i >= from {
-                            window
-                        } else {
-                            None
-                        }
-                    }
-                    _ => None,
+                let sliding = layer_types[i];
+                let nope = no_rope.as_ref().is_some_and(|n| n.get(i).copied().unwrap_or(false));
+                LayerSpec {
+                    window: if sliding { window } else { None },
+                    rope: if nope {
+                        None
+                    } else if gemma3 && sliding {
+                        Some(1)
+                    } else {
+                        Some(0)
+                    },
+                    moe: moe.is_some() && !mlp_only.contains(&i) && (i + 1) % sparse_step == 0,
                 }
             })
             .collect();
+        let attention_bias = c["attention_bias"].as_bool().unwrap_or(false);
+        let is_qwen2 = model_type == "qwen2";
+        let gemma = f.embed_scale;
+        let attn_scale = match c["query_pre_attn_scalar"].as_f64() {
+            Some(s) if gemma => s.powf(-0.5),
+            None if gemma => 256f64.powf(-0.5),
+            _ => (head_dim as f64).powf(-0.5),
+        };
+        let softcap = |k: &str, default: Option<f64>| -> Option<f64> {
+            match c.get(k) {
+                Some(Value::Null) => None,
+                Some(v) => v.as_f64(),
+                None => default,
+            }
+        };
+        let (attn_softcap, final_softcap) = match model_type.as_str() {
+            "gemma2" => (softcap("attn_logit_softcapping", Some(50.0)), softcap("final_logit_softcapping", Some(30.0))),
+            // Gemma 3 never applies attention soft-capping; the multimodal model no final one.
+            "gemma3_text" => (None, softcap("final_logit_softcapping", None)),
+            _ => (None, None),
+        };
         Ok(Self {
             vocab_size: req("vocab_size")?,
             hidden_size,
@@ -115,14 +343,24 @@ impl ModelConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: raw["rms_norm_eps"].as_f64().unwrap_or(1e-6),
-            rope_theta,
-            rope_scaling,
-            tie_word_embeddings: raw["tie_word_embeddings"].as_bool().unwrap_or(false),
+            rms_norm_eps: c["rms_norm_eps"].as_f64().unwrap_or(f.default_eps),
+            tie_word_embeddings: c["tie_word_embeddings"].as_bool().unwrap_or(f.default_tied),
             qkv_bias: is_qwen2 || attention_bias,
             o_bias: !is_qwen2 && attention_bias,
-            mlp_bias: raw["mlp_bias"].as_bool().unwrap_or(false),
-            layer_windows,
+            mlp_bias: c["mlp_bias"].as_bool().unwrap_or(false),
+            norm_style: f.norm_style,
+            norm_placement: f.norm_placement,
+            qk_norm: f.qk_norm,
+            activation: f.activation,
+            fused_projections: f.fused_projections,
+            embed_scale: f.embed_scale,
+            attn_scale,
+            attn_softcap,
+            final_softcap,
+            ropes,
+            layers,
+            moe,
+            prefix: prefix.into(),
             dtype: raw["dtype"].as_str().or(raw["torch_dtype"].as_str()).map(String::from),
             model_type,
             raw,
@@ -133,33 +371,261 @@ impl ModelConfig {
     pub fn num_parameters(&self) -> usize {
         let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
         let (q, kv) = (self.num_attention_heads * hd, self.num_key_value_heads * hd);
-        let attn = h * q + 2 * h * kv + q * h + if self.qkv_bias { q + 2 * kv } else { 0 } + if self.o_bias { h } else { 0 };
-        let mlp = 3 * h * i + if self.mlp_bias { 2 * i + h } else { 0 };
-        let layer = attn + mlp + 2 * h;
+        let qk_norm = match self.qk_norm {
+            QkNorm::None => 0,
+            QkNorm::PerHead => 2 * hd,
+            QkNorm::Whole => q + kv,
+        };
+        let norms = match self.norm_placement {
+            NormPlacement::Pre | NormPlacement::Post => 2 * h,
+            NormPlacement::Sandwich => 4 * h,
+        };
+        let attn = h * q + 2 * h * kv + q * h + if self.qkv_bias { q + 2 * kv } else { 0 } + if self.o_bias { h } else { 0 } + qk_norm;
+        let dense = 3 * h * i + if self.mlp_bias { 2 * i + h } else { 0 };
+        let sparse = self.moe.as_ref().map_or(0, |m| m.num_experts * (3 * h * m.intermediate_size + h));
+        let layers: usize = self.layers.iter().map(|l| attn + norms + if l.moe { sparse } else { dense }).sum();
         let emb = self.vocab_size * h;
-        emb + self.num_hidden_layers * layer + h + if self.tie_word_embeddings { 0 } else { emb }
+        emb + layers + h + if self.tie_word_embeddings { 0 } else { emb }
     }
 
-    /// RoPE inverse frequencies, computed in f32 as transformers does.
+    /// RoPE inverse frequencies of the model's first rope (tests and tools).
     pub fn inv_freq(&self) -> Vec<f32> {
-        let d = self.head_dim;
-        let base = self.rope_theta as f32;
-        let mut inv: Vec<f32> = (0..d / 2).map(|k| 1.0 / base.powf((2 * k) as f32 / d as f32)).collect();
-        if let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } = self.rope_scaling {
-            let (low_wl, high_wl) = (old / low_freq_factor, old / high_freq_factor);
-            for f in inv.iter_mut() {
-                let wl = 2.0 * std::f64::consts::PI / *f as f64;
-                let v = *f as f64;
-                *f = if wl < high_wl {
-                    *f
-                } else if wl > low_wl {
-                    (v / factor) as f32
-                } else {
-                    let smooth = (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
-                    ((1.0 - smooth) * v / factor + smooth * v) as f32
+        self.ropes[0].inv_freq(0)
+    }
+}
+
+/// Per layer: whether it uses sliding attention (`layer_types`, or the family's default pattern).
+fn layer_types(model_type: &str, c: &Value, layers: usize) -> Result<Vec<bool>> {
+    if let Some(types) = c["layer_types"].as_array() {
+        if types.len() != layers {
+            bail!("`layer_types` has {} entries for {layers} layers", types.len());
+        }
+        return Ok(types.iter().map(|t| t.as_str() == Some("sliding_attention")).collect());
+    }
+    let use_sw = c["use_sliding_window"].as_bool().unwrap_or(false);
+    Ok((0..layers)
+        .map(|i| match model_type {
+            "mistral" | "mixtral" | "phi3" | "qwen3_moe" => true,
+            "qwen2" | "qwen3" => use_sw && i >= usize_of(&c["max_window_layers"]).unwrap_or(if model_type == "qwen3" { 28 } else { 0 }),
+            "gemma2" => (i + 1) % 2 != 0,
+            "gemma3_text" | "gemma3" => (i + 1) % usize_of(&c["sliding_window_pattern"]).unwrap_or(6) != 0,
+            "smollm3" => {
+                let interval = usize_of(&c["no_rope_layer_interval"]).unwrap_or(4);
+                let nope = match c["no_rope_layers"].as_array() {
+                    Some(a) => a.get(i).and_then(|v| v.as_u64()) == Some(0),
+                    None => (i + 1) % interval == 0,
                 };
+                use_sw && nope
+            }
+            _ => false,
+        })
+        .collect())
+}
+
+/// The rope settings of a config: theta, type and its parameters, partial rotary factor.
+struct RopeParams {
+    theta: f64,
+    kind: String,
+    obj: Value,
+    prf: f64,
+}
+
+impl RopeParams {
+    fn from_obj(obj: &Value, theta: f64, model_type: &str) -> Result<Self> {
+        let mut kind = obj["rope_type"].as_str().or(obj["type"].as_str()).unwrap_or("default").to_string();
+        if model_type == "phi3" && (kind == "su" || kind == "yarn") {
+            kind = "longrope".into(); // transformers rewrites Phi-3's legacy names
+        }
+        Ok(Self {
+            theta: obj["rope_theta"].as_f64().unwrap_or(theta),
+            kind,
+            obj: obj.clone(),
+            prf: obj["partial_rotary_factor"].as_f64().unwrap_or(1.0),
+        })
+    }
+}
+
+fn rope_params(c: &Value, model_type: &str, default_theta: f64) -> Result<RopeParams> {
+    // transformers 5 keeps rope settings in `rope_parameters` (Gemma 3: per layer type); older
+    // files have `rope_scaling` and top-level `rope_theta` / `partial_rotary_factor`.
+    let nested = c.get("rope_parameters").and_then(|p| p.get("full_attention")).filter(|v| v.is_object());
+    let obj = nested
+        .or(c.get("rope_parameters").filter(|v| v.is_object()))
+        .or(c.get("rope_scaling").filter(|v| v.is_object()))
+        .cloned()
+        .unwrap_or(Value::Null);
+    let theta = c["rope_theta"].as_f64().or_else(|| obj["rope_theta"].as_f64()).unwrap_or(default_theta);
+    let mut p = RopeParams::from_obj(&obj, theta, model_type)?;
+    p.theta = theta;
+    if let Some(prf) = c["partial_rotary_factor"].as_f64() {
+        p.prf = prf;
+    }
+    // Phi-3: the top-level original length wins over the one in the rope dict.
+    if let (Some(o), true) = (c["original_max_position_embeddings"].as_f64(), p.obj.is_object()) {
+        p.obj["original_max_position_embeddings"] = o.into();
+    }
+    if p.obj["original_max_position_embeddings"].is_null() && p.obj.is_object() {
+        p.obj["original_max_position_embeddings"] = c["max_position_embeddings"].clone();
+    }
+    Ok(p)
+}
+
+impl Rope {
+    fn new(p: &RopeParams, rotary_dim: usize, max_pos: f64) -> Result<Self> {
+        let o = &p.obj;
+        let f = |k: &str| o[k].as_f64().with_context(|| format!("{} rope scaling needs `{k}`", p.kind));
+        let orig = || o["original_max_position_embeddings"].as_f64().unwrap_or(max_pos);
+        let (kind, scaling) = match p.kind.as_str() {
+            "default" => (RopeType::Default, 1.0),
+            "linear" => match o["factor"].as_f64() {
+                Some(x) if x != 1.0 => (RopeType::Linear { factor: x }, 1.0),
+                _ => (RopeType::Default, 1.0),
+            },
+            "dynamic" => (RopeType::Dynamic { factor: f("factor")?, max_position_embeddings: max_pos }, 1.0),
+            "llama3" => (
+                RopeType::Llama3 {
+                    factor: f("factor")?,
+                    low_freq_factor: f("low_freq_factor")?,
+                    high_freq_factor: f("high_freq_factor")?,
+                    original_max_position_embeddings: f("original_max_position_embeddings")?,
+                },
+                1.0,
+            ),
+            "yarn" => {
+                let orig = orig();
+                let factor = o["factor"].as_f64().unwrap_or(max_pos / orig);
+                let mscale = |s: f64, m: f64| if s <= 1.0 { 1.0 } else { 0.1 * m * s.ln() + 1.0 };
+                let scaling = match (o["attention_factor"].as_f64(), o["mscale"].as_f64(), o["mscale_all_dim"].as_f64()) {
+                    (Some(a), _, _) => a,
+                    (None, Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => mscale(factor, m) / mscale(factor, ma),
+                    _ => mscale(factor, 1.0),
+                };
+                let beta = |k: &str, d: f64| o[k].as_f64().filter(|&x| x != 0.0).unwrap_or(d);
+                let truncate = o["truncate"].as_bool().unwrap_or(true);
+                (
+                    RopeType::Yarn {
+                        factor,
+                        original_max_position_embeddings: orig,
+                        beta_fast: beta("beta_fast", 32.0),
+                        beta_slow: beta("beta_slow", 1.0),
+                        truncate,
+                    },
+                    scaling,
+                )
+            }
+            "longrope" => {
+                let orig = orig();
+                let list = |k: &str| -> Result<Vec<f64>> {
+                    let v: Vec<f64> = o[k].as_array().with_context(|| format!("longrope needs `{k}`"))?.iter().filter_map(|x| x.as_f64()).collect();
+                    if v.len() != rotary_dim / 2 {
+                        bail!("longrope `{k}` has {} entries; the rotary dims need {}", v.len(), rotary_dim / 2);
+                    }
+                    Ok(v)
+                };
+                let factor = o["factor"].as_f64().unwrap_or(max_pos / orig);
+                let scaling = o["attention_factor"].as_f64().unwrap_or(if factor <= 1.0 { 1.0 } else { (1.0 + factor.ln() / orig.ln()).sqrt() });
+                (
+                    RopeType::LongRope {
+                        short_factor: list("short_factor")?,
+                        long_factor: list("long_factor")?,
+                        original_max_position_embeddings: orig,
+                    },
+                    scaling,
+                )
+            }
+            other => bail!("unsupported rope type `{other}` (supported: default, linear, dynamic, llama3, yarn, longrope)"),
+        };
+        Ok(Self { theta: p.theta, kind, rotary_dim, attention_scaling: scaling })
+    }
+
+    /// Inverse frequencies (f32, as transformers computes them) for a forward whose positions
+    /// reach `seq_len` (= max position + 1; dynamic and longrope depend on it).
+    pub fn inv_freq(&self, seq_len: usize) -> Vec<f32> {
+        let d = self.rotary_dim;
+        let exps: Vec<f32> = (0..d / 2).map(|k| (2 * k) as f32 / d as f32).collect();
+        let default = |base: f32| -> Vec<f32> { exps.iter().map(|&e| 1.0 / base.powf(e)).collect() };
+        let base = self.theta as f32;
+        match &self.kind {
+            RopeType::Default => default(base),
+            RopeType::Linear { factor } => default(base).iter().map(|&x| x / *factor as f32).collect(),
+            RopeType::Dynamic { factor, max_position_embeddings: m } => {
+                let s = seq_len as f64;
+                if s <= *m {
+                    return default(base);
+                }
+                let b = self.theta * ((factor * s / m) - (factor - 1.0)).powf(d as f64 / (d as f64 - 2.0));
+                default(b as f32)
+            }
+            RopeType::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+                let (low_wl, high_wl) = (old / low_freq_factor, old / high_freq_factor);
+                default(base)
+                    .into_iter()
+                    .map(|f| {
+                        let wl = 2.0 * std::f64::consts::PI / f as f64;
+                        let v = f as f64;
+                        if wl < high_wl {
+                            f
+                        } else if wl > low_wl {
+                            (v / factor) as f32
+                        } else {
+                            let smooth = (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            ((1.0 - smooth) * v / factor + smooth * v) as f32
+                        }
+                    })
+                    .collect()
+            }
+            RopeType::Yarn { factor, original_max_position_embeddings: orig, beta_fast, beta_slow, truncate } => {
+                let dimf = d as f64;
+                let corr = |r: f64| dimf * (orig / (r * 2.0 * std::f64::consts::PI)).ln() / (2.0 * self.theta.ln());
+                let (mut low, mut high) = (corr(*beta_fast), corr(*beta_slow));
+                if *truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                low = low.max(0.0);
+                high = high.min(dimf - 1.0);
+                if low == high {
+                    high += 0.001;
+                }
+                exps.iter()
+                    .enumerate()
+                    .map(|(i, &e)| {
+                        let ramp = (((i as f32) - low as f32) / (high - low) as f32).clamp(0.0, 1.0);
+                        let pos_freq = base.powf(e);
+                        let (extrap, interp) = (1.0 / pos_freq, 1.0 / (*factor as f32 * pos_freq));
+                        let extrap_factor = 1.0 - ramp;
+                        interp * (1.0 - extrap_factor) + extrap * extrap_factor
+                    })
+                    .collect()
+            }
+            RopeType::LongRope { short_factor, long_factor, original_max_position_embeddings: orig } => {
+                let ext = if seq_len as f64 > *orig { long_factor } else { short_factor };
+                exps.iter().zip(ext).map(|(&e, &x)| 1.0 / (x as f32 * base.powf(e))).collect()
             }
         }
-        inv
     }
+}
+
+fn moe_config(model_type: &str, c: &Value) -> Result<Option<MoeConfig>> {
+    let names = match model_type {
+        "mixtral" => ExpertNames::Mixtral,
+        "qwen3_moe" => ExpertNames::Qwen,
+        _ => return Ok(None),
+    };
+    let num_experts = usize_of(&c["num_local_experts"]).or(usize_of(&c["num_experts"])).context("missing `num_experts`")?;
+    let top_k = usize_of(&c["num_experts_per_tok"]).unwrap_or(2);
+    if top_k == 0 || top_k > num_experts {
+        bail!("num_experts_per_tok {top_k} must be between 1 and num_experts {num_experts}");
+    }
+    Ok(Some(MoeConfig {
+        num_experts,
+        top_k,
+        norm_topk_prob: names == ExpertNames::Mixtral || c["norm_topk_prob"].as_bool().unwrap_or(false),
+        intermediate_size: match names {
+            ExpertNames::Mixtral => usize_of(&c["intermediate_size"]).context("missing `intermediate_size`")?,
+            ExpertNames::Qwen => usize_of(&c["moe_intermediate_size"]).unwrap_or(768),
+        },
+        names,
+        output_router_logits: c["output_router_logits"].as_bool().unwrap_or(false),
+        router_aux_loss_coef: c["router_aux_loss_coef"].as_f64().unwrap_or(0.001),
+    }))
 }

@@ -1,16 +1,22 @@
-//! One decoder for Llama/Qwen2/Mistral, laid out like transformers' `modeling_llama.py` /
-//! `modeling_qwen2.py`: one struct per HF module (`Attention` = `*Attention`, `Mlp` = `*MLP`,
-//! `DecoderLayer` = `*DecoderLayer`, `Decoder` = `*ForCausalLM`), fields named as the
-//! checkpoint's tensors. RMSNorm, RoPE, grouped-query attention, SwiGLU, optional biases, tied
-//! or untied embeddings, sliding windows. Only differentiable ops (candle's fused
-//! rms_norm/rope/softmax kernels have no backward and would drop gradients).
-//! The forward takes explicit positions and a visibility matrix, so callers can right-pad, pack
-//! or share a prompt between chosen and rejected. Shapes: b rows, t tokens per row,
-//! nh query heads, nkv key/value heads (g = nh / nkv share one), hd head dim, d hidden.
-use super::config::ModelConfig;
+//! One decoder for every family the project serves (Llama, Mistral, Qwen2/3, Qwen3-MoE,
+//! Mixtral, Gemma 2/3, Phi-3, OLMo 2, SmolLM3), laid out like transformers' modeling files: one
+//! struct per HF module (`Attention`, `Mlp`, `Moe`, `DecoderLayer`, `Decoder` = `*ForCausalLM`),
+//! fields named as the checkpoint's tensors. The families differ only in switches read by
+//! `ModelConfig` (norm style and placement, q/k norms, activation, fused projections,
+//! embedding scale, soft-capping, per-layer windows and rope, dense or sparse MLP), composed
+//! here. Only differentiable ops (candle's fused kernels have no backward).
+//!
+//! The forward takes explicit positions and attention blocks, so callers can right-pad, pack
+//! or share a prompt between chosen and rejected; attention never stores (tokens × tokens)
+//! scores (`attention`). With gradient checkpointing each layer keeps only its input and
+//! reruns in the backward (`Checkpoint`). Shapes: n tokens, nh query heads, nkv key/value heads
+//! (g = nh / nkv share one), hd head dim, d hidden.
+use super::attention::{self, AttnLayout, AttnOptions, Span};
+use super::config::{Activation, ExpertNames, LayerSpec, ModelConfig, MoeConfig, NormPlacement, NormStyle, QkNorm};
 use crate::rng::Rng;
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Device, Layout, Shape, Storage, Tensor, TensorId, Var, D};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -39,31 +45,6 @@ impl Block {
     pub fn causal(len: usize) -> Self {
         Self { len, prefix: len, branches: vec![] }
     }
-
-    /// Additive mask [len, len]: 0 where query i may see key j, −1e9 elsewhere; `window`
-    /// hides keys `window` or more positions back (`positions` are the block's).
-    fn mask(&self, positions: &[u32], window: Option<usize>) -> Vec<f32> {
-        let t = self.len;
-        // Which part each token is in: 0 the prefix, k + 1 branch k, usize::MAX padding.
-        let mut part = vec![usize::MAX; t];
-        let mut at = self.prefix;
-        part[..self.prefix].fill(0);
-        for (k, &n) in self.branches.iter().enumerate() {
-            part[at..at + n].fill(k + 1);
-            at += n;
-        }
-        let mut m = vec![-1e9f32; t * t];
-        for i in 0..t {
-            for j in 0..=i {
-                let ok = if part[i] == usize::MAX { i == j } else { j < self.prefix || part[j] == part[i] };
-                let in_window = window.is_none_or(|w| (positions[i] as i64 - positions[j] as i64) < w as i64);
-                if ok && in_window {
-                    m[i * t + j] = 0.0;
-                }
-            }
-        }
-        m
-    }
 }
 
 impl SeqLayout {
@@ -72,19 +53,38 @@ impl SeqLayout {
         Self { input_ids: ids.to_vec(), positions: (0..ids.len() as u32).collect(), blocks: vec![Block::causal(ids.len())] }
     }
 
-    /// Runs of consecutive equal-length blocks, computed as one batched attention each:
-    /// (first token, blocks, block length).
-    fn groups(&self) -> Vec<(usize, usize, usize)> {
-        let mut out: Vec<(usize, usize, usize)> = Vec::new();
-        let mut at = 0;
+    /// The attention spans of the layout (shared by every layer of a forward).
+    pub fn attn_layout(&self) -> AttnLayout {
+        let mut spans = Vec::with_capacity(self.blocks.len());
+        let mut start = 0;
         for b in &self.blocks {
-            match out.last_mut() {
-                Some((_, n, len)) if *len == b.len => *n += 1,
-                _ => out.push((at, 1, b.len)),
-            }
-            at += b.len;
+            let mut at = b.prefix;
+            let branches = b
+                .branches
+                .iter()
+                .map(|&n| {
+                    at += n;
+                    (at - n, n)
+                })
+                .collect();
+            spans.push(Span { start, len: b.len, prefix: b.prefix, branches });
+            start += b.len;
         }
-        out
+        AttnLayout { spans, positions: self.positions.clone() }
+    }
+
+    /// How many times each token counts in a padded batch of one row per sequence (TRL's): a
+    /// shared prompt once per branch, padding not at all. Weighs MoE routing statistics.
+    pub fn token_weights(&self) -> Vec<f32> {
+        let mut w = Vec::with_capacity(self.input_ids.len());
+        for b in &self.blocks {
+            let shared = b.branches.len().max(1) as f32;
+            let real: usize = b.prefix + b.branches.iter().sum::<usize>();
+            w.extend(std::iter::repeat_n(shared, b.prefix));
+            w.extend(std::iter::repeat_n(1.0, real - b.prefix));
+            w.extend(std::iter::repeat_n(0.0, b.len - real));
+        }
+        w
     }
 }
 
@@ -138,11 +138,18 @@ pub struct DecoderOptions {
     pub frozen_base: bool,
     /// No `lm_head.weight` (a `*ForSequenceClassification` reward model reads hidden states).
     pub without_lm_head: bool,
+    /// Gradient checkpointing: each layer keeps only its input and reruns in the backward;
+    /// the parameters' gradients are collected here (see [`GradSink`]).
+    pub checkpoint: Option<Arc<GradSink>>,
 }
 
 /// `t` in `dtype` (a no-op when it already is).
 fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok(if t.dtype() == dtype { t.clone() } else { t.to_dtype(dtype)? })
+}
+
+fn get(t: &HashMap<String, Tensor>, name: &str) -> Result<Tensor> {
+    t.get(name).cloned().with_context(|| format!("tensor `{name}` is missing"))
 }
 
 impl Linear {
@@ -171,39 +178,86 @@ impl Linear {
         }
         Ok(y)
     }
+
+    fn params(&self) -> impl Iterator<Item = &Tensor> {
+        [Some(&self.weight), self.bias.as_ref()].into_iter().flatten().chain(self.lora.iter().flat_map(|l| [&l.a, &l.b]))
+    }
 }
 
-fn get(t: &HashMap<String, Tensor>, name: &str) -> Result<Tensor> {
-    t.get(name).cloned().with_context(|| format!("tensor `{name}` is missing"))
+/// RMSNorm in the family's style (see `NormStyle`).
+struct Norm {
+    weight: Tensor,
+    eps: f64,
+    style: NormStyle,
 }
 
-/// What every layer's attention shares for one forward.
-struct AttnInputs {
-    /// [n, 1, hd] for the n tokens, in the compute dtype.
-    cos: Tensor,
-    sin: Tensor,
-    /// Runs of equal-length blocks: (first token, blocks, block length).
-    groups: Vec<(usize, usize, usize)>,
-    /// Per sliding window in use, one additive mask [blocks, 1, 1, len, len] per group
-    /// (f32, or f64 for f64 models).
-    masks: HashMap<Option<usize>, Vec<Tensor>>,
+impl Norm {
+    fn load(t: &HashMap<String, Tensor>, name: &str, cfg: &ModelConfig) -> Result<Self> {
+        Ok(Self { weight: get(t, &format!("{name}.weight"))?, eps: cfg.rms_norm_eps, style: cfg.norm_style })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Weights are cast where they are used, so a trained f32 master copy stays live.
+        rms_norm(x, &cast(&self.weight, x.dtype())?, self.eps, self.style)
+    }
 }
 
-/// `LlamaAttention` / `Qwen2Attention`.
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-    sliding_window: Option<usize>,
+/// Accumulation dtype: f32 for f32/bf16/f16 (as transformers), f64 stays f64 (for gradient checks).
+pub fn accum_dtype(d: DType) -> DType {
+    if d == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
 }
 
-/// Rotary embedding of x [n, heads, hd] with cos, sin [n, 1, hd]: the fused CPU op for
-/// f32/f64, else composite ops.
+/// RMSNorm over the last dim: the fused CPU op for f32/f64, else composite ops.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, style: NormStyle) -> Result<Tensor> {
+    if super::fused::applies(x) && x.dtype() == w.dtype() {
+        let op = super::fused::RmsNorm { eps, plus_one: style == NormStyle::OnePlusWeight };
+        return Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?);
+    }
+    rms_norm_composite(x, w, eps, style)
+}
+
+/// RMSNorm in f32 as transformers computes it: Llama casts the normalised value to the compute
+/// dtype, then scales by w; Gemma scales by (1 + w) in f32 and casts; OLMo 2 scales by w in f32.
+pub fn rms_norm_composite(x: &Tensor, w: &Tensor, eps: f64, style: NormStyle) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let acc = accum_dtype(dtype);
+    let x32 = x.to_dtype(acc)?;
+    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x32.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
+    Ok(match style {
+        NormStyle::Weight => normed.to_dtype(dtype)?.broadcast_mul(w)?,
+        NormStyle::OnePlusWeight => normed.broadcast_mul(&(w.to_dtype(acc)? + 1.0)?)?.to_dtype(dtype)?,
+        NormStyle::WeightThenCast => normed.broadcast_mul(&w.to_dtype(acc)?)?.to_dtype(dtype)?,
+    })
+}
+
+/// Softmax over the last dim, differentiable: the fused CPU op, else composite ops.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if super::fused::applies(x) {
+        return Ok(x.contiguous()?.apply_op1(super::fused::SoftmaxLast)?);
+    }
+    softmax_last_composite(x)
+}
+
+/// Softmax from candle's differentiable ops; the max shift is a constant for autograd.
+pub fn softmax_last_composite(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Rotary embedding of x [n, heads, hd] with cos, sin [n, 1, rotary_dim] (the first
+/// `rotary_dim` dims of each head rotate, the rest pass through: Phi-3's partial rotary).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (hd, rd) = (x.dim(D::Minus1)?, cos.dim(D::Minus1)?);
+    if rd < hd {
+        let rot = rope(&x.narrow(D::Minus1, 0, rd)?.contiguous()?, cos, sin)?;
+        return Ok(Tensor::cat(&[&rot, &x.narrow(D::Minus1, rd, hd - rd)?], D::Minus1)?);
+    }
     if super::fused::applies(x) {
         return Ok(x.contiguous()?.apply_op3(cos, sin, super::fused::Rope)?);
     }
@@ -215,14 +269,6 @@ pub fn rope_composite(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> 
     Ok((x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?)?)
 }
 
-/// silu(gate) ⊙ up: the fused CPU op for f32/f64, else composite ops.
-pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if super::fused::applies(gate) {
-        return Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, super::fused::SiluMul)?);
-    }
-    Ok((gate.silu()? * up)?)
-}
-
 fn rotate_half(x: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
@@ -230,62 +276,155 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
     Ok(Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?)
 }
 
+/// act(gate) ⊙ up: the fused CPU op for f32/f64, else composite ops.
+pub fn gated_act(gate: &Tensor, up: &Tensor, activation: Activation) -> Result<Tensor> {
+    let gelu_tanh = activation == Activation::GeluTanh;
+    if super::fused::applies(gate) {
+        return Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, super::fused::GatedAct { gelu_tanh })?);
+    }
+    let a = if gelu_tanh { gelu_tanh_composite(gate)? } else { gate.silu()? };
+    Ok((a * up)?)
+}
+
+/// `gelu_pytorch_tanh` from differentiable ops: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+/// (candle's own `gelu` backward rounds its constants to six digits.)
+pub fn gelu_tanh_composite(x: &Tensor) -> Result<Tensor> {
+    let inner = ((x + (x.powf(3.0)? * 0.044715)?)? * (2.0 / std::f64::consts::PI).sqrt())?;
+    Ok(((x * 0.5)? * (inner.tanh()? + 1.0)?)?)
+}
+
+/// silu(gate) ⊙ up (SwiGLU's activation).
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gated_act(gate, up, Activation::Silu)
+}
+
+/// What every layer shares for one forward: the attention layout and cos/sin per rope.
+struct Shared {
+    layout: Arc<AttnLayout>,
+    /// Per `ModelConfig::ropes`: cos and sin [n, 1, rotary_dim] in the compute dtype.
+    rope: Vec<(Tensor, Tensor)>,
+}
+
+/// The query, key and value projections: separate, or Phi-3's fused `qkv_proj`.
+enum Qkv {
+    Separate { q_proj: Linear, k_proj: Linear, v_proj: Linear },
+    Fused { qkv_proj: Linear },
+}
+
+/// `*Attention`.
+struct Attention {
+    qkv: Qkv,
+    o_proj: Linear,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+    qk_norm: QkNorm,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    /// Index into the shared rope tables (None: NoPE).
+    rope: Option<usize>,
+    opts: AttnOptions,
+}
+
 impl Attention {
-    /// x: [n, d] -> ([n, d], the keys and values [n, nkv, hd] for a key-value cache)
-    fn forward(&self, x: &Tensor, a: &AttnInputs) -> Result<(Tensor, Tensor, Tensor)> {
+    fn load(t: &HashMap<String, Tensor>, cfg: &ModelConfig, p: &str, spec: &LayerSpec, opts: &DecoderOptions) -> Result<Self> {
+        let lin = |name: &str, bias: bool| Linear::load(t, &format!("{p}.{name}"), bias, opts);
+        let qkv = if cfg.fused_projections {
+            Qkv::Fused { qkv_proj: lin("qkv_proj", cfg.qkv_bias)? }
+        } else {
+            Qkv::Separate { q_proj: lin("q_proj", cfg.qkv_bias)?, k_proj: lin("k_proj", cfg.qkv_bias)?, v_proj: lin("v_proj", cfg.qkv_bias)? }
+        };
+        let norm = |n: &str| -> Result<Option<Norm>> {
+            if cfg.qk_norm == QkNorm::None {
+                Ok(None)
+            } else {
+                Norm::load(t, &format!("{p}.{n}"), cfg).map(Some)
+            }
+        };
+        Ok(Self {
+            qkv,
+            o_proj: lin("o_proj", cfg.o_bias)?,
+            q_norm: norm("q_norm")?,
+            k_norm: norm("k_norm")?,
+            qk_norm: cfg.qk_norm,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            rope: spec.rope,
+            opts: AttnOptions { scale: cfg.attn_scale, softcap: cfg.attn_softcap, window: spec.window },
+        })
+    }
+
+    /// x: [n, d] -> q [n, nh, hd], k and v [n, nkv, hd], normed and rotated (`rope`: this
+    /// layer's cos and sin).
+    fn qkv(&self, x: &Tensor, rope_cs: Option<&(Tensor, Tensor)>) -> Result<(Tensor, Tensor, Tensor)> {
         let (n, nh, nkv, hd) = (x.dim(0)?, self.num_heads, self.num_kv_heads, self.head_dim);
-        let g = nh / nkv;
-        let rope = |x: &Tensor| rope(x, &a.cos, &a.sin);
-        let q = rope(&self.q_proj.forward(x)?.reshape((n, nh, hd))?)?; // [n, nh, hd]
-        let k = rope(&self.k_proj.forward(x)?.reshape((n, nkv, hd))?)?; // [n, nkv, hd]
-        let v = self.v_proj.forward(x)?.reshape((n, nkv, hd))?; // [n, nkv, hd]
-        let mut ys = Vec::with_capacity(a.groups.len());
-        for (gi, &(start, b, t)) in a.groups.iter().enumerate() {
-            // Grouped-query attention without repeat_kv copies: the g query heads that share a
-            // kv head are stacked along the row axis of one matmul.
-            let q = q.narrow(0, start, b * t)?.reshape((b, t, nkv, g, hd))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((b, nkv, g * t, hd))?;
-            let k = k.narrow(0, start, b * t)?.reshape((b, t, nkv, hd))?.permute((0, 2, 1, 3))?.contiguous()?; // [b, nkv, t, hd]
-            let v = v.narrow(0, start, b * t)?.reshape((b, t, nkv, hd))?.permute((0, 2, 1, 3))?.contiguous()?; // [b, nkv, t, hd]
-            let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, g, t, t))?; // [b, nkv, g, t, t]
-                                                                                                         // Softmax in f32 (f64 stays f64), as transformers' eager attention upcasts bf16/f16.
-            let dtype = scores.dtype();
-            let scores = scores.to_dtype(accum_dtype(dtype))?.broadcast_add(&a.masks[&self.sliding_window][gi])?;
-            let probs = softmax_last(&scores)?.to_dtype(dtype)?.reshape((b, nkv, g * t, t))?; // [b, nkv, g*t, t]
-            let y = probs.matmul(&v)?.reshape((b, nkv, g, t, hd))?; // [b, nkv, g, t, hd]
-            ys.push(y.permute((0, 3, 1, 2, 4))?.contiguous()?.reshape((b * t, nh * hd))?);
-            // [b*t, nh*hd]
+        let (q, k, v) = match &self.qkv {
+            Qkv::Separate { q_proj, k_proj, v_proj } => (q_proj.forward(x)?, k_proj.forward(x)?, v_proj.forward(x)?),
+            Qkv::Fused { qkv_proj } => {
+                let y = qkv_proj.forward(x)?;
+                (y.narrow(1, 0, nh * hd)?, y.narrow(1, nh * hd, nkv * hd)?, y.narrow(1, (nh + nkv) * hd, nkv * hd)?)
+            }
+        };
+        let (mut q, mut k) = match (self.qk_norm, &self.q_norm, &self.k_norm) {
+            (QkNorm::Whole, Some(qn), Some(kn)) => {
+                (qn.forward(&q.contiguous()?)?.reshape((n, nh, hd))?, kn.forward(&k.contiguous()?)?.reshape((n, nkv, hd))?)
+            }
+            (QkNorm::PerHead, Some(qn), Some(kn)) => (qn.forward(&q.reshape((n, nh, hd))?)?, kn.forward(&k.reshape((n, nkv, hd))?)?),
+            _ => (q.reshape((n, nh, hd))?, k.reshape((n, nkv, hd))?),
+        };
+        if let Some((cos, sin)) = rope_cs {
+            q = rope(&q, cos, sin)?;
+            k = rope(&k, cos, sin)?;
         }
-        let y = if ys.len() == 1 { ys.pop().expect("one group") } else { Tensor::cat(&ys, 0)? };
-        Ok((self.o_proj.forward(&y)?, k, v))
+        Ok((q, k, v.reshape((n, nkv, hd))?))
+    }
+
+    /// x: [n, d] -> ([n, d], the keys and values [n, nkv, hd] for a key-value cache)
+    fn forward(&self, x: &Tensor, s: &Shared) -> Result<(Tensor, Tensor, Tensor)> {
+        let (q, k, v) = self.qkv(x, self.rope.map(|r| &s.rope[r]))?;
+        let y = attention::attention(&q, &k, &v, &s.layout, self.opts)?;
+        let n = x.dim(0)?;
+        Ok((self.o_proj.forward(&y.reshape((n, self.num_heads * self.head_dim))?)?, k, v))
     }
 
     /// One new token for each row of a batch cache, x: [b, d]; its keys and values go to
     /// slot `cache.len` of layer `layer`, and it attends to the row's slots so far.
     fn decode(&self, x: &Tensor, a: &DecodeInputs, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
-        let (cos, sin) = (&a.cos, &a.sin);
         let (b, nh, nkv, hd) = (x.dim(0)?, self.num_heads, self.num_kv_heads, self.head_dim);
         let g = nh / nkv;
-        let q = rope(&self.q_proj.forward(x)?.reshape((b, nh, hd))?, cos, sin)?.reshape((b, nkv, g, hd))?;
-        let k = rope(&self.k_proj.forward(x)?.reshape((b, nkv, hd))?, cos, sin)?;
-        let v = self.v_proj.forward(x)?.reshape((b, nkv, hd))?;
+        let (q, k, v) = self.qkv(x, self.rope.map(|r| &a.rope[r]))?;
+        let q = q.reshape((b, nkv, g, hd))?;
         let t = cache.len + 1;
         cache.k[layer].slice_set(&k.unsqueeze(2)?.contiguous()?, 2, cache.len)?;
         cache.v[layer].slice_set(&v.unsqueeze(2)?.contiguous()?, 2, cache.len)?;
         let keys = cache.k[layer].narrow(2, 0, t)?.contiguous()?; // [b, nkv, t, hd]
         let values = cache.v[layer].narrow(2, 0, t)?.contiguous()?;
-        let scores = (q.matmul(&keys.t()?)? * (1.0 / (hd as f64).sqrt()))?; // [b, nkv, g, t]
-        let dtype = scores.dtype();
-        let mask = &a.masks[&self.sliding_window]; // [b, 1, 1, t]
-        let probs = softmax_last(&scores.to_dtype(accum_dtype(dtype))?.broadcast_add(mask)?)?.to_dtype(dtype)?;
+        let dtype = q.dtype();
+        let mut scores = (q.matmul(&keys.t()?)?.to_dtype(accum_dtype(dtype))? * self.opts.scale)?; // [b, nkv, g, t]
+        if let Some(cap) = self.opts.softcap {
+            scores = ((scores / cap)?.tanh()? * cap)?;
+        }
+        let mask = &a.masks[&self.opts.window]; // [b, 1, 1, t]
+        let probs = softmax_last(&scores.broadcast_add(mask)?)?.to_dtype(dtype)?;
         self.o_proj.forward(&probs.matmul(&values)?.reshape((b, nh * hd))?)
+    }
+
+    fn params(&self) -> Vec<&Tensor> {
+        let mut out: Vec<&Tensor> = match &self.qkv {
+            Qkv::Separate { q_proj, k_proj, v_proj } => q_proj.params().chain(k_proj.params()).chain(v_proj.params()).collect(),
+            Qkv::Fused { qkv_proj } => qkv_proj.params().collect(),
+        };
+        out.extend(self.o_proj.params());
+        out.extend(self.q_norm.iter().chain(&self.k_norm).map(|n| &n.weight));
+        out
     }
 }
 
 /// What every layer's attention shares for one decoding step.
 struct DecodeInputs {
-    /// [b, 1, hd] for the new tokens' positions.
-    cos: Tensor,
-    sin: Tensor,
+    /// Per rope: cos and sin [b, 1, rotary_dim] for the new tokens' positions.
+    rope: Vec<(Tensor, Tensor)>,
     /// Per sliding window in use, the additive mask [b, 1, 1, t] over the cache's slots.
     masks: HashMap<Option<usize>, Tensor>,
 }
@@ -332,123 +471,345 @@ impl KvCache {
     }
 }
 
-/// `LlamaMLP` / `Qwen2MLP`: SwiGLU.
+/// The gate and up projections of a gated MLP: separate, or Phi-3's fused `gate_up_proj`
+/// (gate rows first).
+enum GateUp {
+    Separate { gate_proj: Linear, up_proj: Linear },
+    Fused { gate_up_proj: Linear },
+}
+
+/// `*MLP`: act(gate(x)) ⊙ up(x), projected down.
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: GateUp,
     down_proj: Linear,
+    activation: Activation,
 }
 
 impl Mlp {
     /// x: [n, d] -> [n, d] (intermediate [n, i])
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down_proj.forward(&silu_mul(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?)
+        let h = match &self.gate_up {
+            GateUp::Separate { gate_proj, up_proj } => gated_act(&gate_proj.forward(x)?, &up_proj.forward(x)?, self.activation)?,
+            GateUp::Fused { gate_up_proj } => {
+                let y = gate_up_proj.forward(x)?;
+                let i = y.dim(1)? / 2;
+                gated_act(&y.narrow(1, 0, i)?, &y.narrow(1, i, i)?, self.activation)?
+            }
+        };
+        self.down_proj.forward(&h)
+    }
+
+    fn params(&self) -> Vec<&Tensor> {
+        let mut out: Vec<&Tensor> = match &self.gate_up {
+            GateUp::Separate { gate_proj, up_proj } => gate_proj.params().chain(up_proj.params()).collect(),
+            GateUp::Fused { gate_up_proj } => gate_up_proj.params().collect(),
+        };
+        out.extend(self.down_proj.params());
+        out
     }
 }
 
-/// `LlamaDecoderLayer` / `Qwen2DecoderLayer`: pre-norm attention and MLP, each residual.
+/// A sparse mixture of experts (`Qwen3MoeSparseMoeBlock`, `MixtralSparseMoeBlock`): the router
+/// picks `top_k` experts per token, only those experts run on their tokens (grouped per
+/// expert), and their outputs are summed with the routing weights.
+struct Moe {
+    /// The router, [experts, d].
+    gate: Tensor,
+    experts: Vec<Mlp>,
+    cfg: MoeConfig,
+}
+
+impl Moe {
+    /// x: [n, d] -> ([n, d], the router logits [n, experts])
+    fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (n, d) = x.dims2()?;
+        let dtype = x.dtype();
+        let acc = accum_dtype(dtype);
+        let logits = x.matmul(&cast(&self.gate, dtype)?.t()?)?; // [n, E]
+        let probs = softmax_last(&logits.to_dtype(acc)?)?;
+        // Which experts, per token (not differentiable): the k largest probabilities, the lower
+        // expert index first among equals.
+        let host: Vec<Vec<f32>> = probs.detach().to_dtype(DType::F32)?.to_vec2()?;
+        let k = self.cfg.top_k;
+        let mut chosen = Vec::with_capacity(n * k);
+        for row in &host {
+            let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+            idx.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+            chosen.extend_from_slice(&idx[..k]);
+        }
+        let mut weights = probs.gather(&Tensor::from_slice(&chosen, (n, k), x.device())?, 1)?; // [n, k]
+        if self.cfg.norm_topk_prob {
+            weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
+        }
+        // Qwen3-MoE rounds the routing weights to the compute dtype and multiplies there;
+        // Mixtral multiplies in f32. Either way the sum over experts accumulates in f32.
+        let weights = match self.cfg.names {
+            ExpertNames::Qwen => weights.to_dtype(dtype)?,
+            ExpertNames::Mixtral => weights,
+        }
+        .flatten_all()?;
+        let mut out = Tensor::zeros((n, d), acc, x.device())?;
+        for (e, expert) in self.experts.iter().enumerate() {
+            let slots: Vec<u32> = (0..chosen.len() as u32).filter(|&s| chosen[s as usize] == e as u32).collect();
+            if slots.is_empty() {
+                continue;
+            }
+            let tokens: Vec<u32> = slots.iter().map(|&s| s / k as u32).collect();
+            let (slots, tokens) = (Tensor::from_vec(slots, tokens.len(), x.device())?, Tensor::from_vec(tokens.clone(), tokens.len(), x.device())?);
+            let h = expert.forward(&x.index_select(&tokens, 0)?)?; // [m, d]
+            let w = weights.index_select(&slots, 0)?.unsqueeze(1)?;
+            let y = h.to_dtype(w.dtype())?.broadcast_mul(&w)?.to_dtype(acc)?;
+            out = out.index_add(&tokens, &y, 0)?;
+        }
+        Ok((out.to_dtype(dtype)?, logits))
+    }
+
+    fn params(&self) -> Vec<&Tensor> {
+        let mut out = vec![&self.gate];
+        out.extend(self.experts.iter().flat_map(|e| e.params()));
+        out
+    }
+}
+
+enum Ffn {
+    Dense(Mlp),
+    Sparse(Moe),
+}
+
+/// `*DecoderLayer`: attention and MLP, each residual, with the family's norms around them.
 struct DecoderLayer {
     self_attn: Attention,
-    mlp: Mlp,
-    input_layernorm: Tensor,
-    post_attention_layernorm: Tensor,
-    eps: f64,
+    mlp: Ffn,
+    input_layernorm: Option<Norm>,
+    /// Before the MLP (Pre) or after attention (Sandwich, Post).
+    post_attention_layernorm: Option<Norm>,
+    pre_feedforward_layernorm: Option<Norm>,
+    post_feedforward_layernorm: Option<Norm>,
+    placement: NormPlacement,
+}
+
+/// A layer's output: hidden states, keys and values (for a cache), router logits (MoE).
+struct LayerOut {
+    x: Tensor,
+    k: Tensor,
+    v: Tensor,
+    router_logits: Option<Tensor>,
 }
 
 impl DecoderLayer {
     fn load(t: &HashMap<String, Tensor>, cfg: &ModelConfig, i: usize, opts: &DecoderOptions) -> Result<Self> {
-        let p = format!("model.layers.{i}");
-        let lin = |name: &str, bias: bool| Linear::load(t, &format!("{p}.{name}"), bias, opts);
+        let p = format!("{}layers.{i}", cfg.prefix);
+        let spec = &cfg.layers[i];
+        let lin = |name: &str, bias: bool| Linear::load(t, name, bias, opts);
+        let mlp = |m: &str, gate: &str, up: &str, down: &str, bias: bool| -> Result<Mlp> {
+            let gate_up = if gate == "gate_up_proj" {
+                GateUp::Fused { gate_up_proj: lin(&format!("{m}.gate_up_proj"), bias)? }
+            } else {
+                GateUp::Separate { gate_proj: lin(&format!("{m}.{gate}"), bias)?, up_proj: lin(&format!("{m}.{up}"), bias)? }
+            };
+            Ok(Mlp { gate_up, down_proj: lin(&format!("{m}.{down}"), bias)?, activation: cfg.activation })
+        };
+        let ffn = match (&cfg.moe, spec.moe) {
+            (Some(moe), true) => {
+                let (block, names) = match moe.names {
+                    ExpertNames::Mixtral => (format!("{p}.block_sparse_moe"), ["w1", "w3", "w2"]),
+                    ExpertNames::Qwen => (format!("{p}.mlp"), ["gate_proj", "up_proj", "down_proj"]),
+                };
+                let experts = (0..moe.num_experts)
+                    .map(|e| mlp(&format!("{block}.experts.{e}"), names[0], names[1], names[2], false))
+                    .collect::<Result<Vec<_>>>()?;
+                Ffn::Sparse(Moe { gate: get(t, &format!("{block}.gate.weight"))?, experts, cfg: moe.clone() })
+            }
+            _ if cfg.fused_projections => Ffn::Dense(mlp(&format!("{p}.mlp"), "gate_up_proj", "", "down_proj", cfg.mlp_bias)?),
+            _ => Ffn::Dense(mlp(&format!("{p}.mlp"), "gate_proj", "up_proj", "down_proj", cfg.mlp_bias)?),
+        };
+        let norm = |name: &str| Norm::load(t, &format!("{p}.{name}"), cfg).map(Some);
+        let (input, post_attn, pre_ff, post_ff) = match cfg.norm_placement {
+            NormPlacement::Pre => (norm("input_layernorm")?, norm("post_attention_layernorm")?, None, None),
+            NormPlacement::Sandwich => {
+                (norm("input_layernorm")?, norm("post_attention_layernorm")?, norm("pre_feedforward_layernorm")?, norm("post_feedforward_layernorm")?)
+            }
+            NormPlacement::Post => (None, norm("post_attention_layernorm")?, None, norm("post_feedforward_layernorm")?),
+        };
         Ok(Self {
-            self_attn: Attention {
-                q_proj: lin("self_attn.q_proj", cfg.qkv_bias)?,
-                k_proj: lin("self_attn.k_proj", cfg.qkv_bias)?,
-                v_proj: lin("self_attn.v_proj", cfg.qkv_bias)?,
-                o_proj: lin("self_attn.o_proj", cfg.o_bias)?,
-                num_heads: cfg.num_attention_heads,
-                num_kv_heads: cfg.num_key_value_heads,
-                head_dim: cfg.head_dim,
-                sliding_window: cfg.layer_windows[i],
-            },
-            mlp: Mlp {
-                gate_proj: lin("mlp.gate_proj", cfg.mlp_bias)?,
-                up_proj: lin("mlp.up_proj", cfg.mlp_bias)?,
-                down_proj: lin("mlp.down_proj", cfg.mlp_bias)?,
-            },
-            input_layernorm: get(t, &format!("{p}.input_layernorm.weight"))?,
-            post_attention_layernorm: get(t, &format!("{p}.post_attention_layernorm.weight"))?,
-            eps: cfg.rms_norm_eps,
+            self_attn: Attention::load(t, cfg, &format!("{p}.self_attn"), spec, opts)?,
+            mlp: ffn,
+            input_layernorm: input,
+            post_attention_layernorm: post_attn,
+            pre_feedforward_layernorm: pre_ff,
+            post_feedforward_layernorm: post_ff,
+            placement: cfg.norm_placement,
         })
     }
 
-    /// x: [n, d] -> ([n, d], this layer's keys and values)
-    fn forward(&self, x: &Tensor, a: &AttnInputs) -> Result<(Tensor, Tensor, Tensor)> {
-        // Norm weights are cast where they are used, so a trained f32 master copy stays live.
-        let (y, k, v) = self.self_attn.forward(&rms_norm(x, &cast(&self.input_layernorm, x.dtype())?, self.eps)?, a)?;
-        let x = (x + y)?;
-        Ok(((&x + self.mlp.forward(&rms_norm(&x, &cast(&self.post_attention_layernorm, x.dtype())?, self.eps)?)?)?, k, v))
+    fn apply(norm: &Option<Norm>, x: &Tensor) -> Result<Tensor> {
+        match norm {
+            Some(n) => n.forward(x),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// The MLP half: (residual stream after it, router logits).
+    fn ffn(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let pre = if self.placement == NormPlacement::Pre { &self.post_attention_layernorm } else { &self.pre_feedforward_layernorm };
+        let h = Self::apply(pre, x)?;
+        let (y, router) = match &self.mlp {
+            Ffn::Dense(m) => (m.forward(&h)?, None),
+            Ffn::Sparse(m) => {
+                let (y, r) = m.forward(&h)?;
+                (y, Some(r))
+            }
+        };
+        Ok(((x + Self::apply(&self.post_feedforward_layernorm, &y)?)?, router))
+    }
+
+    /// The attention output after its norm (Sandwich and Post norm it; Pre does not).
+    fn attn_out(&self, y: Tensor) -> Result<Tensor> {
+        if self.placement == NormPlacement::Pre {
+            return Ok(y);
+        }
+        Self::apply(&self.post_attention_layernorm, &y)
+    }
+
+    fn forward(&self, x: &Tensor, s: &Shared) -> Result<LayerOut> {
+        let (y, k, v) = self.self_attn.forward(&Self::apply(&self.input_layernorm, x)?, s)?;
+        let x = (x + self.attn_out(y)?)?;
+        let (x, router_logits) = self.ffn(&x)?;
+        Ok(LayerOut { x, k, v, router_logits })
     }
 
     fn decode(&self, x: &Tensor, a: &DecodeInputs, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
-        let y = self.self_attn.decode(&rms_norm(x, &cast(&self.input_layernorm, x.dtype())?, self.eps)?, a, cache, layer)?;
-        let x = (x + y)?;
-        Ok((&x + self.mlp.forward(&rms_norm(&x, &cast(&self.post_attention_layernorm, x.dtype())?, self.eps)?)?)?)
+        let y = self.self_attn.decode(&Self::apply(&self.input_layernorm, x)?, a, cache, layer)?;
+        let x = (x + self.attn_out(y)?)?;
+        Ok(self.ffn(&x)?.0)
+    }
+
+    /// Every tensor of the layer (for gradient checkpointing's local backward).
+    fn params(&self) -> Vec<&Tensor> {
+        let mut out = self.self_attn.params();
+        match &self.mlp {
+            Ffn::Dense(m) => out.extend(m.params()),
+            Ffn::Sparse(m) => out.extend(m.params()),
+        }
+        let norms = [&self.input_layernorm, &self.post_attention_layernorm, &self.pre_feedforward_layernorm, &self.post_feedforward_layernorm];
+        out.extend(norms.into_iter().flatten().map(|n| &n.weight));
+        out
     }
 }
 
-/// `LlamaForCausalLM` / `Qwen2ForCausalLM` up to the final norm; the output projection is
-/// applied by `logprobs` only at scored positions.
+/// Parameter gradients gradient checkpointing computes in its local backward passes (they
+/// never reach the outer autograd graph), by tensor id; the trainer adds them to the outer
+/// backward's.
+#[derive(Default)]
+pub struct GradSink(Mutex<HashMap<TensorId, Tensor>>);
+
+impl GradSink {
+    fn add(&self, id: TensorId, g: Tensor) -> Result<()> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let g = match m.remove(&id) {
+            Some(old) => (old + g)?,
+            None => g,
+        };
+        m.insert(id, g);
+        Ok(())
+    }
+
+    /// The gradients collected since the last call.
+    pub fn take(&self) -> HashMap<TensorId, Tensor> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// One checkpointed layer: the forward ran detached (nothing of the layer kept but its
+/// input); the backward reruns the layer on the saved input with a local graph, runs that
+/// graph's backward with the incoming gradient, hands the parameters' gradients to the sink
+/// and returns the input's. The layer's output and, for MoE layers, its router logits travel
+/// as one tensor [n, d + experts].
+struct Checkpoint {
+    layer: Arc<DecoderLayer>,
+    shared: Arc<Shared>,
+    sink: Arc<GradSink>,
+    /// The adapter dropout's generator state when the layer first ran, so the rerun draws
+    /// the same masks.
+    dropout_state: Option<(Arc<Mutex<Rng>>, Rng)>,
+    out: Tensor,
+}
+
+impl Checkpoint {
+    fn packed(o: &LayerOut) -> Result<Tensor> {
+        Ok(match &o.router_logits {
+            Some(r) => Tensor::cat(&[&o.x, &r.to_dtype(o.x.dtype())?], 1)?,
+            None => o.x.clone(),
+        })
+    }
+
+    fn stored<S>(&self, f: impl FnOnce(&Storage, &Layout) -> candle_core::Result<S>) -> candle_core::Result<(S, Shape)> {
+        let (s, l) = self.out.storage_and_layout();
+        Ok((f(&s, l)?, self.out.shape().clone()))
+    }
+
+    fn recompute(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        if let Some((rng, state)) = &self.dropout_state {
+            *rng.lock().unwrap_or_else(|e| e.into_inner()) = *state;
+        }
+        let x = Var::from_tensor(&x.detach())?;
+        let out = Self::packed(&self.layer.forward(x.as_tensor(), &self.shared)?)?;
+        let grads = (out.to_dtype(accum_dtype(out.dtype()))? * grad.detach().to_dtype(accum_dtype(out.dtype()))?)?.sum_all()?.backward()?;
+        for p in self.layer.params() {
+            if let Some(g) = grads.get(p) {
+                self.sink.add(p.id(), g.clone())?;
+            }
+        }
+        Ok(grads.get(x.as_tensor()).context("checkpointed layer: no gradient for its input")?.clone())
+    }
+}
+
+impl candle_core::CustomOp1 for Checkpoint {
+    fn name(&self) -> &'static str {
+        "checkpointed-layer"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.stored(|s, l| match s {
+            Storage::Cpu(c) => c.try_clone(l),
+            _ => Err(candle_core::Error::Msg("layer output on another device".into())),
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.stored(|s, l| match s {
+            Storage::Cuda(c) => c.try_clone(l),
+            _ => Err(candle_core::Error::Msg("layer output on another device".into())),
+        })
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.recompute(x, grad).map(Some).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+    }
+}
+
+/// `*ForCausalLM` up to the final norm; the output projection is applied by `logprobs` only
+/// at scored positions.
 pub struct Decoder {
     pub cfg: ModelConfig,
     embed_tokens: Tensor,
-    layers: Vec<DecoderLayer>,
-    norm: Tensor,
+    layers: Vec<Arc<DecoderLayer>>,
+    norm: Norm,
     /// `lm_head.weight`; None when tied to the embedding.
     lm_head: Option<Tensor>,
-    inv_freq: Vec<f32>,
     pub dtype: DType,
     pub device: Device,
+    checkpoint: Option<Arc<GradSink>>,
+    dropout_rng: Option<Arc<Mutex<Rng>>>,
 }
 
-/// Accumulation dtype: f32 for f32/bf16/f16 (as transformers), f64 stays f64 (for gradient checks).
-pub fn accum_dtype(d: DType) -> DType {
-    if d == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
-
-/// RMSNorm over the last dim: the fused CPU op for f32/f64, else composite ops.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    if super::fused::applies(x) && x.dtype() == w.dtype() {
-        return Ok(x.contiguous()?.apply_op2(&w.contiguous()?, super::fused::RmsNorm { eps })?);
-    }
-    rms_norm_composite(x, w, eps)
-}
-
-/// RMSNorm in f32, as transformers computes it, scaled by the weight in the compute dtype.
-pub fn rms_norm_composite(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x32 = x.to_dtype(accum_dtype(dtype))?;
-    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = x32.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
-    Ok(normed.to_dtype(dtype)?.broadcast_mul(w)?)
-}
-
-/// Softmax over the last dim, differentiable: the fused CPU op, else composite ops.
-pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    if super::fused::applies(x) {
-        return Ok(x.contiguous()?.apply_op1(super::fused::SoftmaxLast)?);
-    }
-    softmax_last_composite(x)
-}
-
-/// Softmax from candle's differentiable ops; the max shift is a constant for autograd.
-pub fn softmax_last_composite(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+/// What a forward returns: final-norm hidden states, every layer's keys and values (to start
+/// a cache) and the MoE layers' router logits.
+pub struct Forward {
+    pub hidden: Tensor,
+    pub kv: Vec<(Tensor, Tensor)>,
+    pub router_logits: Vec<Tensor>,
 }
 
 impl Decoder {
@@ -458,20 +819,22 @@ impl Decoder {
         Self::with_options(cfg, t, &DecoderOptions::default())
     }
 
-    /// As `new`, with a compute dtype and LoRA adapters (see [`DecoderOptions`]).
+    /// As `new`, with a compute dtype, LoRA adapters, checkpointing (see [`DecoderOptions`]).
     pub fn with_options(cfg: &ModelConfig, t: &HashMap<String, Tensor>, opts: &DecoderOptions) -> Result<Self> {
-        let embed_tokens = get(t, "model.embed_tokens.weight")?;
+        let p = &cfg.prefix;
+        let embed_tokens = get(t, &format!("{p}embed_tokens.weight"))?;
         let dtype = opts.compute_dtype.unwrap_or(embed_tokens.dtype());
-        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(t, cfg, i, opts)).collect::<Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(t, cfg, i, opts).map(Arc::new)).collect::<Result<Vec<_>>>()?;
         Ok(Self {
             lm_head: if cfg.tie_word_embeddings || opts.without_lm_head { None } else { Some(get(t, "lm_head.weight")?) },
-            norm: get(t, "model.norm.weight")?,
+            norm: Norm::load(t, &format!("{p}norm"), cfg)?,
             dtype,
             device: embed_tokens.device().clone(),
             embed_tokens,
             layers,
-            inv_freq: cfg.inv_freq(),
             cfg: cfg.clone(),
+            checkpoint: opts.checkpoint.clone(),
+            dropout_rng: opts.lora_dropout.as_ref().map(|d| d.rng.clone()),
         })
     }
 
@@ -481,71 +844,91 @@ impl Decoder {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
-    /// cos and sin [n, 1, hd] for these positions (f32 math, as HF).
-    fn rope(&self, positions: &[u32]) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
+    /// cos and sin [n, 1, rotary_dim] of every rope for these positions (f32 math, as HF,
+    /// times the rope's attention scaling).
+    fn rope_tables(&self, positions: &[u32]) -> Result<Vec<(Tensor, Tensor)>> {
+        let seq_len = positions.iter().max().map_or(0, |&p| p as usize + 1);
         let n = positions.len();
-        let (mut cos, mut sin) = (Vec::with_capacity(n * 2 * half), Vec::with_capacity(n * 2 * half));
-        for &p in positions {
-            for _ in 0..2 {
-                for &f in &self.inv_freq {
-                    let a = p as f32 * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
+        self.cfg
+            .ropes
+            .iter()
+            .map(|r| {
+                let inv = r.inv_freq(seq_len);
+                let half = inv.len();
+                let scale = r.attention_scaling as f32;
+                let (mut cos, mut sin) = (Vec::with_capacity(n * 2 * half), Vec::with_capacity(n * 2 * half));
+                for &p in positions {
+                    for _ in 0..2 {
+                        for &f in &inv {
+                            let a = p as f32 * f;
+                            cos.push(a.cos() * scale);
+                            sin.push(a.sin() * scale);
+                        }
+                    }
                 }
-            }
-        }
-        let mk = |v: Vec<f32>| -> Result<Tensor> { Ok(Tensor::from_vec(v, (n, 1, 2 * half), &self.device)?.to_dtype(self.dtype)?) };
-        Ok((mk(cos)?, mk(sin)?))
+                let mk = |v: Vec<f32>| -> Result<Tensor> { Ok(Tensor::from_vec(v, (n, 1, 2 * half), &self.device)?.to_dtype(self.dtype)?) };
+                Ok((mk(cos)?, mk(sin)?))
+            })
+            .collect()
     }
 
-    /// The additive masks of every group of blocks for one sliding window.
-    fn masks(&self, layout: &SeqLayout, groups: &[(usize, usize, usize)], window: Option<usize>) -> Result<Vec<Tensor>> {
-        let mut out = Vec::with_capacity(groups.len());
-        let mut bi = 0;
-        for &(start, n, len) in groups {
-            let mut m = Vec::with_capacity(n * len * len);
-            for k in 0..n {
-                let at = start + k * len;
-                m.extend(layout.blocks[bi + k].mask(&layout.positions[at..at + len], window));
-            }
-            bi += n;
-            out.push(Tensor::from_vec(m, (n, 1, 1, len, len), &self.device)?.to_dtype(accum_dtype(self.dtype))?);
+    /// The embeddings of `ids` in the compute dtype (Gemma: × √hidden, the factor rounded to
+    /// the compute dtype first, as transformers does).
+    fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let x = cast(&self.embed_tokens.index_select(&Tensor::from_slice(ids, ids.len(), &self.device)?, 0)?, self.dtype)?;
+        if !self.cfg.embed_scale {
+            return Ok(x);
         }
-        Ok(out)
+        let scale = Tensor::new((self.cfg.hidden_size as f32).sqrt(), &self.device)?.to_dtype(self.dtype)?;
+        Ok(x.broadcast_mul(&scale)?)
     }
 
     /// Final-norm hidden states, [n, d] for the layout's n tokens.
     pub fn hidden(&self, layout: &SeqLayout) -> Result<Tensor> {
-        Ok(self.hidden_kv(layout)?.0)
+        Ok(self.forward(layout)?.hidden)
     }
 
     /// `hidden`, and every layer's keys and values [n, nkv, hd] (after RoPE) to start a cache.
     pub fn hidden_kv(&self, layout: &SeqLayout) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        let f = self.forward(layout)?;
+        Ok((f.hidden, f.kv))
+    }
+
+    pub fn forward(&self, layout: &SeqLayout) -> Result<Forward> {
         let n = layout.input_ids.len();
         anyhow::ensure!(
             layout.positions.len() == n && layout.blocks.iter().map(|b| b.len).sum::<usize>() == n,
             "layout blocks do not cover its tokens"
         );
-        let ids = Tensor::from_slice(&layout.input_ids, n, &self.device)?;
-        let mut x = cast(&self.embed_tokens.index_select(&ids, 0)?, self.dtype)?; // [n, d]
-        let (cos, sin) = self.rope(&layout.positions)?;
-        let groups = layout.groups();
-        let mut masks = HashMap::new();
-        for l in &self.layers {
-            let w = l.self_attn.sliding_window;
-            if let std::collections::hash_map::Entry::Vacant(e) = masks.entry(w) {
-                e.insert(self.masks(layout, &groups, w)?);
+        let mut x = self.embed(&layout.input_ids)?; // [n, d]
+        let shared = Arc::new(Shared { layout: Arc::new(layout.attn_layout()), rope: self.rope_tables(&layout.positions)? });
+        let mut kv = Vec::with_capacity(self.layers.len());
+        let mut router_logits = Vec::new();
+        for layer in &self.layers {
+            match &self.checkpoint {
+                Some(sink) if x.track_op() || layer.params().iter().any(|p| p.track_op()) => {
+                    let dropout_state = self.dropout_rng.as_ref().map(|r| (r.clone(), *r.lock().unwrap_or_else(|e| e.into_inner())));
+                    let out = {
+                        let o = layer.forward(&x.detach(), &shared)?;
+                        Checkpoint::packed(&o)?.detach()
+                    };
+                    let op = Checkpoint { layer: layer.clone(), shared: shared.clone(), sink: sink.clone(), dropout_state, out };
+                    let packed = x.apply_op1(op)?;
+                    let d = x.dim(1)?;
+                    if packed.dim(1)? > d {
+                        router_logits.push(packed.narrow(1, d, packed.dim(1)? - d)?);
+                    }
+                    x = packed.narrow(1, 0, d)?;
+                }
+                _ => {
+                    let o = layer.forward(&x, &shared)?;
+                    kv.push((o.k, o.v));
+                    router_logits.extend(o.router_logits);
+                    x = o.x;
+                }
             }
         }
-        let a = AttnInputs { cos, sin, groups, masks };
-        let mut kv = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
-            let (y, k, v) = layer.forward(&x, &a)?;
-            x = y;
-            kv.push((k, v));
-        }
-        Ok((rms_norm(&x, &cast(&self.norm, self.dtype)?, self.cfg.rms_norm_eps)?, kv))
+        Ok(Forward { hidden: self.norm.forward(&x)?, kv, router_logits })
     }
 
     /// A batch cache with one row per (start, len): rows `start..start + len` of a `hidden_kv`
@@ -581,26 +964,59 @@ impl Decoder {
         let capacity = cache.k.first().map_or(0, |t| t.dim(2).unwrap_or(0));
         anyhow::ensure!(cache.len < capacity, "key-value cache is full ({capacity} slots)");
         let positions: Vec<u32> = cache.pad.iter().map(|&p| (cache.len - p) as u32).collect();
-        let (cos, sin) = self.rope(&positions)?;
         let mut masks = HashMap::new();
         for l in &self.layers {
-            let w = l.self_attn.sliding_window;
+            let w = l.self_attn.opts.window;
             if let std::collections::hash_map::Entry::Vacant(e) = masks.entry(w) {
                 e.insert(cache.mask(cache.len + 1, w, &self.device, accum_dtype(self.dtype))?);
             }
         }
-        let a = DecodeInputs { cos, sin, masks };
-        let mut x = cast(&self.embed_tokens.index_select(&Tensor::from_slice(ids, b, &self.device)?, 0)?, self.dtype)?;
+        let a = DecodeInputs { rope: self.rope_tables(&positions)?, masks };
+        let mut x = self.embed(ids)?;
         for (l, layer) in self.layers.iter().enumerate() {
             x = layer.decode(&x, &a, cache, l)?;
         }
         cache.len += 1;
-        rms_norm(&x, &cast(&self.norm, self.dtype)?, self.cfg.rms_norm_eps)
+        self.norm.forward(&x)
     }
 
-    /// Next-token logits [b, vocab] (f32) from final-norm hidden states [b, d].
+    /// Next-token logits [b, vocab] (f32, soft-capped where the family caps them) from
+    /// final-norm hidden states [b, d].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let w = cast(self.lm_head(), hidden.dtype())?;
-        Ok(hidden.matmul(&w.t()?)?.to_dtype(DType::F32)?)
+        let logits = hidden.matmul(&w.t()?)?.to_dtype(DType::F32)?;
+        Ok(match self.cfg.final_softcap {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
+        })
+    }
+
+    /// MoE layers' load-balancing loss (transformers' `load_balancing_loss_func`) over this
+    /// forward's router logits, each token counted with `weights` (see
+    /// [`SeqLayout::token_weights`]); None for dense models.
+    pub fn aux_loss(&self, router_logits: &[Tensor], weights: &[f32]) -> Result<Option<Tensor>> {
+        let Some(moe) = &self.cfg.moe else { return Ok(None) };
+        if router_logits.is_empty() {
+            return Ok(None);
+        }
+        let e = moe.num_experts;
+        let acc = accum_dtype(router_logits[0].dtype());
+        let w = Tensor::from_slice(weights, (weights.len(), 1), &self.device)?.to_dtype(acc)?;
+        let rows: f64 = weights.iter().map(|&x| x as f64).sum::<f64>() * router_logits.len() as f64;
+        let (mut tokens, mut probs) = (vec![0f64; e], Tensor::zeros(e, acc, &self.device)?);
+        for logits in router_logits {
+            let p = softmax_last(&logits.to_dtype(acc)?)?; // [n, E]
+            let host: Vec<Vec<f32>> = p.detach().to_dtype(DType::F32)?.to_vec2()?;
+            for (row, &wt) in host.iter().zip(weights) {
+                let mut idx: Vec<usize> = (0..e).collect();
+                idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                for &x in &idx[..moe.top_k] {
+                    tokens[x] += wt as f64;
+                }
+            }
+            probs = (probs + p.broadcast_mul(&w)?.sum(0)?)?;
+        }
+        let tokens = Tensor::from_vec(tokens.iter().map(|t| t / rows).collect::<Vec<f64>>(), e, &self.device)?.to_dtype(acc)?;
+        Ok(Some(((tokens * (probs / rows)?)?.sum_all()? * e as f64)?))
     }
 }

@@ -93,12 +93,14 @@ impl RowLse {
 
 pub struct LogProbs {
     pub targets: Vec<u32>,
+    /// Gemma 2's final-logit soft-capping: logits → c·tanh(logits/c).
+    pub softcap: Option<f64>,
     /// Whether the projection is trained (a frozen one, e.g. under LoRA, gets no gradient:
     /// it would be a (vocab × hidden) buffer and a full GEMM per step for nothing).
     pub weight_grad: bool,
 }
 
-fn contiguous<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+pub(crate) fn contiguous<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
         None => Err(candle_core::Error::Msg("fused log-probs need contiguous inputs".into())),
@@ -119,6 +121,9 @@ impl LogProbs {
                 let vb = vb_max.min(v - v0);
                 // SAFETY: h rows [r0, r0+c) are c×k, w rows [v0, v0+vb) are vb×k, logits holds c×vb.
                 unsafe { matmul_abt(c, vb, k, h[r0 * k..].as_ptr(), w[v0 * k..].as_ptr(), logits.as_mut_ptr()) };
+                if let Some(cap) = self.softcap {
+                    logits[..c * vb].par_iter_mut().for_each(|x| *x = T::from(cap * (x.to() / cap).tanh()));
+                }
                 logits[..c * vb]
                     .par_chunks(vb)
                     .zip(rows.par_iter_mut())
@@ -143,7 +148,10 @@ impl LogProbs {
             .into_par_iter()
             .map(|i| {
                 let (hi, wt) = (&h[i * k..(i + 1) * k], &w[self.targets[i] as usize * k..][..k]);
-                hi.iter().zip(wt).map(|(&a, &b)| a.to() * b.to()).sum::<f64>() - logp[i].to()
+                let raw = hi.iter().zip(wt).map(|(&a, &b)| a.to() * b.to()).sum::<f64>();
+                // The target's logit in the logits' precision, as the forward saw it.
+                let raw = T::from(raw).to();
+                self.softcap.map_or(raw, |cap| T::from(cap * (raw / cap).tanh()).to()) - logp[i].to()
             })
             .collect();
         for r0 in (0..m).step_by(ROWS) {
@@ -152,13 +160,21 @@ impl LogProbs {
                 let vb = vb_max.min(v - v0);
                 // SAFETY: as in fwd.
                 unsafe { matmul_abt(c, vb, k, h[r0 * k..].as_ptr(), w[v0 * k..].as_ptr(), d.as_mut_ptr()) };
+                let softcap = self.softcap;
                 d[..c * vb].par_chunks_mut(vb).enumerate().for_each(|(i, row)| {
                     let (gi, l, t) = (g[r0 + i].to(), lse[r0 + i], self.targets[r0 + i] as usize);
-                    for x in row.iter_mut() {
-                        *x = T::from(-gi * (*x - T::from(l)).exp().to());
-                    }
-                    if (v0..v0 + vb).contains(&t) {
-                        row[t - v0] = T::from(row[t - v0].to() + gi);
+                    for (j, x) in row.iter_mut().enumerate() {
+                        // d logp / d z = onehot − softmax(z); with soft-capping z = c·tanh(x/c) and
+                        // dz/dx = 1 − tanh².
+                        let (z, dzdx) = match softcap {
+                            Some(cap) => {
+                                let th = (x.to() / cap).tanh();
+                                (T::from(cap * th), 1.0 - th * th)
+                            }
+                            None => (*x, 1.0),
+                        };
+                        let onehot = if v0 + j == t { gi } else { 0.0 };
+                        *x = T::from((onehot - gi * (z - T::from(l)).exp().to()) * dzdx);
                     }
                 });
                 // SAFETY: gh rows [r0, r0+c) are c×k; d is c×vb; w and gw rows [v0, v0+vb) are vb×k.
@@ -244,8 +260,8 @@ pub fn applies(h: &Tensor) -> bool {
 
 /// log p(target) per row of `h` [m, k] under output projection `w` [v, k] (in h's dtype, or a
 /// frozen bf16/f16 one, widened for each call instead of held widened for the backward).
-pub fn token_logps(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
-    Ok(h.contiguous()?.apply_op2(&w.contiguous()?, LogProbs { targets: targets.to_vec(), weight_grad: w.track_op() })?)
+pub fn token_logps(h: &Tensor, w: &Tensor, targets: &[u32], softcap: Option<f64>) -> Result<Tensor> {
+    Ok(h.contiguous()?.apply_op2(&w.contiguous()?, LogProbs { targets: targets.to_vec(), softcap, weight_grad: w.track_op() })?)
 }
 
 /// y = x Wᵀ for a frozen W: the backward gives x its gradient and W none. (candle's matmul
@@ -367,27 +383,31 @@ impl candle_core::CustomOp1 for SoftmaxLast {
     }
 }
 
-/// RMSNorm y = x · w / sqrt(mean(x²) + eps) over the last dimension, with its own backward:
-/// dx = r·(dy⊙w) − x·r³/H·Σ(dy⊙w⊙x), dw = Σ_rows dy⊙x·r. CPU, f32 and f64.
+/// RMSNorm y = x · w / sqrt(mean(x²) + eps) over the last dimension (Gemma: × (1 + w)), with
+/// its own backward: dx = r·(dy⊙w) − x·r³/H·Σ(dy⊙w⊙x), dw = Σ_rows dy⊙x·r. CPU, f32 and f64.
 pub struct RmsNorm {
     pub eps: f64,
+    /// Scale by 1 + w (Gemma's norms store offsets from 1).
+    pub plus_one: bool,
 }
 
-fn rms_fwd<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
+fn rms_fwd<T: Real>(x: &[T], w: &[T], eps: f64, plus_one: bool) -> Vec<T> {
     let h = w.len();
+    let off = if plus_one { 1.0 } else { 0.0 };
     let mut out = vec![T::from(0.0); x.len()];
     out.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(o, x)| {
         let r = 1.0 / (x.iter().map(|v| v.to() * v.to()).sum::<f64>() / h as f64 + eps).sqrt();
         for ((o, xv), wv) in o.iter_mut().zip(x).zip(w) {
             // transformers rounds the normalised value to the input dtype before scaling by w.
-            *o = T::from(T::from(xv.to() * r).to() * wv.to());
+            *o = T::from(T::from(xv.to() * r).to() * (wv.to() + off));
         }
     });
     out
 }
 
-fn rms_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: f64) -> (Vec<T>, Vec<T>) {
+fn rms_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: f64, plus_one: bool) -> (Vec<T>, Vec<T>) {
     let h = w.len();
+    let off = if plus_one { 1.0 } else { 0.0 };
     let mut dx = vec![T::from(0.0); x.len()];
     let dw = dx
         .par_chunks_mut(h)
@@ -396,10 +416,10 @@ fn rms_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: f64) -> (Vec<T>, Vec<T>) {
             || vec![0f64; h],
             |mut dw, (dx, (x, dy))| {
                 let r = 1.0 / (x.iter().map(|v| v.to() * v.to()).sum::<f64>() / h as f64 + eps).sqrt();
-                let dot: f64 = (0..h).map(|j| dy[j].to() * w[j].to() * x[j].to()).sum();
+                let dot: f64 = (0..h).map(|j| dy[j].to() * (w[j].to() + off) * x[j].to()).sum();
                 let c = r * r * r * dot / h as f64;
                 for j in 0..h {
-                    dx[j] = T::from(r * dy[j].to() * w[j].to() - x[j].to() * c);
+                    dx[j] = T::from(r * dy[j].to() * (w[j].to() + off) - x[j].to() * c);
                     dw[j] += dy[j].to() * x[j].to() * r;
                 }
                 dw
@@ -422,8 +442,8 @@ impl CustomOp2 for RmsNorm {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(rms_fwd(contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?, self.eps)),
-            DType::F64 => CpuStorage::F64(rms_fwd(contiguous::<f64>(s1, l1)?, contiguous::<f64>(s2, l2)?, self.eps)),
+            DType::F32 => CpuStorage::F32(rms_fwd(contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?, self.eps, self.plus_one)),
+            DType::F64 => CpuStorage::F64(rms_fwd(contiguous::<f64>(s1, l1)?, contiguous::<f64>(s2, l2)?, self.eps, self.plus_one)),
             dt => return Err(candle_core::Error::Msg(format!("rms_norm: unsupported dtype {dt:?}"))),
         };
         Ok((out, l1.shape().clone()))
@@ -440,11 +460,11 @@ impl CustomOp2 for RmsNorm {
         let (dev, xshape, wshape) = (x.device(), x.shape(), w.shape());
         Ok(match x.dtype() {
             DType::F32 => {
-                let (dx, dw) = rms_bwd(contiguous::<f32>(xs, xl)?, contiguous::<f32>(ws, wl)?, contiguous::<f32>(gs, gl)?, self.eps);
+                let (dx, dw) = rms_bwd(contiguous::<f32>(xs, xl)?, contiguous::<f32>(ws, wl)?, contiguous::<f32>(gs, gl)?, self.eps, self.plus_one);
                 (Some(Tensor::from_vec(dx, xshape, dev)?), Some(Tensor::from_vec(dw, wshape, dev)?))
             }
             _ => {
-                let (dx, dw) = rms_bwd(contiguous::<f64>(xs, xl)?, contiguous::<f64>(ws, wl)?, contiguous::<f64>(gs, gl)?, self.eps);
+                let (dx, dw) = rms_bwd(contiguous::<f64>(xs, xl)?, contiguous::<f64>(ws, wl)?, contiguous::<f64>(gs, gl)?, self.eps, self.plus_one);
                 (Some(Tensor::from_vec(dx, xshape, dev)?), Some(Tensor::from_vec(dw, wshape, dev)?))
             }
         })
@@ -466,51 +486,65 @@ fn cpu3<T: Real, R>(a: &Tensor, b: &Tensor, c: &Tensor, f: impl FnOnce(&[T], &[T
 /// Elements per parallel task of the element-wise ops.
 const ELEMS_PER_TASK: usize = 1 << 14;
 
-/// SwiGLU's gate: silu(gate) ⊙ up in one pass, with its own backward
-/// (d gate = dy·up·σ(g)·(1 + g·(1 − σ(g))), d up = dy·silu(g)): one output kept instead of
-/// candle's three (silu, its input, the product). CPU, f32 and f64.
-pub struct SiluMul;
+/// A gated MLP's activation: act(gate) ⊙ up in one pass, with its own backward
+/// (d gate = dy·up·act′(g), d up = dy·act(g)): one output kept instead of candle's three (the
+/// activation, its input, the product). SwiGLU's silu or GeGLU's tanh-approximated gelu
+/// (`gelu_pytorch_tanh`). CPU, f32 and f64.
+pub struct GatedAct {
+    pub gelu_tanh: bool,
+}
 
-fn silu_mul_fwd<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
+/// act(g) and act′(g).
+fn act(g: f64, gelu_tanh: bool) -> (f64, f64) {
+    if gelu_tanh {
+        const C: f64 = 0.797_884_560_802_865_4; // √(2/π)
+        let t = (C * (g + 0.044715 * g * g * g)).tanh();
+        (0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * C * (1.0 + 3.0 * 0.044715 * g * g))
+    } else {
+        let s = 1.0 / (1.0 + (-g).exp());
+        (g * s, s * (1.0 + g * (1.0 - s)))
+    }
+}
+
+fn gated_fwd<T: Real>(g: &[T], u: &[T], gelu_tanh: bool) -> Vec<T> {
     let mut out = vec![T::from(0.0); g.len()];
     out.par_chunks_mut(ELEMS_PER_TASK).zip(g.par_chunks(ELEMS_PER_TASK).zip(u.par_chunks(ELEMS_PER_TASK))).for_each(|(o, (g, u))| {
         for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            let gv = g.to();
-            *o = T::from(gv / (1.0 + (-gv).exp()) * u.to());
+            *o = T::from(act(g.to(), gelu_tanh).0 * u.to());
         }
     });
     out
 }
 
-fn silu_mul_bwd<T: Real>(g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+fn gated_bwd<T: Real>(g: &[T], u: &[T], dy: &[T], gelu_tanh: bool) -> (Vec<T>, Vec<T>) {
     let (mut dg, mut du) = (vec![T::from(0.0); g.len()], vec![T::from(0.0); g.len()]);
     dg.par_chunks_mut(ELEMS_PER_TASK)
         .zip(du.par_chunks_mut(ELEMS_PER_TASK))
         .zip(g.par_chunks(ELEMS_PER_TASK).zip(u.par_chunks(ELEMS_PER_TASK)).zip(dy.par_chunks(ELEMS_PER_TASK)))
         .for_each(|((dg, du), ((g, u), dy))| {
             for i in 0..g.len() {
-                let (gv, uv, d) = (g[i].to(), u[i].to(), dy[i].to());
-                let s = 1.0 / (1.0 + (-gv).exp());
-                dg[i] = T::from(d * uv * s * (1.0 + gv * (1.0 - s)));
-                du[i] = T::from(d * gv * s);
+                let (a, da) = act(g[i].to(), gelu_tanh);
+                let d = dy[i].to();
+                dg[i] = T::from(d * u[i].to() * da);
+                du[i] = T::from(d * a);
             }
         });
     (dg, du)
 }
 
-impl CustomOp2 for SiluMul {
+impl CustomOp2 for GatedAct {
     fn name(&self) -> &'static str {
-        "silu-mul"
+        "gated-act"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         if l1.shape() != l2.shape() {
-            return Err(candle_core::Error::Msg(format!("silu-mul: shapes {:?} and {:?}", l1.shape(), l2.shape())));
+            return Err(candle_core::Error::Msg(format!("gated-act: shapes {:?} and {:?}", l1.shape(), l2.shape())));
         }
         let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(silu_mul_fwd(contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?)),
-            DType::F64 => CpuStorage::F64(silu_mul_fwd(contiguous::<f64>(s1, l1)?, contiguous::<f64>(s2, l2)?)),
-            dt => return Err(candle_core::Error::Msg(format!("silu-mul: unsupported dtype {dt:?}"))),
+            DType::F32 => CpuStorage::F32(gated_fwd(contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?, self.gelu_tanh)),
+            DType::F64 => CpuStorage::F64(gated_fwd(contiguous::<f64>(s1, l1)?, contiguous::<f64>(s2, l2)?, self.gelu_tanh)),
+            dt => return Err(candle_core::Error::Msg(format!("gated-act: unsupported dtype {dt:?}"))),
         };
         Ok((out, l1.shape().clone()))
     }
@@ -519,11 +553,11 @@ impl CustomOp2 for SiluMul {
         let (dev, shape) = (g.device(), g.shape());
         let (dg, du) = match g.dtype() {
             DType::F32 => {
-                let (a, b) = cpu3::<f32, _>(g, u, dy, silu_mul_bwd)?;
+                let (a, b) = cpu3::<f32, _>(g, u, dy, |g, u, dy| gated_bwd(g, u, dy, self.gelu_tanh))?;
                 (Tensor::from_vec(a, shape, dev)?, Tensor::from_vec(b, shape, dev)?)
             }
             _ => {
-                let (a, b) = cpu3::<f64, _>(g, u, dy, silu_mul_bwd)?;
+                let (a, b) = cpu3::<f64, _>(g, u, dy, |g, u, dy| gated_bwd(g, u, dy, self.gelu_tanh))?;
                 (Tensor::from_vec(a, shape, dev)?, Tensor::from_vec(b, shape, dev)?)
             }
         };

@@ -18,27 +18,28 @@ pub struct Scored {
     pub num_seqs: usize,
 }
 
-/// log π(target | context) for each scored position, f32 [M] (f64 for f64 models).
-pub fn token_logps(hidden: &Tensor, lm_head: &Tensor, sc: &Scored) -> Result<Tensor> {
+/// log π(target | context) for each scored position, f32 [M] (f64 for f64 models);
+/// `softcap`: Gemma 2's final-logit soft-capping.
+pub fn token_logps(hidden: &Tensor, lm_head: &Tensor, sc: &Scored, softcap: Option<f64>) -> Result<Tensor> {
     let m = sc.rows.len();
     if m == 0 {
         return Ok(Tensor::zeros(0, super::decoder::accum_dtype(hidden.dtype()), hidden.device())?);
     }
     let h = hidden.index_select(&Tensor::from_slice(&sc.rows, m, hidden.device())?, 0)?;
     if super::fused::applies(&h) {
-        return super::fused::token_logps(&h, lm_head, &sc.targets);
+        return super::fused::token_logps(&h, lm_head, &sc.targets, softcap);
     }
-    token_logps_recompute(&h, lm_head, &sc.targets)
+    token_logps_recompute(&h, lm_head, &sc.targets, softcap)
 }
 
 /// The same on any device and dtype (GPUs, bf16), holding one chunk of logits at a time in the
 /// forward and in the backward: the forward runs detached (keeping each row's log-sum-exp), and
 /// `RecomputeLogProbs` attaches its gradient, recomputing the logits block by block of the
 /// vocabulary when the backward reaches it.
-pub fn token_logps_recompute(h: &Tensor, lm_head: &Tensor, targets: &[u32]) -> Result<Tensor> {
+pub fn token_logps_recompute(h: &Tensor, lm_head: &Tensor, targets: &[u32], softcap: Option<f64>) -> Result<Tensor> {
     let w = lm_head.to_dtype(h.dtype())?;
-    let (logp, lse) = logps_lse(&h.detach(), &w.detach(), targets)?;
-    let op = RecomputeLogProbs { targets: targets.to_vec(), lse, weight_grad: w.track_op() };
+    let (logp, lse) = logps_lse(&h.detach(), &w.detach(), targets, softcap)?;
+    let op = RecomputeLogProbs { targets: targets.to_vec(), lse, softcap, weight_grad: w.track_op() };
     Ok(h.contiguous()?.apply_op3(&w.contiguous()?, &logp, op)?)
 }
 
@@ -50,6 +51,7 @@ struct RecomputeLogProbs {
     lse: Tensor,
     /// W takes part in autograd (a trained head); else its gradient is skipped.
     weight_grad: bool,
+    softcap: Option<f64>,
 }
 
 impl candle_core::CustomOp3 for RecomputeLogProbs {
@@ -102,14 +104,35 @@ impl candle_core::CustomOp3 for RecomputeLogProbs {
         let lse = self.lse.unsqueeze(1)?;
         let tgt = Tensor::from_slice(&self.targets, m, dev)?;
         // The one-hot term of dh: g_i · W[t_i].
-        let mut dh = w.index_select(&tgt, 0)?.to_dtype(acc)?.broadcast_mul(&g)?;
+        let dh = w.index_select(&tgt, 0)?.to_dtype(acc)?.broadcast_mul(&g)?;
         let hg = h.to_dtype(acc)?.broadcast_mul(&g)?; // [m, k], the one-hot term of dW's rows
         let mut dw_blocks = Vec::new();
+        // With soft-capping z = c·tanh(x/c), the one-hot term carries dz/dx at the target's logit.
+        let (mut dh, hg) = match self.softcap {
+            Some(cap) => {
+                let xt = (h.to_dtype(acc)? * w.index_select(&tgt, 0)?.to_dtype(acc)?)?.sum_keepdim(1)?;
+                let dzdx_t = (1.0 - (xt / cap)?.tanh()?.sqr()?)?; // [m, 1]
+                (dh.broadcast_mul(&dzdx_t)?, hg.broadcast_mul(&dzdx_t)?)
+            }
+            None => (dh, hg),
+        };
         for v0 in (0..vocab).step_by(block) {
             let b = block.min(vocab - v0);
             let wb = w.narrow(0, v0, b)?;
-            let p = h.matmul(&wb.t()?)?.to_dtype(acc)?.broadcast_sub(&lse)?.exp()?; // [m, b]
-            let gp = p.broadcast_mul(&g)?.to_dtype(dtype)?; // g·p, in the compute dtype like the forward's matmul
+            let x = h.matmul(&wb.t()?)?.to_dtype(acc)?;
+            let (z, dzdx) = match self.softcap {
+                Some(cap) => {
+                    let th = (&x / cap)?.tanh()?;
+                    ((&th * cap)?, Some((1.0 - th.sqr()?)?))
+                }
+                None => (x, None),
+            };
+            let p = z.broadcast_sub(&lse)?.exp()?; // [m, b]
+            let mut gp = p.broadcast_mul(&g)?;
+            if let Some(d) = dzdx {
+                gp = (gp * d)?;
+            }
+            let gp = gp.to_dtype(dtype)?; // in the compute dtype like the forward's matmul
             dh = (dh - gp.matmul(&wb)?.to_dtype(acc)?)?;
             if self.weight_grad {
                 let mut dwb = gp.t()?.matmul(h)?.to_dtype(acc)?.neg()?; // [b, k]
@@ -132,12 +155,12 @@ impl candle_core::CustomOp3 for RecomputeLogProbs {
 
 /// The same from candle's differentiable ops, chunked over rows: autograd keeps each chunk's
 /// logits for the backward (a reference in tests and benchmarks).
-pub fn token_logps_composite(h: &Tensor, lm_head: &Tensor, targets: &[u32]) -> Result<Tensor> {
-    Ok(logps_lse(h, &lm_head.to_dtype(h.dtype())?, targets)?.0)
+pub fn token_logps_composite(h: &Tensor, lm_head: &Tensor, targets: &[u32], softcap: Option<f64>) -> Result<Tensor> {
+    Ok(logps_lse(h, &lm_head.to_dtype(h.dtype())?, targets, softcap)?.0)
 }
 
 /// log π(target) and log Σ exp(logits) per row, f32 [m] each (f64 for f64), in row chunks.
-fn logps_lse(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<(Tensor, Tensor)> {
+fn logps_lse(h: &Tensor, w: &Tensor, targets: &[u32], softcap: Option<f64>) -> Result<(Tensor, Tensor)> {
     let dev = h.device();
     let m = targets.len();
     let chunk = (CHUNK_ELEMS / w.dim(0)?).clamp(1, m.max(1));
@@ -145,7 +168,10 @@ fn logps_lse(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<(Tensor, Tensor)
     let (mut logps, mut lses) = (Vec::with_capacity(m.div_ceil(chunk)), Vec::with_capacity(m.div_ceil(chunk)));
     for start in (0..m).step_by(chunk) {
         let n = chunk.min(m - start);
-        let logits = h.narrow(0, start, n)?.matmul(&w_t)?.to_dtype(super::decoder::accum_dtype(h.dtype()))?;
+        let mut logits = h.narrow(0, start, n)?.matmul(&w_t)?.to_dtype(super::decoder::accum_dtype(h.dtype()))?;
+        if let Some(cap) = softcap {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
         // log_softmax(x)[y] = (x_y - max) - log Σ exp(x - max); the max is a constant for autograd.
         let max = logits.max_keepdim(1)?.detach();
         let shifted = logits.broadcast_sub(&max)?;

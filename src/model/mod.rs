@@ -1,5 +1,6 @@
 //! The Llama/Qwen2/Mistral decoder family, built from differentiable candle ops so the same
 //! code computes the reference log-probs (cache-ref) and trains the policy.
+pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod fused;

@@ -35,31 +35,75 @@ pub fn weights_hash(model_dir: &Path) -> Result<String> {
     Ok(h.finalize().to_hex().to_string())
 }
 
-/// Every tensor name the decoder needs for this config, in HF naming.
-pub fn tensor_names(cfg: &ModelConfig) -> Vec<String> {
-    let mut names = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
+/// Every tensor the decoder needs for this config, in the checkpoint's naming, with its shape.
+pub fn tensor_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    use super::config::{ExpertNames, NormPlacement, QkNorm};
+    let (h, hd, p) = (cfg.hidden_size, cfg.head_dim, cfg.prefix.as_str());
+    let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+    let mut out: Vec<(String, Vec<usize>)> = vec![(format!("{p}embed_tokens.weight"), vec![cfg.vocab_size, h]), (format!("{p}norm.weight"), vec![h])];
     if !cfg.tie_word_embeddings {
-        names.push("lm_head.weight".into());
+        out.push(("lm_head.weight".into(), vec![cfg.vocab_size, h]));
     }
-    for i in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            names.push(format!("{p}.self_attn.{proj}.weight"));
-            let bias = if proj == "o_proj" { cfg.o_bias } else { cfg.qkv_bias };
-            if bias {
-                names.push(format!("{p}.self_attn.{proj}.bias"));
+    let linear = |out: &mut Vec<(String, Vec<usize>)>, name: String, o: usize, i: usize, bias: bool| {
+        if bias {
+            out.push((format!("{name}.bias"), vec![o]));
+        }
+        out.push((format!("{name}.weight"), vec![o, i]));
+    };
+    for (l, spec) in cfg.layers.iter().enumerate() {
+        let a = format!("{p}layers.{l}.self_attn");
+        if cfg.fused_projections {
+            linear(&mut out, format!("{a}.qkv_proj"), q + 2 * kv, h, cfg.qkv_bias);
+        } else {
+            linear(&mut out, format!("{a}.q_proj"), q, h, cfg.qkv_bias);
+            linear(&mut out, format!("{a}.k_proj"), kv, h, cfg.qkv_bias);
+            linear(&mut out, format!("{a}.v_proj"), kv, h, cfg.qkv_bias);
+        }
+        linear(&mut out, format!("{a}.o_proj"), h, q, cfg.o_bias);
+        match cfg.qk_norm {
+            QkNorm::None => {}
+            QkNorm::PerHead => out.extend([(format!("{a}.q_norm.weight"), vec![hd]), (format!("{a}.k_norm.weight"), vec![hd])]),
+            QkNorm::Whole => out.extend([(format!("{a}.q_norm.weight"), vec![q]), (format!("{a}.k_norm.weight"), vec![kv])]),
+        }
+        let m = format!("{p}layers.{l}.mlp");
+        match (&cfg.moe, spec.moe) {
+            (Some(moe), true) => {
+                let (e, im) = (moe.num_experts, moe.intermediate_size);
+                let (block, [gate, up, down]) = match moe.names {
+                    ExpertNames::Mixtral => (format!("{p}layers.{l}.block_sparse_moe"), ["w1", "w3", "w2"]),
+                    ExpertNames::Qwen => (m.clone(), ["gate_proj", "up_proj", "down_proj"]),
+                };
+                out.push((format!("{block}.gate.weight"), vec![e, h]));
+                for x in 0..e {
+                    linear(&mut out, format!("{block}.experts.{x}.{gate}"), im, h, false);
+                    linear(&mut out, format!("{block}.experts.{x}.{up}"), im, h, false);
+                    linear(&mut out, format!("{block}.experts.{x}.{down}"), h, im, false);
+                }
+            }
+            _ => {
+                let i = cfg.intermediate_size;
+                if cfg.fused_projections {
+                    linear(&mut out, format!("{m}.gate_up_proj"), 2 * i, h, cfg.mlp_bias);
+                } else {
+                    linear(&mut out, format!("{m}.gate_proj"), i, h, cfg.mlp_bias);
+                    linear(&mut out, format!("{m}.up_proj"), i, h, cfg.mlp_bias);
+                }
+                linear(&mut out, format!("{m}.down_proj"), h, i, cfg.mlp_bias);
             }
         }
-        for proj in ["gate_proj", "up_proj", "down_proj"] {
-            names.push(format!("{p}.mlp.{proj}.weight"));
-            if cfg.mlp_bias {
-                names.push(format!("{p}.mlp.{proj}.bias"));
-            }
-        }
-        names.push(format!("{p}.input_layernorm.weight"));
-        names.push(format!("{p}.post_attention_layernorm.weight"));
+        let norms: &[&str] = match cfg.norm_placement {
+            NormPlacement::Pre => &["input_layernorm", "post_attention_layernorm"],
+            NormPlacement::Sandwich => &["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"],
+            NormPlacement::Post => &["post_attention_layernorm", "post_feedforward_layernorm"],
+        };
+        out.extend(norms.iter().map(|n| (format!("{p}layers.{l}.{n}.weight"), vec![h])));
     }
-    names
+    out
+}
+
+/// Every tensor name the decoder needs for this config, in the checkpoint's naming.
+pub fn tensor_names(cfg: &ModelConfig) -> Vec<String> {
+    tensor_shapes(cfg).into_iter().map(|(n, _)| n).collect()
 }
 
 /// Loads the decoder's tensors, converted to `dtype`. A missing tensor is an error naming it.

@@ -22,7 +22,7 @@ pub struct PairLogps {
 pub fn pair_logps(decoder: &Decoder, kind: LayoutKind, pairs: &[PairView]) -> Result<PairLogps> {
     let (layout, scored) = layout::build(kind, pairs);
     let hidden = decoder.hidden(&layout)?;
-    let tokens = token_logps(&hidden, decoder.lm_head(), &scored)?;
+    let tokens = token_logps(&hidden, decoder.lm_head(), &scored, decoder.cfg.final_softcap)?;
     let seqs = sequence_logps(&tokens, &scored)?.reshape((pairs.len(), 2))?;
     Ok(PairLogps { chosen: seqs.narrow(1, 0, 1)?.squeeze(1)?, rejected: seqs.narrow(1, 1, 1)?.squeeze(1)?, tokens, scored })
 }

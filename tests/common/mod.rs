@@ -120,7 +120,7 @@ pub fn seq_logps(dec: &dpo_pipeline::model::Decoder, ids: &[u32]) -> Vec<f32> {
     let sc =
         dpo_pipeline::model::logprobs::Scored { rows: (0..n as u32 - 1).collect(), targets: ids[1..].to_vec(), seq: vec![0; n - 1], num_seqs: 1 };
     let h = dec.hidden(&layout).unwrap();
-    dpo_pipeline::model::logprobs::token_logps(&h, dec.lm_head(), &sc).unwrap().to_vec1().unwrap()
+    dpo_pipeline::model::logprobs::token_logps(&h, dec.lm_head(), &sc, dec.cfg.final_softcap).unwrap().to_vec1().unwrap()
 }
 
 /// Checks that `file`'s columns and polars dtypes are what `schemas/<schema>` says.
