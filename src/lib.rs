@@ -10,6 +10,7 @@ pub mod data;
 pub mod demo;
 pub mod generate;
 pub mod iterative;
+pub mod memory;
 pub mod model;
 pub mod rng;
 pub mod score;

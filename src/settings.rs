@@ -187,6 +187,11 @@ settings! {
         label_smoothing: f64 = 0.0,
         /// Weight of an SFT (mean negative log-likelihood of chosen tokens) term.
         sft_weight: f64 = 0.0,
+        /// Mixture-of-experts models: the weight of the router's load-balancing loss added to
+        /// every step's loss, logged as `aux_loss` (unset: the model config's
+        /// `router_aux_loss_coef`, as TRL does; 0 turns it off).
+        #[arg(num_args = 1, value_name = "C")]
+        router_aux_loss_coef: Option<f64> = None,
         /// Peak learning rate.
         lr: f64 = 1e-6,
         /// AdamW decoupled weight decay.
@@ -208,6 +213,14 @@ settings! {
         grad_accum: usize = 1,
         /// Pairs per micro-batch.
         batch_size: usize = 8,
+        /// At most this many tokens through the policy at once: a micro-batch with more runs in
+        /// pieces (gradients add up to the same; memory follows the piece, not the batch).
+        #[arg(num_args = 1, value_name = "TOKENS")]
+        batch_tokens: Option<usize> = None,
+        /// Keep peak memory under this many GB: the tokens per piece are set from the memory
+        /// one pair is measured to take per token (see --batch-tokens).
+        #[arg(num_args = 1, value_name = "GB")]
+        max_memory: Option<f64> = None,
         /// Optimizer steps (unset: from --epochs).
         #[arg(num_args = 1, value_name = "N")]
         max_steps: Option<usize> = None,
@@ -255,6 +268,11 @@ settings! {
         /// weights, f32 AdamW state, log-softmax and loss in f32, as torch autocast + AdamW).
         #[arg(value_name = "DTYPE")]
         dtype: String = "f32".into(),
+        /// Keep only each decoder layer's input during the forward and rerun the layer in the
+        /// backward (TRL's `gradient_checkpointing`): activation memory of one layer instead of
+        /// all, for about a third more compute; the gradients are the same.
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        gradient_checkpointing: bool = false,
         /// Ablation: load the reference model and compute its log-probs in every step.
         #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
         ref_in_loop: bool = false,
@@ -377,6 +395,18 @@ impl TrainSettings {
         non_negative("max-grad-norm", self.max_grad_norm)?;
         at_least_one("grad-accum", self.grad_accum)?;
         at_least_one("batch-size", self.batch_size)?;
+        if self.batch_tokens == Some(0) {
+            bail!("--batch-tokens must be at least 1");
+        }
+        if let Some(gb) = self.max_memory {
+            positive("max-memory", gb)?;
+            if self.batch_tokens.is_some() {
+                bail!("--batch-tokens sets the tokens per piece and --max-memory derives them: pass one of them");
+            }
+        }
+        if let Some(c) = self.router_aux_loss_coef {
+            non_negative("router-aux-loss-coef", c)?;
+        }
         if self.max_steps == Some(0) {
             bail!("--max-steps must be at least 1");
         }

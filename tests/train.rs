@@ -11,7 +11,7 @@ use dpo_pipeline::train::loss::LossKind;
 use dpo_pipeline::train::optim::SchedulerKind;
 use dpo_pipeline::train::optim::{clip_by_global_norm, lr_factor, AdamW, AdamWConfig};
 use dpo_pipeline::train::policy::Policy;
-use dpo_pipeline::train::step::{batch_loss, gradients, LossSettings};
+use dpo_pipeline::train::step::{batch_loss, gradients, LossSettings, Whole};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -23,7 +23,7 @@ fn setup(dir: &Path, arch: &str, rows: &str) -> PathBuf {
     model
 }
 
-const DPO: LossSettings = LossSettings { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0, sft_weight: 0.0 };
+const DPO: LossSettings = LossSettings { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0, sft_weight: 0.0, router_aux_loss_coef: 0.0 };
 
 fn refs(cache: &RefCache, pairs: &[PairView]) -> (Vec<f32>, Vec<f32>) {
     (pairs.iter().map(|p| cache.chosen.as_slice()[p.row_id]).collect(), pairs.iter().map(|p| cache.rejected.as_slice()[p.row_id]).collect())
@@ -39,7 +39,7 @@ fn step_zero_rewards_are_zero_and_loss_is_ln2() {
     let pairs: Vec<PairView> = (0..16).map(|i| prep.pair(i)).collect();
     let (rc, rr) = refs(&cache, &pairs);
     for layout in [LayoutKind::Packed, LayoutKind::SharedPrompt, LayoutKind::Padded] {
-        let b = batch_loss(&policy.decoder, layout, DPO, &pairs, &rc, &rr).unwrap();
+        let b = batch_loss(&policy.decoder, layout, DPO, &pairs, &rc, &rr, Whole::of(&pairs)).unwrap();
         for r in b.out.chosen_rewards.to_vec1::<f32>().unwrap().iter().chain(&b.out.rejected_rewards.to_vec1::<f32>().unwrap()) {
             assert!(r.abs() < 1e-4, "{layout:?}: step-0 reward {r}");
         }
@@ -61,7 +61,7 @@ fn dpo_gradient_matches_its_closed_form_and_reaches_every_parameter() {
     let (rc, rr) = ((pc + 2.0) as f32, (pr - 1.0) as f32);
     let beta = 0.5;
     let settings = LossSettings { beta, ..DPO };
-    let b = batch_loss(&policy.decoder, LayoutKind::SharedPrompt, settings, &p, &[rc], &[rr]).unwrap();
+    let b = batch_loss(&policy.decoder, LayoutKind::SharedPrompt, settings, &p, &[rc], &[rr], Whole::of(&p)).unwrap();
     let g_loss = gradients(&b.loss, &policy).unwrap();
     // Every trainable tensor gets a non-zero gradient (candle drops them silently otherwise).
     for (n, g) in policy.names.iter().zip(&g_loss) {
@@ -90,10 +90,15 @@ fn finite_differences_agree_with_autograd() {
     let policy = Policy::load(&model, DType::F64, &Device::Cpu).unwrap();
     let pairs = [prep.pair(0), prep.pair(1)];
     let (rc, rr) = ([-30.0f32, -25.0], [-20.0f32, -28.0]);
-    let settings = LossSettings { kind: LossKind::Sigmoid, beta: 0.3, label_smoothing: 0.0, sft_weight: 0.5 };
-    let loss =
-        |pol: &Policy| batch_loss(&pol.eval_decoder, LayoutKind::SharedPrompt, settings, &pairs, &rc, &rr).unwrap().loss.to_scalar::<f64>().unwrap();
-    let b = batch_loss(&policy.decoder, LayoutKind::SharedPrompt, settings, &pairs, &rc, &rr).unwrap();
+    let settings = LossSettings { kind: LossKind::Sigmoid, beta: 0.3, label_smoothing: 0.0, sft_weight: 0.5, router_aux_loss_coef: 0.0 };
+    let loss = |pol: &Policy| {
+        batch_loss(&pol.eval_decoder, LayoutKind::SharedPrompt, settings, &pairs, &rc, &rr, Whole::of(&pairs))
+            .unwrap()
+            .loss
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let b = batch_loss(&policy.decoder, LayoutKind::SharedPrompt, settings, &pairs, &rc, &rr, Whole::of(&pairs)).unwrap();
     let grads = gradients(&b.loss, &policy).unwrap();
     let eps = 1e-5;
     let mut checked = 0;
@@ -226,7 +231,7 @@ fn resumed_run_logs_the_same_metrics_and_checkpoints_are_hf_layout() {
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(&b) {
         for (k, v) in x.as_object().unwrap() {
-            if k == "tokens_per_s" || k.ends_with("_seconds") {
+            if k == "tokens_per_s" || k.ends_with("_seconds") || k == "peak_memory_gb" {
                 continue;
             }
             assert_eq!(v, &y[k], "step {} {k}", x["step"]);
@@ -440,8 +445,8 @@ fn bf16_mixed_precision_tracks_f32_and_keeps_f32_master_weights() {
     // Reference values shifted so the loss is away from ln 2 and the gradient is not tiny.
     let rr: Vec<f32> = rr.iter().map(|x| x + 3.0).collect();
     let run = |compute: DType| {
-        let policy = Policy::load_mixed(&model, DType::F32, Some(compute), &Trainable::Full, &Device::Cpu).unwrap();
-        let b = batch_loss(&policy.decoder, LayoutKind::Packed, DPO, &pairs, &rc, &rr).unwrap();
+        let policy = Policy::load_mixed(&model, DType::F32, Some(compute), &Trainable::Full, false, &Device::Cpu).unwrap();
+        let b = batch_loss(&policy.decoder, LayoutKind::Packed, DPO, &pairs, &rc, &rr, Whole::of(&pairs)).unwrap();
         assert_eq!(b.loss.dtype(), DType::F32, "the loss is computed in f32");
         let grads = gradients(&b.loss, &policy).unwrap();
         let flat: Vec<f64> = grads.iter().flat_map(|g| g.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()).collect();
@@ -468,4 +473,37 @@ fn bf16_mixed_precision_tracks_f32_and_keeps_f32_master_weights() {
     let bf16_visible = before.iter().zip(&after).filter(|(a, b)| bf(**a) != bf(**b)).count();
     assert!(changed > before.len() / 2, "{changed} of {} weights moved", before.len());
     assert!(bf16_visible < changed / 4, "{bf16_visible} of {changed} updates would survive bf16 weights");
+}
+
+/// Gradient checkpointing reruns each layer in the backward: the gradients must be those of
+/// the ordinary backward, for full fine-tuning, LoRA (with adapter dropout, whose masks the
+/// rerun must redraw identically) and bf16 mixed precision.
+#[test]
+fn gradient_checkpointing_gives_the_ordinary_gradients() {
+    use dpo_pipeline::model::lora::LoraConfig;
+    use dpo_pipeline::train::policy::Trainable;
+    let d = tmp();
+    let model = setup(d.path(), "llama", "24");
+    let prep = PreparedDataset::open(&d.path().join("prep")).unwrap();
+    let cache = RefCache::open(&d.path().join("cache"), &prep).unwrap();
+    let pairs: Vec<PairView> = (0..6).map(|i| prep.pair(i)).collect();
+    let (rc, rr) = refs(&cache, &pairs);
+    let lora = Trainable::NewLora { config: LoraConfig::new(4, 8.0, "all-linear", 0.2).unwrap(), seed: 3 };
+    for (name, what, compute) in
+        [("full f32", Trainable::Full, DType::F32), ("LoRA with dropout", lora, DType::F32), ("full bf16", Trainable::Full, DType::BF16)]
+    {
+        let grads = |checkpoint: bool| -> Vec<Vec<f32>> {
+            let policy = Policy::load_mixed(&model, DType::F32, Some(compute), &what, checkpoint, &Device::Cpu).unwrap();
+            policy.reseed(7, 0, 0);
+            let b = batch_loss(&policy.decoder, LayoutKind::Packed, DPO, &pairs, &rc, &rr, Whole::of(&pairs)).unwrap();
+            gradients(&b.loss, &policy).unwrap().iter().map(|g| g.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()).collect()
+        };
+        let (plain, ckpt) = (grads(false), grads(true));
+        assert_eq!(plain.len(), ckpt.len());
+        for (i, (a, b)) in plain.iter().zip(&ckpt).enumerate() {
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(worst <= 1e-5 * scale, "{name}: parameter {i}: checkpointed gradient differs by {worst} (scale {scale})");
+        }
+    }
 }

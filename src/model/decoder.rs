@@ -913,7 +913,11 @@ impl Decoder {
                         Checkpoint::packed(&o)?.detach()
                     };
                     let op = Checkpoint { layer: layer.clone(), shared: shared.clone(), sink: sink.clone(), dropout_state, out };
-                    let packed = x.apply_op1(op)?;
+                    // candle records an op only when its input takes part in autograd; under
+                    // LoRA the first layer's input (a frozen embedding) does not, so it becomes a
+                    // leaf that does (its gradient is computed and dropped).
+                    let input = if x.track_op() { x.clone() } else { Var::from_tensor(&x)?.as_tensor().clone() };
+                    let packed = input.apply_op1(op)?;
                     let d = x.dim(1)?;
                     if packed.dim(1)? > d {
                         router_logits.push(packed.narrow(1, d, packed.dim(1)? - d)?);

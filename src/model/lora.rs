@@ -14,9 +14,30 @@ use std::path::Path;
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// The linear modules of a decoder layer, as PEFT names them (`all-linear` = all of them; the
-/// output head is never a target).
-pub const LINEAR_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+/// output head is never a target); Phi-3 fuses them into `qkv_proj` and `gate_up_proj`.
+pub const LINEAR_MODULES: [&str; 9] = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj"];
+
+/// The linear modules a family's decoder layer has (what `all-linear` means for it).
+pub fn family_modules(cfg: &ModelConfig) -> &'static [&'static str] {
+    if cfg.fused_projections {
+        &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    } else {
+        &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    }
+}
+
+/// `target_modules` for `all-linear` before it meets a model (resolved by [`LoraConfig::resolve`]).
+const ALL_LINEAR: &str = "all-linear";
 const PEFT_PREFIX: &str = "base_model.model.";
+
+/// A module's key in PEFT's files: `base_model.model.` + its path in transformers' model
+/// (Gemma 3's multimodal text tower is `model.language_model.` there, `language_model.model.` on disk).
+fn peft_key(module: &str) -> String {
+    match module.strip_prefix("language_model.model.") {
+        Some(rest) => format!("{PEFT_PREFIX}model.language_model.{rest}"),
+        None => format!("{PEFT_PREFIX}{module}"),
+    }
+}
 
 /// The adapter's settings, as `adapter_config.json` holds them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,10 +50,11 @@ pub struct LoraConfig {
 }
 
 impl LoraConfig {
-    /// `targets`: module names separated by commas, or `all-linear`.
+    /// `targets`: module names separated by commas, or `all-linear` (every linear layer of the
+    /// model's family but the head, resolved against the model by [`LoraConfig::resolve`]).
     pub fn new(r: usize, lora_alpha: f64, targets: &str, lora_dropout: f64) -> Result<Self> {
-        let target_modules: Vec<String> = if targets.trim() == "all-linear" {
-            LINEAR_MODULES.iter().map(|s| s.to_string()).collect()
+        let target_modules: Vec<String> = if targets.trim() == ALL_LINEAR {
+            vec![ALL_LINEAR.to_string()]
         } else {
             targets.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
         };
@@ -54,10 +76,30 @@ impl LoraConfig {
         if self.target_modules.is_empty() {
             bail!("LoRA needs at least one target module ({} or all-linear)", LINEAR_MODULES.join(", "));
         }
-        if let Some(bad) = self.target_modules.iter().find(|m| !LINEAR_MODULES.contains(&m.as_str())) {
+        if let Some(bad) = self.target_modules.iter().find(|m| !LINEAR_MODULES.contains(&m.as_str()) && *m != ALL_LINEAR) {
             bail!("unknown LoRA target module `{bad}`: use {} or all-linear", LINEAR_MODULES.join(", "));
         }
         Ok(())
+    }
+
+    /// The targets for this model: `all-linear` becomes the family's linear modules (as PEFT
+    /// writes them into adapter_config.json); a module the family does not have is an error.
+    pub fn resolve(mut self, cfg: &ModelConfig) -> Result<Self> {
+        let have = family_modules(cfg);
+        if self.target_modules.iter().any(|m| m == ALL_LINEAR) {
+            if cfg.moe.is_some() {
+                bail!(
+                    "--lora-targets all-linear on a mixture-of-experts model: PEFT then adapts the experts and the router as 3-D \
+                     parameters (`target_parameters`, rank 2r on gate_up_proj), which this tool does not train; adapt the attention \
+                     with --lora-targets q_proj,k_proj,v_proj,o_proj (and the dense layers' gate_proj,up_proj,down_proj)"
+                );
+            }
+            self.target_modules = have.iter().map(|s| s.to_string()).collect();
+        }
+        if let Some(bad) = self.target_modules.iter().find(|m| !have.contains(&m.as_str())) {
+            bail!("LoRA target `{bad}`: a {} layer has no such module (it has {})", cfg.model_type, have.join(", "));
+        }
+        Ok(self)
     }
 
     /// α / r, the factor on B A x.
@@ -65,21 +107,27 @@ impl LoraConfig {
         self.lora_alpha / self.r as f64
     }
 
-    /// Every adapted module's path (`model.layers.3.self_attn.q_proj`) with its (in, out) sizes.
+    /// Every adapted module's path (`model.layers.3.self_attn.q_proj`) with its (in, out) sizes;
+    /// MLP modules only in dense layers (an MoE layer's experts are not nn.Linear modules).
     pub fn modules(&self, cfg: &ModelConfig) -> Vec<(String, usize, usize)> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
         let mut out = Vec::new();
-        for l in 0..cfg.num_hidden_layers {
-            for m in LINEAR_MODULES.iter().filter(|m| self.target_modules.iter().any(|t| t == *m)) {
+        for (l, spec) in cfg.layers.iter().enumerate() {
+            for m in family_modules(cfg).iter().filter(|m| self.target_modules.iter().any(|t| t == *m)) {
                 let (group, fan_in, fan_out) = match *m {
                     "q_proj" => ("self_attn", h, q),
                     "k_proj" | "v_proj" => ("self_attn", h, kv),
+                    "qkv_proj" => ("self_attn", h, q + 2 * kv),
                     "o_proj" => ("self_attn", q, h),
                     "gate_proj" | "up_proj" => ("mlp", h, i),
+                    "gate_up_proj" => ("mlp", h, 2 * i),
                     _ => ("mlp", i, h),
                 };
-                out.push((format!("model.layers.{l}.{group}.{m}"), fan_in, fan_out));
+                if group == "mlp" && spec.moe {
+                    continue;
+                }
+                out.push((format!("{}layers.{l}.{group}.{m}", cfg.prefix), fan_in, fan_out));
             }
         }
         out
@@ -123,6 +171,7 @@ pub fn load(dir: &Path, cfg: &ModelConfig, device: &Device) -> Result<(LoraConfi
         lc = LoraConfig::new(lc.r, lc.lora_alpha, s, lc.lora_dropout)?;
     }
     lc.check().with_context(|| cfg_path.display().to_string())?;
+    let lc = lc.resolve(cfg).with_context(|| cfg_path.display().to_string())?;
     let path = dir.join(WEIGHTS_FILE);
     // SAFETY: adapter files are read-only inputs, not modified while mapped.
     let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&path) }.with_context(|| format!("cannot read {}", path.display()))?;
@@ -130,7 +179,7 @@ pub fn load(dir: &Path, cfg: &ModelConfig, device: &Device) -> Result<(LoraConfi
     let mut expected = std::collections::BTreeSet::new();
     for (m, fan_in, fan_out) in lc.modules(cfg) {
         for (part, shape) in [("lora_A", (lc.r, fan_in)), ("lora_B", (fan_out, lc.r))] {
-            let key = format!("{PEFT_PREFIX}{m}.{part}.weight");
+            let key = format!("{}.{part}.weight", peft_key(&m));
             let t = st.load(&key, device).map_err(|_| anyhow::anyhow!("{}: tensor `{key}` is missing", path.display()))?;
             if t.dims() != [shape.0, shape.1] {
                 bail!(
@@ -153,7 +202,7 @@ pub fn load(dir: &Path, cfg: &ModelConfig, device: &Device) -> Result<(LoraConfi
 /// Writes an adapter directory PEFT loads with `PeftModel.from_pretrained(base, DIR)`.
 pub fn save(dir: &Path, lc: &LoraConfig, tensors: &BTreeMap<String, Tensor>, base_model: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    let renamed: BTreeMap<String, Tensor> = tensors.iter().map(|(k, t)| (format!("{PEFT_PREFIX}{k}"), t.clone())).collect();
+    let renamed: BTreeMap<String, Tensor> = tensors.iter().map(|(k, t)| (peft_key(k), t.clone())).collect();
     super::weights::save_weights(&dir.join(WEIGHTS_FILE), &renamed, DType::F32)?;
     let config = serde_json::json!({
         "peft_type": "LORA",

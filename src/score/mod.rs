@@ -17,12 +17,16 @@ pub struct PairLogps {
     pub rejected: Tensor,
     pub tokens: Tensor,
     pub scored: Scored,
+    /// MoE models: the router's load-balancing loss over the batch's tokens, each shared prompt
+    /// token counted once per completion as in TRL's padded rows (None for dense models).
+    pub aux_loss: Option<Tensor>,
 }
 
 pub fn pair_logps(decoder: &Decoder, kind: LayoutKind, pairs: &[PairView]) -> Result<PairLogps> {
     let (layout, scored) = layout::build(kind, pairs);
-    let hidden = decoder.hidden(&layout)?;
-    let tokens = token_logps(&hidden, decoder.lm_head(), &scored, decoder.cfg.final_softcap)?;
+    let f = decoder.forward(&layout)?;
+    let tokens = token_logps(&f.hidden, decoder.lm_head(), &scored, decoder.cfg.final_softcap)?;
     let seqs = sequence_logps(&tokens, &scored)?.reshape((pairs.len(), 2))?;
-    Ok(PairLogps { chosen: seqs.narrow(1, 0, 1)?.squeeze(1)?, rejected: seqs.narrow(1, 1, 1)?.squeeze(1)?, tokens, scored })
+    let aux_loss = decoder.aux_loss(&f.router_logits, &layout.token_weights())?;
+    Ok(PairLogps { chosen: seqs.narrow(1, 0, 1)?.squeeze(1)?, rejected: seqs.narrow(1, 1, 1)?.squeeze(1)?, tokens, scored, aux_loss })
 }

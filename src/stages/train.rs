@@ -17,7 +17,7 @@ use crate::store::{write_atomic, InputRef, Manifest};
 use crate::train::metrics::{self, PairStats, Row};
 use crate::train::optim::{clip_by_global_norm, lr_factor, AdamW, AdamWConfig};
 use crate::train::policy::{Policy, Trainable};
-use crate::train::step::{batch_loss, gradients, LossSettings};
+use crate::train::step::{batch_loss, gradients, split_by_tokens, LossSettings, Whole};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
@@ -69,18 +69,70 @@ struct TrainerState {
     fingerprint: String,
 }
 
-fn eval_pass(policy: &Policy, prepared: &PreparedDataset, cache: &RefCache, rows: &[u32], cfg: &TrainSettings, loss: LossSettings) -> Result<Row> {
+fn eval_pass(
+    policy: &Policy,
+    prepared: &PreparedDataset,
+    cache: &RefCache,
+    rows: &[u32],
+    cfg: &TrainSettings,
+    loss: LossSettings,
+    budget: usize,
+) -> Result<Row> {
     let mut stats = PairStats::default();
     for chunk in rows.chunks(cfg.batch_size) {
         let pairs: Vec<PairView> = chunk.iter().map(|&i| prepared.pair(i as usize)).collect();
         let rc: Vec<f32> = chunk.iter().map(|&i| cache.chosen.as_slice()[i as usize]).collect();
         let rr: Vec<f32> = chunk.iter().map(|&i| cache.rejected.as_slice()[i as usize]).collect();
-        let b = batch_loss(&policy.eval_decoder, cfg.layout, loss, &pairs, &rc, &rr)?;
-        b.record(&mut stats)?;
+        let whole = Whole::of(&pairs);
+        for r in split_by_tokens(cfg.layout, &pairs, budget)? {
+            let b = batch_loss(&policy.eval_decoder, cfg.layout, loss, &pairs[r.clone()], &rc[r.clone()], &rr[r], whole)?;
+            b.record(&mut stats)?;
+        }
     }
     let mut row = Row::new();
     stats.into_row("eval/", &mut row);
     Ok(row)
+}
+
+/// The tokens a micro-batch may hold under `gb` of memory: one pair's forward and backward
+/// (from the longest up to 1,024 computed tokens) measures the peak memory per token above
+/// what the process holds before it; activation memory grows linearly with tokens (the
+/// attention keeps no tokens × tokens scores), so the budget is what is left divided by that,
+/// with a tenth kept spare.
+#[allow(clippy::too_many_arguments)]
+fn tokens_for_memory(
+    policy: &Policy,
+    prepared: &PreparedDataset,
+    cache_c: &[f32],
+    cache_r: &[f32],
+    rows: &[u32],
+    cfg: &TrainSettings,
+    loss: LossSettings,
+    gb: f64,
+) -> Result<usize> {
+    let tokens = |i: u32| crate::score::layout::computed_tokens(cfg.layout, &prepared.pair(i as usize));
+    let probe =
+        rows.iter().copied().filter(|&i| tokens(i) <= 1024).max_by_key(|&i| tokens(i)).or_else(|| rows.iter().copied().min_by_key(|&i| tokens(i)));
+    let probe = probe.context("no train rows")?;
+    let pairs = [prepared.pair(probe as usize)];
+    let base = crate::memory::rss_bytes();
+    crate::memory::reset_peak();
+    let b = batch_loss(&policy.decoder, cfg.layout, loss, &pairs, &[cache_c[probe as usize]], &[cache_r[probe as usize]], Whole::of(&pairs))?;
+    drop(gradients(&b.loss, policy)?);
+    let device = policy.vars[0].device().clone();
+    let per_token = (crate::memory::peak_bytes(&device).saturating_sub(base) as f64 / tokens(probe) as f64).max(1.0);
+    let room = gb * 1e9 - base as f64;
+    let budget = (0.9 * room / per_token).floor();
+    if budget < 1.0 {
+        bail!("--max-memory {gb} GB: the model and optimizer already take {:.2} GB, leaving no room for activations", base as f64 / 1e9);
+    }
+    eprintln!(
+        "train: --max-memory {gb} GB: {:.1} kB per token measured on a {}-token pair, so micro-batches of at most {} tokens",
+        per_token / 1e3,
+        tokens(probe),
+        budget as usize
+    );
+    Ok(budget as usize)
 }
 
 /// The newest complete checkpoint (`step-N` directories only ever appear whole).
@@ -173,7 +225,11 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
     let total_steps = cfg.max_steps.unwrap_or_else(|| ((cfg.epochs * train_rows.len() as f64) / per_step as f64).ceil().max(1.0) as usize);
     // Settings that change the result; paths and run control are not among them.
     let mut settings = serde_json::to_value(cfg)?;
-    for k in ["resume", "force", "prepared", "ref_cache", "out", "model", "stop_after_steps", "adapter"] {
+    // Gradient checkpointing and token budgets change memory, not results.
+    for k in [
+        "resume", "force", "prepared", "ref_cache", "out", "model", "stop_after_steps", "adapter", "gradient_checkpointing", "batch_tokens",
+        "max_memory",
+    ] {
         settings.as_object_mut().expect("a struct").remove(k);
     }
     let mut inputs = vec![
@@ -212,7 +268,7 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
     let device = model::device()?;
     let base_dtype = weights::parse_dtype(&cfg.base_dtype)?;
     let compute = weights::parse_dtype(&cfg.dtype)?;
-    let policy = Policy::load_mixed(&model_dir, base_dtype, Some(compute), &trainable(cfg)?, &device)?;
+    let policy = Policy::load_mixed(&model_dir, base_dtype, Some(compute), &trainable(cfg)?, cfg.gradient_checkpointing, &device)?;
     let mut opt = AdamW::new(
         AdamWConfig { lr: cfg.lr, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay },
         &policy.vars,
@@ -227,14 +283,25 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
     };
     // The reference is what cache-ref ran, whatever the policy starts from.
     let ref_decoder = if cfg.ref_in_loop { Some(model::load_decoder(&cache.model_dir()?, DType::F32, &device)?) } else { None };
-    let loss = LossSettings { kind: cfg.loss, beta: cfg.beta, label_smoothing: cfg.label_smoothing, sft_weight: cfg.sft_weight };
+    // MoE models: TRL 1.16 adds the router's load-balancing loss whenever the model has one,
+    // weighted by the config's router_aux_loss_coef unless the run sets its own.
+    let router_aux_loss_coef = cfg.router_aux_loss_coef.or(policy.cfg.moe.as_ref().map(|m| m.router_aux_loss_coef)).unwrap_or(0.0);
+    let loss =
+        LossSettings { kind: cfg.loss, beta: cfg.beta, label_smoothing: cfg.label_smoothing, sft_weight: cfg.sft_weight, router_aux_loss_coef };
     let (cache_c, cache_r) = (cache.chosen.as_slice(), cache.rejected.as_slice());
+    // Tokens a micro-batch may hold at once: --batch-tokens, or what --max-memory leaves room
+    // for at the per-token cost measured on one pair; a micro-batch over it runs in pieces.
+    let budget = match (cfg.batch_tokens, cfg.max_memory) {
+        (Some(t), _) => t,
+        (None, Some(gb)) => tokens_for_memory(&policy, &prepared, cache_c, cache_r, &train_rows, cfg, loss, gb)?,
+        (None, None) => usize::MAX,
+    };
     let metrics_path = out.join("metrics.jsonl");
     // Keep only what came before the checkpoint we resume from.
     let mut rows = metrics::read_jsonl(&metrics_path, start_step)?;
     metrics::write_jsonl(&metrics_path, &rows)?;
     if start_step == 0 && !eval_rows.is_empty() {
-        let row = eval_pass(&policy, &prepared, &cache, &eval_rows, cfg, loss)?;
+        let row = eval_pass(&policy, &prepared, &cache, &eval_rows, cfg, loss, budget)?;
         metrics::append_jsonl(&metrics_path, 0, &row)?;
         rows.push((0, row));
     }
@@ -242,6 +309,7 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
     let pb = progress(total_steps as u64, "train", "steps");
     pb.set_position(start_step as u64);
     let (mut tokens_total, t_loop) = (0usize, Instant::now());
+    let mut peak_memory_gb = 0f64;
     let mut steps_run = 0;
     for step in start_step..total_steps {
         if cfg.stop_after_steps == Some(steps_run) {
@@ -250,6 +318,7 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
             return Ok(Manifest::unfinished(STAGE, FORMAT_VERSION, &fp));
         }
         let t_step = Instant::now();
+        crate::memory::reset_peak();
         let lr = cfg.lr * lr_factor(cfg.scheduler, step, cfg.warmup_steps, total_steps);
         let mut acc: Option<Vec<Tensor>> = None;
         let mut stats = PairStats::default();
@@ -267,18 +336,21 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
                 }
                 None => (ids.iter().map(|&i| cache_c[i as usize]).collect(), ids.iter().map(|&i| cache_r[i as usize]).collect()),
             };
-            let t = Instant::now();
-            let b = batch_loss(&policy.decoder, cfg.layout, loss, &pairs, &rc, &rr)?;
-            fwd_s += t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            let grads = gradients(&(&b.loss / cfg.grad_accum as f64)?, &policy)?;
-            bwd_s += t.elapsed().as_secs_f64();
-            acc = Some(match acc {
-                None => grads,
-                Some(a) => a.iter().zip(&grads).map(|(x, y)| x + y).collect::<candle_core::Result<_>>()?,
-            });
-            b.record(&mut stats)?;
-            tokens += b.tokens;
+            let whole = Whole::of(&pairs);
+            for r in split_by_tokens(cfg.layout, &pairs, budget)? {
+                let t = Instant::now();
+                let b = batch_loss(&policy.decoder, cfg.layout, loss, &pairs[r.clone()], &rc[r.clone()], &rr[r], whole)?;
+                fwd_s += t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                let grads = gradients(&(&b.loss / cfg.grad_accum as f64)?, &policy)?;
+                bwd_s += t.elapsed().as_secs_f64();
+                acc = Some(match acc {
+                    None => grads,
+                    Some(a) => a.iter().zip(&grads).map(|(x, y)| x + y).collect::<candle_core::Result<_>>()?,
+                });
+                b.record(&mut stats)?;
+                tokens += b.tokens;
+            }
         }
         let t = Instant::now();
         let (grad_norm, clipped) = clip_by_global_norm(&acc.expect("grad_accum >= 1"), cfg.max_grad_norm)?;
@@ -296,6 +368,9 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
         row.insert("forward_seconds".into(), fwd_s);
         row.insert("backward_seconds".into(), bwd_s);
         row.insert("optimizer_seconds".into(), opt_s);
+        let peak_gb = crate::memory::peak_bytes(&device) as f64 / 1e9;
+        peak_memory_gb = peak_memory_gb.max(peak_gb);
+        row.insert("peak_memory_gb".into(), peak_gb);
         row.insert("epoch".into(), (n * per_step) as f64 / train_rows.len() as f64);
         pb.set_message(format!(
             "loss {:.4} acc {:.2} {:.0} tok/s",
@@ -306,7 +381,7 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
         metrics::append_jsonl(&metrics_path, n, &row)?;
         rows.push((n, row));
         if !eval_rows.is_empty() && cfg.eval_every > 0 && (n % cfg.eval_every == 0 || n == total_steps) {
-            let row = eval_pass(&policy, &prepared, &cache, &eval_rows, cfg, loss)?;
+            let row = eval_pass(&policy, &prepared, &cache, &eval_rows, cfg, loss, budget)?;
             metrics::append_jsonl(&metrics_path, n, &row)?;
             rows.push((n, row));
         }
@@ -337,6 +412,8 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
         "final_eval_margin": last("eval/rewards/margins"),
         "tokens_per_s": tokens_total as f64 / t_loop.elapsed().as_secs_f64().max(1e-9),
         "seconds_per_step": t_loop.elapsed().as_secs_f64() / steps_run.max(1) as f64,
+        "peak_memory_gb": peak_memory_gb,
+        "micro_batch_tokens": (budget != usize::MAX).then_some(budget),
     });
     let manifest = sd.manifest(counts, stats);
     let wall = manifest.timings["wall_s"];

@@ -3,7 +3,7 @@
 //! Same arguments, byte-identical files.
 use super::prefs::{synth_row, text_prompt};
 use crate::model::config::ModelConfig;
-use crate::model::weights::{save_weights, tensor_names};
+use crate::model::weights::{save_weights, tensor_shapes};
 use crate::rng::Rng;
 use crate::store::write_atomic;
 use anyhow::{anyhow, Result};
@@ -19,10 +19,47 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, PostProcessorWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
+/// The families `init-model` writes (config.json's `model_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Arch {
     Llama,
     Qwen2,
+    Qwen3,
+    #[value(name = "qwen3_moe")]
+    Qwen3Moe,
+    Mixtral,
+    Gemma2,
+    /// `gemma3_text` (Gemma3ForCausalLM).
+    Gemma3,
+    Phi3,
+    Olmo2,
+    Smollm3,
+}
+
+impl Arch {
+    /// config.json's `model_type` and the architecture class of a causal LM and of a reward model.
+    fn names(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Arch::Llama => ("llama", "LlamaForCausalLM", "LlamaForSequenceClassification"),
+            Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
+            Arch::Qwen3 => ("qwen3", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
+            Arch::Qwen3Moe => ("qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeForSequenceClassification"),
+            Arch::Mixtral => ("mixtral", "MixtralForCausalLM", "MixtralForSequenceClassification"),
+            Arch::Gemma2 => ("gemma2", "Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
+            Arch::Gemma3 => ("gemma3_text", "Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
+            Arch::Phi3 => ("phi3", "Phi3ForCausalLM", "Phi3ForSequenceClassification"),
+            Arch::Olmo2 => ("olmo2", "Olmo2ForCausalLM", "Olmo2ForSequenceClassification"),
+            Arch::Smollm3 => ("smollm3", "SmolLM3ForCausalLM", "SmolLM3ForSequenceClassification"),
+        }
+    }
+
+    /// The tokenizer style: Llama's (a BOS, `</s>`) or Qwen's (no BOS, `<|im_end|>`).
+    fn tokenizer_style(self) -> Arch {
+        match self {
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe | Arch::Olmo2 => Arch::Qwen2,
+            _ => Arch::Llama,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -37,6 +74,13 @@ pub enum Size {
     /// Llama-3.2-1B's exact shape (1.24B parameters, vocabulary 128,256, llama3 rope; --arch llama).
     #[value(name = "llama-1b")]
     Llama1b,
+    /// Qwen3-0.6B's exact shape (596M parameters, head_dim 128, vocabulary 151,936; --arch qwen3).
+    #[value(name = "qwen3-0.6b")]
+    Qwen3Small,
+    /// A small Qwen3-MoE (16 experts, top 4, ~50M parameters) for benchmarks on this machine
+    /// (--arch qwen3_moe).
+    #[value(name = "moe-small")]
+    MoeSmall,
 }
 
 /// The dimensions of a generated model.
@@ -55,7 +99,7 @@ struct Dims {
     tied: Option<bool>,
 }
 
-fn dims(size: Size) -> Dims {
+fn dims(size: Size, arch: Arch) -> Dims {
     let default_rope = serde_json::json!({"rope_type": "default", "rope_theta": 10000.0});
     let d = |tokenizer_vocab, pseudo_words, hidden, intermediate, layers, heads, kv_heads| Dims {
         tokenizer_vocab,
@@ -69,8 +113,11 @@ fn dims(size: Size) -> Dims {
         rope: default_rope.clone(),
         tied: None,
     };
+    // The families beyond Llama and Qwen2 get 3 layers, so layer patterns (sliding windows,
+    // NoPE, dense layers among MoE ones) show.
+    let tiny_layers = if matches!(arch, Arch::Llama | Arch::Qwen2) { 2 } else { 3 };
     match size {
-        Size::Tiny => d(512, 2000, 64, 176, 2, 4, 2),
+        Size::Tiny => d(512, 2000, 64, 176, tiny_layers, 4, 2),
         Size::Small => d(8000, 400_000, 512, 1408, 8, 8, 4),
         Size::Qwen25Half => Dims {
             vocab_size: Some(151_936),
@@ -85,6 +132,13 @@ fn dims(size: Size) -> Dims {
             tied: Some(true),
             ..d(8000, 400_000, 2048, 8192, 16, 32, 8)
         },
+        Size::Qwen3Small => Dims {
+            vocab_size: Some(151_936),
+            rope: serde_json::json!({"rope_type": "default", "rope_theta": 1_000_000.0}),
+            tied: Some(true),
+            ..d(8000, 400_000, 1024, 3072, 28, 16, 8)
+        },
+        Size::MoeSmall => d(8000, 400_000, 512, 1408, 8, 8, 4),
     }
 }
 
@@ -100,11 +154,11 @@ struct Specials {
 }
 
 fn specials(arch: Arch) -> Specials {
-    match arch {
+    match arch.tokenizer_style() {
         // Llama-style: a BOS the post-processor adds, `</s>` as EOS.
         Arch::Llama => Specials { bos: Some("<s>"), eos: "</s>", pad: "<pad>", all: &["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"] },
         // Qwen2-style: no BOS, `<|im_end|>` as EOS.
-        Arch::Qwen2 => Specials { bos: None, eos: "<|im_end|>", pad: "<|endoftext|>", all: &["<|endoftext|>", "<|im_start|>", "<|im_end|>"] },
+        _ => Specials { bos: None, eos: "<|im_end|>", pad: "<|endoftext|>", all: &["<|endoftext|>", "<|im_start|>", "<|im_end|>"] },
     }
 }
 
@@ -146,14 +200,14 @@ pub fn train_tokenizer(arch: Arch, vocab: usize, seed: u64, pseudo_words: usize)
             .build(),
     );
     let mut tok = Tokenizer::new(BPE::default());
-    match arch {
+    match arch.tokenizer_style() {
         Arch::Llama => {
             tok.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
         }
         // Exactly the pipeline of real Qwen2 tokenizers (transformers 5's Qwen2Tokenizer rebuilds
         // it from its own code, whatever tokenizer.json says): NFC, Qwen2's split regex (digits
         // one by one), byte-level without its own regex.
-        Arch::Qwen2 => {
+        _ => {
             tok.with_normalizer(Some(NFC)).map_err(|e| anyhow!("{e}"))?;
             let split = Split::new(SplitPattern::Regex(QWEN2_REGEX.into()), SplitDelimiterBehavior::Isolated, false).map_err(|e| anyhow!("{e}"))?;
             tok.with_pre_tokenizer(Some(Sequence::new(vec![
@@ -192,100 +246,62 @@ pub fn init_model(spec: &InitSpec, out: &Path) -> Result<ModelConfig> {
     let need = match spec.size {
         Size::Qwen25Half => Some(Arch::Qwen2),
         Size::Llama1b => Some(Arch::Llama),
+        Size::Qwen3Small => Some(Arch::Qwen3),
+        Size::MoeSmall => Some(Arch::Qwen3Moe),
         _ => None,
     };
     if need.is_some_and(|a| a != spec.arch) {
         anyhow::bail!("--size {:?} is a {:?} shape: pass --arch {:?}", spec.size, need.unwrap(), need.unwrap());
     }
     std::fs::create_dir_all(out)?;
-    let dm = dims(spec.size);
-    let (hidden, inter, layers, heads, kv) = (dm.hidden, dm.intermediate, dm.layers, dm.heads, dm.kv_heads);
-    let tok = train_tokenizer(spec.arch, dm.tokenizer_vocab, spec.seed, dm.pseudo_words)?;
+    let dm = dims(spec.size, spec.arch);
+    let style = spec.arch.tokenizer_style();
+    let tok = train_tokenizer(style, dm.tokenizer_vocab, spec.seed, dm.pseudo_words)?;
     let vocab_size = dm.vocab_size.unwrap_or(0).max(tok.get_vocab_size(true));
-    let sp = specials(spec.arch);
+    let sp = specials(style);
     let id = |t: &str| tok.token_to_id(t).map(serde_json::Value::from).unwrap_or(serde_json::Value::Null);
-    let (arch_name, model_type, tied) = match spec.arch {
-        Arch::Llama => ("LlamaForCausalLM", "llama", dm.tied.unwrap_or(false)),
-        Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2", dm.tied.unwrap_or(true)),
-    };
-    let mut config = serde_json::json!({
-        "architectures": [arch_name],
-        "model_type": model_type,
-        "vocab_size": vocab_size,
-        "hidden_size": hidden,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv,
-        "head_dim": hidden / heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": if dm.vocab_size.is_some() { 32768 } else { 2048 },
-        "rms_norm_eps": 1e-6,
-        "rope_parameters": dm.rope,
-        "tie_word_embeddings": tied,
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "bos_token_id": sp.bos.map(id).unwrap_or(serde_json::Value::Null),
-        "eos_token_id": id(sp.eos),
-        "pad_token_id": id(sp.pad),
-        "dtype": "float32",
-        "use_cache": true,
-    });
-    match spec.arch {
-        Arch::Llama => {
-            config["attention_bias"] = false.into();
-            config["mlp_bias"] = false.into();
-        }
-        Arch::Qwen2 => {
-            config["use_sliding_window"] = false.into();
-            config["sliding_window"] = serde_json::Value::Null;
-            config["max_window_layers"] = layers.into();
-        }
-    }
+    let (model_type, arch_name, _) = spec.arch.names();
+    let config = family_config(
+        spec,
+        &dm,
+        vocab_size,
+        serde_json::json!({
+            "architectures": [arch_name],
+            "model_type": model_type,
+            "bos_token_id": sp.bos.map(id).unwrap_or(serde_json::Value::Null),
+            "eos_token_id": id(sp.eos),
+            "pad_token_id": id(sp.pad),
+        }),
+    );
     let cfg = ModelConfig::from_json(config.clone())?;
 
     let mut rng = Rng::new(spec.seed);
     let mut tensors = BTreeMap::new();
-    let shape_of = |name: &str| -> Vec<usize> {
-        let hd = cfg.head_dim;
-        let (q, k) = (heads * hd, kv * hd);
-        let leaf = name.rsplit('.').nth(1).unwrap_or("");
-        let is_bias = name.ends_with(".bias");
-        let (o, i) = match leaf {
-            "embed_tokens" | "lm_head" => (vocab_size, hidden),
-            "q_proj" => (q, hidden),
-            "k_proj" | "v_proj" => (k, hidden),
-            "o_proj" => (hidden, q),
-            "gate_proj" | "up_proj" => (inter, hidden),
-            "down_proj" => (hidden, inter),
-            _ => (hidden, 0), // norms
-        };
-        if is_bias || i == 0 {
-            vec![o]
-        } else {
-            vec![o, i]
-        }
-    };
-    let mut names = tensor_names(&cfg);
-    names.sort();
-    for name in names {
-        let shape = shape_of(&name);
+    let mut shapes = tensor_shapes(&cfg);
+    shapes.sort();
+    // Llama and Qwen2 keep the first generator's values (the golden files were made from them):
+    // norms of 1, zero biases, N(0, 0.02). The other families get non-trivial norms and biases
+    // and larger weights, so soft-capping, norms and routing all matter in their tests.
+    let plain = matches!(spec.arch, Arch::Llama | Arch::Qwen2);
+    let std = if plain { 0.02 } else { 0.08 };
+    for (name, shape) in shapes {
         let n: usize = shape.iter().product();
         let values: Vec<f32> = if name.ends_with("norm.weight") {
-            vec![1.0; n]
+            let center = if cfg.norm_style == crate::model::config::NormStyle::OnePlusWeight { 0.0 } else { 1.0 };
+            (0..n).map(|_| if plain { 1.0 } else { (center + rng.normal() * 0.1) as f32 }).collect()
         } else if name.ends_with(".bias") {
-            vec![0.0; n]
+            (0..n).map(|_| if plain { 0.0 } else { (rng.normal() * 0.05) as f32 }).collect()
         } else {
-            (0..n).map(|_| (rng.normal() * 0.02) as f32).collect()
+            (0..n).map(|_| (rng.normal() * std) as f32).collect()
         };
         tensors.insert(name, Tensor::from_vec(values, shape, &Device::Cpu)?);
     }
     save_weights(&out.join("model.safetensors"), &tensors, DType::F32)?;
     write_atomic(&out.join("config.json"), (serde_json::to_string_pretty(&config)? + "\n").as_bytes())?;
     write_atomic(&out.join("tokenizer.json"), tok.to_string(false).map_err(|e| anyhow!(e))?.as_bytes())?;
-    let template = match spec.arch {
-        Arch::Llama => format!("{{{{ bos_token }}}}{CHATML}"),
+    let template = match style {
         Arch::Qwen2 => CHATML.to_string(),
+        _ => format!("{{{{ bos_token }}}}{CHATML}"),
     };
     let tok_cfg = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -314,10 +330,139 @@ pub fn init_reward_model(spec: &InitSpec, out: &Path) -> Result<ModelConfig> {
     tensors.insert("score.weight".into(), Tensor::from_vec(score, (1, cfg.hidden_size), &Device::Cpu)?);
     save_weights(&out.join("model.safetensors"), &tensors, DType::F32)?;
     let mut config = cfg.raw.clone();
-    let arch = if cfg.model_type == "llama" { "LlamaForSequenceClassification" } else { "Qwen2ForSequenceClassification" };
-    config["architectures"] = serde_json::json!([arch]);
+    config["architectures"] = serde_json::json!([spec.arch.names().2]);
     config["id2label"] = serde_json::json!({"0": "LABEL_0"});
     config["label2id"] = serde_json::json!({"LABEL_0": 0});
     write_atomic(&out.join("config.json"), (serde_json::to_string_pretty(&config)? + "\n").as_bytes())?;
     ModelConfig::from_json(config)
+}
+
+/// config.json of a generated model: the shared keys, then the family's (transformers 5
+/// names). Tiny models switch every family feature on at sizes where it shows: short sliding
+/// windows, soft-capping that bends the values, long-rope's switch within a short sequence.
+fn family_config(spec: &InitSpec, dm: &Dims, vocab_size: usize, ids: serde_json::Value) -> serde_json::Value {
+    use serde_json::json;
+    let tiny = spec.size == Size::Tiny;
+    let head_dim = match spec.size {
+        Size::Qwen3Small => 128,
+        _ => dm.hidden / dm.heads,
+    };
+    let mut c = json!({
+        "vocab_size": vocab_size,
+        "hidden_size": dm.hidden,
+        "intermediate_size": dm.intermediate,
+        "num_hidden_layers": dm.layers,
+        "num_attention_heads": dm.heads,
+        "num_key_value_heads": dm.kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": if dm.vocab_size.is_some() { 32768 } else { 2048 },
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": dm.rope,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "dtype": "float32",
+        "use_cache": true,
+    });
+    for (k, v) in ids.as_object().expect("an object") {
+        c[k] = v.clone();
+    }
+    let tied = |d: bool| dm.tied.unwrap_or(d);
+    let layers = dm.layers;
+    let pattern =
+        |sliding: &[usize]| json!((0..layers).map(|i| if sliding.contains(&i) { "sliding_attention" } else { "full_attention" }).collect::<Vec<_>>());
+    match spec.arch {
+        Arch::Llama => {
+            c["tie_word_embeddings"] = tied(false).into();
+            c["attention_bias"] = false.into();
+            c["mlp_bias"] = false.into();
+        }
+        Arch::Qwen2 => {
+            c["tie_word_embeddings"] = tied(true).into();
+            c["use_sliding_window"] = false.into();
+            c["sliding_window"] = serde_json::Value::Null;
+            c["max_window_layers"] = layers.into();
+        }
+        Arch::Qwen3 => {
+            c["tie_word_embeddings"] = tied(true).into();
+            c["attention_bias"] = false.into();
+            c["use_sliding_window"] = false.into();
+            c["sliding_window"] = serde_json::Value::Null;
+        }
+        Arch::Qwen3Moe => {
+            let (experts, top_k, moe_i) = if tiny { (4, 2, 32) } else { (16, 4, 256) };
+            c["tie_word_embeddings"] = tied(false).into();
+            c["attention_bias"] = false.into();
+            c["num_experts"] = experts.into();
+            c["num_experts_per_tok"] = top_k.into();
+            c["moe_intermediate_size"] = moe_i.into();
+            c["norm_topk_prob"] = true.into();
+            c["decoder_sparse_step"] = 1.into();
+            // Tiny: the middle layer is a dense MLP among MoE ones.
+            c["mlp_only_layers"] = if tiny { json!([1]) } else { json!([]) };
+            c["output_router_logits"] = false.into();
+            c["router_aux_loss_coef"] = 0.001.into();
+            c["use_sliding_window"] = false.into();
+        }
+        Arch::Mixtral => {
+            c["tie_word_embeddings"] = tied(false).into();
+            c["num_local_experts"] = 4.into();
+            c["num_experts_per_tok"] = 2.into();
+            c["intermediate_size"] = (dm.intermediate / 4).into();
+            c["sliding_window"] = if tiny { 6.into() } else { serde_json::Value::Null };
+            c["router_aux_loss_coef"] = 0.02.into();
+            c["output_router_logits"] = false.into();
+            c["rms_norm_eps"] = 1e-5.into();
+        }
+        Arch::Gemma2 => {
+            c["tie_word_embeddings"] = tied(true).into();
+            c["hidden_activation"] = "gelu_pytorch_tanh".into();
+            c["query_pre_attn_scalar"] = (head_dim + 8).into();
+            c["sliding_window"] = 4.into();
+            c["layer_types"] = pattern(&[0, 2]);
+            // Small caps, so the tiny model's scores and logits really bend.
+            c["attn_logit_softcapping"] = if tiny { 1.0 } else { 50.0 }.into();
+            c["final_logit_softcapping"] = if tiny { 2.0 } else { 30.0 }.into();
+        }
+        Arch::Gemma3 => {
+            c["tie_word_embeddings"] = tied(true).into();
+            c["hidden_activation"] = "gelu_pytorch_tanh".into();
+            c["query_pre_attn_scalar"] = head_dim.into();
+            c["sliding_window"] = 4.into();
+            c["layer_types"] = pattern(&[0, 1]);
+            c["rope_local_base_freq"] = 10_000.0.into();
+            c["rope_parameters"] = json!({
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            });
+            c["final_logit_softcapping"] = serde_json::Value::Null;
+            c["attn_logit_softcapping"] = serde_json::Value::Null;
+        }
+        Arch::Phi3 => {
+            c["tie_word_embeddings"] = tied(false).into();
+            c["rms_norm_eps"] = 1e-5.into();
+            c["sliding_window"] = serde_json::Value::Null;
+            // Half of each head rotates; long-rope switches to its long factors past 16 positions.
+            let rot = head_dim / 2 / 2;
+            let (short, long): (Vec<f64>, Vec<f64>) =
+                ((0..rot).map(|i| 1.0 + 0.1 * i as f64).collect(), (0..rot).map(|i| 1.5 + 0.5 * i as f64).collect());
+            c["original_max_position_embeddings"] = 16.into();
+            c["max_position_embeddings"] = 64.into();
+            c["rope_parameters"] = json!({"rope_type": "longrope", "rope_theta": 10_000.0, "short_factor": short, "long_factor": long,
+                "partial_rotary_factor": 0.5, "original_max_position_embeddings": 16});
+        }
+        Arch::Olmo2 => {
+            c["tie_word_embeddings"] = tied(false).into();
+            c["attention_bias"] = false.into();
+            c["rms_norm_eps"] = 1e-5.into();
+        }
+        Arch::Smollm3 => {
+            c["tie_word_embeddings"] = tied(true).into();
+            c["no_rope_layer_interval"] = 2.into();
+            c["use_sliding_window"] = false.into();
+            c["attention_bias"] = false.into();
+            c["mlp_bias"] = false.into();
+        }
+    }
+    c
 }

@@ -13,13 +13,18 @@ use std::sync::Arc;
 /// The pair metrics, logged for train steps and (prefixed `eval/`) for evaluations.
 pub const PAIR_KEYS: &[&str] =
     &["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"];
+/// Pair metrics only some models have (null elsewhere): MoE's router load-balancing loss.
+pub const OPTIONAL_PAIR_KEYS: &[&str] = &["aux_loss"];
 /// Train-only metrics.
-pub const STEP_KEYS: &[&str] =
-    &["grad_norm", "learning_rate", "tokens_per_s", "step_seconds", "forward_seconds", "backward_seconds", "optimizer_seconds", "epoch"];
+pub const STEP_KEYS: &[&str] = &[
+    "grad_norm", "learning_rate", "tokens_per_s", "step_seconds", "forward_seconds", "backward_seconds", "optimizer_seconds", "peak_memory_gb",
+    "epoch",
+];
 
 pub fn columns() -> Vec<String> {
-    let mut c: Vec<String> = PAIR_KEYS.iter().chain(STEP_KEYS).map(|s| s.to_string()).collect();
-    c.extend(PAIR_KEYS.iter().map(|k| format!("eval/{k}")));
+    let pair = PAIR_KEYS.iter().chain(OPTIONAL_PAIR_KEYS);
+    let mut c: Vec<String> = pair.clone().chain(STEP_KEYS).map(|s| s.to_string()).collect();
+    c.extend(pair.map(|k| format!("eval/{k}")));
     c
 }
 
@@ -41,6 +46,9 @@ pub struct PairStats {
     pub correct: f64,
     pub chosen_logps: f64,
     pub rejected_logps: f64,
+    /// Σ of the micro-batches' aux losses, and how many there were.
+    pub aux_loss: f64,
+    pub aux_batches: usize,
 }
 
 impl PairStats {
@@ -71,6 +79,9 @@ impl PairStats {
         ];
         for (k, v) in PAIR_KEYS.iter().zip(vals) {
             row.insert(format!("{prefix}{k}"), v);
+        }
+        if self.aux_batches > 0 {
+            row.insert(format!("{prefix}aux_loss"), self.aux_loss / self.aux_batches as f64);
         }
     }
 }

@@ -2,7 +2,7 @@
 //! one that does not (evaluation), and saving. Two kinds: full fine-tuning (one `Var` per
 //! Hugging Face tensor, saved in HF layout) and LoRA (the base frozen, possibly in bf16; one
 //! `Var` per adapter tensor, saved in PEFT's layout).
-use crate::model::decoder::{DecoderOptions, Dropout};
+use crate::model::decoder::{DecoderOptions, Dropout, GradSink};
 use crate::model::lora::{self, LoraConfig};
 use crate::model::{weights, Decoder, ModelConfig};
 use crate::rng::Rng;
@@ -40,6 +40,8 @@ pub struct Policy {
     pub lora: Option<LoraConfig>,
     /// The adapter dropout's generator, reseeded per micro-batch (see [`Policy::reseed`]).
     dropout_rng: Arc<Mutex<Rng>>,
+    /// With gradient checkpointing: where the layers' parameter gradients arrive.
+    pub grad_sink: Option<Arc<GradSink>>,
 }
 
 impl Policy {
@@ -51,35 +53,45 @@ impl Policy {
     /// `base_dtype` is the dtype the (frozen, under LoRA) weights are held in; LoRA math and
     /// adapters are f32 whatever it is.
     pub fn load_with(model_dir: &Path, base_dtype: DType, what: &Trainable, device: &Device) -> Result<Self> {
-        Self::load_mixed(model_dir, base_dtype, None, what, device)
+        Self::load_mixed(model_dir, base_dtype, None, what, false, device)
     }
 
     /// As `load_with`, computing in `compute` (default: the weights' dtype, f32 under LoRA).
     /// Mixed precision is `compute` bf16 over f32 weights: the trained tensors stay f32 (the
     /// master copy AdamW updates, with f32 moments) and are cast to bf16 where they are used;
     /// gradients flow back through the casts to f32, and log-softmax and loss run in f32, as
-    /// torch autocast + AdamW do.
-    pub fn load_mixed(model_dir: &Path, base_dtype: DType, compute: Option<DType>, what: &Trainable, device: &Device) -> Result<Self> {
+    /// torch autocast + AdamW do. `checkpoint`: gradient checkpointing (each layer keeps only
+    /// its input and reruns in the backward).
+    pub fn load_mixed(
+        model_dir: &Path,
+        base_dtype: DType,
+        compute: Option<DType>,
+        what: &Trainable,
+        checkpoint: bool,
+        device: &Device,
+    ) -> Result<Self> {
         let cfg = ModelConfig::load(model_dir)?;
         let tensors = weights::load_weights(model_dir, &cfg, base_dtype, device)?;
+        let sink = checkpoint.then(|| Arc::new(GradSink::default()));
         match what {
-            Trainable::Full => Self::from_tensors_in(cfg, tensors, compute),
+            Trainable::Full => Self::from_tensors_in(cfg, tensors, compute, sink),
             Trainable::NewLora { config, seed } => {
+                let config = config.clone().resolve(&cfg)?;
                 let adapter = config.init(&cfg, *seed, device)?;
-                Self::with_adapter(cfg, tensors, config.clone(), adapter, compute.unwrap_or(DType::F32))
+                Self::with_adapter(cfg, tensors, config, adapter, compute.unwrap_or(DType::F32), sink)
             }
             Trainable::Adapter(dir) => {
                 let (config, adapter) = lora::load(dir, &cfg, device)?;
-                Self::with_adapter(cfg, tensors, config, adapter, compute.unwrap_or(DType::F32))
+                Self::with_adapter(cfg, tensors, config, adapter, compute.unwrap_or(DType::F32), sink)
             }
         }
     }
 
     pub fn from_tensors(cfg: ModelConfig, tensors: HashMap<String, Tensor>) -> Result<Self> {
-        Self::from_tensors_in(cfg, tensors, None)
+        Self::from_tensors_in(cfg, tensors, None, None)
     }
 
-    fn from_tensors_in(cfg: ModelConfig, tensors: HashMap<String, Tensor>, compute: Option<DType>) -> Result<Self> {
+    fn from_tensors_in(cfg: ModelConfig, tensors: HashMap<String, Tensor>, compute: Option<DType>, grad_sink: Option<Arc<GradSink>>) -> Result<Self> {
         let names: Vec<String> = {
             let mut n: Vec<String> = tensors.keys().cloned().collect();
             n.sort();
@@ -91,13 +103,14 @@ impl Policy {
         let dropout_rng = Arc::new(Mutex::new(Rng::new(0)));
         let opts = DecoderOptions { compute_dtype: compute, ..Default::default() };
         Ok(Self {
-            decoder: Decoder::with_options(&cfg, &tracked, &opts)?,
+            decoder: Decoder::with_options(&cfg, &tracked, &DecoderOptions { checkpoint: grad_sink.clone(), ..opts.clone() })?,
             eval_decoder: Decoder::with_options(&cfg, &detached, &opts)?,
             cfg,
             names,
             vars,
             lora: None,
             dropout_rng,
+            grad_sink,
         })
     }
 
@@ -107,6 +120,7 @@ impl Policy {
         config: LoraConfig,
         adapter: BTreeMap<String, Tensor>,
         compute: DType,
+        grad_sink: Option<Arc<GradSink>>,
     ) -> Result<Self> {
         let names: Vec<String> = adapter.keys().cloned().collect();
         let vars = names.iter().map(|n| Ok(Var::from_tensor(&adapter[n])?)).collect::<Result<Vec<_>>>()?;
@@ -125,11 +139,12 @@ impl Policy {
                     lora_scale: Some(config.scale()),
                     lora_dropout: dropout,
                     frozen_base: true,
+                    checkpoint: if tracked { grad_sink.clone() } else { None },
                     ..Default::default()
                 },
             )
         };
-        Ok(Self { decoder: with(true)?, eval_decoder: with(false)?, cfg, names, vars, lora: Some(config), dropout_rng })
+        Ok(Self { decoder: with(true)?, eval_decoder: with(false)?, cfg, names, vars, lora: Some(config), dropout_rng, grad_sink })
     }
 
     /// Reseeds the adapter dropout for one micro-batch, so a resumed run draws the same masks.
