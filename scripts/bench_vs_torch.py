@@ -16,11 +16,14 @@ runs in its own process, one after another, so each has its own peak RSS (wait4 
      log-probs of the scored completion tokens (log_softmax in f32), checked against step 1's cache;
   3. ours: `pipeline train --max-steps S+1 --batch-size B --shuffle false`, median step_seconds after
      the first step;
-  4. TRL DPOTrainer: f32 (bf16 and gradient checkpointing off: TRL defaults them on), batch B,
+  4. TRL DPOTrainer: f32 (bf16 off: TRL defaults it on; gradient checkpointing as --gradient-checkpointing says), batch B,
      train pairs in row order, our token ids as they are (no truncation), and our cached reference
      log-probs as its precomputed `ref_chosen_logps`/`ref_rejected_logps` columns, so no reference
      model runs; lr 1e-5, linear decay over S+1 steps as ours; median optimizer-step time after the
      first (TrainerCallback on_step_begin/on_step_end, batch collation excluded).
+With --gradient-checkpointing both (or on), steps 3 and 4 run with it off and on (ours:
+`--gradient-checkpointing`; TRL: its default `gradient_checkpointing=True`). A measurement that
+runs out of memory is reported as such instead of stopping the run.
 Tokens/s are the tokens each side computes (ours packed: every prompt once; TRL-shaped: twice), so
 pairs/s and s/step are the like-for-like ratios. Ratios > 1 mean ours is better.
 """
@@ -67,14 +70,21 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
+class OutOfMemory(Exception):
+    pass
+
+
 def run(cmd, what, env=None):
-    """Runs cmd to completion; returns (stdout, wall seconds, peak RSS in GB of that process alone)."""
+    """Runs cmd to completion; returns (stdout, wall seconds, peak RSS in GB of that process alone);
+    raises OutOfMemory when the kernel killed it (SIGKILL)."""
     cmd = [str(c) for c in cmd]
     with tempfile.TemporaryDirectory() as tmp:
         rss_file = Path(tmp) / "maxrss"
         t = time.perf_counter()
         r = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(rss_file), *cmd], capture_output=True, text=True, env=env)
         wall = time.perf_counter() - t
+        if r.returncode in (-9, 137) or "MemoryError" in (r.stderr or "") or "out of memory" in (r.stderr or "").lower():
+            raise OutOfMemory(what)
         if r.returncode != 0:
             why = "cannot start it" if r.returncode == 127 else f"exit {r.returncode}"
             fail(f"{what} failed ({why}): {' '.join(cmd)}\n{(r.stderr or r.stdout)[-3000:]}")
@@ -143,7 +153,7 @@ def child_trl(a):
     with tempfile.TemporaryDirectory() as tmp:
         args = DPOConfig(output_dir=tmp, per_device_train_batch_size=a.train_batch, gradient_accumulation_steps=1, max_steps=a.steps + 1,
                          learning_rate=1e-5, lr_scheduler_type="linear", warmup_steps=0, beta=0.1, max_grad_norm=1.0, max_length=None,
-                         precompute_ref_log_probs=True, bf16=False, gradient_checkpointing=False, use_cpu=True, report_to=[],
+                         precompute_ref_log_probs=True, bf16=False, gradient_checkpointing=a.trl_gc, use_cpu=True, report_to=[],
                          save_strategy="no", logging_steps=1, dataset_num_proc=None, dataloader_num_workers=0, seed=0)
         trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=AutoTokenizer.from_pretrained(a.model), callbacks=[Clock()])
@@ -164,9 +174,12 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="threads for every measurement (default 2)")
     ap.add_argument("--layout", help="our --layout for cache-ref and train (default: the binary's)")
     ap.add_argument("--only", choices=["forward", "train"], help="measure only the forward or only the train step")
+    ap.add_argument("--gradient-checkpointing", choices=["off", "on", "both"], default="off",
+                    help="train steps with gradient checkpointing off, on, or each way (default off)")
     ap.add_argument("--work", help="keep our outputs here (default: a temporary directory)")
     ap.add_argument("--child", choices=["forward", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
+    ap.add_argument("--trl-gc", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         print(json.dumps(child_forward(a) if a.child == "forward" else child_trl(a)))
@@ -188,7 +201,8 @@ def main():
     layout = ["--layout", a.layout] if a.layout else []
     me = [sys.executable, __file__, a.model, a.prepared, "--cache", str(cache), "--threads", str(a.threads), "--steps", str(a.steps),
           "--fwd-batch", str(a.fwd_batch), "--train-batch", str(a.train_batch)]
-    rows = []  # (what, ours, theirs, ratio or None, format)
+    rows = []  # (what, ours, theirs, ratio or None, format); nan: ran out of memory
+    agree = []
 
     print(f"[1/4] ours: cache-ref ...", flush=True)
     _, c_wall, c_rss = run([*ours, "cache-ref", "--prepared", a.prepared, "--model", a.model, "--out", cache, "--force", *layout],
@@ -214,34 +228,48 @@ def main():
                  ("forward peak RSS GB", c_rss, f_rss, f_rss / c_rss, ".3f")]
 
     if a.only != "forward":
-        print(f"[3/4] ours: train ...", flush=True)
-        _, _, t_rss = run([*ours, "train", "--prepared", a.prepared, "--ref-cache", cache, "--out", train, "--force", "--max-steps", str(a.steps + 1),
-                           "--batch-size", str(a.train_batch), "--shuffle", "false", "--eval-every", "0", "--save-every", "0", "--lr", "1e-5", *layout],
-                          "pipeline train", env)
-        metrics = [json.loads(l) for l in (train / "metrics.jsonl").read_text().splitlines() if '"step_seconds"' in l]
-        if len(metrics) != a.steps + 1:
-            fail(f"pipeline train logged {len(metrics)} steps, expected {a.steps + 1}")
-        print(f"[4/4] TRL DPOTrainer ...", flush=True)
-        out, _, trl_rss = run([*me, "--child", "trl"], "TRL DPOTrainer", env)
-        trl = json.loads(out.strip().splitlines()[-1])
-        if len(trl["step_seconds"]) != a.steps + 1:
-            fail(f"TRL ran {len(trl['step_seconds'])} steps, expected {a.steps + 1}")
-        ours_s, trl_s = statistics.median(m["step_seconds"] for m in metrics[1:]), statistics.median(trl["step_seconds"][1:])
-        d_loss = max(abs(m["loss"] - x) for m, x in zip(metrics, trl["loss"]))
-        d_logp = max(abs(m["logps/chosen"] - x) for m, x in zip(metrics, trl["logps_chosen"]))
-        rows += [(f"train s/step (median of {a.steps})", ours_s, trl_s, trl_s / ours_s, ".4f"),
-                 ("train peak RSS GB", t_rss, trl_rss, trl_rss / t_rss, ".3f")]
+        gcs = {"off": [False], "on": [True], "both": [False, True]}[a.gradient_checkpointing]
+        for gc in gcs:
+            tag = " (grad. ckpt.)" if gc else ""
+            print(f"[3/4] ours: train{tag} ...", flush=True)
+            out_dir = work / ("train-gc" if gc else "train")
+            try:
+                _, _, t_rss = run([*ours, "train", "--prepared", a.prepared, "--ref-cache", cache, "--out", out_dir, "--force", "--max-steps", str(a.steps + 1),
+                                   "--batch-size", str(a.train_batch), "--shuffle", "false", "--eval-every", "0", "--save-every", "0", "--lr", "1e-5",
+                                   "--gradient-checkpointing", str(gc).lower(), *layout], "pipeline train", env)
+                metrics = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines() if '"step_seconds"' in l]
+                if len(metrics) != a.steps + 1:
+                    fail(f"pipeline train logged {len(metrics)} steps, expected {a.steps + 1}")
+                ours_s = statistics.median(m["step_seconds"] for m in metrics[1:])
+            except OutOfMemory:
+                metrics, ours_s, t_rss = None, float("nan"), float("nan")
+            print(f"[4/4] TRL DPOTrainer{tag} ...", flush=True)
+            try:
+                out, _, trl_rss = run([*me, "--child", "trl"] + (["--trl-gc"] if gc else []), "TRL DPOTrainer", env)
+                trl = json.loads(out.strip().splitlines()[-1])
+                if len(trl["step_seconds"]) != a.steps + 1:
+                    fail(f"TRL ran {len(trl['step_seconds'])} steps, expected {a.steps + 1}")
+                trl_s = statistics.median(trl["step_seconds"][1:])
+            except OutOfMemory:
+                trl, trl_s, trl_rss = None, float("nan"), float("nan")
+            if metrics and trl:
+                d_loss = max(abs(m["loss"] - x) for m, x in zip(metrics, trl["loss"]))
+                d_logp = max(abs(m["logps/chosen"] - x) for m, x in zip(metrics, trl["logps_chosen"]))
+                agree.append(f"train{tag}, ours vs TRL over {a.steps + 1} steps: max |diff| loss {d_loss:.2e}, logps/chosen {d_logp:.2e}")
+            rows += [(f"train s/step{tag} (median of {a.steps})", ours_s, trl_s, trl_s / ours_s, ".4f"),
+                     (f"train peak RSS GB{tag}", t_rss, trl_rss, trl_rss / t_rss, ".3f")]
 
     print(f"\n{a.model} + {a.prepared}: {n_pairs} pairs ({n_train} train), {a.threads} threads, forward batch {a.fwd_batch} pairs,"
           f" train batch {a.train_batch}, CPU f32, our layout {our_layout}")
     print(f"{'':44}{'ours':>12}{'HF/TRL':>12}{'ratio':>9}   (ratio > 1: ours better)")
     for what, x, y, r, f in rows:
-        print(f"{what:44}{x:>12{f}}{y:>12{f}}{'' if r is None else f'{r:.2f}x':>9}")
+        print(f"{what:44}{x:>12{f}}{y:>12{f}}{'' if r is None or r != r else f'{r:.2f}x':>9}")
     if a.only != "train":
         print(f"log-probs, transformers vs our cache, {2 * n_pairs} sequences: max |diff| {worst:.2e} (relative {rel:.1e})")
         print(f"our cache-ref process wall, model load included: {c_wall:.2f} s")
-    if a.only != "forward":
-        print(f"train, ours vs TRL over {a.steps + 1} steps: max |diff| loss {d_loss:.2e}, logps/chosen {d_logp:.2e}")
+    for line in agree:
+        print(line)
+    print("(nan: that run ran out of memory)")
     if tmp:
         tmp.cleanup()
 

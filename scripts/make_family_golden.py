@@ -7,6 +7,9 @@ unexpected or mis-shaped, and writes tests/golden/families/<family>.json:
     rope factors to matter);
   - greedy generate() continuations of prompts given as token ids;
   - reward-model scores (`*ForSequenceClassification`);
+  - a PEFT LoRA adapter (r 2, `all-linear`; attention projections for the MoE families, see
+    README), with random non-zero B, saved in PEFT's format to tests/golden/families/<family>_adapter/,
+    and the per-token log-probs of the model with it;
   - a DPO step on two pairs against fixed reference log-probs, in plain PyTorch autograd
     (TRL's sigmoid loss, plus router_aux_loss_coef × the load-balancing loss for MoE models, as
     TRL 1.16 adds it), as the loss and, per parameter, its gradient's norm and its dot product
@@ -15,6 +18,7 @@ Run via scripts/make_golden.sh (needs torch, transformers 5.23); its outputs are
 """
 import json
 import math
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -108,11 +112,29 @@ def family(binary, name, tmp):
     rm.eval()
     with torch.no_grad():
         rewards = [{"ids": s["ids"], "score": float(rm(torch.tensor([s["ids"]])).logits[0, 0])} for s in seqs]
+    lora = peft_adapter(mdir, name, seqs)
     model.train()  # dropout is 0 everywhere; train mode as TRL trains
     ps = pairs(vocab)
     step = dpo_step(model, ps)
     return {"family": name, "model_type": model.config.model_type, "weights_blake3": blake3.blake3((mdir / "model.safetensors").read_bytes()).hexdigest(), "sequences": seqs, "generate": gen, "rewards": rewards,
-            "pairs": ps, "beta": BETA, "step": step}
+            "pairs": ps, "beta": BETA, "step": step, "lora": lora}
+
+
+def peft_adapter(mdir, name, seqs):
+    """PEFT's LoRA on the family: which modules `all-linear` targets, the adapter's tensors, and
+    the log-probs with it (B random so the adapter changes them)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32, attn_implementation="eager").eval()
+    torch.manual_seed(5)
+    moe = getattr(base.config, "num_experts", None) or getattr(base.config, "num_local_experts", None)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"] if moe else "all-linear"
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=targets, lora_dropout=0.0, init_lora_weights=False)).eval()
+    out = OUT / f"{name}_adapter"
+    shutil.rmtree(out, ignore_errors=True)
+    model.save_pretrained(out)
+    (out / "README.md").unlink(missing_ok=True)
+    return {"targets": targets, "adapter": f"{name}_adapter", "token_logps": [token_logps(model, s["ids"]) for s in seqs]}
 
 
 def main(binary):

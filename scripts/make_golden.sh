@@ -16,5 +16,9 @@ done
 target/debug/pipeline synth-prefs --out "$tmp/trajectory.parquet" --rows 64 --seed 0
 "$PY" scripts/make_trajectory_golden.py "$tmp/llama" "$tmp/trajectory.parquet"
 rm -rf "$tmp"
+"$PY" scripts/make_loss_golden.py                          # every TRL loss on fixed log-probs
+"$PY" scripts/make_family_golden.py target/debug/pipeline  # every model family (+ PEFT adapters)
+"$PY" scripts/make_attention_golden.py                     # fused attention vs torch SDPA
+"$PY" scripts/make_optim_golden.py                         # AdamW, schedules
 # Tokenizer classes and real templates (needs ../shared/real-tokenizers beside the project).
 "$PY" scripts/make_tokenizer_golden.py

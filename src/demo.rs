@@ -3,7 +3,7 @@
 use crate::settings::{CacheRefSettings, PrepareSettings, TrainSettings};
 use crate::stages;
 use crate::synth::model::{init_model, Arch, InitSpec, Size};
-use crate::synth::prefs::{eval_path, write_synth, SynthFormat};
+use crate::synth::prefs::{eval_path, write_synth, Length, SynthFormat};
 use crate::train::metrics;
 use crate::train::optim::SchedulerKind;
 use anyhow::Result;
@@ -23,16 +23,16 @@ pub fn run_iterative(dir: &Path, steps: usize, rows: usize, rounds: usize) -> Re
     std::fs::create_dir_all(&it_dir)?;
     let pi0 = TrainSettings {
         prepared: dir.join("prepared"),
-        ref_cache: dir.join("ref_cache"),
+        ref_cache: Some(dir.join("ref_cache")),
         out: it_dir.join("pi0"),
-        sft_weight: 1.0,
+        loss: "sigmoid,sft".into(),
         ..demo_train(dir, steps)
     };
     stages::train::run(&pi0)?;
     let (prompts, eval) = (it_dir.join("prompts.parquet"), it_dir.join("eval_prompts.parquet"));
     if !prompts.exists() {
-        write_synth(&prompts, 1024, 3, SynthFormat::Standard, false)?;
-        write_synth(&eval, 200, 4, SynthFormat::Standard, false)?;
+        write_synth(&prompts, 1024, 3, SynthFormat::Standard, Length::Short)?;
+        write_synth(&eval, 200, 4, SynthFormat::Standard, Length::Short)?;
     }
     let exe = std::env::current_exe()?;
     let file: crate::settings::PipelineFile = toml::from_str(ITERATIVE_SETTINGS)?;
@@ -79,7 +79,7 @@ max_length = 128
 [train]
 lr = 2e-3
 beta = 0.1
-sft_weight = 1.0
+loss = "sigmoid,sft"
 batch_size = 16
 max_steps = 150
 warmup_steps = 15
@@ -91,7 +91,7 @@ save_every = 150
 fn demo_train(dir: &Path, steps: usize) -> TrainSettings {
     TrainSettings {
         prepared: dir.join("prepared"),
-        ref_cache: dir.join("ref_cache"),
+        ref_cache: Some(dir.join("ref_cache")),
         out: dir.join("train"),
         lr: 2e-3,
         beta: 0.1,
@@ -115,8 +115,8 @@ pub fn run(dir: &Path, steps: usize, rows: usize) -> Result<()> {
     }
     let data = dir.join("prefs.parquet");
     if !data.exists() {
-        write_synth(&data, rows, 1, SynthFormat::Standard, false)?;
-        write_synth(&eval_path(&data), 200, 2, SynthFormat::Standard, false)?;
+        write_synth(&data, rows, 1, SynthFormat::Standard, Length::Short)?;
+        write_synth(&eval_path(&data), 200, 2, SynthFormat::Standard, Length::Short)?;
         eprintln!("demo: generated {rows} synthetic preference rows (+200 held out) in {}", data.display());
     }
     let prepare = PrepareSettings {

@@ -147,7 +147,7 @@ pub fn run(f: &PipelineFile, it: &IterativeSection, force: bool) -> Result<Vec<R
         stages::cache_ref::run(&cache)?;
         let train = TrainLayer {
             prepared: Some(prepare.out.clone()),
-            ref_cache: Some(cache.out.clone()),
+            ref_cache: Some(Some(cache.out.clone())),
             model: Some(Some(policy.clone())),
             out: Some(rd.join("train")),
             force: Some(force),

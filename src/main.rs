@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use dpo_pipeline::settings::{CacheRefLayer, LabelLayer, PipelineFile, PrepareLayer, SampleLayer, TrainLayer};
 use dpo_pipeline::synth::model::{init_model, init_reward_model, Arch, InitSpec, Size};
-use dpo_pipeline::synth::prefs::{eval_path, write_synth, SynthFormat};
+use dpo_pipeline::synth::prefs::{eval_path, write_synth, Length, SynthFormat};
 use dpo_pipeline::{demo, stages};
 use std::path::PathBuf;
 
@@ -183,6 +183,10 @@ enum Cmd {
         /// (prompts ~15–200 tokens, answers ~5–200), for benchmarks of batching and padding.
         #[arg(long)]
         long: bool,
+        /// Long pairs of about N tokens each (prompt + chosen + rejected, ±20%), for benchmarks
+        /// of long-pair speed and memory.
+        #[arg(long, value_name = "N", conflicts_with = "long")]
+        tokens: Option<usize>,
     },
 }
 
@@ -217,6 +221,14 @@ fn main() {
 }
 
 fn run(cmd: Cmd) -> Result<()> {
+    if let Some((rank, size, by)) = dpo_pipeline::train::dist::launched().filter(|l| l.1 > 1) {
+        if !matches!(cmd, Cmd::Train { .. }) {
+            anyhow::bail!(
+                "started by {by} as rank {rank} of {size}: only `train` runs data-parallel; run this command once \
+                 (the reference pass spreads with `cache-ref --shard K/N`)"
+            );
+        }
+    }
     match cmd {
         Cmd::Prepare { file, flags } => {
             let f = PipelineFile::load_optional(file.config.as_deref())?;
@@ -234,8 +246,17 @@ fn run(cmd: Cmd) -> Result<()> {
             eprintln!("merge-lora: {} + {} -> {}", model.display(), adapter.display(), out.display());
         }
         Cmd::Train { file, flags } => {
+            // Under mpirun/srun: one rank of a data-parallel run. A rank's error ends every
+            // rank (the others may be waiting for it in a collective), naming the rank.
+            let world = dpo_pipeline::train::dist::World::from_env()?;
             let f = PipelineFile::load_optional(file.config.as_deref())?;
-            stages::train::run(&flags.over(f.train).resolve())?;
+            if let Err(e) = stages::train::run_on(&flags.over(f.train).resolve(), &world) {
+                if world.size == 1 {
+                    return Err(e);
+                }
+                eprintln!("error: rank {} of {}: {e:#}", world.rank, world.size);
+                world.abort(1);
+            }
         }
         Cmd::Sample { file, flags } => {
             let f = PipelineFile::load_optional(file.config.as_deref())?;
@@ -252,16 +273,22 @@ fn run(cmd: Cmd) -> Result<()> {
                 dpo_pipeline::iterative::run(&f, it, force)?;
                 return Ok(());
             }
+            // Reference-free losses (simpo, cpo, orpo) need no reference pass.
+            let reference = !f.reference_free();
             // Check every stage's settings before the first one starts work.
             let (mut p, mut c, mut t) = (f.prepare.resolve(), f.cache_ref.resolve(), f.train.resolve());
             p.force |= force;
             c.force |= force;
             t.force |= force;
             p.validate()?;
-            c.validate()?;
+            if reference {
+                c.validate()?;
+            }
             t.validate()?;
             stages::prepare::run(&p)?;
-            stages::cache_ref::run(&c)?;
+            if reference {
+                stages::cache_ref::run(&c)?;
+            }
             stages::train::run(&t)?;
         }
         Cmd::Demo { dir, steps, rows, iterative: false, .. } => demo::run(&dir, steps, rows)?,
@@ -271,7 +298,12 @@ fn run(cmd: Cmd) -> Result<()> {
             let cfg = if reward { init_reward_model(&spec, &out)? } else { init_model(&spec, &out)? };
             eprintln!("init-model: {arch:?} {size:?}, {} parameters, vocab {} -> {}", cfg.num_parameters(), cfg.vocab_size, out.display());
         }
-        Cmd::SynthPrefs { out, rows, seed, conversational, implicit, eval_rows, long } => {
+        Cmd::SynthPrefs { out, rows, seed, conversational, implicit, eval_rows, long, tokens } => {
+            let length = match (long, tokens) {
+                (_, Some(n)) => Length::Tokens(n),
+                (true, None) => Length::Long,
+                (false, None) => Length::Short,
+            };
             let format = if conversational {
                 SynthFormat::Conversational
             } else if implicit {
@@ -279,11 +311,11 @@ fn run(cmd: Cmd) -> Result<()> {
             } else {
                 SynthFormat::Standard
             };
-            write_synth(&out, rows, seed, format, long)?;
+            write_synth(&out, rows, seed, format, length)?;
             eprintln!("synth-prefs: {rows} rows -> {}", out.display());
             if eval_rows > 0 {
                 let eval = eval_path(&out);
-                write_synth(&eval, eval_rows, seed.wrapping_add(1_000_003), format, long)?;
+                write_synth(&eval, eval_rows, seed.wrapping_add(1_000_003), format, length)?;
                 eprintln!("synth-prefs: {eval_rows} eval rows -> {}", eval.display());
             }
         }

@@ -7,7 +7,7 @@
 use crate::data::input::ColumnNames;
 use crate::model::weights::parse_dtype;
 use crate::score::layout::LayoutKind;
-use crate::train::loss::LossKind;
+use crate::train::loss::{FDivergence, LossConfig, LossType};
 use crate::train::optim::SchedulerKind;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -169,23 +169,58 @@ settings! {
         /// Prepared directory (the output of `prepare`).
         #[arg(value_name = "DIR")]
         prepared: PathBuf = PathBuf::from("prepared"),
-        /// Reference cache (the output of `cache-ref` on the same prepared directory).
-        #[arg(value_name = "DIR")]
-        ref_cache: PathBuf = PathBuf::from("ref_cache"),
+        /// Reference cache (the output of `cache-ref` on the same prepared directory; unset:
+        /// `ref_cache`). The reference-free losses (simpo, cpo, orpo) take none.
+        #[arg(num_args = 1, value_name = "DIR")]
+        ref_cache: Option<PathBuf> = None,
         /// Output directory: metrics, checkpoints, final model.
         #[arg(value_name = "DIR")]
         out: PathBuf = PathBuf::from("train"),
-        /// Policy initialisation (unset: the reference model recorded in the cache).
+        /// Policy initialisation (unset: the reference model recorded in the cache; required
+        /// for the reference-free losses).
         #[arg(num_args = 1, value_name = "DIR")]
         model: Option<PathBuf> = None,
-        /// Preference loss, as TRL names it.
-        #[arg(value_enum)]
-        loss: LossKind = LossKind::Sigmoid,
-        /// β: the strength of the KL anchor to the reference (must be > 0).
+        /// Loss types, comma-separated, summed with --loss-weights (TRL 1.16's names): sigmoid,
+        /// hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired,
+        /// apo_zero, apo_down, discopop, sft, sigmoid_norm; or one reference-free loss (no
+        /// --ref-cache): simpo, cpo, orpo. E.g. MPO: sigmoid,bco_pair,sft with 0.8,0.2,1.0.
+        #[arg(value_name = "LIST")]
+        loss: String = "sigmoid".into(),
+        /// Weights of the --loss types, comma-separated (unset: 1 each).
+        #[arg(num_args = 1, value_name = "LIST")]
+        loss_weights: Option<String> = None,
+        /// β: the strength of the KL anchor to the reference (must be > 0); ORPO's λ.
         beta: f64 = 0.1,
-        /// ε: assumed fraction of flipped labels, for `sigmoid` (cDPO) and `robust`; in [0, 0.5).
+        /// ε: assumed fraction of flipped labels: sigmoid (cDPO), robust, exo_pair (> 0), aot,
+        /// aot_unpaired, simpo, cpo.
         label_smoothing: f64 = 0.0,
-        /// Weight of an SFT (mean negative log-likelihood of chosen tokens) term.
+        /// DiscoPOP's temperature τ.
+        #[arg(value_name = "TAU")]
+        discopop_tau: f64 = 0.05,
+        /// How log-ratios become scores (TRL's f_divergence_type): reverse_kl (DPO),
+        /// forward_kl, js_divergence, alpha_divergence; not reverse_kl only with sigmoid,
+        /// sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft.
+        #[arg(value_enum)]
+        f_divergence: FDivergence = FDivergence::ReverseKl,
+        /// α of the alpha divergence (TRL's f_alpha_divergence_coef).
+        #[arg(value_name = "A")]
+        f_alpha: f64 = 0.5,
+        /// WPO: weigh each pair's losses by the policy's probability of its completions
+        /// (w = exp(mean over tokens of log π − log Σ p²), chosen × rejected, detached).
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        use_weighting: bool = false,
+        /// LD-DPO: completion tokens past the shorter completion's length count α times, in the
+        /// policy's and the reference's log-probs (any α on the same cache).
+        #[arg(num_args = 1, value_name = "A")]
+        ld_alpha: Option<f64> = None,
+        /// SimPO's target margin γ.
+        #[arg(value_name = "G")]
+        simpo_gamma: f64 = 0.5,
+        /// CPO and SimPO: the weight of the NLL term (0 for pure SimPO).
+        #[arg(value_name = "A")]
+        cpo_alpha: f64 = 1.0,
+        /// Old spelling of `--loss ...,sft --loss-weights ...,W`: adds an SFT term of weight W.
+        #[arg(hide = true)]
         sft_weight: f64 = 0.0,
         /// Mixture-of-experts models: the weight of the router's load-balancing loss added to
         /// every step's loss, logged as `aux_loss` (unset: the model config's
@@ -211,7 +246,8 @@ settings! {
         max_grad_norm: f64 = 1.0,
         /// Micro-batches per optimizer step.
         grad_accum: usize = 1,
-        /// Pairs per micro-batch.
+        /// Pairs per micro-batch (per rank in a data-parallel run: the global batch is
+        /// batch-size × grad-accum × ranks).
         batch_size: usize = 8,
         /// At most this many tokens through the policy at once: a micro-batch with more runs in
         /// pieces (gradients add up to the same; memory follows the piece, not the batch).
@@ -273,6 +309,10 @@ settings! {
         /// all, for about a third more compute; the gradients are the same.
         #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
         gradient_checkpointing: bool = false,
+        /// Data-parallel runs (under mpirun/srun): each rank keeps the AdamW moments of 1/N of
+        /// the parameters, updates those and broadcasts them (ZeRO-1); the result is the same.
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        shard_optimizer: bool = false,
         /// Ablation: load the reference model and compute its log-probs in every step.
         #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
         ref_in_loop: bool = false,
@@ -372,21 +412,56 @@ impl CacheRefSettings {
 }
 
 impl TrainSettings {
+    /// The losses' settings (`router_aux_loss_coef`: this run's, or the model's).
+    pub fn loss_config(&self, router_aux_loss_coef: f64) -> Result<LossConfig> {
+        let types: Vec<LossType> =
+            self.loss.split(',').map(|s| s.trim()).filter(|s| !s.is_empty()).map(LossType::parse).collect::<Result<_>>().context("--loss")?;
+        let weights: Vec<f64> = match &self.loss_weights {
+            None => vec![1.0; types.len()],
+            Some(w) => w
+                .split(',')
+                .map(|x| x.trim().parse::<f64>().map_err(|_| anyhow::anyhow!("--loss-weights: `{x}` is not a number")))
+                .collect::<Result<_>>()?,
+        };
+        if weights.len() != types.len() {
+            bail!("--loss-weights has {} weights for {} loss types", weights.len(), types.len());
+        }
+        let mut terms: Vec<(LossType, f64)> = types.into_iter().zip(weights).collect();
+        if self.sft_weight > 0.0 && !terms.iter().any(|(t, _)| *t == LossType::Sft) {
+            terms.push((LossType::Sft, self.sft_weight));
+        }
+        let c = LossConfig {
+            terms,
+            beta: self.beta,
+            label_smoothing: self.label_smoothing,
+            discopop_tau: self.discopop_tau,
+            f_divergence: self.f_divergence,
+            f_alpha: self.f_alpha,
+            use_weighting: self.use_weighting,
+            ld_alpha: self.ld_alpha,
+            simpo_gamma: self.simpo_gamma,
+            cpo_alpha: self.cpo_alpha,
+            router_aux_loss_coef,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
     pub fn validate(&self) -> Result<()> {
         positive("beta", self.beta)?;
         non_negative("label-smoothing", self.label_smoothing)?;
-        if self.label_smoothing > 0.0 {
-            if !matches!(self.loss, LossKind::Sigmoid | LossKind::Robust) {
-                bail!("--label-smoothing applies to the sigmoid (cDPO) and robust losses only, not {:?}", self.loss);
-            }
-            if self.label_smoothing >= 0.5 {
-                bail!(
-                    "--label-smoothing must be below 0.5 (at 0.5 the labels carry no information; robust divides by 1 - 2ε), got {}",
-                    self.label_smoothing
-                );
-            }
-        }
         non_negative("sft-weight", self.sft_weight)?;
+        non_negative("cpo-alpha", self.cpo_alpha)?;
+        if !self.f_alpha.is_finite() {
+            bail!("--f-alpha must be a number");
+        }
+        let c = self.loss_config(0.0)?;
+        if c.reference_free() && self.ref_cache.is_some() {
+            bail!("--loss {} is reference-free: it takes no --ref-cache (drop the flag, or pick a reference-based loss)", self.loss);
+        }
+        if c.reference_free() && self.model.is_none() {
+            bail!("--loss {} is reference-free: pass --model, the policy to start from (there is no cache to take it from)", self.loss);
+        }
         non_negative("lr", self.lr)?;
         non_negative("weight-decay", self.weight_decay)?;
         in_unit("adam-beta1", self.adam_beta1)?;
@@ -595,8 +670,19 @@ impl PipelineFile {
         f.cache_ref.prepared = f.cache_ref.prepared.or(out.clone());
         f.cache_ref.model = f.cache_ref.model.or(f.prepare.model.clone());
         f.train.prepared = f.train.prepared.or(out);
-        f.train.ref_cache = f.train.ref_cache.or(f.cache_ref.out.clone());
+        // The reference cache cache-ref writes, unless train's loss is reference-free.
+        if f.reference_free() {
+            // Reference-free: the policy starts from the prepare section's model.
+            f.train.model = f.train.model.or(f.prepare.model.clone().map(Some));
+        } else {
+            f.train.ref_cache = f.train.ref_cache.or(Some(f.cache_ref.out.clone().or(Some(CacheRefSettings::default().out))));
+        }
         Ok(f)
+    }
+
+    /// Whether `pipeline run` trains with a reference-free loss (so runs no cache-ref).
+    pub fn reference_free(&self) -> bool {
+        self.train.loss.as_deref().is_some_and(|l| l.split(',').any(|t| LossType::parse(t.trim()).is_ok_and(|t| t.reference_free())))
     }
 
     /// The file's sections, or empty layers without a file.

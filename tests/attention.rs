@@ -64,8 +64,8 @@ fn cases() -> Vec<(&'static str, Arc<AttnLayout>)> {
         ("packed pairs", layout(&[(5, &[4, 4], 0), (3, &[5, 1], 0), (1, &[1, 1], 0)])),
         ("padded rows", layout(&[(6, &[], 4), (10, &[], 0)])),
         ("shared-prompt rows", layout(&[(4, &[3, 2], 3), (2, &[5, 4], 1)])),
-        // Longer than the query (64) and key (128) tiles, so tiles and the online softmax span several.
-        ("long pair", layout(&[(150, &[140, 90], 0), (30, &[70, 100], 0)])),
+        // Longer than the query (128) and key (256) tiles, so tiles and the online softmax span several.
+        ("long pair", layout(&[(300, &[280, 150], 0), (30, &[70, 100], 0)])),
     ]
 }
 

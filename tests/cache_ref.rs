@@ -5,7 +5,10 @@ use common::*;
 use std::path::Path;
 use std::process::Command;
 
-const CACHE_FILES: &[&str] = &["chosen_logps.f32", "rejected_logps.f32", "chosen_tokens.u32", "rejected_tokens.u32", "ref_logps.parquet"];
+const CACHE_FILES: &[&str] = &[
+    "chosen_logps.f32", "rejected_logps.f32", "chosen_shared_logps.f32", "rejected_shared_logps.f32", "chosen_tokens.u32", "rejected_tokens.u32",
+    "ref_logps.parquet",
+];
 
 fn setup(dir: &Path, rows: &str) -> String {
     let model = tiny_model(dir, "llama");
@@ -144,4 +147,69 @@ fn an_unfinished_cache_is_refused_by_train() {
     ok(d.path(), &["cache-ref", "--prepared", "prep", "--model", &m, "--out", "cache", "--batch-tokens", "256", "--stop-after-batches", "1"]);
     let e = fails(d.path(), &["train", "--prepared", "prep", "--ref-cache", "cache", "--out", "t", "--max-steps", "1"]);
     assert!(e.contains("unfinished cache") && e.contains("rerun the same"), "{e}");
+}
+
+/// LD-DPO's shared part: the reference log-probs of each completion's first min(chosen,
+/// rejected) scored tokens, against the per-token log-probs of each sequence scored alone; a
+/// cache from before format 3 (without them) still serves every loss but --ld-alpha, which it
+/// refuses naming the fix.
+#[test]
+fn the_cache_holds_the_shared_part_for_ld_dpo_and_old_caches_refuse_it() {
+    use dpo_pipeline::data::prepared::PreparedDataset;
+    use dpo_pipeline::data::ref_cache::RefCache;
+    let d = tmp();
+    let m = setup(d.path(), "40");
+    ok(d.path(), &["cache-ref", "--prepared", "prep", "--model", &m, "--out", "cache"]);
+    let prep = PreparedDataset::open(&d.path().join("prep")).unwrap();
+    let cache = RefCache::open(&d.path().join("cache"), &prep).unwrap();
+    let dec = dpo_pipeline::model::load_decoder(Path::new(&m), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let (cs, rs) = (cache.chosen_shared.as_ref().unwrap(), cache.rejected_shared.as_ref().unwrap());
+    let mut unequal = 0;
+    for i in 0..prep.len() {
+        let p = prep.pair(i);
+        let n = p.chosen_scored.min(p.rejected_scored);
+        // seq_logps scores every token after the first; the completion's are the last ones.
+        let part = |completion: &[u32], scored: usize| -> (f64, f64) {
+            let ids: Vec<u32> = p.prompt.iter().chain(&completion[..scored]).copied().collect();
+            let lp = seq_logps(&dec, &ids);
+            let comp = &lp[lp.len() - scored..];
+            (comp.iter().map(|&x| x as f64).sum(), comp[..n].iter().map(|&x| x as f64).sum())
+        };
+        let (c_all, c_shared) = part(p.chosen, p.chosen_scored);
+        let (r_all, r_shared) = part(p.rejected, p.rejected_scored);
+        for (what, got, want) in [
+            ("chosen", cache.chosen.as_slice()[i], c_all),
+            ("rejected", cache.rejected.as_slice()[i], r_all),
+            ("chosen shared", cs.as_slice()[i], c_shared),
+            ("rejected shared", rs.as_slice()[i], r_shared),
+        ] {
+            assert!((got as f64 - want).abs() < 2e-4 * want.abs().max(1.0), "row {i} {what}: cache {got}, alone {want}");
+        }
+        unequal += usize::from(p.chosen_scored != p.rejected_scored);
+    }
+    assert!(unequal > 10, "most pairs have completions of different lengths ({unequal})");
+    let out = python(
+        d.path(),
+        r#"
+ref = pl.read_parquet("cache/ref_logps.parquet")
+same = ref["chosen_scored_tokens"] == ref["rejected_scored_tokens"]
+assert (ref.filter(same)["ref_chosen_shared_logps"] == ref.filter(same)["ref_chosen_logps"]).all()
+assert (ref["ref_chosen_shared_logps"] >= ref["ref_chosen_logps"]).all()
+print(len(ref))"#,
+    );
+    assert_eq!(out.trim(), prep.len().to_string());
+    // The same cache as an older build wrote it: format 2, without the shared columns.
+    let dir = d.path().join("cache");
+    let mpath = dir.join("manifest.json");
+    let mut man: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
+    man["format_version"] = 2.into();
+    for f in ["chosen_shared_logps.f32", "rejected_shared_logps.f32"] {
+        man["files"].as_object_mut().unwrap().remove(f);
+        std::fs::remove_file(dir.join(f)).unwrap();
+    }
+    std::fs::write(&mpath, serde_json::to_string_pretty(&man).unwrap()).unwrap();
+    let train = ["train", "--prepared", "prep", "--ref-cache", "cache", "--max-steps", "1", "--eval-every", "0", "--save-every", "0"];
+    ok(d.path(), &[&train[..], &["--out", "t1"]].concat());
+    let e = fails(d.path(), &[&train[..], &["--out", "t2", "--ld-alpha", "0.5"]].concat());
+    assert!(e.contains("--ld-alpha") && e.contains("cache-ref --force"), "{e}");
 }

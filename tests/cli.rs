@@ -15,8 +15,9 @@ fn help_explains_every_stage() {
     }
     let train = ok_stdout(d.path(), &["train", "--help"]);
     for flag in [
-        "--loss", "--beta", "--label-smoothing", "--sft-weight", "--scheduler", "--grad-accum", "--resume", "--ref-in-loop", "--lora-r", "--adapter",
-        "--base-dtype",
+        "--loss", "--loss-weights", "--beta", "--label-smoothing", "--f-divergence", "--use-weighting", "--ld-alpha", "--simpo-gamma", "--cpo-alpha",
+        "--scheduler", "--grad-accum", "--resume", "--ref-in-loop", "--lora-r", "--adapter", "--base-dtype", "--gradient-checkpointing",
+        "--batch-tokens", "--max-memory",
     ] {
         assert!(train.contains(flag), "train --help lists {flag}");
     }

@@ -7,16 +7,16 @@
 mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use dpo_pipeline::data::prepared::{PairView, Split};
+use dpo_pipeline::data::prepared::PairView;
 use dpo_pipeline::generate::{generate, Request, Sampling};
 use dpo_pipeline::model::reward::RewardModel;
 use dpo_pipeline::model::{load_decoder, weights, ModelConfig};
 use dpo_pipeline::score::layout::LayoutKind;
 use dpo_pipeline::score::pair_logps;
 use dpo_pipeline::store::file_hash;
-use dpo_pipeline::train::loss::LossKind;
+use dpo_pipeline::train::loss::LossConfig;
 use dpo_pipeline::train::policy::{Policy, Trainable};
-use dpo_pipeline::train::step::{batch_loss, gradients, LossSettings, Whole};
+use dpo_pipeline::train::step::{batch_loss, gradients, Refs, Whole};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -57,18 +57,7 @@ fn every_family_computes_transformers_log_probs_in_every_layout() {
         // Packed, shared-prompt and padded batches give each pair what it gets alone.
         let pairs: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> =
             g["pairs"].as_array().unwrap().iter().map(|p| (ids(&p["prompt"]), ids(&p["chosen"]), ids(&p["rejected"]))).collect();
-        let views: Vec<PairView> = pairs
-            .iter()
-            .map(|(p, c, r)| PairView {
-                row_id: 0,
-                prompt: p,
-                chosen: c,
-                rejected: r,
-                chosen_scored: c.len(),
-                rejected_scored: r.len(),
-                split: Split::Train,
-            })
-            .collect();
+        let views: Vec<PairView> = pairs.iter().map(|(p, c, r)| PairView::whole(0, p, c, r)).collect();
         let alone = |p: &[u32], c: &[u32]| -> f32 {
             let s: Vec<u32> = p.iter().chain(c).copied().collect();
             seq_logps(&dec, &s)[p.len() - 1..].iter().sum()
@@ -164,29 +153,14 @@ fn every_family_s_dpo_gradients_match_pytorch_autograd() {
             let policy = Policy::load_mixed(&m, DType::F32, None, &Trainable::Full, checkpointing, &Device::Cpu).unwrap();
             let gp = g["pairs"].as_array().unwrap();
             let data: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> = gp.iter().map(|p| (ids(&p["prompt"]), ids(&p["chosen"]), ids(&p["rejected"]))).collect();
-            let pairs: Vec<PairView> = data
-                .iter()
-                .map(|(p, c, r)| PairView {
-                    row_id: 0,
-                    prompt: p,
-                    chosen: c,
-                    rejected: r,
-                    chosen_scored: c.len(),
-                    rejected_scored: r.len(),
-                    split: Split::Train,
-                })
-                .collect();
+            let pairs: Vec<PairView> = data.iter().map(|(p, c, r)| PairView::whole(0, p, c, r)).collect();
             let rc: Vec<f32> = gp.iter().map(|p| p["ref_chosen"].as_f64().unwrap() as f32).collect();
             let rr: Vec<f32> = gp.iter().map(|p| p["ref_rejected"].as_f64().unwrap() as f32).collect();
             let coef = policy.cfg.moe.as_ref().map_or(0.0, |m| m.router_aux_loss_coef);
-            let settings = LossSettings {
-                kind: LossKind::Sigmoid,
-                beta: g["beta"].as_f64().unwrap(),
-                label_smoothing: 0.0,
-                sft_weight: 0.0,
-                router_aux_loss_coef: coef,
-            };
-            let b = batch_loss(&policy.decoder, LayoutKind::Packed, settings, &pairs, &rc, &rr, Whole::of(&pairs)).unwrap();
+            let mut settings = LossConfig::sigmoid(g["beta"].as_f64().unwrap());
+            settings.router_aux_loss_coef = coef;
+            let refs = Refs { chosen: &rc, rejected: &rr, chosen_shared: None, rejected_shared: None };
+            let b = batch_loss(&policy.decoder, LayoutKind::Packed, &settings, &pairs, Some(refs), Whole::of(&pairs)).unwrap();
             let loss = b.loss.to_scalar::<f32>().unwrap() as f64;
             let want_loss = g["step"]["loss"].as_f64().unwrap();
             assert!((loss - want_loss).abs() < 1e-5, "{fam}: loss {loss} vs PyTorch {want_loss}");
@@ -279,4 +253,115 @@ fn every_family_runs_every_stage_and_saves_what_it_loaded() {
             ],
         );
     }
+}
+
+/// LoRA is PEFT's on every family: an adapter PEFT 0.21 wrote (`all-linear`, or the attention
+/// projections on MoE models; r 2 with random B) loads into ours and gives the log-probs PEFT's
+/// model gives; and a new adapter of ours with the same targets holds exactly PEFT's tensors
+/// (names and shapes) and target modules, so PEFT loads what we write. (PEFT writes Phi-3's
+/// `all-linear` as every layer's module path, which ours reads as PEFT matches it.)
+#[test]
+fn every_family_s_lora_adapters_are_peft_s() {
+    use dpo_pipeline::model::lora::LoraConfig;
+    let d = tmp();
+    let tensors = |file: &Path| -> BTreeMap<String, Vec<usize>> {
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }.unwrap();
+        st.tensors().into_iter().map(|(k, v)| (k, v.shape().to_vec())).collect()
+    };
+    let targets_of = |dir: &Path| -> std::collections::BTreeSet<String> {
+        let c: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+        match &c["target_modules"] {
+            Value::String(s) => [s.clone()].into(),
+            // PEFT writes whole paths for some families (phi3): compare the module names.
+            v => v.as_array().unwrap().iter().map(|x| x.as_str().unwrap().rsplit('.').next().unwrap().to_string()).collect(),
+        }
+    };
+    for fam in FAMILIES {
+        let m = model(d.path(), fam);
+        let g = golden_family(fam);
+        let lg = &g["lora"];
+        let peft_dir = golden(&format!("families/{}", lg["adapter"].as_str().unwrap()));
+        let policy = Policy::load_mixed(&m, DType::F32, None, &Trainable::Adapter(peft_dir.clone()), false, &Device::Cpu).unwrap();
+        let mut moved = 0f64;
+        for (seq, want) in g["sequences"].as_array().unwrap().iter().zip(lg["token_logps"].as_array().unwrap()) {
+            let ours = seq_logps(&policy.eval_decoder, &ids(&seq["ids"]));
+            let (want, base): (Vec<f64>, Vec<f64>) = (
+                want.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect(),
+                seq["token_logps"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect(),
+            );
+            for (t, (a, b)) in ours.iter().zip(&want).enumerate() {
+                assert!((*a as f64 - b).abs() < 1e-4, "{fam}: token {t}: ours with PEFT's adapter {a}, PEFT {b}");
+            }
+            moved = want.iter().zip(&base).map(|(a, b)| (a - b).abs()).fold(moved, f64::max);
+        }
+        assert!(moved > 1e-3, "{fam}: the adapter changes the log-probs ({moved})");
+        let targets = match &lg["targets"] {
+            Value::String(s) => s.clone(),
+            v => v.as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect::<Vec<_>>().join(","),
+        };
+        let new = Trainable::NewLora { config: LoraConfig::new(2, 4.0, &targets, 0.0).unwrap(), seed: 1 };
+        let ours = Policy::load_mixed(&m, DType::F32, None, &new, false, &Device::Cpu).unwrap();
+        let out = d.path().join(format!("ours_{fam}"));
+        ours.save(&out, &m).unwrap();
+        assert_eq!(tensors(&out.join("adapter_model.safetensors")), tensors(&peft_dir.join("adapter_model.safetensors")), "{fam}: adapter tensors");
+        assert_eq!(targets_of(&out), targets_of(&peft_dir), "{fam}: target_modules");
+    }
+}
+
+/// Gemma 3 as published multimodal (`Gemma3ForConditionalGeneration`: `model_type` gemma3, the
+/// text tower's settings under `text_config`, its tensors under `language_model.model.`): the
+/// text tower computes what the same weights compute as a text model, trains, and a saved
+/// checkpoint keeps the towers this tool does not train (vision, projector) as they came.
+#[test]
+fn gemma3_multimodal_checkpoints_train_their_text_tower_and_keep_the_rest() {
+    let d = tmp();
+    let text = model(d.path(), "gemma3");
+    let mm = d.path().join("gemma3_mm");
+    std::fs::create_dir_all(&mm).unwrap();
+    let text_cfg: Value = serde_json::from_str(&std::fs::read_to_string(text.join("config.json")).unwrap()).unwrap();
+    let cfg = serde_json::json!({
+        "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "text_config": text_cfg,
+        "vision_config": {"model_type": "siglip_vision_model"}, "tie_word_embeddings": true
+    });
+    std::fs::write(mm.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(text.join(f), mm.join(f)).unwrap();
+    }
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(text.join("model.safetensors")) }.unwrap();
+    let mut tensors: std::collections::HashMap<String, Tensor> =
+        st.tensors().into_iter().map(|(k, _)| (k.replacen("model.", "language_model.model.", 1), st.load(&k, &Device::Cpu).unwrap())).collect();
+    let vision = Tensor::arange(0f32, 48.0, &Device::Cpu).unwrap().reshape((4, 3, 2, 2)).unwrap();
+    tensors.insert("vision_tower.vision_model.embeddings.patch_embedding.weight".into(), vision.clone());
+    candle_core::safetensors::save(&tensors, mm.join("model.safetensors")).unwrap();
+    // The text tower computes the text model's log-probs.
+    let g = golden_family("gemma3");
+    let ids0 = ids(&g["sequences"][0]["ids"]);
+    let (a, b) = (
+        seq_logps(&load_decoder(&text, DType::F32, &Device::Cpu).unwrap(), &ids0),
+        seq_logps(&load_decoder(&mm, DType::F32, &Device::Cpu).unwrap(), &ids0),
+    );
+    assert_eq!(a, b);
+    // One training step, saved: the text tower under its names (moved), the vision tower as it was.
+    let policy = Policy::load_mixed(&mm, DType::F32, None, &Trainable::Full, false, &Device::Cpu).unwrap();
+    let gp = &g["pairs"][0];
+    let (p, c, r) = (ids(&gp["prompt"]), ids(&gp["chosen"]), ids(&gp["rejected"]));
+    let pairs = [PairView::whole(0, &p, &c, &r)];
+    let refs = Refs { chosen: &[-30.0], rejected: &[-20.0], chosen_shared: None, rejected_shared: None };
+    let b = batch_loss(&policy.decoder, LayoutKind::Packed, &LossConfig::sigmoid(0.1), &pairs, Some(refs), Whole::of(&pairs)).unwrap();
+    let grads = gradients(&b.loss, &policy).unwrap();
+    for (v, g) in policy.vars.iter().zip(&grads) {
+        v.set(&(v.as_tensor() - (g * 1.0).unwrap()).unwrap()).unwrap();
+    }
+    let out = d.path().join("saved");
+    policy.save(&out, &mm).unwrap();
+    let saved = unsafe { candle_core::safetensors::MmapedSafetensors::new(out.join("model.safetensors")) }.unwrap();
+    let names: std::collections::BTreeSet<String> = saved.tensors().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(names, tensors.keys().cloned().collect(), "the saved checkpoint has the published tensors");
+    let v = saved.load("vision_tower.vision_model.embeddings.patch_embedding.weight", &Device::Cpu).unwrap();
+    assert_eq!(v.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vision.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let k = "language_model.model.layers.0.self_attn.q_proj.weight";
+    let moved = (saved.load(k, &Device::Cpu).unwrap() - tensors[k].to_dtype(DType::F32).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(moved.to_scalar::<f32>().unwrap() > 0.0, "the text tower trained");
+    let saved_cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(saved_cfg["model_type"], "gemma3");
 }

@@ -2,7 +2,7 @@
 mod common;
 use candle_core::{DType, Device};
 use common::*;
-use dpo_pipeline::data::prepared::{PairView, Split};
+use dpo_pipeline::data::prepared::PairView;
 use dpo_pipeline::model::logprobs::{token_logps, Scored};
 use dpo_pipeline::model::{load_decoder, weights, ModelConfig};
 use dpo_pipeline::score::layout::{self as batch, LayoutKind};
@@ -52,7 +52,7 @@ fn qwen2_matches_hf_transformers() {
 }
 
 fn pair<'a>(prompt: &'a [u32], chosen: &'a [u32], rejected: &'a [u32]) -> PairView<'a> {
-    PairView { row_id: 0, prompt, chosen, rejected, chosen_scored: chosen.len(), rejected_scored: rejected.len(), split: Split::Train }
+    PairView::whole(0, prompt, chosen, rejected)
 }
 
 #[test]
@@ -347,7 +347,7 @@ fn lm_head_log_probs_over_a_real_vocabulary_span_many_chunks() {
     let lse = shifted.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap();
     let tgt = Tensor::from_slice(&targets, (m, 1), &dev).unwrap();
     let tok = (shifted.gather(&tgt, 1).unwrap() - lse).unwrap().squeeze(1).unwrap();
-    let want_seq = sequence_logps(&tok, &sc).unwrap();
+    let want_seq = sequence_logps(&tok, &sc, None).unwrap();
     let g = (&want_seq * &up).unwrap().sum_all().unwrap().backward().unwrap();
     let want = (f64s(&want_seq), f64s(g.get(h.as_tensor()).unwrap()), f64s(g.get(w.as_tensor()).unwrap()));
     // fused: the CPU op; composite: candle's autograd; recompute: the device-generic path with
@@ -362,7 +362,7 @@ fn lm_head_log_probs_over_a_real_vocabulary_span_many_chunks() {
             "recompute-bf16" => token_logps_recompute(&bf16(h.as_tensor()), &bf16(w.as_tensor()), &targets, None).unwrap(),
             _ => token_logps_composite(h.as_tensor(), w.as_tensor(), &targets, None).unwrap(),
         };
-        let got_seq = sequence_logps(&tok, &sc).unwrap();
+        let got_seq = sequence_logps(&tok, &sc, None).unwrap();
         let g = (&got_seq * &up.to_dtype(DType::F32).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
         let (gh, gw) = (g.get(h.as_tensor()).unwrap(), g.get(w.as_tensor()).unwrap());
         // A backward that builds a graph of its own keeps all its intermediates alive (at the
@@ -508,4 +508,69 @@ fn packed_rows_have_no_padding_and_blocks_follow_the_pairs() {
     assert_eq!(sc.seq, vec![0, 0, 1, 2, 2, 2, 2, 3, 3]);
     let padded = batch::slots(LayoutKind::SharedPrompt, &pairs);
     assert_eq!((batch::slots(LayoutKind::Packed, &pairs), padded), (13, 14));
+}
+
+/// The statistics TRL logs per scored token (entropy, log Σp², mean logit, top-1), from the
+/// fused CPU pass (f32) and the recomputing device path (bf16 on the CPU takes it), with and
+/// without soft-capping, against a direct f64 computation from the logits.
+#[test]
+fn lm_head_statistics_match_a_direct_computation() {
+    use candle_core::Tensor;
+    use dpo_pipeline::model::logprobs::token_logps_stats;
+    let (m, k, v) = (37, 16, 700);
+    let val = |i: usize, s: f64| ((i as f64 * 0.7311 + s).sin() * 1.7) as f32;
+    let h: Vec<f32> = (0..m * k).map(|i| val(i, 0.3)).collect();
+    let w: Vec<f32> = (0..v * k).map(|i| val(i, 1.9) * 0.8).collect();
+    let logit = |i: usize, j: usize| -> f64 { (0..k).map(|c| h[i * k + c] as f64 * w[j * k + c] as f64).sum() };
+    // Every third target is the row's argmax (soft-capping keeps the order), the rest arbitrary.
+    let targets: Vec<u32> = (0..m)
+        .map(|i| if i % 3 == 0 { (0..v).max_by(|&a, &b| logit(i, a).total_cmp(&logit(i, b))).unwrap() as u32 } else { ((i * 131 + 7) % v) as u32 })
+        .collect();
+    let sc = Scored { rows: (0..m as u32).collect(), targets: targets.clone(), seq: vec![0; m], num_seqs: 1 };
+    for softcap in [None, Some(15.0)] {
+        // Direct: logits in f64, then each statistic by its definition.
+        let mut want = Vec::new();
+        for i in 0..m {
+            let z: Vec<f64> = (0..v)
+                .map(|j| {
+                    let x = logit(i, j);
+                    softcap.map_or(x, |s| s * (x / s).tanh())
+                })
+                .collect();
+            let mx = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = mx + z.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+            let p: Vec<f64> = z.iter().map(|x| (x - lse).exp()).collect();
+            let entropy = lse - p.iter().zip(&z).map(|(p, z)| p * z).sum::<f64>();
+            let log_sum_sq = p.iter().map(|p| p * p).sum::<f64>().ln();
+            let mean = z.iter().sum::<f64>() / v as f64;
+            let top = (0..v).max_by(|&a, &b| z[a].total_cmp(&z[b]).then(b.cmp(&a))).unwrap() == targets[i] as usize;
+            let gap = {
+                let mut s = z.clone();
+                s.sort_by(|a, b| b.total_cmp(a));
+                s[0] - s[1]
+            };
+            want.push((entropy, log_sum_sq, mean, top, gap, z[targets[i] as usize] - lse));
+        }
+        for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
+            let ht = Tensor::from_vec(h.clone(), (m, k), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let wt = Tensor::from_vec(w.clone(), (v, k), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let (logps, st) = token_logps_stats(&ht, &wt, &sc, softcap, true).unwrap();
+            let logps = logps.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+            assert_eq!(st.entropy.len(), m);
+            // bf16 rounds h and W: compare its statistics with a tolerance scaled to their size.
+            for (i, &(ent, lss, mean, top, gap, lp)) in want.iter().enumerate() {
+                let near = |a: f64, b: f64, what: &str| {
+                    assert!((a - b).abs() <= tol * b.abs().max(1.0), "{dtype:?} softcap {softcap:?} row {i}: {what} {a} vs {b}")
+                };
+                near(st.entropy[i] as f64, ent, "entropy");
+                near(st.log_sum_sq[i] as f64, lss, "log Σp²");
+                near(st.mean_logit[i] as f64, mean, "mean logit");
+                near(logps[i], lp, "log-prob");
+                if gap > if dtype == DType::F32 { 1e-4 } else { 0.5 } {
+                    assert_eq!(st.top1[i], top, "{dtype:?} softcap {softcap:?} row {i}: top-1");
+                }
+            }
+        }
+        assert!(want.iter().any(|w| w.3) && want.iter().any(|w| !w.3), "top-1 is tested both ways");
+    }
 }

@@ -336,7 +336,7 @@ max_new_tokens = 6
 
 [train]
 lr = 1e-3
-sft_weight = 1.0
+loss = "sigmoid,sft"
 batch_size = 8
 max_steps = 3
 eval_every = 0

@@ -7,11 +7,11 @@ use dpo_pipeline::data::prepared::{PairView, PreparedDataset, Split};
 use dpo_pipeline::data::ref_cache::RefCache;
 use dpo_pipeline::score::layout::LayoutKind;
 use dpo_pipeline::score::pair_logps;
-use dpo_pipeline::train::loss::LossKind;
+use dpo_pipeline::train::loss::LossConfig;
 use dpo_pipeline::train::optim::SchedulerKind;
 use dpo_pipeline::train::optim::{clip_by_global_norm, lr_factor, AdamW, AdamWConfig};
 use dpo_pipeline::train::policy::Policy;
-use dpo_pipeline::train::step::{batch_loss, gradients, LossSettings, Whole};
+use dpo_pipeline::train::step::{batch_loss, gradients, BatchOut, Refs, Whole};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -23,7 +23,11 @@ fn setup(dir: &Path, arch: &str, rows: &str) -> PathBuf {
     model
 }
 
-const DPO: LossSettings = LossSettings { kind: LossKind::Sigmoid, beta: 0.1, label_smoothing: 0.0, sft_weight: 0.0, router_aux_loss_coef: 0.0 };
+/// The loss `c` on `pairs` against reference sums `rc`, `rr`.
+fn dpo(decoder: &dpo_pipeline::model::Decoder, layout: LayoutKind, c: &LossConfig, pairs: &[PairView], rc: &[f32], rr: &[f32]) -> BatchOut {
+    let refs = Refs { chosen: rc, rejected: rr, chosen_shared: None, rejected_shared: None };
+    batch_loss(decoder, layout, c, pairs, Some(refs), Whole::of(pairs)).unwrap()
+}
 
 fn refs(cache: &RefCache, pairs: &[PairView]) -> (Vec<f32>, Vec<f32>) {
     (pairs.iter().map(|p| cache.chosen.as_slice()[p.row_id]).collect(), pairs.iter().map(|p| cache.rejected.as_slice()[p.row_id]).collect())
@@ -39,9 +43,12 @@ fn step_zero_rewards_are_zero_and_loss_is_ln2() {
     let pairs: Vec<PairView> = (0..16).map(|i| prep.pair(i)).collect();
     let (rc, rr) = refs(&cache, &pairs);
     for layout in [LayoutKind::Packed, LayoutKind::SharedPrompt, LayoutKind::Padded] {
-        let b = batch_loss(&policy.decoder, layout, DPO, &pairs, &rc, &rr, Whole::of(&pairs)).unwrap();
-        for r in b.out.chosen_rewards.to_vec1::<f32>().unwrap().iter().chain(&b.out.rejected_rewards.to_vec1::<f32>().unwrap()) {
-            assert!(r.abs() < 1e-4, "{layout:?}: step-0 reward {r}");
+        let b = dpo(&policy.decoder, layout, &LossConfig::sigmoid(0.1), &pairs, &rc, &rr);
+        let lp = pair_logps(&policy.decoder, layout, &pairs).unwrap();
+        let (pc, pr) = (lp.chosen.to_vec1::<f32>().unwrap(), lp.rejected.to_vec1::<f32>().unwrap());
+        for i in 0..pairs.len() {
+            let (r_c, r_r) = (0.1 * (pc[i] - rc[i]), 0.1 * (pr[i] - rr[i]));
+            assert!(r_c.abs() < 1e-4 && r_r.abs() < 1e-4, "{layout:?}: step-0 rewards {r_c}, {r_r}");
         }
         let loss = b.loss.to_scalar::<f32>().unwrap();
         assert!((loss - std::f32::consts::LN_2).abs() < 1e-5, "step-0 loss {loss}");
@@ -60,8 +67,7 @@ fn dpo_gradient_matches_its_closed_form_and_reaches_every_parameter() {
     let (pc, pr) = (lp.chosen.to_vec1::<f64>().unwrap()[0], lp.rejected.to_vec1::<f64>().unwrap()[0]);
     let (rc, rr) = ((pc + 2.0) as f32, (pr - 1.0) as f32);
     let beta = 0.5;
-    let settings = LossSettings { beta, ..DPO };
-    let b = batch_loss(&policy.decoder, LayoutKind::SharedPrompt, settings, &p, &[rc], &[rr], Whole::of(&p)).unwrap();
+    let b = dpo(&policy.decoder, LayoutKind::SharedPrompt, &LossConfig::sigmoid(beta), &p, &[rc], &[rr]);
     let g_loss = gradients(&b.loss, &policy).unwrap();
     // Every trainable tensor gets a non-zero gradient (candle drops them silently otherwise).
     for (n, g) in policy.names.iter().zip(&g_loss) {
@@ -90,15 +96,10 @@ fn finite_differences_agree_with_autograd() {
     let policy = Policy::load(&model, DType::F64, &Device::Cpu).unwrap();
     let pairs = [prep.pair(0), prep.pair(1)];
     let (rc, rr) = ([-30.0f32, -25.0], [-20.0f32, -28.0]);
-    let settings = LossSettings { kind: LossKind::Sigmoid, beta: 0.3, label_smoothing: 0.0, sft_weight: 0.5, router_aux_loss_coef: 0.0 };
-    let loss = |pol: &Policy| {
-        batch_loss(&pol.eval_decoder, LayoutKind::SharedPrompt, settings, &pairs, &rc, &rr, Whole::of(&pairs))
-            .unwrap()
-            .loss
-            .to_scalar::<f64>()
-            .unwrap()
-    };
-    let b = batch_loss(&policy.decoder, LayoutKind::SharedPrompt, settings, &pairs, &rc, &rr, Whole::of(&pairs)).unwrap();
+    let mut settings = LossConfig::sigmoid(0.3);
+    settings.terms.push((dpo_pipeline::train::loss::LossType::Sft, 0.5));
+    let loss = |pol: &Policy| dpo(&pol.eval_decoder, LayoutKind::SharedPrompt, &settings, &pairs, &rc, &rr).loss.to_scalar::<f64>().unwrap();
+    let b = dpo(&policy.decoder, LayoutKind::SharedPrompt, &settings, &pairs, &rc, &rr);
     let grads = gradients(&b.loss, &policy).unwrap();
     let eps = 1e-5;
     let mut checked = 0;
@@ -131,47 +132,6 @@ fn finite_differences_agree_with_autograd() {
         checked += 1;
     }
     assert_eq!(checked, 6);
-}
-
-#[test]
-fn losses_match_their_closed_forms() {
-    use dpo_pipeline::train::loss::{preference_loss, PairBatch};
-    let t = |v: &[f64]| Tensor::new(v, &Device::Cpu).unwrap();
-    let (pc, pr, rc, rr) = ([-10.0, -20.0, -5.0], [-12.0, -15.0, -5.5], [-11.0, -19.0, -6.0], [-11.5, -18.0, -4.0]);
-    let (nc, nr) = ([5.0, 7.0, 3.0], [4.0, 9.0, 2.0]);
-    let (beta, eps) = (0.2, 0.1);
-    let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
-    for kind in [LossKind::Sigmoid, LossKind::Ipo, LossKind::Hinge, LossKind::Robust, LossKind::SigmoidNorm] {
-        let out = preference_loss(
-            kind,
-            beta,
-            eps,
-            &PairBatch {
-                policy_chosen: &t(&pc),
-                policy_rejected: &t(&pr),
-                ref_chosen: &t(&rc),
-                ref_rejected: &t(&rr),
-                chosen_tokens: &t(&nc),
-                rejected_tokens: &t(&nr),
-            },
-        )
-        .unwrap();
-        let got = out.per_pair.to_vec1::<f64>().unwrap();
-        for i in 0..3 {
-            let (cw, cl) = (pc[i] - rc[i], pr[i] - rr[i]);
-            let z = beta * (cw - cl);
-            let want = match kind {
-                LossKind::Sigmoid => -(1.0 - eps) * sig(z).ln() - eps * sig(-z).ln(),
-                LossKind::Hinge => (1.0 - z).max(0.0),
-                LossKind::Ipo => (cw / nc[i] - cl / nr[i] - 1.0 / (2.0 * beta)).powi(2),
-                LossKind::Robust => (-(1.0 - eps) * sig(z).ln() + eps * sig(-z).ln()) / (1.0 - 2.0 * eps),
-                LossKind::SigmoidNorm => -sig(beta * (cw / nc[i] - cl / nr[i])).ln(),
-            };
-            assert!((got[i] - want).abs() < 1e-12, "{kind:?} pair {i}: {} vs {want}", got[i]);
-        }
-        let cr = out.chosen_rewards.to_vec1::<f64>().unwrap();
-        assert!((cr[0] - beta * (pc[0] - rc[0])).abs() < 1e-12);
-    }
 }
 
 #[test]
@@ -327,73 +287,15 @@ fn demo_learns_the_synthetic_preference() {
 
 use std::process::Command;
 
-/// dℓ/dΔ of each loss in closed form, against autograd, at Δ = 0 (every pair at step 0), at the
-/// hinge's margin, and away from both. A one-sided derivative at 0 doubled the first step.
-#[test]
-fn every_loss_has_its_true_derivative_at_zero_and_elsewhere() {
-    use candle_core::Var;
-    use dpo_pipeline::train::loss::{preference_loss, PairBatch};
-    let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
-    let (beta, eps) = (0.3, 0.2);
-    let (nc, nr) = (5.0, 3.0);
-    for (kind, smoothing) in [
-        (LossKind::Sigmoid, 0.0),
-        (LossKind::Sigmoid, eps),
-        (LossKind::Robust, eps),
-        (LossKind::Hinge, 0.0),
-        (LossKind::Ipo, 0.0),
-        (LossKind::SigmoidNorm, 0.0),
-    ] {
-        // (policy chosen, policy rejected) with ref (-10, -12): Δ = 0, βΔ = 1 (hinge margin), others.
-        for (pc, pr) in [(-10.0, -12.0), (-10.0 + 1.0 / beta, -12.0), (-9.0, -12.5), (-11.0, -11.0)] {
-            let (rc, rr) = (-10.0f64, -12.0f64);
-            let t = |v: f64| Tensor::new(&[v], &Device::Cpu).unwrap();
-            let (vc, vr) = (Var::new(&[pc], &Device::Cpu).unwrap(), Var::new(&[pr], &Device::Cpu).unwrap());
-            let (trc, trr, tnc, tnr) = (t(rc), t(rr), t(nc), t(nr));
-            let out = preference_loss(
-                kind,
-                beta,
-                smoothing,
-                &PairBatch {
-                    policy_chosen: vc.as_tensor(),
-                    policy_rejected: vr.as_tensor(),
-                    ref_chosen: &trc,
-                    ref_rejected: &trr,
-                    chosen_tokens: &tnc,
-                    rejected_tokens: &tnr,
-                },
-            )
-            .unwrap();
-            let g = out.per_pair.sum_all().unwrap().backward().unwrap();
-            let got = g.get(vc.as_tensor()).map(|t| t.to_vec1::<f64>().unwrap()[0]).unwrap_or(0.0);
-            let d = (pc - rc) - (pr - rr);
-            let h = (pc - rc) / nc - (pr - rr) / nr;
-            let want = match kind {
-                LossKind::Sigmoid => -(1.0 - smoothing) * beta * sig(-beta * d) + smoothing * beta * sig(beta * d),
-                LossKind::Robust => (-(1.0 - smoothing) * beta * sig(-beta * d) - smoothing * beta * sig(beta * d)) / (1.0 - 2.0 * smoothing),
-                // PyTorch's relu convention: derivative 0 at the kink 1 − βΔ = 0.
-                LossKind::Hinge => {
-                    if 1.0 - beta * d > 1e-12 {
-                        -beta
-                    } else {
-                        0.0
-                    }
-                }
-                LossKind::Ipo => 2.0 * (h - 1.0 / (2.0 * beta)) / nc,
-                LossKind::SigmoidNorm => -beta * sig(-beta * h) / nc,
-            };
-            assert!((got - want).abs() < 1e-12, "{kind:?} ε={smoothing} Δ={d}: autograd {got}, closed form {want}");
-        }
-    }
-}
-
-/// 16 steps without clipping against a plain PyTorch autograd loop and HF TRL 1.16's
-/// DPOTrainer on the same model and data (tests/golden/trl_trajectory_llama.json, from
+/// 16 unclipped steps of every loss (each TRL 1.16 loss type, MPO and one more weighted sum,
+/// each f-divergence, WPO, LD-DPO at two α on one cache, SimPO, CPO, ORPO) against a plain
+/// PyTorch autograd loop around TRL's own loss code (1e-4) and, for DPOTrainer's losses, TRL's
+/// DPOTrainer itself (tests/golden/trl_trajectories_llama.json, from
 /// scripts/make_trajectory_golden.py). TRL's fused lm-head gradients sit 0.15-0.3% below exact
-/// autograd, so it gets the looser tolerance; a doubled first step fails both.
-#[test]
-fn sixteen_unclipped_steps_match_pytorch_autograd_and_trl() {
-    let g: Value = serde_json::from_str(&std::fs::read_to_string(golden("trl_trajectory_llama.json")).unwrap()).unwrap();
+/// autograd's, so it gets the looser tolerance; a doubled first step fails both. The runs are
+/// split over three tests so they use both cores.
+fn trajectories(part: usize, parts: usize) {
+    let g: Value = serde_json::from_str(&std::fs::read_to_string(golden("trl_trajectories_llama.json")).unwrap()).unwrap();
     let d = tmp();
     let p = d.path();
     let model = tiny_model(p, "llama");
@@ -403,31 +305,78 @@ fn sixteen_unclipped_steps_match_pytorch_autograd_and_trl() {
     assert_eq!(g["data_blake3"].as_str().unwrap(), hash(&p.join("traj.parquet")), "regenerate golden values");
     let st = &g["settings"];
     let arg = |k: &str| st[k].to_string();
-    let (ml, beta, lr, bs, steps) = (arg("max_length"), arg("beta"), arg("lr"), arg("batch_size"), arg("max_steps"));
+    let (ml, lr, bs, steps) = (arg("max_length"), arg("lr"), arg("batch_size"), arg("max_steps"));
     ok(p, &["prepare", "--input", "traj.parquet", "--model", s(&model), "--out", "prep", "--max-length", &ml]);
     ok(p, &["cache-ref", "--prepared", "prep", "--model", s(&model), "--out", "cache"]);
-    ok(
-        p,
-        &[
-            "train", "--prepared", "prep", "--ref-cache", "cache", "--out", "t", "--beta", &beta, "--lr", &lr, "--batch-size", &bs, "--max-steps",
-            &steps, "--max-grad-norm", "0", "--shuffle", "false", "--scheduler", "linear", "--eval-every", "0", "--save-every", "0",
-        ],
-    );
-    let ours = read_rows(p, "t/metrics.parquet");
-    for (golden, tol) in [("autograd_steps", 1e-4), ("steps", 5e-3)] {
-        let want = g[golden].as_array().unwrap();
-        assert_eq!(ours.len(), want.len());
-        for (o, t) in ours.iter().zip(want) {
-            assert_eq!(o["step"], t["step"]);
-            for k in ["loss", "grad_norm", "rewards/margins", "rewards/chosen", "logps/chosen", "logps/rejected", "rewards/accuracies"] {
-                if k == "rewards/accuracies" && t["step"] == 1 {
-                    continue; // every reward is 0 up to rounding at step 1: strict wins are noise
+    let runs = g["runs"].as_array().unwrap();
+    for (i, run) in runs.iter().enumerate().filter(|(i, _)| i % parts == part) {
+        let name = run["name"].as_str().unwrap();
+        let out = format!("t{i}");
+        let mut args = vec!["train", "--prepared", "prep", "--out", &out, "--lr", &lr, "--batch-size", &bs, "--max-steps", &steps];
+        args.extend(["--max-grad-norm", "0", "--shuffle", "false", "--scheduler", "linear", "--eval-every", "0", "--save-every", "0"]);
+        if run["reference_free"].as_bool().unwrap() {
+            args.extend(["--model", s(&model)]);
+        } else {
+            // One cache for every reference-based run, LD-DPO's α values included.
+            args.extend(["--ref-cache", "cache"]);
+        }
+        let flags: Vec<&str> = run["flags"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+        args.extend(&flags);
+        ok(p, &args);
+        let ours = read_rows(p, &format!("{out}/metrics.parquet"));
+        // TRL's fused head's gradient error compounds most where the loss's curvature is steep:
+        // there only the loss, log-probs and gradient norm are compared with TRL, at 3e-2.
+        let steep = matches!(name, "discopop" | "forward_kl");
+        let trl_tol = if steep { 3e-2 } else { 5e-3 };
+        for (golden, tol) in [("autograd_steps", 1e-4), ("trl_steps", trl_tol)] {
+            let Some(want) = run[golden].as_array() else { continue };
+            assert_eq!(ours.len(), want.len(), "{name}");
+            for (o, t) in ours.iter().zip(want) {
+                assert_eq!(o["step"], t["step"]);
+                for (k, b) in t.as_object().unwrap() {
+                    // Top-1 flags of a near-uniform tiny model flip on rounding-level differences.
+                    if matches!(k.as_str(), "step" | "learning_rate" | "epoch" | "mean_token_accuracy") || k.starts_with("train_") {
+                        continue;
+                    }
+                    // Against TRL itself: the quantities its fused head's rounding leaves within
+                    // the tolerance (small values such as logits/* and rewards/rejected early on
+                    // are off by more, relative to themselves, than the tolerance).
+                    let trl_keys: &[&str] = if steep {
+                        &["loss", "grad_norm", "logps/chosen", "logps/rejected", "entropy", "num_tokens"]
+                    } else {
+                        &[
+                            "loss", "grad_norm", "rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected", "entropy", "num_tokens",
+                            "rewards/accuracies",
+                        ]
+                    };
+                    if golden == "trl_steps" && !trl_keys.contains(&k.as_str()) {
+                        continue;
+                    }
+                    if k == "rewards/accuracies" && t["step"] == 1 {
+                        continue; // every reward is 0 up to rounding at step 1: strict wins are noise
+                    }
+                    let a = o[k].as_f64().unwrap_or_else(|| panic!("{name}: no {k} in our metrics"));
+                    let b = b.as_f64().unwrap();
+                    assert!((a - b).abs() <= tol * b.abs().max(1e-2), "{name} vs {golden}: step {} {k}: ours {a}, reference {b}", t["step"]);
                 }
-                let (a, b) = (o[k].as_f64().unwrap(), t[k].as_f64().unwrap());
-                assert!((a - b).abs() <= tol * b.abs().max(1e-2), "{golden}: step {} {k}: ours {a}, reference {b}", t["step"]);
             }
         }
     }
+}
+
+#[test]
+fn sixteen_unclipped_steps_of_every_loss_match_autograd_and_trl_part_1() {
+    trajectories(0, 3);
+}
+
+#[test]
+fn sixteen_unclipped_steps_of_every_loss_match_autograd_and_trl_part_2() {
+    trajectories(1, 3);
+}
+
+#[test]
+fn sixteen_unclipped_steps_of_every_loss_match_autograd_and_trl_part_3() {
+    trajectories(2, 3);
 }
 
 /// Mixed precision (`train --dtype bf16`): bf16 compute over f32 master weights. The loss and
@@ -446,7 +395,7 @@ fn bf16_mixed_precision_tracks_f32_and_keeps_f32_master_weights() {
     let rr: Vec<f32> = rr.iter().map(|x| x + 3.0).collect();
     let run = |compute: DType| {
         let policy = Policy::load_mixed(&model, DType::F32, Some(compute), &Trainable::Full, false, &Device::Cpu).unwrap();
-        let b = batch_loss(&policy.decoder, LayoutKind::Packed, DPO, &pairs, &rc, &rr, Whole::of(&pairs)).unwrap();
+        let b = dpo(&policy.decoder, LayoutKind::Packed, &LossConfig::sigmoid(0.1), &pairs, &rc, &rr);
         assert_eq!(b.loss.dtype(), DType::F32, "the loss is computed in f32");
         let grads = gradients(&b.loss, &policy).unwrap();
         let flat: Vec<f64> = grads.iter().flat_map(|g| g.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()).collect();
@@ -495,7 +444,7 @@ fn gradient_checkpointing_gives_the_ordinary_gradients() {
         let grads = |checkpoint: bool| -> Vec<Vec<f32>> {
             let policy = Policy::load_mixed(&model, DType::F32, Some(compute), &what, checkpoint, &Device::Cpu).unwrap();
             policy.reseed(7, 0, 0);
-            let b = batch_loss(&policy.decoder, LayoutKind::Packed, DPO, &pairs, &rc, &rr, Whole::of(&pairs)).unwrap();
+            let b = dpo(&policy.decoder, LayoutKind::Packed, &LossConfig::sigmoid(0.1), &pairs, &rc, &rr);
             gradients(&b.loss, &policy).unwrap().iter().map(|g| g.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()).collect()
         };
         let (plain, ckpt) = (grads(false), grads(true));
@@ -506,4 +455,76 @@ fn gradient_checkpointing_gives_the_ordinary_gradients() {
             assert!(worst <= 1e-5 * scale, "{name}: parameter {i}: checkpointed gradient differs by {worst} (scale {scale})");
         }
     }
+}
+
+/// A micro-batch over the token budget runs in pieces whose losses and gradients add up to the
+/// whole's (the SFT term normalised by the whole micro-batch's chosen tokens); --max-memory
+/// derives the budget from a measured per-token cost; a pair that alone exceeds the budget is
+/// one clear error.
+#[test]
+fn token_budgets_split_micro_batches_without_changing_the_run() {
+    let d = tmp();
+    setup(d.path(), "llama", "48");
+    let common = [
+        "train", "--prepared", "prep", "--ref-cache", "cache", "--max-steps", "3", "--batch-size", "8", "--lr", "1e-3", "--eval-every", "3",
+        "--sft-weight", "0.3", "--max-grad-norm", "0",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<&str> { common.iter().copied().chain(extra.iter().copied()).collect() };
+    ok(d.path(), &with(&["--out", "whole"]));
+    ok(d.path(), &with(&["--out", "pieces", "--batch-tokens", "90", "--gradient-checkpointing"]));
+    let e = ok(d.path(), &with(&["--out", "memory", "--max-memory", "1.5"]));
+    assert!(e.contains("micro-batches of at most"), "{e}");
+    let (a, b) = (metrics(d.path(), "whole"), metrics(d.path(), "pieces"));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        for k in ["loss", "rewards/margins", "logps/chosen", "grad_norm", "eval/loss"] {
+            if let (Some(p), Some(q)) = (x[k].as_f64(), y[k].as_f64()) {
+                assert!((p - q).abs() <= 1e-5 * p.abs().max(1.0), "step {} {k}: whole {p}, in pieces {q}", x["step"]);
+            }
+        }
+    }
+    let m: Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("pieces/manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["stats"]["micro_batch_tokens"], 90);
+    assert!(m["stats"]["peak_memory_gb"].as_f64().unwrap() > 0.0);
+    let e = fails(d.path(), &with(&["--out", "tiny", "--batch-tokens", "5"]));
+    assert!(e.contains("--batch-tokens") && e.contains("row_id"), "{e}");
+}
+
+/// SimPO, CPO and ORPO train from the policy alone: no cache is read or accepted, `pipeline run`
+/// skips the reference pass, and the metrics carry their terms (ORPO's log odds, the NLL).
+/// The reference-based losses refuse to run without a cache; a loss that sorts across the
+/// micro-batch refuses to be split into pieces.
+#[test]
+fn reference_free_losses_train_without_a_cache_and_the_rest_need_one() {
+    let d = tmp();
+    let p = d.path();
+    let model = tiny_model(p, "llama");
+    prepare_synth(p, &model, "32", "8");
+    let base = ["train", "--prepared", "prep", "--max-steps", "2", "--batch-size", "4", "--eval-every", "2", "--save-every", "0"];
+    ok(p, &[&base[..], &["--out", "orpo", "--loss", "orpo", "--model", s(&model)]].concat());
+    let rows = read_rows(p, "orpo/metrics.parquet");
+    let last = rows.iter().rev().find(|r| r["log_odds_ratio"].is_number()).expect("train rows");
+    assert!(last["nll_loss"].as_f64().unwrap() > 0.0 && last["log_odds_ratio"].as_f64().unwrap() < 0.0, "{last}");
+    assert!(rows.iter().any(|r| r["eval/log_odds_chosen"].is_number()), "eval rows carry ORPO's metrics");
+    let man: Value = serde_json::from_str(&std::fs::read_to_string(p.join("orpo/manifest.json")).unwrap()).unwrap();
+    let roles: Vec<&str> = man["inputs"].as_array().unwrap().iter().map(|i| i["role"].as_str().unwrap()).collect();
+    assert!(!roles.contains(&"ref_cache"), "{roles:?}");
+    ok(p, &["cache-ref", "--prepared", "prep", "--model", s(&model), "--out", "cache"]);
+    let e = fails(p, &[&base[..], &["--out", "x", "--loss", "simpo", "--model", s(&model), "--ref-cache", "cache"]].concat());
+    assert!(e.contains("reference-free") && e.contains("--ref-cache"), "{e}");
+    let e = fails(p, &[&base[..], &["--out", "x", "--loss", "cpo"]].concat());
+    assert!(e.contains("--model"), "{e}");
+    let e = fails(p, &[&base[..], &["--out", "x", "--loss", "sigmoid", "--model", s(&model)]].concat());
+    assert!(e.contains("ref_cache") && e.contains("not a reference cache"), "{e}");
+    let e = fails(p, &[&base[..], &["--out", "x", "--loss", "aot", "--ref-cache", "cache", "--batch-tokens", "60"]].concat());
+    assert!(e.contains("aot") && e.contains("--batch-tokens"), "{e}");
+    // A pipeline file with a reference-free loss runs prepare and train only.
+    std::fs::write(
+        p.join("p.toml"),
+        format!("[prepare]\ninputs = [\"in.parquet\"]\nmodel = \"{}\"\nout = \"run/prepared\"\n\n[train]\nout = \"run/train\"\nloss = \"cpo\"\nmax_steps = 2\nbatch_size = 4\n", s(&model)),
+    )
+    .unwrap();
+    let out = ok(p, &["run", "p.toml"]);
+    assert!(!out.contains("cache-ref:") && out.contains("train: 2 steps"), "{out}");
+    assert!(!p.join("ref_cache").exists() && !p.join("run/ref_cache").exists());
 }

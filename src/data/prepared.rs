@@ -206,6 +206,13 @@ pub struct PairView<'a> {
     pub split: Split,
 }
 
+impl<'a> PairView<'a> {
+    /// A train pair scored whole (no truncation), for tools and tests that build pairs by hand.
+    pub fn whole(row_id: usize, prompt: &'a [u32], chosen: &'a [u32], rejected: &'a [u32]) -> Self {
+        PairView { row_id, prompt, chosen, rejected, chosen_scored: chosen.len(), rejected_scored: rejected.len(), split: Split::Train }
+    }
+}
+
 /// Read side of the prepared directory: every column mapped, nothing loaded whole.
 pub struct PreparedDataset {
     pub dir: PathBuf,

@@ -1,11 +1,13 @@
 //! The reference cache directory, written only by the `cache-ref` stage and read by `train`:
 //! - `chosen_logps.f32`, `rejected_logps.f32`: log π_ref(y|x) per `row_id` (memory-mapped columns);
+//! - `chosen_shared_logps.f32`, `rejected_shared_logps.f32`: the same over each completion's
+//!   first min(chosen, rejected) scored tokens (LD-DPO's shared part);
 //! - `chosen_tokens.u32`, `rejected_tokens.u32`: how many completion tokens were scored;
 //! - `ref_logps.parquet`: the same, with `row_id` and `split`, for polars;
 //! - `manifest.json` (and `progress.json` while unfinished).
 //!
 //! A shard (`cache-ref --shard K/N`) is a directory of its own, stage `cache-ref-shard`: the
-//! two log-prob columns at full length (NaN outside the shard), `shard_rows.u64` (its row ids,
+//! four log-prob columns at full length (NaN outside the shard), `shard_rows.u64` (its row ids,
 //! ascending) and a manifest whose settings hold the whole cache's settings under `cache`.
 //! `merge-ref` joins shards into a cache identical to an unsharded run's.
 use super::prepared::PreparedDataset;
@@ -18,18 +20,23 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub const STAGE: &str = "cache-ref";
-/// 2: manifest inputs are typed.
-pub const FORMAT_VERSION: u32 = 2;
+/// 2: manifest inputs are typed. 3: the shared-part columns (a version-2 cache still serves
+/// every loss but LD-DPO).
+pub const FORMAT_VERSION: u32 = 3;
 pub const CHOSEN_LOGPS: &str = "chosen_logps.f32";
 pub const REJECTED_LOGPS: &str = "rejected_logps.f32";
+pub const CHOSEN_SHARED_LOGPS: &str = "chosen_shared_logps.f32";
+pub const REJECTED_SHARED_LOGPS: &str = "rejected_shared_logps.f32";
+/// The log-prob columns, in the order cache-ref fills them.
+pub const LOGP_COLUMNS: [&str; 4] = [CHOSEN_LOGPS, REJECTED_LOGPS, CHOSEN_SHARED_LOGPS, REJECTED_SHARED_LOGPS];
 pub const CHOSEN_TOKENS: &str = "chosen_tokens.u32";
 pub const REJECTED_TOKENS: &str = "rejected_tokens.u32";
 pub const PARQUET: &str = "ref_logps.parquet";
 pub const PROGRESS: &str = "progress.json";
-pub const FILES: [&str; 5] = [CHOSEN_LOGPS, REJECTED_LOGPS, CHOSEN_TOKENS, REJECTED_TOKENS, PARQUET];
+pub const FILES: [&str; 7] = [CHOSEN_LOGPS, REJECTED_LOGPS, CHOSEN_SHARED_LOGPS, REJECTED_SHARED_LOGPS, CHOSEN_TOKENS, REJECTED_TOKENS, PARQUET];
 pub const SHARD_STAGE: &str = "cache-ref-shard";
 pub const SHARD_ROWS: &str = "shard_rows.u64";
-pub const SHARD_FILES: [&str; 3] = [CHOSEN_LOGPS, REJECTED_LOGPS, SHARD_ROWS];
+pub const SHARD_FILES: [&str; 5] = [CHOSEN_LOGPS, REJECTED_LOGPS, CHOSEN_SHARED_LOGPS, REJECTED_SHARED_LOGPS, SHARD_ROWS];
 
 /// Which batches of the global plan shard k of n computes: each batch goes to the shard with
 /// the fewest computed tokens so far, largest batches first (ties: lower index). The same
@@ -53,36 +60,34 @@ pub fn parquet_schema() -> SchemaRef {
         Field::new("split", DataType::Utf8, false),
         Field::new("ref_chosen_logps", DataType::Float32, false),
         Field::new("ref_rejected_logps", DataType::Float32, false),
+        Field::new("ref_chosen_shared_logps", DataType::Float32, false),
+        Field::new("ref_rejected_shared_logps", DataType::Float32, false),
         Field::new("chosen_scored_tokens", DataType::UInt32, false),
         Field::new("rejected_scored_tokens", DataType::UInt32, false),
     ]))
 }
 
-/// Writes the polars view of finished log-prob columns.
-pub fn write_parquet(path: &Path, prepared: &PreparedDataset, chosen: &[f32], rejected: &[f32]) -> Result<()> {
+/// Writes the polars view of the finished log-prob columns (in [`LOGP_COLUMNS`] order).
+pub fn write_parquet(path: &Path, prepared: &PreparedDataset, logps: [&[f32]; 4]) -> Result<()> {
     let mut out = ParquetOut::create(path, parquet_schema())?;
     let n = prepared.len();
     for start in (0..n).step_by(16384) {
         let end = (start + 16384).min(n);
-        let (mut id, mut split, mut c, mut r, mut ct, mut rt) =
-            (UInt64Builder::new(), StringBuilder::new(), Float32Builder::new(), Float32Builder::new(), UInt32Builder::new(), UInt32Builder::new());
+        let (mut id, mut split, mut ct, mut rt) = (UInt64Builder::new(), StringBuilder::new(), UInt32Builder::new(), UInt32Builder::new());
+        let mut lp: [Float32Builder; 4] = std::array::from_fn(|_| Float32Builder::new());
         for i in start..end {
             let p = prepared.pair(i);
             id.append_value(i as u64);
             split.append_value(p.split.as_str());
-            c.append_value(chosen[i]);
-            r.append_value(rejected[i]);
+            for (b, col) in lp.iter_mut().zip(logps) {
+                b.append_value(col[i]);
+            }
             ct.append_value(p.chosen_scored as u32);
             rt.append_value(p.rejected_scored as u32);
         }
-        let arrays: Vec<ArrayRef> = vec![
-            Arc::new(id.finish()),
-            Arc::new(split.finish()),
-            Arc::new(c.finish()),
-            Arc::new(r.finish()),
-            Arc::new(ct.finish()),
-            Arc::new(rt.finish()),
-        ];
+        let mut arrays: Vec<ArrayRef> = vec![Arc::new(id.finish()), Arc::new(split.finish())];
+        arrays.extend(lp.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+        arrays.extend([Arc::new(ct.finish()) as ArrayRef, Arc::new(rt.finish())]);
         out.write(&RecordBatch::try_new(parquet_schema(), arrays)?)?;
     }
     out.finish()
@@ -94,6 +99,9 @@ pub struct RefCache {
     pub manifest: Manifest,
     pub chosen: Column<f32>,
     pub rejected: Column<f32>,
+    /// LD-DPO's shared-part sums (None in a version-2 cache).
+    pub chosen_shared: Option<Column<f32>>,
+    pub rejected_shared: Option<Column<f32>>,
 }
 
 impl RefCache {
@@ -106,7 +114,7 @@ impl RefCache {
                 format!("{} is not a reference cache", dir.display())
             }
         })?;
-        if manifest.format_version != FORMAT_VERSION {
+        if manifest.format_version != FORMAT_VERSION && manifest.format_version != 2 {
             bail!(
                 "{}: cache format version {}, this build reads {FORMAT_VERSION}; rebuild it with cache-ref --force",
                 dir.display(),
@@ -133,7 +141,29 @@ impl RefCache {
         if let Some(i) = chosen.as_slice().iter().zip(rejected.as_slice()).position(|(c, r)| !c.is_finite() || !r.is_finite()) {
             bail!("reference cache {}: row {i} has no finite value; rebuild with --force", dir.display());
         }
-        Ok(Self { dir: dir.to_path_buf(), manifest, chosen, rejected })
+        let (chosen_shared, rejected_shared) = if manifest.format_version >= 3 {
+            let c: Column<f32> = Column::open(&dir.join(CHOSEN_SHARED_LOGPS), fp)?;
+            let r: Column<f32> = Column::open(&dir.join(REJECTED_SHARED_LOGPS), fp)?;
+            if c.len() != prepared.len() || r.len() != prepared.len() {
+                bail!("reference cache {}: the shared-part columns have {} rows, the prepared data {}", dir.display(), c.len(), prepared.len());
+            }
+            (Some(c), Some(r))
+        } else {
+            (None, None)
+        };
+        Ok(Self { dir: dir.to_path_buf(), manifest, chosen, rejected, chosen_shared, rejected_shared })
+    }
+
+    /// LD-DPO needs the shared-part columns, which caches before format 3 lack.
+    pub fn check_ld(&self) -> Result<()> {
+        if self.chosen_shared.is_none() {
+            bail!(
+                "reference cache {} (format {}) has no shared-part log-probs, which --ld-alpha needs; rebuild it with cache-ref --force",
+                self.dir.display(),
+                self.manifest.format_version
+            );
+        }
+        Ok(())
     }
 
     /// The reference model the cache was computed with (an absolute path).

@@ -104,9 +104,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, layout: &Arc<AttnLayout>, o
     attention_recompute(&q, &k, &v, layout, opts)
 }
 
-/// Query rows per tile (per head) and keys per tile: a tile's scores are g·64 × 128 values.
-const Q_TILE: usize = 64;
-const K_TILE: usize = 128;
+/// Query rows per tile (per head) and keys per tile: a tile's scores are g·128 × 256 values
+/// (64 × 128 tiles measured ~10% slower on 2,800-token pairs with AVX-512 GEMM).
+const Q_TILE: usize = 128;
+const K_TILE: usize = 256;
 
 /// The fused CPU kernel (f32/f64); `lse` is filled by the forward for the backward.
 pub struct FusedAttention {
@@ -269,20 +270,14 @@ fn span_forward<T: Real>(q: &[T], k: &[T], v: &[T], d: Dims, sp: &Span, kv: usiz
                 let s = &mut s[..g * tq * tk];
                 finish_scores(s, rows, keys, g, &mask, opts.softcap);
                 for (r, row) in s.chunks_mut(tk).enumerate() {
-                    let bmax = row.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x.to()));
+                    let bmax = row.iter().fold(T::from(f64::NEG_INFINITY), |a, &x| if x > a { x } else { a }).to();
                     if bmax == f64::NEG_INFINITY {
                         row.iter_mut().for_each(|x| *x = T::from(0.0));
                         continue;
                     }
                     let new_m = m[r].max(bmax);
                     let corr = (m[r] - new_m).exp();
-                    let mt = T::from(new_m);
-                    let mut sum = 0f64;
-                    for x in row.iter_mut() {
-                        let e = (*x - mt).exp();
-                        sum += e.to();
-                        *x = e;
-                    }
+                    let sum = T::exp_shifted(row, T::from(new_m));
                     l[r] = l[r] * corr + sum;
                     m[r] = new_m;
                     if corr != 1.0 {
@@ -363,17 +358,19 @@ fn span_backward<T: Real>(
                 // p holds the raw scaled scores r; the soft-capping derivative needs tanh(r/c).
                 let raw: Option<Vec<T>> = opts.softcap.map(|_| p.to_vec());
                 finish_scores(p, rows, keys, g, &mask, opts.softcap);
+                let scale = T::from(opts.scale);
                 for (ri, (prow, dprow)) in p.chunks_mut(tk).zip(dp.chunks_mut(tk)).enumerate() {
-                    let (l, dsm) = (rl[ri], dsum[ri]);
-                    for (c, (x, dx)) in prow.iter_mut().zip(dprow.iter_mut()).enumerate() {
-                        let pv = (x.to() - l).exp();
-                        *x = T::from(pv);
-                        let mut ds = pv * (dx.to() - dsm);
-                        if let (Some(cap), Some(raw)) = (opts.softcap, &raw) {
-                            let th = (raw[ri * tk + c].to() / cap).tanh();
-                            ds *= 1.0 - th * th;
+                    // P = exp(S − lse); dS = P ∘ (dP − D), times the soft-capping derivative.
+                    T::exp_shifted(prow, T::from(rl[ri]));
+                    let dsm = T::from(dsum[ri]);
+                    for (x, dx) in prow.iter().zip(dprow.iter_mut()) {
+                        *dx = *x * (*dx - dsm) * scale;
+                    }
+                    if let (Some(cap), Some(raw)) = (opts.softcap, &raw) {
+                        for (dx, r) in dprow.iter_mut().zip(&raw[ri * tk..(ri + 1) * tk]) {
+                            let th = (r.to() / cap).tanh();
+                            *dx = T::from(dx.to() * (1.0 - th * th));
                         }
-                        *dx = T::from(ds * opts.scale);
                     }
                 }
                 unsafe {

@@ -18,27 +18,125 @@ pub trait Real: Copy + Send + Sync + 'static + PartialOrd + candle_core::WithDTy
     fn ln(self) -> Self;
     fn from(v: f64) -> Self;
     fn to(self) -> f64;
+    /// Replaces each x of `row` (all ≤ m, or −∞) by e^(x − m) and returns their sum: the
+    /// softmax's inner loop, vectorized for f32.
+    fn exp_shifted(row: &mut [Self], m: Self) -> f64;
 }
-macro_rules! real {
-    ($t:ty) => {
-        impl Real for $t {
-            fn exp(self) -> Self {
-                <$t>::exp(self)
-            }
-            fn ln(self) -> Self {
-                <$t>::ln(self)
-            }
-            fn from(v: f64) -> Self {
-                v as $t
-            }
-            fn to(self) -> f64 {
-                self as f64
-            }
+
+impl Real for f64 {
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+    fn from(v: f64) -> Self {
+        v
+    }
+    fn to(self) -> f64 {
+        self
+    }
+    fn exp_shifted(row: &mut [f64], m: f64) -> f64 {
+        let mut sum = 0.0;
+        for x in row.iter_mut() {
+            *x = (*x - m).exp();
+            sum += *x;
         }
-    };
+        sum
+    }
 }
-real!(f32);
-real!(f64);
+
+impl Real for f32 {
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+    fn from(v: f64) -> Self {
+        v as f32
+    }
+    fn to(self) -> f64 {
+        self as f64
+    }
+    fn exp_shifted(row: &mut [f32], m: f32) -> f64 {
+        exp_shifted_f32(row, m) as f64
+    }
+}
+
+/// `exp_shifted` for f32 with the widest vectors the CPU has (the build targets baseline
+/// x86-64, so the wide versions are compiled per feature and picked at run time).
+pub fn exp_shifted_f32(row: &mut [f32], m: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { exp_shifted_avx512(row, m) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { exp_shifted_avx2(row, m) };
+        }
+    }
+    exp_shifted_lanes(row, m)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_shifted_avx512(row: &mut [f32], m: f32) -> f32 {
+    exp_shifted_lanes(row, m)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_shifted_avx2(row: &mut [f32], m: f32) -> f32 {
+    exp_shifted_lanes(row, m)
+}
+
+/// 16 independent lanes (one sum each), so the compiler vectorizes the loop without
+/// reassociating a single sum.
+#[inline(always)]
+fn exp_shifted_lanes(row: &mut [f32], m: f32) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let mut chunks = row.chunks_exact_mut(L);
+    for c in &mut chunks {
+        for (x, a) in c.iter_mut().zip(acc.iter_mut()) {
+            let e = exp_nonpos(*x - m);
+            *x = e;
+            *a += e;
+        }
+    }
+    let mut sum = 0f32;
+    for x in chunks.into_remainder() {
+        *x = exp_nonpos(*x - m);
+        sum += *x;
+    }
+    sum + acc.iter().sum::<f32>()
+}
+
+/// e^x for x ≤ 0 in f32, branch-free so loops of it vectorize: x = n·ln 2 + f with n the
+/// nearest integer to x·log₂e (by the 1.5·2²³ rounding trick) and |f| ≤ ½ ln 2 (ln 2 split
+/// in two, Cody-Waite, so f is exact to f32); e^f by its degree-7 Taylor polynomial (error
+/// below 5e-9 relative, so a few ulps in all); 2ⁿ built in the exponent bits. Below −87
+/// (including −∞, a masked score) it is 0.
+#[inline(always)]
+pub fn exp_nonpos(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let xc = x.max(-87.0);
+    let r = xc * std::f32::consts::LOG2_E + MAGIC;
+    let n = r - MAGIC;
+    let f = (xc - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0 + f * (1.0 + f * (0.5 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
+    let scale = f32::from_bits(((r.to_bits() as i32 - MAGIC.to_bits() as i32 + 127) << 23) as u32);
+    if x < -87.0 {
+        0.0
+    } else {
+        p * scale
+    }
+}
 
 /// `out[c, V] = a[c, K] · bᵀ` for row-major `a` [c, K] and `b` [V, K].
 unsafe fn matmul_abt<T: Real>(c: usize, v: usize, k: usize, a: *const T, b: *const T, out: *mut T) {
@@ -62,24 +160,72 @@ fn par() -> Parallelism {
     }
 }
 
-/// Running log-sum-exp of one row over vocabulary blocks (f64), and its target's logit.
+/// Running log-sum-exp of one row over vocabulary blocks (f64), and its target's logit; with
+/// `stats`, also what TRL logs per token: Σ e^(z−m)·z (entropy), Σ e^(2(z−m)) (log Σ p², WPO),
+/// Σ z (the mean logit) and the first argmax.
 #[derive(Clone, Copy)]
 struct RowLse {
     max: f64,
     sum: f64,
     target_logit: f64,
+    ez: f64,
+    e2: f64,
+    zsum: f64,
+    /// The first vocabulary index holding the row's maximum.
+    argmax: usize,
+}
+
+/// What TRL 1.16 logs per scored token, computed in the lm-head pass (no logits kept).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenStats {
+    /// H = log Σ e^z − Σ p·z.
+    pub entropy: Vec<f32>,
+    /// log Σ_v p_v² (WPO's weights).
+    pub log_sum_sq: Vec<f32>,
+    /// The mean logit over the vocabulary.
+    pub mean_logit: Vec<f32>,
+    /// Whether the target is the first argmax.
+    pub top1: Vec<bool>,
+}
+
+impl TokenStats {
+    pub fn extend(&mut self, o: TokenStats) {
+        self.entropy.extend(o.entropy);
+        self.log_sum_sq.extend(o.log_sum_sq);
+        self.mean_logit.extend(o.mean_logit);
+        self.top1.extend(o.top1);
+    }
 }
 
 impl RowLse {
-    const EMPTY: Self = Self { max: f64::NEG_INFINITY, sum: 0.0, target_logit: f64::NAN };
+    const EMPTY: Self = Self { max: f64::NEG_INFINITY, sum: 0.0, target_logit: f64::NAN, ez: 0.0, e2: 0.0, zsum: 0.0, argmax: 0 };
 
     /// Folds in `row`, the logits of vocabulary entries `v0..v0 + row.len()`.
-    fn add<T: Real>(&mut self, row: &[T], v0: usize, target: usize) {
-        let bmax = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x.to()));
+    fn add<T: Real>(&mut self, row: &[T], v0: usize, target: usize, stats: bool) {
+        let (bi, bmax) = row.iter().enumerate().fold((0, f64::NEG_INFINITY), |(i, m), (j, &x)| if x.to() > m { (j, x.to()) } else { (i, m) });
         let max = self.max.max(bmax);
         // exp in the logits' own precision (f32's is several times cheaper), summed in f64.
         let m = T::from(max);
-        self.sum = self.sum * (self.max - max).exp() + row.iter().map(|&x| (x - m).exp().to()).sum::<f64>();
+        let scale = (self.max - max).exp();
+        if stats {
+            if bmax > self.max {
+                self.argmax = v0 + bi;
+            }
+            let (mut sum, mut ez, mut e2, mut zsum) = (0f64, 0f64, 0f64, 0f64);
+            for &x in row {
+                let e = (x - m).exp().to();
+                sum += e;
+                ez += e * x.to();
+                e2 += e * e;
+                zsum += x.to();
+            }
+            self.sum = self.sum * scale + sum;
+            self.ez = self.ez * scale + ez;
+            self.e2 = self.e2 * scale * scale + e2;
+            self.zsum += zsum;
+        } else {
+            self.sum = self.sum * scale + row.iter().map(|&x| (x - m).exp().to()).sum::<f64>();
+        }
         self.max = max;
         if (v0..v0 + row.len()).contains(&target) {
             self.target_logit = row[target - v0].to();
@@ -98,6 +244,8 @@ pub struct LogProbs {
     /// Whether the projection is trained (a frozen one, e.g. under LoRA, gets no gradient:
     /// it would be a (vocab × hidden) buffer and a full GEMM per step for nothing).
     pub weight_grad: bool,
+    /// Where the forward leaves each token's statistics, when asked for.
+    pub stats: Option<std::sync::Arc<std::sync::Mutex<TokenStats>>>,
 }
 
 pub(crate) fn contiguous<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
@@ -124,13 +272,23 @@ impl LogProbs {
                 if let Some(cap) = self.softcap {
                     logits[..c * vb].par_iter_mut().for_each(|x| *x = T::from(cap * (x.to() / cap).tanh()));
                 }
+                let stats = self.stats.is_some();
                 logits[..c * vb]
                     .par_chunks(vb)
                     .zip(rows.par_iter_mut())
                     .zip(targets.par_iter())
-                    .for_each(|((row, st), &t)| st.add(row, v0, t as usize));
+                    .for_each(|((row, st), &t)| st.add(row, v0, t as usize, stats));
             }
             out.extend(rows.iter().map(|st| T::from(st.target_logit - st.lse())));
+            if let Some(s) = &self.stats {
+                let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
+                for (st, &t) in rows.iter().zip(targets) {
+                    s.entropy.push((st.lse() - st.ez / st.sum) as f32);
+                    s.log_sum_sq.push((st.e2.ln() - 2.0 * st.sum.ln()) as f32);
+                    s.mean_logit.push((st.zsum / v as f64) as f32);
+                    s.top1.push(st.argmax == t as usize);
+                }
+            }
         }
         out
     }
@@ -261,7 +419,16 @@ pub fn applies(h: &Tensor) -> bool {
 /// log p(target) per row of `h` [m, k] under output projection `w` [v, k] (in h's dtype, or a
 /// frozen bf16/f16 one, widened for each call instead of held widened for the backward).
 pub fn token_logps(h: &Tensor, w: &Tensor, targets: &[u32], softcap: Option<f64>) -> Result<Tensor> {
-    Ok(h.contiguous()?.apply_op2(&w.contiguous()?, LogProbs { targets: targets.to_vec(), softcap, weight_grad: w.track_op() })?)
+    Ok(h.contiguous()?.apply_op2(&w.contiguous()?, LogProbs { targets: targets.to_vec(), softcap, weight_grad: w.track_op(), stats: None })?)
+}
+
+/// `token_logps` and each token's statistics (see [`TokenStats`]) from the same pass.
+pub fn token_logps_stats(h: &Tensor, w: &Tensor, targets: &[u32], softcap: Option<f64>) -> Result<(Tensor, TokenStats)> {
+    let stats = std::sync::Arc::new(std::sync::Mutex::new(TokenStats::default()));
+    let op = LogProbs { targets: targets.to_vec(), softcap, weight_grad: w.track_op(), stats: Some(stats.clone()) };
+    let lp = h.contiguous()?.apply_op2(&w.contiguous()?, op)?;
+    let s = std::mem::take(&mut *stats.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok((lp, s))
 }
 
 /// y = x Wᵀ for a frozen W: the backward gives x its gradient and W none. (candle's matmul

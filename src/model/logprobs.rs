@@ -1,9 +1,10 @@
 //! Per-token log-probs of the next token, only at the positions that are scored, with the
 //! vocabulary log-softmax done in row chunks so no (tokens × vocab) tensor exists whole.
+pub use super::fused::TokenStats;
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::CudaStorage;
-use candle_core::{CpuStorage, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 
 /// Logits elements per chunk (f32: 16 MiB).
 const CHUNK_ELEMS: usize = 4 << 20;
@@ -21,15 +22,32 @@ pub struct Scored {
 /// log π(target | context) for each scored position, f32 [M] (f64 for f64 models);
 /// `softcap`: Gemma 2's final-logit soft-capping.
 pub fn token_logps(hidden: &Tensor, lm_head: &Tensor, sc: &Scored, softcap: Option<f64>) -> Result<Tensor> {
+    Ok(logps_maybe_stats(hidden, lm_head, sc, softcap, false)?.0)
+}
+
+/// `token_logps` and each scored token's statistics (entropy, log Σ p², mean logit, top-1),
+/// from the same pass over the vocabulary.
+pub fn token_logps_stats(hidden: &Tensor, lm_head: &Tensor, sc: &Scored, softcap: Option<f64>, stats: bool) -> Result<(Tensor, TokenStats)> {
+    logps_maybe_stats(hidden, lm_head, sc, softcap, stats)
+}
+
+fn logps_maybe_stats(hidden: &Tensor, lm_head: &Tensor, sc: &Scored, softcap: Option<f64>, stats: bool) -> Result<(Tensor, TokenStats)> {
     let m = sc.rows.len();
     if m == 0 {
-        return Ok(Tensor::zeros(0, super::decoder::accum_dtype(hidden.dtype()), hidden.device())?);
+        return Ok((Tensor::zeros(0, super::decoder::accum_dtype(hidden.dtype()), hidden.device())?, TokenStats::default()));
     }
     let h = hidden.index_select(&Tensor::from_slice(&sc.rows, m, hidden.device())?, 0)?;
     if super::fused::applies(&h) {
-        return super::fused::token_logps(&h, lm_head, &sc.targets, softcap);
+        return if stats {
+            super::fused::token_logps_stats(&h, lm_head, &sc.targets, softcap)
+        } else {
+            Ok((super::fused::token_logps(&h, lm_head, &sc.targets, softcap)?, TokenStats::default()))
+        };
     }
-    token_logps_recompute(&h, lm_head, &sc.targets, softcap)
+    let w = lm_head.to_dtype(h.dtype())?;
+    let (logp, lse, s) = logps_lse(&h.detach(), &w.detach(), &sc.targets, softcap, stats)?;
+    let op = RecomputeLogProbs { targets: sc.targets.clone(), lse, softcap, weight_grad: w.track_op() };
+    Ok((h.contiguous()?.apply_op3(&w.contiguous()?, &logp, op)?, s))
 }
 
 /// The same on any device and dtype (GPUs, bf16), holding one chunk of logits at a time in the
@@ -38,7 +56,7 @@ pub fn token_logps(hidden: &Tensor, lm_head: &Tensor, sc: &Scored, softcap: Opti
 /// vocabulary when the backward reaches it.
 pub fn token_logps_recompute(h: &Tensor, lm_head: &Tensor, targets: &[u32], softcap: Option<f64>) -> Result<Tensor> {
     let w = lm_head.to_dtype(h.dtype())?;
-    let (logp, lse) = logps_lse(&h.detach(), &w.detach(), targets, softcap)?;
+    let (logp, lse, _) = logps_lse(&h.detach(), &w.detach(), targets, softcap, false)?;
     let op = RecomputeLogProbs { targets: targets.to_vec(), lse, softcap, weight_grad: w.track_op() };
     Ok(h.contiguous()?.apply_op3(&w.contiguous()?, &logp, op)?)
 }
@@ -156,11 +174,13 @@ impl candle_core::CustomOp3 for RecomputeLogProbs {
 /// The same from candle's differentiable ops, chunked over rows: autograd keeps each chunk's
 /// logits for the backward (a reference in tests and benchmarks).
 pub fn token_logps_composite(h: &Tensor, lm_head: &Tensor, targets: &[u32], softcap: Option<f64>) -> Result<Tensor> {
-    Ok(logps_lse(h, &lm_head.to_dtype(h.dtype())?, targets, softcap)?.0)
+    Ok(logps_lse(h, &lm_head.to_dtype(h.dtype())?, targets, softcap, false)?.0)
 }
 
-/// log π(target) and log Σ exp(logits) per row, f32 [m] each (f64 for f64), in row chunks.
-fn logps_lse(h: &Tensor, w: &Tensor, targets: &[u32], softcap: Option<f64>) -> Result<(Tensor, Tensor)> {
+/// log π(target) and log Σ exp(logits) per row, f32 [m] each (f64 for f64), in row chunks;
+/// with `stats`, each row's statistics too.
+fn logps_lse(h: &Tensor, w: &Tensor, targets: &[u32], softcap: Option<f64>, stats: bool) -> Result<(Tensor, Tensor, TokenStats)> {
+    let mut st = TokenStats::default();
     let dev = h.device();
     let m = targets.len();
     let chunk = (CHUNK_ELEMS / w.dim(0)?).clamp(1, m.max(1));
@@ -178,13 +198,23 @@ fn logps_lse(h: &Tensor, w: &Tensor, targets: &[u32], softcap: Option<f64>) -> R
         let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
         let tgt = Tensor::from_slice(&targets[start..start + n], (n, 1), dev)?;
         logps.push((shifted.gather(&tgt, 1)? - &lse)?.squeeze(1)?);
+        if stats {
+            let f = |t: Tensor| -> Result<Vec<f32>> { Ok(t.squeeze(1)?.to_dtype(DType::F32)?.to_vec1()?) };
+            let p = shifted.broadcast_sub(&lse)?.exp()?;
+            let full_lse = (&lse + &max)?;
+            st.entropy.extend(f((&full_lse - (&p * &logits)?.sum_keepdim(1)?)?)?);
+            st.log_sum_sq.extend(f(p.sqr()?.sum_keepdim(1)?.log()?)?);
+            st.mean_logit.extend(f(logits.mean_keepdim(1)?)?);
+            let arg: Vec<u32> = logits.argmax(1)?.to_vec1()?;
+            st.top1.extend(arg.iter().zip(&targets[start..start + n]).map(|(a, t)| a == t));
+        }
         lses.push((lse + max)?.squeeze(1)?);
     }
-    Ok((Tensor::cat(&logps, 0)?, Tensor::cat(&lses, 0)?))
+    Ok((Tensor::cat(&logps, 0)?, Tensor::cat(&lses, 0)?, st))
 }
 
-/// Sums token log-probs per sequence: f32 [num_seqs].
-pub fn sequence_logps(token_logps: &Tensor, sc: &Scored) -> Result<Tensor> {
+/// Sums token log-probs per sequence (each times its weight, when given): f32 [num_seqs].
+pub fn sequence_logps(token_logps: &Tensor, sc: &Scored, weights: Option<&[f32]>) -> Result<Tensor> {
     let m = sc.seq.len();
     let dev = token_logps.device();
     if m == 0 {
@@ -192,7 +222,7 @@ pub fn sequence_logps(token_logps: &Tensor, sc: &Scored) -> Result<Tensor> {
     }
     let mut a = vec![0f32; sc.num_seqs * m];
     for (i, &s) in sc.seq.iter().enumerate() {
-        a[s as usize * m + i] = 1.0;
+        a[s as usize * m + i] = weights.map_or(1.0, |w| w[i]);
     }
     let a = Tensor::from_vec(a, (sc.num_seqs, m), dev)?.to_dtype(token_logps.dtype())?;
     Ok(a.matmul(&token_logps.unsqueeze(1)?)?.squeeze(1)?)

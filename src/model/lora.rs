@@ -26,6 +26,18 @@ pub fn family_modules(cfg: &ModelConfig) -> &'static [&'static str] {
     }
 }
 
+/// Whether a `target_modules` entry selects the module at `path`, as PEFT matches them: the
+/// entry is the module's name (`q_proj`, every layer's) or a whole path's tail
+/// (`model.layers.1.mlp.gate_up_proj`, one layer's: PEFT writes those for some families).
+fn targets(entry: &str, path: &str) -> bool {
+    path == entry || path.strip_suffix(entry).is_some_and(|head| head.ends_with('.'))
+}
+
+/// The module name an entry ends with (`q_proj` of `model.layers.0.self_attn.q_proj`).
+fn module_name(entry: &str) -> &str {
+    entry.rsplit('.').next().unwrap_or(entry)
+}
+
 /// `target_modules` for `all-linear` before it meets a model (resolved by [`LoraConfig::resolve`]).
 const ALL_LINEAR: &str = "all-linear";
 const PEFT_PREFIX: &str = "base_model.model.";
@@ -76,7 +88,7 @@ impl LoraConfig {
         if self.target_modules.is_empty() {
             bail!("LoRA needs at least one target module ({} or all-linear)", LINEAR_MODULES.join(", "));
         }
-        if let Some(bad) = self.target_modules.iter().find(|m| !LINEAR_MODULES.contains(&m.as_str()) && *m != ALL_LINEAR) {
+        if let Some(bad) = self.target_modules.iter().find(|m| !LINEAR_MODULES.contains(&module_name(m)) && *m != ALL_LINEAR) {
             bail!("unknown LoRA target module `{bad}`: use {} or all-linear", LINEAR_MODULES.join(", "));
         }
         Ok(())
@@ -96,8 +108,12 @@ impl LoraConfig {
             }
             self.target_modules = have.iter().map(|s| s.to_string()).collect();
         }
-        if let Some(bad) = self.target_modules.iter().find(|m| !have.contains(&m.as_str())) {
+        if let Some(bad) = self.target_modules.iter().find(|m| !have.contains(&module_name(m))) {
             bail!("LoRA target `{bad}`: a {} layer has no such module (it has {})", cfg.model_type, have.join(", "));
+        }
+        let paths = self.modules(cfg);
+        if let Some(bad) = self.target_modules.iter().find(|t| !paths.iter().any(|(p, _, _)| targets(t, p))) {
+            bail!("LoRA target `{bad}` matches no module of this {} model", cfg.model_type);
         }
         Ok(self)
     }
@@ -114,7 +130,7 @@ impl LoraConfig {
         let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
         let mut out = Vec::new();
         for (l, spec) in cfg.layers.iter().enumerate() {
-            for m in family_modules(cfg).iter().filter(|m| self.target_modules.iter().any(|t| t == *m)) {
+            for m in family_modules(cfg) {
                 let (group, fan_in, fan_out) = match *m {
                     "q_proj" => ("self_attn", h, q),
                     "k_proj" | "v_proj" => ("self_attn", h, kv),
@@ -124,10 +140,11 @@ impl LoraConfig {
                     "gate_up_proj" => ("mlp", h, 2 * i),
                     _ => ("mlp", i, h),
                 };
-                if group == "mlp" && spec.moe {
+                let path = format!("{}layers.{l}.{group}.{m}", cfg.prefix);
+                if (group == "mlp" && spec.moe) || !self.target_modules.iter().any(|t| targets(t, &path)) {
                     continue;
                 }
-                out.push((format!("{}layers.{l}.{group}.{m}", cfg.prefix), fan_in, fan_out));
+                out.push((path, fan_in, fan_out));
             }
         }
         out

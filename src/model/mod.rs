@@ -27,8 +27,20 @@ pub fn set_device(spec: &str) {
 }
 
 pub fn device() -> Result<Device> {
-    let spec = DEVICE.get().map(String::as_str).unwrap_or(if cfg!(feature = "cuda") { "cuda:0" } else { "cpu" });
-    parse_device(spec)
+    match DEVICE.get() {
+        Some(spec) => parse_device(spec),
+        // A CUDA build: the GPU of this rank's local rank (one rank per GPU under mpirun/srun).
+        None if cfg!(feature = "cuda") => parse_device(&format!("cuda:{}", local_rank())),
+        None => parse_device("cpu"),
+    }
+}
+
+/// This process's index among the ranks on its node (0 outside a launcher).
+fn local_rank() -> usize {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// `cpu`, `cuda` (the first GPU) or `cuda:N`.

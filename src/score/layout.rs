@@ -62,19 +62,24 @@ struct Unit {
     branches: Vec<usize>,
 }
 
-fn units(kind: LayoutKind, pairs: &[PairView]) -> Vec<Unit> {
+fn units(kind: LayoutKind, pairs: &[PairView], score_prompt: bool) -> Vec<Unit> {
     let mut out = Vec::with_capacity(pairs.len() * rows_per_pair(kind));
+    let n = pairs.len() as u32;
     for (i, p) in pairs.iter().enumerate() {
         let (pr, c, r) = scored_parts(p);
         let (sc, sr) = (2 * i as u32, 2 * i as u32 + 1);
-        let prompt = pr.iter().enumerate().map(|(k, &t)| (t, k as u32, None));
+        // With `score_prompt`, prompt tokens after the first are scored too, as sequence 2n + i.
+        let sp = |k: usize| (score_prompt && k > 0).then_some(2 * n + i as u32);
+        let prompt = pr.iter().enumerate().map(move |(k, &t)| (t, k as u32, sp(k)));
         let np = pr.len() as u32;
         let comp = |ids: &[u32], s: u32| ids.iter().enumerate().map(move |(k, &t)| (t, np + k as u32, Some(s))).collect::<Vec<_>>();
         match kind {
             // One causal sequence per completion: everything is prefix.
             LayoutKind::Padded => {
-                for (ids, s) in [(c, sc), (r, sr)] {
-                    let tokens: Vec<_> = prompt.clone().chain(comp(ids, s)).collect();
+                for (row, (ids, s)) in [(c, sc), (r, sr)].into_iter().enumerate() {
+                    // The prompt is scored once, in the chosen row.
+                    let prompt = prompt.clone().map(|(t, k, s)| (t, k, if row == 0 { s } else { None }));
+                    let tokens: Vec<_> = prompt.chain(comp(ids, s)).collect();
                     out.push(Unit { prefix: tokens.len(), tokens, branches: vec![] });
                 }
             }
@@ -89,7 +94,13 @@ fn units(kind: LayoutKind, pairs: &[PairView]) -> Vec<Unit> {
 
 /// Decoder input for `pairs`. Sequence 2i is pair i's chosen, 2i+1 its rejected, in `Scored`.
 pub fn build(kind: LayoutKind, pairs: &[PairView]) -> (SeqLayout, Scored) {
-    let units = units(kind, pairs);
+    build_with(kind, pairs, false)
+}
+
+/// `build`, and with `score_prompt` each prompt's tokens after the first as sequence 2n + i
+/// (ORPO's NLL covers the prompt).
+pub fn build_with(kind: LayoutKind, pairs: &[PairView], score_prompt: bool) -> (SeqLayout, Scored) {
+    let units = units(kind, pairs, score_prompt);
     // Packed blocks keep their own length; the padded layouts pad every row to the longest.
     let pad_to = match kind {
         LayoutKind::Packed => None,
@@ -98,7 +109,7 @@ pub fn build(kind: LayoutKind, pairs: &[PairView]) -> (SeqLayout, Scored) {
     let total = pad_to.map_or_else(|| units.iter().map(|u| u.tokens.len()).sum(), |t| t * units.len());
     let mut layout =
         SeqLayout { input_ids: Vec::with_capacity(total), positions: Vec::with_capacity(total), blocks: Vec::with_capacity(units.len()) };
-    let mut sc = Scored { num_seqs: 2 * pairs.len(), ..Default::default() };
+    let mut sc = Scored { num_seqs: if score_prompt { 3 } else { 2 } * pairs.len(), ..Default::default() };
     for u in &units {
         let base = layout.input_ids.len();
         let row = &u.tokens;

@@ -12,8 +12,8 @@
 use super::{begin, progress, Begin, StageDir};
 use crate::data::prepared::{PreparedDataset, Split};
 use crate::data::ref_cache::{
-    self, shard_of_batches, write_parquet, CHOSEN_LOGPS, CHOSEN_TOKENS, FORMAT_VERSION, PARQUET, PROGRESS, REJECTED_LOGPS, REJECTED_TOKENS,
-    SHARD_FILES, SHARD_ROWS, SHARD_STAGE, STAGE,
+    self, shard_of_batches, write_parquet, CHOSEN_TOKENS, FORMAT_VERSION, LOGP_COLUMNS, PARQUET, PROGRESS, REJECTED_TOKENS, SHARD_FILES, SHARD_ROWS,
+    SHARD_STAGE, STAGE,
 };
 use crate::data::tokenize::check_same_tokenizer;
 use crate::model::{self, weights};
@@ -95,20 +95,12 @@ pub fn run(cfg: &CacheRefSettings) -> Result<Manifest> {
         }
     };
     let my_rows: usize = mine.iter().map(|&b| plan[b].len()).sum();
-    let (mut chosen, c_reused) = ColumnFill::<f32>::open_or_create(&out.join(CHOSEN_LOGPS), n, &fp, f32::NAN)?;
-    let (mut rejected, r_reused) = ColumnFill::<f32>::open_or_create(&out.join(REJECTED_LOGPS), n, &fp, f32::NAN)?;
+    let (mut columns, reused) = open_columns(out, n, &fp)?;
     let mut prog = Progress { fingerprint: fp.clone(), batch_tokens: cfg.batch_tokens, layout: cfg.layout, batches_done: 0, rows_done: 0 };
     let progress_path = out.join(PROGRESS);
     if let Ok(text) = std::fs::read_to_string(&progress_path) {
         match serde_json::from_str::<Progress>(&text) {
-            Ok(old)
-                if c_reused
-                    && r_reused
-                    && old.fingerprint == fp
-                    && old.batch_tokens == cfg.batch_tokens
-                    && old.layout == cfg.layout
-                    && !cfg.force =>
-            {
+            Ok(old) if reused && old.fingerprint == fp && old.batch_tokens == cfg.batch_tokens && old.layout == cfg.layout && !cfg.force => {
                 eprintln!("cache-ref: resuming: {} of {} batches done, skipping {} rows already cached", old.batches_done, mine.len(), old.rows_done);
                 prog = old;
             }
@@ -133,13 +125,14 @@ pub fn run(cfg: &CacheRefSettings) -> Result<Manifest> {
         let rows = &plan[b];
         let pairs: Vec<_> = rows.iter().map(|&i| prepared.pair(i as usize)).collect();
         let lp = pair_logps(&decoder, cfg.layout, &pairs)?;
-        let (c, r) = (lp.chosen.to_vec1::<f32>()?, lp.rejected.to_vec1::<f32>()?);
-        for (k, &i) in rows.iter().enumerate() {
-            chosen.values_mut()[i as usize] = c[k];
-            rejected.values_mut()[i as usize] = r[k];
+        let (cs, rs) = lp.shared_sums(&pairs)?;
+        for (col, t) in columns.iter_mut().zip([&lp.chosen, &lp.rejected, &cs, &rs]) {
+            let v = t.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+            for (k, &i) in rows.iter().enumerate() {
+                col.values_mut()[i as usize] = v[k];
+            }
+            col.flush()?;
         }
-        chosen.flush()?;
-        rejected.flush()?;
         prog.batches_done = bi + 1;
         prog.rows_done += rows.len();
         write_atomic(&progress_path, serde_json::to_string(&prog)?.as_bytes())?;
@@ -153,7 +146,7 @@ pub fn run(cfg: &CacheRefSettings) -> Result<Manifest> {
     pb.finish_and_clear();
     let mut row_ids: Vec<u32> = mine.iter().flat_map(|&b| plan[b].iter().copied()).collect();
     row_ids.sort_unstable();
-    if let Some(&i) = row_ids.iter().find(|&&i| !chosen.values()[i as usize].is_finite() || !rejected.values()[i as usize].is_finite()) {
+    if let Some(&i) = row_ids.iter().find(|&&i| columns.iter().any(|c| !c.values()[i as usize].is_finite())) {
         bail!("cache-ref: row {i} got a non-finite log-prob; check the model's weights and dtype");
     }
     let run_s = t_run.elapsed().as_secs_f64();
@@ -171,32 +164,45 @@ pub fn run(cfg: &CacheRefSettings) -> Result<Manifest> {
             let mut w = ColumnWriter::<u64>::create(&out.join(SHARD_ROWS))?;
             w.push(&row_ids.iter().map(|&i| i as u64).collect::<Vec<_>>())?;
             w.finish(&fp)?;
-            chosen.finish()?;
-            rejected.finish()?;
+            for c in columns {
+                c.finish()?;
+            }
             let counts =
                 [("pairs".to_string(), n as u64), ("pairs_in_shard".to_string(), my_rows as u64), ("batches".to_string(), mine.len() as u64)];
             let manifest = sd.manifest(counts.into(), stats);
             eprintln!("cache-ref: shard {k}/{count}: {my_rows} of {n} pairs -> {}", out.display());
             sd.finish(manifest, &SHARD_FILES)?
         }
-        None => finish_cache(sd, &prepared, chosen, rejected, stats, plan.len())?,
+        None => finish_cache(sd, &prepared, columns, stats, plan.len())?,
     };
     let _ = std::fs::remove_file(&progress_path);
     Ok(manifest)
 }
 
-/// Writes what a whole cache has beyond its two filled log-prob columns (the parquet view and
+/// The log-prob columns being filled (NaN until computed), in [`LOGP_COLUMNS`] order, and
+/// whether all of them were reused from an interrupted run.
+fn open_columns(out: &Path, n: usize, fp: &str) -> Result<([ColumnFill<f32>; 4], bool)> {
+    let mut reused = true;
+    let mut cols = Vec::new();
+    for name in LOGP_COLUMNS {
+        let (c, r) = ColumnFill::<f32>::open_or_create(&out.join(name), n, fp, f32::NAN)?;
+        reused &= r;
+        cols.push(c);
+    }
+    Ok((cols.try_into().map_err(|_| anyhow::anyhow!("four columns"))?, reused))
+}
+
+/// Writes what a whole cache has beyond its filled log-prob columns (the parquet view and
 /// the token counts), commits everything and writes the manifest.
 fn finish_cache(
     sd: StageDir,
     prepared: &PreparedDataset,
-    chosen: ColumnFill<f32>,
-    rejected: ColumnFill<f32>,
+    columns: [ColumnFill<f32>; 4],
     stats: serde_json::Value,
     batches: usize,
 ) -> Result<Manifest> {
     let (out, fp, n) = (sd.dir.clone(), sd.fingerprint.clone(), prepared.len());
-    write_parquet(&out.join(PARQUET), prepared, chosen.values(), rejected.values())?;
+    write_parquet(&out.join(PARQUET), prepared, [columns[0].values(), columns[1].values(), columns[2].values(), columns[3].values()])?;
     let mut ct = ColumnWriter::<u32>::create(&out.join(CHOSEN_TOKENS))?;
     let mut rt = ColumnWriter::<u32>::create(&out.join(REJECTED_TOKENS))?;
     for i in 0..n {
@@ -206,8 +212,9 @@ fn finish_cache(
     }
     ct.finish(&fp)?;
     rt.finish(&fp)?;
-    chosen.finish()?;
-    rejected.finish()?;
+    for c in columns {
+        c.finish()?;
+    }
     let train = prepared.rows_of(Split::Train).len() as u64;
     let counts: BTreeMap<String, u64> = [
         ("pairs".to_string(), n as u64),
@@ -313,8 +320,7 @@ pub fn merge(shard_dirs: &[PathBuf], out: &Path, prepared_dir: Option<&Path>, fo
         Begin::Run(sd) => sd,
     };
     let fp = sd.fingerprint.clone();
-    let (mut chosen, _) = ColumnFill::<f32>::open_or_create(&out.join(CHOSEN_LOGPS), n, &fp, f32::NAN)?;
-    let (mut rejected, _) = ColumnFill::<f32>::open_or_create(&out.join(REJECTED_LOGPS), n, &fp, f32::NAN)?;
+    let (mut columns, _) = open_columns(out, n, &fp)?;
     let mut owner: Vec<Option<usize>> = vec![None; n];
     for (&k, s) in &by_index {
         let sfp = Some(s.manifest.fingerprint.as_str());
@@ -329,10 +335,13 @@ pub fn merge(shard_dirs: &[PathBuf], out: &Path, prepared_dir: Option<&Path>, fo
                 want.len()
             );
         }
-        let c: Column<f32> = Column::open(&s.dir.join(CHOSEN_LOGPS), sfp)?;
-        let r: Column<f32> = Column::open(&s.dir.join(REJECTED_LOGPS), sfp)?;
-        if c.len() != n || r.len() != n {
-            bail!("shard {}: columns have {} rows, the prepared data {n}", s.dir.display(), c.len());
+        let mut inputs = Vec::new();
+        for name in LOGP_COLUMNS {
+            let c: Column<f32> = Column::open(&s.dir.join(name), sfp)?;
+            if c.len() != n {
+                bail!("shard {}: {name} has {} rows, the prepared data {n}", s.dir.display(), c.len());
+            }
+            inputs.push(c);
         }
         for &i in rows.as_slice() {
             let i = i as usize;
@@ -340,12 +349,13 @@ pub fn merge(shard_dirs: &[PathBuf], out: &Path, prepared_dir: Option<&Path>, fo
                 bail!("row {i} is in shard {other} and shard {k}");
             }
             owner[i] = Some(k);
-            let (cv, rv) = (c.as_slice()[i], r.as_slice()[i]);
-            if !cv.is_finite() || !rv.is_finite() {
-                bail!("shard {}: row {i} has no finite value; recompute that shard", s.dir.display());
+            for (col, c) in columns.iter_mut().zip(&inputs) {
+                let v = c.as_slice()[i];
+                if !v.is_finite() {
+                    bail!("shard {}: row {i} has no finite value; recompute that shard", s.dir.display());
+                }
+                col.values_mut()[i] = v;
             }
-            chosen.values_mut()[i] = cv;
-            rejected.values_mut()[i] = rv;
         }
     }
     let uncovered: Vec<usize> = (0..n).filter(|&i| owner[i].is_none()).collect();
@@ -357,5 +367,5 @@ pub fn merge(shard_dirs: &[PathBuf], out: &Path, prepared_dir: Option<&Path>, fo
         "layout": layout,
         "batch_tokens": batch_tokens,
     });
-    finish_cache(sd, &prepared, chosen, rejected, stats, plan.len())
+    finish_cache(sd, &prepared, columns, stats, plan.len())
 }

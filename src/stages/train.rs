@@ -14,10 +14,12 @@ use crate::rng::Rng;
 use crate::score::pair_logps;
 use crate::settings::TrainSettings;
 use crate::store::{write_atomic, InputRef, Manifest};
-use crate::train::metrics::{self, PairStats, Row};
+use crate::train::dist::{owners, World};
+use crate::train::loss::LossConfig;
+use crate::train::metrics::{self, Row, Stats};
 use crate::train::optim::{clip_by_global_norm, lr_factor, AdamW, AdamWConfig};
 use crate::train::policy::{Policy, Trainable};
-use crate::train::step::{batch_loss, gradients, split_by_tokens, LossSettings, Whole};
+use crate::train::step::{batch_loss, gradients, split_by_tokens, Refs, Whole};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
@@ -67,27 +69,97 @@ struct TrainerState {
     cursor: Cursor,
     adam_t: usize,
     fingerprint: String,
+    /// TRL's `num_tokens` so far (real tokens of TRL's padded rows).
+    #[serde(default)]
+    num_tokens: u64,
 }
 
+/// The reference log-probs of some rows (from the cache, or the reference model in the loop).
+struct RefRows {
+    chosen: Vec<f32>,
+    rejected: Vec<f32>,
+    chosen_shared: Option<Vec<f32>>,
+    rejected_shared: Option<Vec<f32>>,
+}
+
+impl RefRows {
+    fn of(cache: &RefCache, ids: &[u32]) -> Self {
+        let pick = |c: &[f32]| ids.iter().map(|&i| c[i as usize]).collect::<Vec<f32>>();
+        RefRows {
+            chosen: pick(cache.chosen.as_slice()),
+            rejected: pick(cache.rejected.as_slice()),
+            chosen_shared: cache.chosen_shared.as_ref().map(|c| pick(c.as_slice())),
+            rejected_shared: cache.rejected_shared.as_ref().map(|c| pick(c.as_slice())),
+        }
+    }
+
+    /// The reference model's log-probs computed now (`--ref-in-loop`).
+    fn computed(decoder: &crate::model::Decoder, layout: crate::score::layout::LayoutKind, pairs: &[PairView], ld: bool) -> Result<Self> {
+        let lp = pair_logps(decoder, layout, pairs)?;
+        let v = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.to_vec1()?) };
+        let shared = if ld { Some(lp.shared_sums(pairs)?) } else { None };
+        Ok(RefRows {
+            chosen: v(&lp.chosen)?,
+            rejected: v(&lp.rejected)?,
+            chosen_shared: shared.as_ref().map(|s| v(&s.0)).transpose()?,
+            rejected_shared: shared.as_ref().map(|s| v(&s.1)).transpose()?,
+        })
+    }
+
+    fn view(&self) -> Refs<'_> {
+        Refs {
+            chosen: &self.chosen,
+            rejected: &self.rejected,
+            chosen_shared: self.chosen_shared.as_deref(),
+            rejected_shared: self.rejected_shared.as_deref(),
+        }
+    }
+}
+
+/// The pieces a micro-batch runs in under the token budget (a loss that sorts across the
+/// micro-batch cannot be split).
+fn pieces(cfg: &TrainSettings, loss: &LossConfig, pairs: &[PairView], budget: usize) -> Result<Vec<std::ops::Range<usize>>> {
+    let pieces = split_by_tokens(cfg.layout, pairs, budget)?;
+    if pieces.len() > 1 {
+        if let Some((t, _)) = loss.terms.iter().find(|(t, _)| t.batch_level()) {
+            bail!(
+                "--loss {} sorts across the micro-batch, which then cannot run in pieces of --batch-tokens/--max-memory: raise the limit or lower --batch-size",
+                t.name()
+            );
+        }
+    }
+    Ok(pieces)
+}
+
+/// The eval split as micro-batches of the global batch size: each rank computes its share
+/// (positions rank, rank + W, … of each), and the micro-batch's sums are reduced over the ranks.
+#[allow(clippy::too_many_arguments)]
 fn eval_pass(
     policy: &Policy,
     prepared: &PreparedDataset,
-    cache: &RefCache,
+    cache: Option<&RefCache>,
     rows: &[u32],
     cfg: &TrainSettings,
-    loss: LossSettings,
+    loss: &LossConfig,
     budget: usize,
+    world: &World,
 ) -> Result<Row> {
-    let mut stats = PairStats::default();
-    for chunk in rows.chunks(cfg.batch_size) {
-        let pairs: Vec<PairView> = chunk.iter().map(|&i| prepared.pair(i as usize)).collect();
-        let rc: Vec<f32> = chunk.iter().map(|&i| cache.chosen.as_slice()[i as usize]).collect();
-        let rr: Vec<f32> = chunk.iter().map(|&i| cache.rejected.as_slice()[i as usize]).collect();
-        let whole = Whole::of(&pairs);
-        for r in split_by_tokens(cfg.layout, &pairs, budget)? {
-            let b = batch_loss(&policy.eval_decoder, cfg.layout, loss, &pairs[r.clone()], &rc[r.clone()], &rr[r], whole)?;
-            b.record(&mut stats)?;
+    let mut stats = Stats::default();
+    for chunk in rows.chunks(cfg.batch_size * world.size) {
+        let all: Vec<PairView> = chunk.iter().map(|&i| prepared.pair(i as usize)).collect();
+        let whole = Whole::of(&all);
+        let mine: Vec<u32> = chunk.iter().skip(world.rank).step_by(world.size).copied().collect();
+        let pairs: Vec<PairView> = mine.iter().map(|&i| prepared.pair(i as usize)).collect();
+        let refs = cache.map(|c| RefRows::of(c, &mine));
+        if !pairs.is_empty() {
+            for r in pieces(cfg, loss, &pairs, budget)? {
+                let b =
+                    batch_loss(&policy.eval_decoder, cfg.layout, loss, &pairs[r.clone()], refs.as_ref().map(|x| x.view().slice(r.clone())), whole)?;
+                b.record(&mut stats);
+            }
         }
+        stats.reduce_micro(world);
+        stats.end_micro();
     }
     let mut row = Row::new();
     stats.into_row("eval/", &mut row);
@@ -103,11 +175,10 @@ fn eval_pass(
 fn tokens_for_memory(
     policy: &Policy,
     prepared: &PreparedDataset,
-    cache_c: &[f32],
-    cache_r: &[f32],
+    cache: Option<&RefCache>,
     rows: &[u32],
     cfg: &TrainSettings,
-    loss: LossSettings,
+    loss: &LossConfig,
     gb: f64,
 ) -> Result<usize> {
     let tokens = |i: u32| crate::score::layout::computed_tokens(cfg.layout, &prepared.pair(i as usize));
@@ -117,7 +188,8 @@ fn tokens_for_memory(
     let pairs = [prepared.pair(probe as usize)];
     let base = crate::memory::rss_bytes();
     crate::memory::reset_peak();
-    let b = batch_loss(&policy.decoder, cfg.layout, loss, &pairs, &[cache_c[probe as usize]], &[cache_r[probe as usize]], Whole::of(&pairs))?;
+    let refs = cache.map(|c| RefRows::of(c, &[probe]));
+    let b = batch_loss(&policy.decoder, cfg.layout, loss, &pairs, refs.as_ref().map(RefRows::view), Whole::of(&pairs))?;
     drop(gradients(&b.loss, policy)?);
     let device = policy.vars[0].device().clone();
     let per_token = (crate::memory::peak_bytes(&device).saturating_sub(base) as f64 / tokens(probe) as f64).max(1.0);
@@ -148,17 +220,43 @@ fn latest_checkpoint(out: &Path) -> Option<(usize, PathBuf)> {
         .max_by_key(|(s, _)| *s)
 }
 
-fn save_checkpoint(dir: &Path, policy: &Policy, opt: &AdamW, state: &TrainerState, tokenizer_from: &Path) -> Result<()> {
+/// Every parameter's AdamW moments, on rank 0 (None elsewhere): its own, or under ZeRO-1 each
+/// from the rank that keeps it. Every rank must call it (a collective under ZeRO-1).
+fn gathered_moments(policy: &Policy, opt: &AdamW, owner: Option<&[usize]>, world: &World) -> Result<Option<BTreeMap<String, Tensor>>> {
+    let mut out = BTreeMap::new();
+    for (i, n) in policy.names.iter().enumerate() {
+        let var = &policy.vars[i];
+        let (m, v) = match owner {
+            None if world.is_root() => opt.moments(i, var)?,
+            None => continue,
+            Some(o) => {
+                let (m, v) = if opt.owns(i) { opt.moments(i, var)? } else { (var.as_tensor().zeros_like()?, var.as_tensor().zeros_like()?) };
+                (world.broadcast_tensor(&m, o[i])?, world.broadcast_tensor(&v, o[i])?)
+            }
+        };
+        out.insert(format!("m.{n}"), m);
+        out.insert(format!("v.{n}"), v);
+    }
+    Ok(world.is_root().then_some(out))
+}
+
+/// Writes a checkpoint (rank 0, after every rank finished the step: a barrier, so no
+/// checkpoint is half a step). Called on every rank; only rank 0 writes.
+fn save_checkpoint(
+    dir: &Path,
+    policy: &Policy,
+    opt: &AdamW,
+    owner: Option<&[usize]>,
+    state: &TrainerState,
+    tokenizer_from: &Path,
+    world: &World,
+) -> Result<()> {
+    world.barrier();
+    let Some(moments) = gathered_moments(policy, opt, owner, world)? else { return Ok(()) };
     // Written under a temporary name and renamed, so a checkpoint directory is always whole.
     let tmp = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&tmp);
     policy.save(&tmp, tokenizer_from)?;
-    let mut moments = BTreeMap::new();
-    for (i, n) in policy.names.iter().enumerate() {
-        let (m, v) = opt.moments(i, &policy.vars[i])?;
-        moments.insert(format!("m.{n}"), m);
-        moments.insert(format!("v.{n}"), v);
-    }
     weights::save_weights(&tmp.join("optimizer.safetensors"), &moments, DType::F32)?;
     write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
     let _ = std::fs::remove_dir_all(dir);
@@ -169,6 +267,7 @@ fn save_checkpoint(dir: &Path, policy: &Policy, opt: &AdamW, state: &TrainerStat
 struct Start {
     step: usize,
     cursor: Cursor,
+    num_tokens: u64,
 }
 
 /// Restores weights, optimizer moments and the data cursor from a checkpoint.
@@ -195,7 +294,7 @@ fn restore(dir: &Path, fp: &str, policy: &Policy, opt: &mut AdamW) -> Result<Sta
         opt.set_moments(i, &m, &v)?;
     }
     opt.t = state.adam_t;
-    Ok(Start { step: state.step, cursor: state.cursor })
+    Ok(Start { step: state.step, cursor: state.cursor, num_tokens: state.num_tokens })
 }
 
 /// What this run trains, from the settings.
@@ -208,12 +307,31 @@ fn trainable(cfg: &TrainSettings) -> Result<Trainable> {
 }
 
 pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
+    run_on(cfg, &World::single())
+}
+
+/// `train` as one rank of `world` (a world of one: the single-process run). Every rank reads
+/// the inputs and trains on its share of each global batch; rank 0 owns `--out`.
+pub fn run_on(cfg: &TrainSettings, world: &World) -> Result<Manifest> {
     cfg.validate()?;
     let prepared = PreparedDataset::open(&cfg.prepared)?;
-    let cache = RefCache::open(&cfg.ref_cache, &prepared)?;
-    let model_dir = match &cfg.model {
-        Some(m) => m.clone(),
-        None => cache.model_dir()?,
+    // The reference-free losses take no cache (settings.validate refuses one).
+    let reference_free = cfg.loss_config(0.0)?.reference_free();
+    let cache = if reference_free { None } else { Some(RefCache::open(cfg.ref_cache.as_deref().unwrap_or(Path::new("ref_cache")), &prepared)?) };
+    if cfg.ld_alpha.is_some() {
+        if let Some(c) = &cache {
+            c.check_ld()?;
+        }
+    }
+    if world.size > 1 {
+        if let Some((t, _)) = cfg.loss_config(0.0)?.terms.iter().find(|(t, _)| t.batch_level()) {
+            bail!("--loss {} sorts across the whole micro-batch, which data-parallel ranks each hold a part of; train it in one process", t.name());
+        }
+    }
+    let model_dir = match (&cfg.model, &cache) {
+        (Some(m), _) => m.clone(),
+        (None, Some(c)) => c.model_dir()?,
+        (None, None) => bail!("--model is required with a reference-free loss"),
     };
     check_same_tokenizer(&prepared.manifest, &prepared.dir, &model_dir)?;
     let train_rows = prepared.rows_of(Split::Train);
@@ -221,125 +339,169 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
     if train_rows.is_empty() {
         bail!("{}: no train rows", cfg.prepared.display());
     }
-    let per_step = cfg.batch_size * cfg.grad_accum;
+    // The global batch: what a step's update is the mean over, whatever the number of ranks.
+    let global_batch = cfg.batch_size * world.size;
+    let per_step = global_batch * cfg.grad_accum;
     let total_steps = cfg.max_steps.unwrap_or_else(|| ((cfg.epochs * train_rows.len() as f64) / per_step as f64).ceil().max(1.0) as usize);
-    // Settings that change the result; paths and run control are not among them.
+    // Settings that change the result; paths and run control are not among them. The batch is
+    // the global one, so a run resumes on another number of ranks with the same global batch.
     let mut settings = serde_json::to_value(cfg)?;
-    // Gradient checkpointing and token budgets change memory, not results.
+    settings["batch_size"] = global_batch.into();
+    // Gradient checkpointing, token budgets and a sharded optimizer change memory, not results.
     for k in [
         "resume", "force", "prepared", "ref_cache", "out", "model", "stop_after_steps", "adapter", "gradient_checkpointing", "batch_tokens",
-        "max_memory",
+        "max_memory", "shard_optimizer",
     ] {
         settings.as_object_mut().expect("a struct").remove(k);
     }
-    let mut inputs = vec![
-        InputRef::new("prepared", &cfg.prepared, prepared.fingerprint()),
-        InputRef::new("ref_cache", &cfg.ref_cache, &cache.manifest.fingerprint),
-        InputRef::new("model", &model_dir, &weights::weights_hash(&model_dir)?),
-    ];
-    if let Some(a) = &cfg.adapter {
-        let w = a.join(lora::WEIGHTS_FILE);
-        inputs.push(InputRef::new("adapter", a, &crate::store::file_hash(&w)?.blake3));
-    }
     let out = &cfg.out;
-    let sd = match begin(STAGE, FORMAT_VERSION, out, inputs, settings, cfg.force)? {
-        Begin::UpToDate(m) => return Ok(m),
-        Begin::Run(sd) => sd,
-    };
-    let fp = sd.fingerprint.clone();
     let checkpoints = out.join("checkpoints");
-    let resume_from = if cfg.resume { latest_checkpoint(out) } else { None };
-    let started = out.join("metrics.jsonl").exists() || checkpoints.exists();
-    if cfg.resume && resume_from.is_none() && started {
-        eprintln!("train: {} has no complete checkpoint yet; starting from step 0", checkpoints.display());
-    }
-    if !cfg.resume && !cfg.force && started {
-        bail!("{} already holds a training run; pass --resume to continue it or --force to start over", out.display());
-    }
-    if resume_from.is_none() {
-        for f in ["metrics.jsonl", "metrics.parquet", "curves.png"] {
-            let _ = std::fs::remove_file(out.join(f));
+    // Rank 0 claims --out and decides where the run starts; the others hear it.
+    let (sd, decision) = if world.is_root() {
+        let mut inputs = vec![InputRef::new("prepared", &cfg.prepared, prepared.fingerprint())];
+        if let Some(c) = &cache {
+            inputs.push(InputRef::new("ref_cache", &c.dir, &c.manifest.fingerprint));
         }
-        let _ = std::fs::remove_dir_all(&checkpoints);
-        let _ = std::fs::remove_dir_all(out.join("final"));
-    }
-    std::fs::create_dir_all(&checkpoints)?;
+        inputs.push(InputRef::new("model", &model_dir, &weights::weights_hash(&model_dir)?));
+        if let Some(a) = &cfg.adapter {
+            let w = a.join(lora::WEIGHTS_FILE);
+            inputs.push(InputRef::new("adapter", a, &crate::store::file_hash(&w)?.blake3));
+        }
+        match begin(STAGE, FORMAT_VERSION, out, inputs, settings, cfg.force)? {
+            Begin::UpToDate(m) => {
+                world.broadcast_string(&mut String::from("up to date"));
+                return Ok(m);
+            }
+            Begin::Run(sd) => {
+                let resume_from = if cfg.resume { latest_checkpoint(out) } else { None };
+                let started = out.join("metrics.jsonl").exists() || checkpoints.exists();
+                if cfg.resume && resume_from.is_none() && started {
+                    eprintln!("train: {} has no complete checkpoint yet; starting from step 0", checkpoints.display());
+                }
+                if !cfg.resume && !cfg.force && started {
+                    bail!("{} already holds a training run; pass --resume to continue it or --force to start over", out.display());
+                }
+                if resume_from.is_none() {
+                    for f in ["metrics.jsonl", "metrics.parquet", "curves.png"] {
+                        let _ = std::fs::remove_file(out.join(f));
+                    }
+                    let _ = std::fs::remove_dir_all(&checkpoints);
+                    let _ = std::fs::remove_dir_all(out.join("final"));
+                }
+                std::fs::create_dir_all(&checkpoints)?;
+                let mut decision = format!("{}\n{}", sd.fingerprint, resume_from.as_ref().map_or(String::new(), |(_, d)| d.display().to_string()));
+                world.broadcast_string(&mut decision);
+                (Some(sd), decision)
+            }
+        }
+    } else {
+        let mut decision = String::new();
+        world.broadcast_string(&mut decision);
+        if decision == "up to date" {
+            return Ok(Manifest::unfinished(STAGE, FORMAT_VERSION, ""));
+        }
+        (None, decision)
+    };
+    let (fp, resume_dir) =
+        decision.split_once('\n').map(|(f, d)| (f.to_string(), (!d.is_empty()).then(|| PathBuf::from(d)))).context("rank 0's decision")?;
 
     let device = model::device()?;
     let base_dtype = weights::parse_dtype(&cfg.base_dtype)?;
     let compute = weights::parse_dtype(&cfg.dtype)?;
     let policy = Policy::load_mixed(&model_dir, base_dtype, Some(compute), &trainable(cfg)?, cfg.gradient_checkpointing, &device)?;
-    let mut opt = AdamW::new(
-        AdamWConfig { lr: cfg.lr, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay },
-        &policy.vars,
-    )?;
-    let Start { step: start_step, mut cursor } = match &resume_from {
-        Some((_, dir)) => {
+    let adam = AdamWConfig { lr: cfg.lr, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay };
+    // ZeRO-1: each parameter's moments live on one rank, which updates it and broadcasts it.
+    let owner = (cfg.shard_optimizer && world.size > 1).then(|| owners(&policy.vars.iter().map(|v| v.elem_count()).collect::<Vec<_>>(), world.size));
+    let mut opt = match &owner {
+        Some(o) => AdamW::sharded(adam, &policy.vars, &o.iter().map(|&r| r == world.rank).collect::<Vec<_>>())?,
+        None => AdamW::new(adam, &policy.vars)?,
+    };
+    let Start { step: start_step, mut cursor, mut num_tokens } = match &resume_dir {
+        Some(dir) => {
             let s = restore(dir, &fp, &policy, &mut opt)?;
-            eprintln!("train: resuming from {} (step {} of {total_steps})", dir.display(), s.step);
+            if world.is_root() {
+                eprintln!("train: resuming from {} (step {} of {total_steps})", dir.display(), s.step);
+            }
             s
         }
-        None => Start { step: 0, cursor: Cursor { epoch: 0, index: 0 } },
+        None => Start { step: 0, cursor: Cursor { epoch: 0, index: 0 }, num_tokens: 0 },
     };
+    if world.size > 1 && world.is_root() {
+        eprintln!(
+            "train: {} ranks, {} pairs per rank per micro-batch, global batch {per_step} pairs per step{}",
+            world.size,
+            cfg.batch_size,
+            if owner.is_some() { ", optimizer state sharded (ZeRO-1)" } else { "" }
+        );
+    }
     // The reference is what cache-ref ran, whatever the policy starts from.
-    let ref_decoder = if cfg.ref_in_loop { Some(model::load_decoder(&cache.model_dir()?, DType::F32, &device)?) } else { None };
+    let ref_decoder = match (&cache, cfg.ref_in_loop) {
+        (Some(c), true) => Some(model::load_decoder(&c.model_dir()?, DType::F32, &device)?),
+        _ => None,
+    };
     // MoE models: TRL 1.16 adds the router's load-balancing loss whenever the model has one,
     // weighted by the config's router_aux_loss_coef unless the run sets its own.
     let router_aux_loss_coef = cfg.router_aux_loss_coef.or(policy.cfg.moe.as_ref().map(|m| m.router_aux_loss_coef)).unwrap_or(0.0);
-    let loss =
-        LossSettings { kind: cfg.loss, beta: cfg.beta, label_smoothing: cfg.label_smoothing, sft_weight: cfg.sft_weight, router_aux_loss_coef };
-    let (cache_c, cache_r) = (cache.chosen.as_slice(), cache.rejected.as_slice());
+    let loss = cfg.loss_config(router_aux_loss_coef)?;
     // Tokens a micro-batch may hold at once: --batch-tokens, or what --max-memory leaves room
     // for at the per-token cost measured on one pair; a micro-batch over it runs in pieces.
     let budget = match (cfg.batch_tokens, cfg.max_memory) {
         (Some(t), _) => t,
-        (None, Some(gb)) => tokens_for_memory(&policy, &prepared, cache_c, cache_r, &train_rows, cfg, loss, gb)?,
+        (None, Some(gb)) => tokens_for_memory(&policy, &prepared, cache.as_ref(), &train_rows, cfg, &loss, gb)?,
         (None, None) => usize::MAX,
     };
     let metrics_path = out.join("metrics.jsonl");
-    // Keep only what came before the checkpoint we resume from.
-    let mut rows = metrics::read_jsonl(&metrics_path, start_step)?;
-    metrics::write_jsonl(&metrics_path, &rows)?;
+    // Keep only what came before the checkpoint we resume from (rank 0 writes the metrics).
+    let mut rows = if world.is_root() { metrics::read_jsonl(&metrics_path, start_step)? } else { vec![] };
+    if world.is_root() {
+        metrics::write_jsonl(&metrics_path, &rows)?;
+    }
     if start_step == 0 && !eval_rows.is_empty() {
-        let row = eval_pass(&policy, &prepared, &cache, &eval_rows, cfg, loss, budget)?;
-        metrics::append_jsonl(&metrics_path, 0, &row)?;
-        rows.push((0, row));
+        let mut row = eval_pass(&policy, &prepared, cache.as_ref(), &eval_rows, cfg, &loss, budget, world)?;
+        row.insert("num_tokens".into(), num_tokens as f64);
+        if world.is_root() {
+            metrics::append_jsonl(&metrics_path, 0, &row)?;
+            rows.push((0, row));
+        }
     }
     let mut order = epoch_order(&train_rows, cfg.seed, cursor.epoch, cfg.shuffle);
-    let pb = progress(total_steps as u64, "train", "steps");
+    let pb = if world.is_root() { progress(total_steps as u64, "train", "steps") } else { indicatif::ProgressBar::hidden() };
     pb.set_position(start_step as u64);
-    let (mut tokens_total, t_loop) = (0usize, Instant::now());
+    let (mut tokens_total, t_loop) = (0f64, Instant::now());
     let mut peak_memory_gb = 0f64;
     let mut steps_run = 0;
     for step in start_step..total_steps {
         if cfg.stop_after_steps == Some(steps_run) {
             pb.abandon();
-            eprintln!("train: stopping after {steps_run} steps as asked; --resume continues");
+            if world.is_root() {
+                eprintln!("train: stopping after {steps_run} steps as asked; --resume continues");
+            }
             return Ok(Manifest::unfinished(STAGE, FORMAT_VERSION, &fp));
         }
         let t_step = Instant::now();
         crate::memory::reset_peak();
         let lr = cfg.lr * lr_factor(cfg.scheduler, step, cfg.warmup_steps, total_steps);
         let mut acc: Option<Vec<Tensor>> = None;
-        let mut stats = PairStats::default();
-        let mut tokens = 0;
+        let mut stats = Stats::default();
+        // This rank's tokens through the policy, and TRL's count of the step's tokens.
+        let mut counts = [0f64, 0f64];
         // Where the step's time goes: policy forward + loss, backward, clipping + AdamW.
         let (mut fwd_s, mut bwd_s) = (0.0, 0.0);
         for micro in 0..cfg.grad_accum {
-            policy.reseed(cfg.seed, step, micro);
-            let ids = cursor.take(&train_rows, cfg.seed, cfg.shuffle, cfg.batch_size, &mut order);
+            policy.reseed(cfg.seed, step, micro * world.size + world.rank);
+            // The global micro-batch (the same on every rank); this rank's share is every W-th.
+            let global = cursor.take(&train_rows, cfg.seed, cfg.shuffle, global_batch, &mut order);
+            let whole = Whole::of(&global.iter().map(|&i| prepared.pair(i as usize)).collect::<Vec<_>>());
+            let ids: Vec<u32> = global.iter().skip(world.rank).step_by(world.size).copied().collect();
             let pairs: Vec<PairView> = ids.iter().map(|&i| prepared.pair(i as usize)).collect();
-            let (rc, rr): (Vec<f32>, Vec<f32>) = match &ref_decoder {
-                Some(r) => {
-                    let lp = pair_logps(r, cfg.layout, &pairs)?;
-                    (lp.chosen.to_vec1()?, lp.rejected.to_vec1()?)
-                }
-                None => (ids.iter().map(|&i| cache_c[i as usize]).collect(), ids.iter().map(|&i| cache_r[i as usize]).collect()),
+            let refs = match (&ref_decoder, &cache) {
+                (Some(r), _) => Some(RefRows::computed(r, cfg.layout, &pairs, loss.ld_alpha.is_some())?),
+                (None, Some(c)) => Some(RefRows::of(c, &ids)),
+                (None, None) => None,
             };
-            let whole = Whole::of(&pairs);
-            for r in split_by_tokens(cfg.layout, &pairs, budget)? {
+            for r in pieces(cfg, &loss, &pairs, budget)? {
                 let t = Instant::now();
-                let b = batch_loss(&policy.decoder, cfg.layout, loss, &pairs[r.clone()], &rc[r.clone()], &rr[r], whole)?;
+                let b = batch_loss(&policy.decoder, cfg.layout, &loss, &pairs[r.clone()], refs.as_ref().map(|x| x.view().slice(r.clone())), whole)?;
                 fwd_s += t.elapsed().as_secs_f64();
                 let t = Instant::now();
                 let grads = gradients(&(&b.loss / cfg.grad_accum as f64)?, &policy)?;
@@ -348,54 +510,79 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
                     None => grads,
                     Some(a) => a.iter().zip(&grads).map(|(x, y)| x + y).collect::<candle_core::Result<_>>()?,
                 });
-                b.record(&mut stats)?;
-                tokens += b.tokens;
+                b.record(&mut stats);
+                counts[0] += b.tokens as f64;
+                counts[1] += b.trl_tokens as f64;
+            }
+            stats.reduce_micro(world);
+            stats.end_micro();
+        }
+        // Each rank's gradient is its share of the global mean: summed, it is the whole.
+        let grads = world.sum_tensors(acc.expect("grad_accum >= 1"))?;
+        world.sum_f64(&mut counts);
+        num_tokens += counts[1] as u64;
+        let t = Instant::now();
+        let (grad_norm, clipped) = clip_by_global_norm(&grads, cfg.max_grad_norm)?;
+        opt.step(&policy.vars, &clipped, lr)?;
+        if let Some(o) = &owner {
+            for (i, v) in policy.vars.iter().enumerate() {
+                let t = world.broadcast_tensor(v.as_tensor(), o[i])?;
+                if o[i] != world.rank {
+                    v.set(&t)?;
+                }
             }
         }
-        let t = Instant::now();
-        let (grad_norm, clipped) = clip_by_global_norm(&acc.expect("grad_accum >= 1"), cfg.max_grad_norm)?;
-        opt.step(&policy.vars, &clipped, lr)?;
         let opt_s = t.elapsed().as_secs_f64();
         let n = step + 1;
         let dt = t_step.elapsed().as_secs_f64();
-        tokens_total += tokens;
+        tokens_total += counts[0];
+        let mut peak = [crate::memory::peak_bytes(&device) as f64 / 1e9];
+        world.max_f64(&mut peak);
+        peak_memory_gb = peak_memory_gb.max(peak[0]);
         let mut row = Row::new();
         stats.into_row("", &mut row);
         row.insert("grad_norm".into(), grad_norm);
         row.insert("learning_rate".into(), lr);
-        row.insert("tokens_per_s".into(), tokens as f64 / dt.max(1e-9));
+        row.insert("tokens_per_s".into(), counts[0] / dt.max(1e-9));
         row.insert("step_seconds".into(), dt);
         row.insert("forward_seconds".into(), fwd_s);
         row.insert("backward_seconds".into(), bwd_s);
         row.insert("optimizer_seconds".into(), opt_s);
-        let peak_gb = crate::memory::peak_bytes(&device) as f64 / 1e9;
-        peak_memory_gb = peak_memory_gb.max(peak_gb);
-        row.insert("peak_memory_gb".into(), peak_gb);
+        row.insert("peak_memory_gb".into(), peak[0]);
         row.insert("epoch".into(), (n * per_step) as f64 / train_rows.len() as f64);
+        row.insert("num_tokens".into(), num_tokens as f64);
         pb.set_message(format!(
             "loss {:.4} acc {:.2} {:.0} tok/s",
             row["loss"],
             row["rewards/accuracies"],
-            tokens_total as f64 / t_loop.elapsed().as_secs_f64().max(1e-9)
+            tokens_total / t_loop.elapsed().as_secs_f64().max(1e-9)
         ));
-        metrics::append_jsonl(&metrics_path, n, &row)?;
-        rows.push((n, row));
-        if !eval_rows.is_empty() && cfg.eval_every > 0 && (n % cfg.eval_every == 0 || n == total_steps) {
-            let row = eval_pass(&policy, &prepared, &cache, &eval_rows, cfg, loss, budget)?;
+        if world.is_root() {
             metrics::append_jsonl(&metrics_path, n, &row)?;
             rows.push((n, row));
         }
+        if !eval_rows.is_empty() && cfg.eval_every > 0 && (n % cfg.eval_every == 0 || n == total_steps) {
+            let mut row = eval_pass(&policy, &prepared, cache.as_ref(), &eval_rows, cfg, &loss, budget, world)?;
+            row.insert("num_tokens".into(), num_tokens as f64);
+            if world.is_root() {
+                metrics::append_jsonl(&metrics_path, n, &row)?;
+                rows.push((n, row));
+            }
+        }
         if cfg.save_every > 0 && n % cfg.save_every == 0 && n < total_steps {
-            let state = TrainerState { step: n, cursor, adam_t: opt.t, fingerprint: fp.clone() };
-            save_checkpoint(&checkpoints.join(format!("step-{n}")), &policy, &opt, &state, &model_dir)?;
-            metrics::write_parquet(&out.join("metrics.parquet"), &rows)?;
+            let state = TrainerState { step: n, cursor, adam_t: opt.t, fingerprint: fp.clone(), num_tokens };
+            save_checkpoint(&checkpoints.join(format!("step-{n}")), &policy, &opt, owner.as_deref(), &state, &model_dir, world)?;
+            if world.is_root() {
+                metrics::write_parquet(&out.join("metrics.parquet"), &rows)?;
+            }
         }
         pb.inc(1);
         steps_run += 1;
     }
     pb.finish_and_clear();
-    let state = TrainerState { step: total_steps, cursor, adam_t: opt.t, fingerprint: fp.clone() };
-    save_checkpoint(&out.join("final"), &policy, &opt, &state, &model_dir)?;
+    let state = TrainerState { step: total_steps, cursor, adam_t: opt.t, fingerprint: fp.clone(), num_tokens };
+    save_checkpoint(&out.join("final"), &policy, &opt, owner.as_deref(), &state, &model_dir, world)?;
+    let Some(sd) = sd else { return Ok(Manifest::unfinished(STAGE, FORMAT_VERSION, &fp)) };
     metrics::write_parquet(&out.join("metrics.parquet"), &rows)?;
     if let Err(e) = crate::train::plot::curves(&out.join("curves.png"), &rows) {
         eprintln!("train: could not draw curves.png: {e:#}");
@@ -410,10 +597,12 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
     let stats = serde_json::json!({
         "final_loss": last("loss"), "final_eval_loss": last("eval/loss"), "final_eval_accuracy": last("eval/rewards/accuracies"),
         "final_eval_margin": last("eval/rewards/margins"),
-        "tokens_per_s": tokens_total as f64 / t_loop.elapsed().as_secs_f64().max(1e-9),
+        "tokens_per_s": tokens_total / t_loop.elapsed().as_secs_f64().max(1e-9),
         "seconds_per_step": t_loop.elapsed().as_secs_f64() / steps_run.max(1) as f64,
         "peak_memory_gb": peak_memory_gb,
         "micro_batch_tokens": (budget != usize::MAX).then_some(budget),
+        "world_size": world.size,
+        "shard_optimizer": owner.is_some(),
     });
     let manifest = sd.manifest(counts, stats);
     let wall = manifest.timings["wall_s"];

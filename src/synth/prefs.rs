@@ -125,6 +125,43 @@ pub fn lengthen(row: SynthRow, rng: &mut Rng) -> SynthRow {
     }
 }
 
+/// How long generated rows are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Length {
+    /// One sentence each: the demo and tests.
+    Short,
+    /// UltraFeedback-like spread (`lengthen`).
+    Long,
+    /// Prompt + chosen + rejected of about this many tokens with the generated tokenizers
+    /// (±20%: 40% prompt, 30% each answer), for long-pair benchmarks.
+    Tokens(usize),
+}
+
+/// A filler sentence is about this many tokens with the generated tokenizers (measured: the
+/// 512- and 8,000-token vocabularies never saw these sentences, so words split into pieces).
+const TOKENS_PER_SENTENCE: f64 = 43.0;
+
+/// `row` stretched to a pair of about `tokens` tokens.
+fn to_tokens(row: SynthRow, rng: &mut Rng, tokens: usize) -> SynthRow {
+    let part = |text: &str, share: f64, rng: &mut Rng| {
+        let jitter = 0.8 + 0.4 * rng.uniform();
+        let n = (tokens as f64 * share * jitter / TOKENS_PER_SENTENCE).round() as usize;
+        let mut s = text.to_string();
+        for _ in 0..n {
+            s.push(' ');
+            s.push_str(rng.pick::<&str>(FILLER));
+        }
+        s
+    };
+    let context = part("", 0.4, rng);
+    SynthRow {
+        question: format!("{} {}", context.trim_start(), row.question).trim_start().to_string(),
+        chosen: part(&row.chosen, 0.3, rng),
+        rejected: part(&row.rejected, 0.3, rng),
+        system: row.system,
+    }
+}
+
 /// Plain-text rendering used by the standard format (and to train the demo tokenizer).
 pub fn text_prompt(row: &SynthRow) -> String {
     format!("Question: {}\nAnswer:", row.question)
@@ -148,16 +185,15 @@ fn conversation(row: &SynthRow) -> (Vec<Message>, Vec<Message>, Vec<Message>) {
     (prompt, vec![msg("assistant", &row.chosen)], vec![msg("assistant", &row.rejected)])
 }
 
-/// Writes `rows` synthetic pairs to a parquet file (atomically); `long` stretches them
-/// (see [`lengthen`]).
-pub fn write_synth(path: &Path, rows: usize, seed: u64, format: SynthFormat, long: bool) -> Result<()> {
+/// Writes `rows` synthetic pairs to a parquet file (atomically), as long as `length` says.
+pub fn write_synth(path: &Path, rows: usize, seed: u64, format: SynthFormat, length: Length) -> Result<()> {
     let mut rng = Rng::new(seed);
     let next = |rng: &mut Rng| {
         let row = synth_row(rng);
-        if long {
-            lengthen(row, rng)
-        } else {
-            row
+        match length {
+            Length::Short => row,
+            Length::Long => lengthen(row, rng),
+            Length::Tokens(n) => to_tokens(row, rng, n),
         }
     };
     let (schema, conv) = match format {

@@ -10,21 +10,22 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-/// The pair metrics, logged for train steps and (prefixed `eval/`) for evaluations.
-pub const PAIR_KEYS: &[&str] =
-    &["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"];
-/// Pair metrics only some models have (null elsewhere): MoE's router load-balancing loss.
-pub const OPTIONAL_PAIR_KEYS: &[&str] = &["aux_loss"];
+/// The metrics of a batch, logged for train steps and (prefixed `eval/`) for evaluations, with
+/// TRL 1.16's names: always the first seven and the lm-head statistics; `nll_loss`,
+/// `log_odds_*` (ORPO) and `aux_loss` (MoE) where they apply (null elsewhere).
+pub const PAIR_KEYS: &[&str] = &[
+    "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen",
+    "logits/rejected", "entropy", "mean_token_accuracy", "nll_loss", "log_odds_ratio", "log_odds_chosen", "aux_loss",
+];
 /// Train-only metrics.
 pub const STEP_KEYS: &[&str] = &[
-    "grad_norm", "learning_rate", "tokens_per_s", "step_seconds", "forward_seconds", "backward_seconds", "optimizer_seconds", "peak_memory_gb",
-    "epoch",
+    "grad_norm", "learning_rate", "num_tokens", "tokens_per_s", "step_seconds", "forward_seconds", "backward_seconds", "optimizer_seconds",
+    "peak_memory_gb", "epoch",
 ];
 
 pub fn columns() -> Vec<String> {
-    let pair = PAIR_KEYS.iter().chain(OPTIONAL_PAIR_KEYS);
-    let mut c: Vec<String> = pair.clone().chain(STEP_KEYS).map(|s| s.to_string()).collect();
-    c.extend(pair.map(|k| format!("eval/{k}")));
+    let mut c: Vec<String> = PAIR_KEYS.iter().chain(STEP_KEYS).map(|s| s.to_string()).collect();
+    c.extend(PAIR_KEYS.iter().map(|k| format!("eval/{k}")));
     c
 }
 
@@ -36,52 +37,62 @@ pub fn schema() -> SchemaRef {
 
 pub type Row = BTreeMap<String, f64>;
 
-/// Running sums of pair metrics over micro-batches and pairs.
+/// Metrics as TRL 1.16 reduces them: each micro-batch's value (a mean over its pairs or tokens,
+/// or a sum of its pieces), then the unweighted mean over the micro-batches of a step (or of
+/// an evaluation).
 #[derive(Default)]
-pub struct PairStats {
-    pub pairs: usize,
-    pub loss_sum: f64,
-    pub chosen_reward: f64,
-    pub rejected_reward: f64,
-    pub correct: f64,
-    pub chosen_logps: f64,
-    pub rejected_logps: f64,
-    /// Σ of the micro-batches' aux losses, and how many there were.
-    pub aux_loss: f64,
-    pub aux_batches: usize,
+pub struct Stats {
+    /// The micro-batch in progress: key → (Σ value, Σ weight); weight 0 marks a plain sum.
+    micro: BTreeMap<&'static str, (f64, f64)>,
+    /// Finished micro-batches: key → (Σ of their values, how many).
+    done: BTreeMap<&'static str, (f64, usize)>,
 }
 
-impl PairStats {
-    /// `loss_mean` is the batch's mean loss; the rest are per-pair values.
-    pub fn add(&mut self, loss_mean: f64, chosen_r: &[f32], rejected_r: &[f32], chosen_lp: &[f32], rejected_lp: &[f32]) {
-        let n = chosen_r.len();
-        self.pairs += n;
-        self.loss_sum += loss_mean * n as f64;
-        for i in 0..n {
-            self.chosen_reward += chosen_r[i] as f64;
-            self.rejected_reward += rejected_r[i] as f64;
-            self.correct += f64::from(u8::from(chosen_r[i] > rejected_r[i]));
-            self.chosen_logps += chosen_lp[i] as f64;
-            self.rejected_logps += rejected_lp[i] as f64;
+impl Stats {
+    /// Adds to a micro-batch mean: Σ value / Σ weight over the micro-batch's pieces.
+    pub fn mean(&mut self, key: &'static str, value: f64, weight: f64) {
+        let e = self.micro.entry(key).or_default();
+        e.0 += value;
+        e.1 += weight;
+    }
+
+    /// Adds to a micro-batch total (a loss whose pieces add up).
+    pub fn sum(&mut self, key: &'static str, value: f64) {
+        self.micro.entry(key).or_default().0 += value;
+    }
+
+    /// Data-parallel: the micro-batch's sums over every rank's share, so each rank holds what
+    /// one process computing the whole micro-batch would (every key is one of PAIR_KEYS).
+    pub fn reduce_micro(&mut self, world: &crate::train::dist::World) {
+        if world.size == 1 {
+            return;
+        }
+        debug_assert!(self.micro.keys().all(|k| PAIR_KEYS.contains(k)), "{:?}", self.micro.keys());
+        let mut buf: Vec<f64> = PAIR_KEYS
+            .iter()
+            .flat_map(|k| match self.micro.get(k) {
+                Some(&(v, w)) => [v, w, 1.0],
+                None => [0.0, 0.0, 0.0],
+            })
+            .collect();
+        world.sum_f64(&mut buf);
+        self.micro = PAIR_KEYS.iter().zip(buf.chunks(3)).filter(|(_, c)| c[2] > 0.0).map(|(k, c)| (*k, (c[0], c[1]))).collect();
+    }
+
+    /// Closes the micro-batch: each key's value joins the step's mean.
+    pub fn end_micro(&mut self) {
+        for (k, (v, w)) in std::mem::take(&mut self.micro) {
+            let value = if w == 0.0 { v } else { v / w };
+            let e = self.done.entry(k).or_default();
+            e.0 += value;
+            e.1 += 1;
         }
     }
 
-    pub fn into_row(self, prefix: &str, row: &mut Row) {
-        let n = self.pairs.max(1) as f64;
-        let vals = [
-            self.loss_sum / n,
-            self.chosen_reward / n,
-            self.rejected_reward / n,
-            self.correct / n,
-            (self.chosen_reward - self.rejected_reward) / n,
-            self.chosen_logps / n,
-            self.rejected_logps / n,
-        ];
-        for (k, v) in PAIR_KEYS.iter().zip(vals) {
-            row.insert(format!("{prefix}{k}"), v);
-        }
-        if self.aux_batches > 0 {
-            row.insert(format!("{prefix}aux_loss"), self.aux_loss / self.aux_batches as f64);
+    pub fn into_row(mut self, prefix: &str, row: &mut Row) {
+        self.end_micro();
+        for (k, (v, n)) in self.done {
+            row.insert(format!("{prefix}{k}"), v / n.max(1) as f64);
         }
     }
 }

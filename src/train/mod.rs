@@ -1,5 +1,6 @@
 //! DPO training pieces: losses, one micro-batch's loss and gradients, AdamW + schedules +
 //! clipping, the trainable policy, metrics and plots.
+pub mod dist;
 pub mod loss;
 pub mod metrics;
 pub mod optim;

@@ -28,6 +28,8 @@ enum Moment {
     F32(Vec<f32>),
     F64(Vec<f64>),
     Tensor(Tensor),
+    /// ZeRO-1: another rank keeps this parameter's moments and updates it.
+    Elsewhere,
 }
 
 /// First and second moments per parameter, and the step count for bias correction. On CPU the
@@ -103,6 +105,23 @@ impl AdamW {
         Ok(Self { cfg, m: zeros()?, v: zeros()?, t: 0 })
     }
 
+    /// ZeRO-1: moments (and updates) only for the parameters this rank owns; `step` leaves the
+    /// others as they are, for their owners to broadcast.
+    pub fn sharded(cfg: AdamWConfig, params: &[Var], owned: &[bool]) -> Result<Self> {
+        let mut me = Self::new(cfg, params)?;
+        for (i, &mine) in owned.iter().enumerate() {
+            if !mine {
+                (me.m[i], me.v[i]) = (Moment::Elsewhere, Moment::Elsewhere);
+            }
+        }
+        Ok(me)
+    }
+
+    /// Whether this optimizer keeps parameter `i`'s moments.
+    pub fn owns(&self, i: usize) -> bool {
+        !matches!(self.m[i], Moment::Elsewhere)
+    }
+
     /// One update at learning rate `lr` (torch.optim.AdamW, amsgrad off, maximize off).
     pub fn step(&mut self, params: &[Var], grads: &[Tensor], lr: f64) -> Result<()> {
         self.t += 1;
@@ -126,6 +145,7 @@ impl AdamW {
                     (*m, *v) = (m2, v2);
                     new
                 }
+                (Moment::Elsewhere, _) => continue,
                 _ => unreachable!("moments are made in the parameter's dtype"),
             };
             p.set(&new)?;
@@ -140,6 +160,7 @@ impl AdamW {
                 Moment::F32(x) => Tensor::from_slice(x, like.shape(), like.device())?,
                 Moment::F64(x) => Tensor::from_slice(x, like.shape(), like.device())?,
                 Moment::Tensor(x) => x.clone(),
+                Moment::Elsewhere => bail!("parameter {i}'s moments are kept by another rank"),
             })
         };
         Ok((t(&self.m[i])?, t(&self.v[i])?))
@@ -153,6 +174,7 @@ impl AdamW {
                 Moment::F32(x) => *x = src.to_dtype(DType::F32)?.to_vec1()?,
                 Moment::F64(x) => *x = src.to_dtype(DType::F64)?.to_vec1()?,
                 Moment::Tensor(x) => *x = src.to_device(x.device())?.to_dtype(x.dtype())?.reshape(x.shape())?,
+                Moment::Elsewhere => {}
             }
             Ok(())
         };

@@ -163,7 +163,20 @@ impl Policy {
         match &self.lora {
             Some(lc) => lora::save(dir, lc, &self.tensors(), model_dir)?,
             None => {
-                weights::save_weights(&dir.join("model.safetensors"), &self.tensors(), DType::F32)?;
+                let mut tensors = self.tensors();
+                if self.cfg.prefix != "model." {
+                    // A multimodal checkpoint (Gemma 3): the towers this tool does not train are
+                    // kept as they came, so transformers loads the whole model back.
+                    // SAFETY: model files are read-only inputs, not modified while mapped.
+                    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&weights::weight_files(model_dir)?)? };
+                    for (name, _) in st.tensors() {
+                        if let std::collections::btree_map::Entry::Vacant(e) = tensors.entry(name) {
+                            let t = st.load(e.key(), &candle_core::Device::Cpu)?;
+                            e.insert(t);
+                        }
+                    }
+                }
+                weights::save_weights(&dir.join("model.safetensors"), &tensors, DType::F32)?;
                 save_config(dir, &self.cfg)?;
             }
         }

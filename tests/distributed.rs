@@ -1,0 +1,237 @@
+//! Data-parallel `train` under `mpirun` (the `mpi` feature; CI installs Open MPI): 2 ranks of
+//! one thread against one process with the same global batch (metrics and final weights within
+//! 1e-6: only the summation order differs), LoRA likewise, ZeRO-1 equal to the replicated
+//! optimizer, resume across world sizes, a killed rank ending the job. Without the feature: a
+//! clear error under a launcher instead of N processes writing one directory.
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// Starts `pipeline` under a launcher's environment without a launcher: what a build without
+/// an engine meets under `mpirun`.
+fn as_rank(dir: &Path, args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .current_dir(dir)
+        .env("OMPI_COMM_WORLD_RANK", "0")
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .expect("spawn pipeline")
+}
+
+/// Only `train` runs data-parallel; the other stages say so rather than run once per rank.
+#[test]
+fn other_stages_under_a_launcher_say_only_train_is_data_parallel() {
+    let d = tmp();
+    let model = tiny_model(d.path(), "llama");
+    ok(d.path(), &["synth-prefs", "--out", "in.parquet", "--rows", "8"]);
+    let out = as_rank(d.path(), &["prepare", "--input", "in.parquet", "--model", s(&model), "--out", "prep"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("only `train` runs data-parallel") && e.contains("rank 0 of 2"), "{e}");
+    assert!(!d.path().join("prep").exists());
+}
+
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_build_without_mpi_refuses_to_train_as_one_of_several_ranks() {
+    let d = tmp();
+    let model = tiny_model(d.path(), "llama");
+    prepare_synth(d.path(), &model, "16", "4");
+    ok(d.path(), &["cache-ref", "--prepared", "prep", "--model", s(&model), "--out", "cache"]);
+    let out = as_rank(d.path(), &["train", "--prepared", "prep", "--ref-cache", "cache", "--out", "t", "--max-steps", "1"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("--features mpi") && e.contains("rank 0 of 2"), "{e}");
+    assert!(!d.path().join("t").exists(), "nothing written under --out");
+}
+
+#[cfg(feature = "mpi")]
+mod mpi {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    /// One MPI job at a time: two ranks already take both cores.
+    static ONE_JOB: Mutex<()> = Mutex::new(());
+
+    fn mpirun_cmd(dir: &Path, ranks: usize, args: &[&str]) -> Command {
+        let mut c = Command::new("mpirun");
+        c.args(["-n", &ranks.to_string(), "--oversubscribe", "--allow-run-as-root", "--bind-to", "none", bin(), "--threads", "1"])
+            .args(args)
+            .current_dir(dir);
+        c
+    }
+
+    fn mpirun(dir: &Path, ranks: usize, args: &[&str]) -> String {
+        let out = mpirun_cmd(dir, ranks, args).output().expect("mpirun (Open MPI: apt-get install openmpi-bin)");
+        let e = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "mpirun -n {ranks} pipeline {args:?} failed:\n{e}");
+        e
+    }
+
+    /// Prepared pairs (with eval rows) and their reference cache.
+    fn setup(dir: &Path) -> std::path::PathBuf {
+        let model = tiny_model(dir, "llama");
+        prepare_synth(dir, &model, "48", "12");
+        ok(dir, &["cache-ref", "--prepared", "prep", "--model", s(&model), "--out", "cache"]);
+        model
+    }
+
+    const TIMING: [&str; 7] = ["tokens_per_s", "step_seconds", "forward_seconds", "backward_seconds", "optimizer_seconds", "peak_memory_gb", "epoch"];
+
+    fn assert_same_metrics(dir: &Path, a: &str, b: &str, tol: f64) {
+        let (ra, rb) = (read_rows(dir, &format!("{a}/metrics.parquet")), read_rows(dir, &format!("{b}/metrics.parquet")));
+        assert_eq!(ra.len(), rb.len(), "{a} vs {b}: rows");
+        for (x, y) in ra.iter().zip(&rb) {
+            for (k, v) in x.as_object().unwrap() {
+                if TIMING.contains(&k.as_str()) {
+                    continue;
+                }
+                match (v.as_f64(), y[k].as_f64()) {
+                    // Rewards are β × differences of log-prob sums of ~40: their rounding is relative to
+                    // that, not to the (small) difference; hence the floor.
+                    (Some(p), Some(q)) => assert!((p - q).abs() <= tol * q.abs().max(0.1), "{a} vs {b}: step {} {k}: {p} vs {q}", x["step"]),
+                    (p, q) => assert_eq!(p, q, "{a} vs {b}: step {} {k}", x["step"]),
+                }
+            }
+        }
+    }
+
+    fn tensors(file: &Path) -> BTreeMap<String, Vec<f32>> {
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }.unwrap();
+        st.tensors()
+            .into_iter()
+            .map(|(k, _)| {
+                let t = st.load(&k, &candle_core::Device::Cpu).unwrap().to_dtype(candle_core::DType::F32).unwrap();
+                (k, t.flatten_all().unwrap().to_vec1().unwrap())
+            })
+            .collect()
+    }
+
+    /// Every tensor within `tol` of the other's: ‖a − b‖ ≤ tol·‖b‖.
+    fn assert_close_weights(a: &Path, b: &Path, tol: f64) {
+        let (ta, tb) = (tensors(a), tensors(b));
+        assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
+        for (k, x) in &ta {
+            let y = &tb[k];
+            let diff = x.iter().zip(y).map(|(p, q)| ((p - q) as f64).powi(2)).sum::<f64>().sqrt();
+            let norm = y.iter().map(|q| (*q as f64).powi(2)).sum::<f64>().sqrt().max(1e-12);
+            assert!(diff <= tol * norm, "{}: {k} differs by {diff} (norm {norm})", a.display());
+        }
+    }
+
+    fn train_args<'a>(out: &'a str, batch: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut a = vec![
+            "train", "--prepared", "prep", "--ref-cache", "cache", "--out", out, "--batch-size", batch, "--grad-accum", "2", "--max-steps", "4",
+            "--eval-every", "2", "--lr", "1e-3", "--loss", "sigmoid,sft", "--loss-weights", "1,0.5", "--adam-eps", "1e-3",
+        ];
+        if !extra.contains(&"--save-every") {
+            a.extend(["--save-every", "0"]);
+        }
+        a.extend_from_slice(extra);
+        a
+    }
+
+    /// 2 ranks × 2 pairs × 2 micro-batches against one process × 4 pairs × 2: the same global
+    /// batch, so the same metrics (the SFT term's token mean is over the global micro-batch)
+    /// and weights; full fine-tuning, LoRA, and ZeRO-1's sharded optimizer (bit-equal to the
+    /// replicated one: the same arithmetic, only where it runs differs).
+    ///
+    /// AdamW's eps is 1e-3 here, above the gradients' scale, so each update is linear in the
+    /// gradient and the weights show the reduction's rounding as it is: at the default 1e-8,
+    /// AdamW turns a gradient entry that is mostly cancellation (1e-8, rounded differently by a
+    /// different summation order) into a step of ~lr·g/(|g| + eps) whose size that rounding
+    /// changes by a percent (measured: 1.3e-6 of the tensor's norm after one step, all of it in
+    /// 25 of 11,264 entries of one matrix, with metrics still within 2e-7).
+    #[test]
+    fn two_ranks_train_as_one_process_with_the_global_batch() {
+        let _one = ONE_JOB.lock().unwrap_or_else(|e| e.into_inner());
+        let d = tmp();
+        let p = d.path();
+        setup(p);
+        let lora = ["--lora-r", "4", "--lora-targets", "all-linear"];
+        ok(p, &train_args("one", "4", &["--threads", "1"]));
+        let e = mpirun(p, 2, &train_args("two", "2", &[]));
+        assert!(e.contains("2 ranks") && e.contains("global batch 8 pairs"), "{e}");
+        assert_same_metrics(p, "one", "two", 1e-6);
+        assert_close_weights(&p.join("one/final/model.safetensors"), &p.join("two/final/model.safetensors"), 1e-6);
+        // Only rank 0 wrote --out: one manifest, one metrics file, and it records the world.
+        let man: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p.join("two/manifest.json")).unwrap()).unwrap();
+        assert_eq!(man["stats"]["world_size"], 2);
+        // ZeRO-1: the same run with each rank keeping half the moments.
+        mpirun(p, 2, &train_args("zero", "2", &["--shard-optimizer", "--save-every", "2"]));
+        assert_same_metrics(p, "two", "zero", 0.0);
+        assert_eq!(tensors(&p.join("two/final/model.safetensors")), tensors(&p.join("zero/final/model.safetensors")));
+        assert_eq!(tensors(&p.join("two/final/optimizer.safetensors")), tensors(&p.join("zero/final/optimizer.safetensors")), "gathered moments");
+        // LoRA.
+        ok(p, &train_args("lora1", "4", &[&lora[..], &["--threads", "1"]].concat()));
+        mpirun(p, 2, &train_args("lora2", "2", &lora));
+        assert_same_metrics(p, "lora1", "lora2", 1e-6);
+        assert_close_weights(&p.join("lora1/final/adapter_model.safetensors"), &p.join("lora2/final/adapter_model.safetensors"), 1e-6);
+    }
+
+    /// The cursor is global and the fingerprint holds the global batch, so a run checkpointed by
+    /// 2 ranks continues in 1 process (and the reverse) to the uninterrupted run's weights.
+    #[test]
+    fn a_run_resumes_on_another_number_of_ranks() {
+        let _one = ONE_JOB.lock().unwrap_or_else(|e| e.into_inner());
+        let d = tmp();
+        let p = d.path();
+        setup(p);
+        let args = |out: &'static str, batch: &'static str, extra: &[&'static str]| {
+            let mut a = train_args(out, batch, &["--save-every", "2"]);
+            a.extend_from_slice(extra);
+            a
+        };
+        ok(p, &args("whole", "4", &["--threads", "1"]));
+        // 2 ranks to step 2, then one process.
+        mpirun(p, 2, &args("a", "2", &["--stop-after-steps", "2"]));
+        assert!(p.join("a/checkpoints/step-2").exists() && !p.join("a/final").exists());
+        let e = fails(p, &args("a", "2", &["--resume"]));
+        assert!(e.contains("fingerprint"), "another global batch is another run: {e}");
+        ok(p, &args("a", "4", &["--resume", "--threads", "1"]));
+        assert_close_weights(&p.join("whole/final/model.safetensors"), &p.join("a/final/model.safetensors"), 1e-6);
+        assert_same_metrics(p, "whole", "a", 1e-6);
+        // One process to step 2, then 2 ranks.
+        ok(p, &args("b", "4", &["--stop-after-steps", "2", "--threads", "1"]));
+        mpirun(p, 2, &args("b", "2", &["--resume", "--shard-optimizer"]));
+        assert_close_weights(&p.join("whole/final/model.safetensors"), &p.join("b/final/model.safetensors"), 1e-6);
+    }
+
+    /// A rank killed mid-run ends the job within a bounded time, non-zero, naming the rank, and
+    /// leaves no final output.
+    #[test]
+    fn a_killed_rank_ends_the_job_naming_it() {
+        let _one = ONE_JOB.lock().unwrap_or_else(|e| e.into_inner());
+        let d = tmp();
+        let p = d.path();
+        setup(p);
+        let args =
+            ["train", "--prepared", "prep", "--ref-cache", "cache", "--out", "k", "--batch-size", "2", "--max-steps", "100000", "--save-every", "5"];
+        let mut child = mpirun_cmd(p, 2, &args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        // Wait until the ranks are training (the first metrics line), then kill one of them.
+        let started = Instant::now();
+        while std::fs::read_to_string(p.join("k/metrics.jsonl")).map_or(true, |t| t.lines().count() < 2) {
+            assert!(started.elapsed() < Duration::from_secs(120), "training never started");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let ranks = String::from_utf8(Command::new("pgrep").args(["-P", &child.id().to_string()]).output().unwrap().stdout).unwrap();
+        let victim = ranks.lines().last().expect("rank processes").trim().to_string();
+        assert!(Command::new("kill").args(["-9", &victim]).status().unwrap().success());
+        let killed = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(killed.elapsed() < Duration::from_secs(60), "the job outlived a killed rank by 60 s");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "{err}");
+        assert!(err.contains("rank") && (err.contains("signal 9") || err.contains("Killed")), "{err}");
+        assert!(!p.join("k/final").exists() && !p.join("k/manifest.json").exists());
+        assert!(std::fs::read_dir(p.join("k/checkpoints")).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".partial")));
+    }
+}
