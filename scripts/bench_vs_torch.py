@@ -83,7 +83,7 @@ def run(cmd, what, env=None):
         t = time.perf_counter()
         r = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(rss_file), *cmd], capture_output=True, text=True, env=env)
         wall = time.perf_counter() - t
-        if r.returncode in (-9, 137) or "MemoryError" in (r.stderr or "") or "out of memory" in (r.stderr or "").lower():
+        if r.returncode in (-9, 137, 247) or "MemoryError" in (r.stderr or "") or "out of memory" in (r.stderr or "").lower():
             raise OutOfMemory(what)
         if r.returncode != 0:
             why = "cannot start it" if r.returncode == 127 else f"exit {r.returncode}"

@@ -9,6 +9,10 @@
 #  (a) cache-ref on the GPU vs transformers on the same GPU: f32 within 1e-3, bf16 within 0.5
 #      (summed log-probs of ~20-token completions in bf16; transformers' own bf16 vs f32 differs by as much);
 #  (b) 20 train steps on the GPU vs the same steps on the CPU, f32: loss and grad_norm within 1e-3 relative;
+#  (d) this round's paths on the GPU vs the CPU's fused kernels: Qwen3 and Gemma 2 (q/k norms,
+#      soft-capping, sliding windows), a MoE model, 2k-token pairs through the tiled attention,
+#      MPO + WPO + LD-DPO losses and gradient checkpointing: 5 train steps each, loss and
+#      grad_norm within 1e-3 relative of the CPU's;
 #  (c) at Qwen2.5-0.5B's shape: cache-ref tokens/s vs transformers' bf16 forward (sdpa), train
 #      s/step (--dtype bf16) vs a PyTorch bf16 DPO step, and the peak GPU memory of each.
 #
@@ -74,6 +78,28 @@ worst = max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-6) for a, b in zip(rows["$DEV"]
 print(json.dumps({"check": "20 steps GPU vs CPU", "max_rel_diff": worst, "tolerance": 1e-3, "ok": worst <= 1e-3}))
 sys.exit(0 if worst <= 1e-3 else 1)
 PY
+
+echo "== (d) families, losses, long pairs and checkpointing: GPU vs CPU (f32)"
+P synth-prefs --out long2k.parquet --rows 6 --tokens 2000
+for arch in qwen3 gemma2 qwen3_moe; do
+  P init-model --arch $arch --size tiny --out m-$arch
+  P prepare --input long2k.parquet --model m-$arch --out prep-$arch --max-length 4096
+  P --device cpu cache-ref --prepared prep-$arch --model m-$arch --out cache-$arch
+  for dev in $DEV cpu; do
+    P --device $dev train --prepared prep-$arch --ref-cache cache-$arch --out d-$arch-$dev --max-steps 5 --batch-size 2 \
+      --lr 1e-4 --shuffle false --eval-every 0 --save-every 0 --loss sigmoid,bco_pair,sft --loss-weights 0.8,0.2,1.0 \
+      --use-weighting false --ld-alpha 0.5 --gradient-checkpointing
+  done
+  P --device $DEV train --prepared prep-$arch --ref-cache cache-$arch --out w-$arch --max-steps 2 --batch-size 2 --lr 1e-4 \
+    --shuffle false --eval-every 0 --save-every 0 --use-weighting || fail "(d) WPO on the GPU, $arch"
+  "$PY" - <<PY || fail "(d) $arch: GPU and CPU training differ"
+import json, sys
+rows = {d: [json.loads(l) for l in open(f"d-$arch-{d}/metrics.jsonl") if '"loss"' in l] for d in ("$DEV", "cpu")}
+worst = max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-6) for a, b in zip(rows["$DEV"], rows["cpu"]) for k in ("loss", "grad_norm"))
+print(json.dumps({"check": "$arch, 2k-token pairs, MPO + LD-DPO, checkpointing: GPU vs CPU", "max_rel_diff": worst, "ok": worst <= 1e-3}))
+sys.exit(0 if worst <= 1e-3 and len(rows["cpu"]) == 5 else 1)
+PY
+done
 
 echo "== (c) Qwen2.5-0.5B's shape, side by side (bf16)"
 P init-model --arch qwen2 --size qwen2.5-0.5b --out m05
