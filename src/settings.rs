@@ -566,6 +566,9 @@ settings! {
         /// Replace an output built from other inputs or settings (or damaged).
         #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
         force: bool = false,
+        /// Stop after N waves, leaving a resumable partial run (for testing resume).
+        #[arg(hide = true)]
+        stop_after_waves: usize = 0,
     }
 }
 

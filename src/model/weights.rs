@@ -132,8 +132,13 @@ pub fn save_weights(path: &Path, tensors: &BTreeMap<String, Tensor>, dtype: DTyp
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     // Streamed to the partial file (no second copy of the weights in memory), then renamed.
     let partial = crate::store::atomic::partial_path(path);
-    safetensors::serialize_to_file(converted.iter().map(|(k, t)| (k.as_str(), t)), Some(meta), &partial)?;
-    std::fs::File::open(&partial)?.sync_all()?;
+    let written = safetensors::serialize_to_file(converted.iter().map(|(k, t)| (k.as_str(), t)), Some(meta), &partial)
+        .map_err(anyhow::Error::from)
+        .and_then(|_| Ok(std::fs::File::open(&partial)?.sync_all()?));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&partial);
+        return Err(crate::store::space::write_error(&partial, e));
+    }
     crate::store::atomic::rename_durable(&partial, path)
 }
 

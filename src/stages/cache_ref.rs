@@ -95,6 +95,7 @@ pub fn run(cfg: &CacheRefSettings) -> Result<Manifest> {
         }
     };
     let my_rows: usize = mine.iter().map(|&b| plan[b].len()).sum();
+    check_space(out, n, shard.map(|_| my_rows), "cache-ref")?;
     let (mut columns, reused) = open_columns(out, n, &fp)?;
     let mut prog = Progress { fingerprint: fp.clone(), batch_tokens: cfg.batch_tokens, layout: cfg.layout, batches_done: 0, rows_done: 0 };
     let progress_path = out.join(PROGRESS);
@@ -177,6 +178,18 @@ pub fn run(cfg: &CacheRefSettings) -> Result<Manifest> {
     };
     let _ = std::fs::remove_file(&progress_path);
     Ok(manifest)
+}
+
+/// Refuses before any work when `out`'s filesystem cannot hold the column files of a cache of
+/// `n` pairs (or of a shard holding `shard_rows` of them); the parquet view comes on top.
+fn check_space(out: &Path, n: usize, shard_rows: Option<usize>, what: &str) -> Result<()> {
+    let col = |bytes_per_value: usize, count: usize| (crate::store::column::HEADER_BYTES + bytes_per_value * count) as u64;
+    let mut files: Vec<(PathBuf, u64)> = LOGP_COLUMNS.iter().map(|c| (out.join(c), col(4, n))).collect();
+    match shard_rows {
+        Some(rows) => files.push((out.join(SHARD_ROWS), col(8, rows))),
+        None => files.extend([CHOSEN_TOKENS, REJECTED_TOKENS].map(|c| (out.join(c), col(4, n)))),
+    }
+    crate::store::space::ensure_free(&files, what)
 }
 
 /// The log-prob columns being filled (NaN until computed), in [`LOGP_COLUMNS`] order, and
@@ -320,6 +333,7 @@ pub fn merge(shard_dirs: &[PathBuf], out: &Path, prepared_dir: Option<&Path>, fo
         Begin::Run(sd) => sd,
     };
     let fp = sd.fingerprint.clone();
+    check_space(out, n, None, "merge-ref")?;
     let (mut columns, _) = open_columns(out, n, &fp)?;
     let mut owner: Vec<Option<usize>> = vec![None; n];
     for (&k, s) in &by_index {

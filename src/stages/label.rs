@@ -2,7 +2,7 @@
 //! prompt's samples into preference rows that `pipeline prepare` reads as they are. Writes
 //! `scores.parquet` (every sample with its score), `prefs.parquet`, `skipped.parquet` (prompts
 //! that gave no pair: ties, fewer than two samples) and the manifest.
-use super::sample::{write_skipped, SAMPLES};
+use super::sample::{write_skipped, SkippedRow, SAMPLES};
 use super::{begin, progress, Begin};
 use crate::data::input::{field_at, fields_array, kind_of, str_at, uint_at, Field, Kind, Skip};
 use crate::data::tokenize::ModelTokenizer;
@@ -12,7 +12,8 @@ use crate::settings::{LabelSettings, PairMode};
 use crate::store::{file_hash, InputRef, Manifest, ParquetOut};
 use anyhow::{bail, Context, Result};
 use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
-use arrow_schema::{DataType, Field as ArrowField, Schema};
+use arrow_schema::{DataType, Field as ArrowField, Schema, SchemaRef};
+use indicatif::ProgressBar;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
@@ -27,6 +28,7 @@ pub const PREFS: &str = "prefs.parquet";
 pub const SKIPPED: &str = "skipped.parquet";
 
 /// One row of samples.parquet.
+#[derive(Clone)]
 pub struct Sample {
     pub source_file: String,
     pub source_row: u64,
@@ -45,33 +47,48 @@ fn samples_file(p: &Path) -> PathBuf {
 }
 
 /// Reads samples.parquet (the columns `sample` writes; prompt and completion strings or
-/// message lists).
-pub fn read_samples(path: &Path) -> Result<(Kind, Vec<Sample>)> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).with_context(|| format!("{}: not a readable parquet file", path.display()))?;
-    let schema = builder.schema().clone();
-    let column = |name: &str| {
-        schema
-            .field_with_name(name)
-            .map_err(|_| anyhow::anyhow!("{}: no column `{name}`: is it the samples.parquet of `pipeline sample`?", path.display()))
-    };
-    let kind = kind_of(path, "prompt", column("prompt")?.data_type())?;
-    let ckind = kind_of(path, "completion", column("completion")?.data_type())?;
-    if kind != ckind {
-        bail!("{}: `prompt` and `completion` must both be strings or both be message lists", path.display());
+/// message lists) a batch of rows at a time.
+pub struct SampleReader {
+    path: PathBuf,
+    pub kind: Kind,
+    pub total: u64,
+    batches: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
+    at: u64,
+}
+
+impl SampleReader {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file).with_context(|| format!("{}: not a readable parquet file", path.display()))?;
+        let schema = builder.schema().clone();
+        let column = |name: &str| {
+            schema
+                .field_with_name(name)
+                .map_err(|_| anyhow::anyhow!("{}: no column `{name}`: is it the samples.parquet of `pipeline sample`?", path.display()))
+        };
+        let kind = kind_of(path, "prompt", column("prompt")?.data_type())?;
+        let ckind = kind_of(path, "completion", column("completion")?.data_type())?;
+        if kind != ckind {
+            bail!("{}: `prompt` and `completion` must both be strings or both be message lists", path.display());
+        }
+        for name in ["source_file", "source_row", "sample_index"] {
+            column(name)?;
+        }
+        let total = builder.metadata().file_metadata().num_rows() as u64;
+        Ok(Self { path: path.to_path_buf(), kind, total, batches: builder.with_batch_size(1024).build()?, at: 0 })
     }
-    for name in ["source_file", "source_row", "sample_index"] {
-        column(name)?;
-    }
-    let mut out = Vec::new();
-    for batch in builder.build()? {
+
+    pub fn next_batch(&mut self) -> Result<Option<Vec<Sample>>> {
+        let path = &self.path;
+        let Some(batch) = self.batches.next() else { return Ok(None) };
         let batch = batch.with_context(|| format!("{}: cannot decode row group", path.display()))?;
         let col = |n: &str| batch.column_by_name(n).expect("checked").clone();
         let (file, row, index, prompt, completion) = (col("source_file"), col("source_row"), col("sample_index"), col("prompt"), col("completion"));
+        let mut out = Vec::with_capacity(batch.num_rows());
         for i in 0..batch.num_rows() {
-            let at = out.len();
+            let at = self.at + i as u64;
             let field =
-                |a: &ArrayRef, name: &str| field_at(a, kind, i, name).map_err(|s| anyhow::anyhow!("{}: row {at}: {}", path.display(), s.detail));
+                |a: &ArrayRef, name: &str| field_at(a, self.kind, i, name).map_err(|s| anyhow::anyhow!("{}: row {at}: {}", path.display(), s.detail));
             let bad = |name: &str, what: &str| anyhow::anyhow!("{}: row {at}: column `{name}` is not {what}", path.display());
             out.push(Sample {
                 source_file: str_at(file.as_ref(), i).ok_or_else(|| bad("source_file", "a string"))?.to_string(),
@@ -81,8 +98,29 @@ pub fn read_samples(path: &Path) -> Result<(Kind, Vec<Sample>)> {
                 completion: field(&completion, "completion")?,
             });
         }
+        self.at += out.len() as u64;
+        Ok(Some(out))
     }
-    Ok((kind, out))
+
+    /// The samples from row `from` on, one at a time.
+    fn into_rows_from(mut self, from: u64) -> impl Iterator<Item = Result<Sample>> {
+        let mut buf = std::collections::VecDeque::new();
+        let mut skip = from;
+        std::iter::from_fn(move || loop {
+            if let Some(s) = buf.pop_front() {
+                return Some(Ok(s));
+            }
+            match self.next_batch() {
+                Err(e) => return Some(Err(e)),
+                Ok(None) => return None,
+                Ok(Some(b)) => {
+                    let drop = (skip as usize).min(b.len());
+                    skip -= drop as u64;
+                    buf.extend(b.into_iter().skip(drop));
+                }
+            }
+        })
+    }
 }
 
 /// Token ids a reward model reads: prompt + completion as one text (special tokens added), or
@@ -98,26 +136,40 @@ fn reward_ids(tok: &ModelTokenizer, s: &Sample) -> Result<Vec<u32>> {
     })
 }
 
-fn reward_scores(dir: &Path, tok: &ModelTokenizer, samples: &[Sample], batch_tokens: usize) -> Result<Vec<f64>> {
+/// Scores samples `done..` with a reward model, in batches of `batch_tokens` planned from the
+/// first sample (so a resumed run cuts the same batches), each batch's scores journaled.
+fn reward_scores(
+    dir: &Path,
+    tok: &ModelTokenizer,
+    samples: impl Iterator<Item = Result<Sample>>,
+    batch_tokens: usize,
+    journal: &mut Journal,
+    pb: &ProgressBar,
+) -> Result<()> {
     let rm = RewardModel::load(dir, candle_core::DType::F32, &model::device()?)?;
-    let ids: Vec<Vec<u32>> = samples.iter().map(|s| reward_ids(tok, s)).collect::<Result<_>>()?;
-    let pb = progress(samples.len() as u64, "label", "samples");
-    let mut out = Vec::with_capacity(samples.len());
-    let mut start = 0;
-    while start < ids.len() {
-        let mut end = start + 1;
-        let mut n = ids[start].len();
-        while end < ids.len() && n + ids[end].len() <= batch_tokens {
-            n += ids[end].len();
-            end += 1;
+    let mut batch: Vec<Vec<u32>> = Vec::new();
+    let mut n = 0;
+    let mut run = |batch: &mut Vec<Vec<u32>>| -> Result<()> {
+        let seqs: Vec<&[u32]> = batch.iter().map(|v| v.as_slice()).collect();
+        let scores: Vec<f64> = rm.scores(&seqs)?.into_iter().map(f64::from).collect();
+        journal.append(&scores)?;
+        pb.inc(scores.len() as u64);
+        batch.clear();
+        Ok(())
+    };
+    for s in samples {
+        let ids = reward_ids(tok, &s?)?;
+        if !batch.is_empty() && n + ids.len() > batch_tokens {
+            run(&mut batch)?;
+            n = 0;
         }
-        let seqs: Vec<&[u32]> = ids[start..end].iter().map(|v| v.as_slice()).collect();
-        out.extend(rm.scores(&seqs)?.into_iter().map(f64::from));
-        pb.inc((end - start) as u64);
-        start = end;
+        n += ids.len();
+        batch.push(ids);
     }
-    pb.finish_and_clear();
-    Ok(out)
+    if !batch.is_empty() {
+        run(&mut batch)?;
+    }
+    Ok(())
 }
 
 /// A field as JSON: a string, or a list of {role, content}.
@@ -128,9 +180,11 @@ fn field_json(f: &Field) -> serde_json::Value {
     }
 }
 
-/// Runs `sh -c CMD`, writing one JSON line {"prompt", "completion"} per sample to its stdin and
-/// reading one number per line from its stdout.
-pub fn judge_scores(cmd: &str, samples: &[Sample]) -> Result<Vec<f64>> {
+/// Runs `sh -c CMD` once for samples `done..`: one JSON line {"prompt", "completion"} per
+/// sample on its stdin, one number per line read back from its stdout, each journaled as it
+/// arrives (a rerun does not ask again for what is already answered).
+fn judge_scores(cmd: &str, samples: SampleReader, done: u64, journal: &mut Journal, pb: &ProgressBar) -> Result<()> {
+    let expected = samples.total - done;
     let mut child = std::process::Command::new("sh")
         .arg("-c")
         .arg(cmd)
@@ -139,18 +193,22 @@ pub fn judge_scores(cmd: &str, samples: &[Sample]) -> Result<Vec<f64>> {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot start --judge-cmd `{cmd}`"))?;
-    let mut stdin = child.stdin.take().expect("piped");
-    let lines: Vec<String> =
-        samples.iter().map(|s| serde_json::json!({"prompt": field_json(&s.prompt), "completion": field_json(&s.completion)}).to_string()).collect();
-    // Written from another thread so a judge that answers as it reads cannot deadlock on a full pipe.
-    let writer = std::thread::spawn(move || -> std::io::Result<()> {
-        for l in lines {
-            writeln!(stdin, "{l}")?;
+    let mut stdin = std::io::BufWriter::new(child.stdin.take().expect("piped"));
+    // Written from another thread, reading the samples itself, so a judge that answers as it
+    // reads cannot deadlock on a full pipe, and one that reads everything first still works.
+    let writer = std::thread::spawn(move || -> Result<()> {
+        for s in samples.into_rows_from(done) {
+            let s = s?;
+            let line = serde_json::json!({"prompt": field_json(&s.prompt), "completion": field_json(&s.completion)});
+            if writeln!(stdin, "{line}").is_err() {
+                break; // the judge stopped reading: its exit status says why
+            }
         }
+        let _ = stdin.flush();
         Ok(())
     });
     let stdout = child.stdout.take().expect("piped");
-    let mut scores = Vec::with_capacity(samples.len());
+    let mut got = 0u64;
     for (i, line) in std::io::BufReader::new(stdout).lines().enumerate() {
         let line = line.context("reading --judge-cmd output")?;
         let v: f64 = line.trim().parse().map_err(|_| {
@@ -159,75 +217,127 @@ pub fn judge_scores(cmd: &str, samples: &[Sample]) -> Result<Vec<f64>> {
         if !v.is_finite() {
             bail!("--judge-cmd `{cmd}`: output line {} is {v}; scores must be finite", i + 1);
         }
-        scores.push(v);
+        journal.append(&[v])?;
+        pb.inc(1);
+        got += 1;
     }
     let status = child.wait()?;
     let mut err = String::new();
     if let Some(mut e) = child.stderr.take() {
         let _ = std::io::Read::read_to_string(&mut e, &mut err);
     }
-    let _ = writer.join();
+    writer.join().map_err(|_| anyhow::anyhow!("the judge's input writer panicked"))??;
     if !status.success() {
         bail!("--judge-cmd `{cmd}` failed ({status}): {}", err.trim());
     }
-    if scores.len() != samples.len() {
-        bail!("--judge-cmd `{cmd}` wrote {} scores for {} samples (one number per input line)", scores.len(), samples.len());
+    if got != expected {
+        bail!("--judge-cmd `{cmd}` wrote {got} scores for {expected} samples (one number per input line)");
     }
-    Ok(scores)
+    Ok(())
 }
 
-/// A preference row: indices into the samples.
+/// Scores as they are computed, appended to `label.parts/scores.txt`: one line per scoring batch
+/// (one per judge answer), written whole and flushed, so a killed run loses at most the batch
+/// in flight and a rerun continues after the last whole line.
+pub struct Journal {
+    file: std::fs::File,
+    path: PathBuf,
+    /// Scores in the journal.
+    pub len: u64,
+}
+
+pub const PARTS_DIR: &str = "label.parts";
+const JOURNAL: &str = "scores.txt";
+const JOURNAL_OWNER: &str = "fingerprint";
+
+impl Journal {
+    /// The journal of an interrupted run with this fingerprint (a torn last line dropped), or a
+    /// new one.
+    fn open(out: &Path, fingerprint: &str, force: bool) -> Result<Self> {
+        let parts = out.join(PARTS_DIR);
+        let path = parts.join(JOURNAL);
+        let owner = std::fs::read_to_string(parts.join(JOURNAL_OWNER)).unwrap_or_default();
+        if owner.trim() != fingerprint || force {
+            if parts.exists() {
+                std::fs::remove_dir_all(&parts).with_context(|| format!("cannot clear {}", parts.display()))?;
+            }
+            std::fs::create_dir_all(&parts).with_context(|| format!("cannot create {}", parts.display()))?;
+            crate::store::write_atomic(&parts.join(JOURNAL_OWNER), fingerprint.as_bytes())?;
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let whole = text.rfind('\n').map_or(0, |i| i + 1);
+        let len = text[..whole].split_ascii_whitespace().count() as u64;
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        file.set_len(whole as u64)?;
+        if len > 0 {
+            eprintln!("label: resuming: {len} samples already scored ({})", path.display());
+        }
+        Ok(Self { file, path, len })
+    }
+
+    fn append(&mut self, scores: &[f64]) -> Result<()> {
+        // f64's Display is the shortest text that parses back to the same bits.
+        let line = scores.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(" ") + "\n";
+        self.file.write_all(line.as_bytes()).map_err(|e| crate::store::space::write_error(&self.path, e))?;
+        self.len += scores.len() as u64;
+        Ok(())
+    }
+
+    /// Every journaled score, in sample order.
+    fn scores(&self) -> Result<impl Iterator<Item = Result<f64>>> {
+        let path = self.path.clone();
+        let text = std::io::BufReader::new(std::fs::File::open(&self.path)?);
+        Ok(text.lines().flat_map(move |l| {
+            let p = path.clone();
+            let words: Vec<Result<f64>> = match l {
+                Ok(l) => {
+                    l.split_ascii_whitespace().map(|w| w.parse::<f64>().with_context(|| format!("{}: `{w}` is not a score", p.display()))).collect()
+                }
+                Err(e) => vec![Err(e.into())],
+            };
+            words
+        }))
+    }
+}
+
+/// A preference row: indices into one prompt's samples.
 pub struct Pair {
     pub chosen: usize,
     pub rejected: usize,
 }
 
-/// Pairs each prompt's samples; prompts that give none come back with the reason.
-pub fn make_pairs(samples: &[Sample], scores: &[f64], mode: PairMode, min_margin: f64) -> (Vec<Pair>, Vec<(usize, Skip)>) {
-    let mut groups: Vec<Vec<usize>> = Vec::new();
-    let mut index: BTreeMap<(&str, u64), usize> = BTreeMap::new();
-    for (i, s) in samples.iter().enumerate() {
-        let g = *index.entry((&s.source_file, s.source_row)).or_insert_with(|| {
-            groups.push(vec![]);
-            groups.len() - 1
-        });
-        groups[g].push(i);
+/// Pairs one prompt's samples (with their scores); a prompt that gives none comes back with
+/// the reason.
+pub fn pair_group(scores: &[f64], mode: PairMode, min_margin: f64) -> Result<Vec<Pair>, Skip> {
+    let g: Vec<usize> = (0..scores.len()).collect();
+    if g.len() < 2 {
+        return Err(Skip::new("too_few_samples", format!("{} sample(s); a pair needs two", g.len())));
     }
-    let (mut pairs, mut skipped) = (Vec::new(), Vec::new());
-    for g in groups {
-        if g.len() < 2 {
-            skipped.push((g[0], Skip::new("too_few_samples", format!("{} sample(s); a pair needs two", g.len()))));
-            continue;
-        }
-        let before = pairs.len();
-        match mode {
-            PairMode::BestWorst => {
-                // The first of equal best and the first of equal worst, in sample order.
-                let best = g.iter().copied().fold(g[0], |b, i| if scores[i] > scores[b] { i } else { b });
-                let worst = g.iter().copied().fold(g[0], |w, i| if scores[i] < scores[w] { i } else { w });
-                if scores[best] - scores[worst] > min_margin {
-                    pairs.push(Pair { chosen: best, rejected: worst });
-                }
+    let mut pairs = Vec::new();
+    match mode {
+        PairMode::BestWorst => {
+            // The first of equal best and the first of equal worst, in sample order.
+            let best = g.iter().copied().fold(0, |b, i| if scores[i] > scores[b] { i } else { b });
+            let worst = g.iter().copied().fold(0, |w, i| if scores[i] < scores[w] { i } else { w });
+            if scores[best] - scores[worst] > min_margin {
+                pairs.push(Pair { chosen: best, rejected: worst });
             }
-            PairMode::AllPairs => {
-                for &a in &g {
-                    for &b in &g {
-                        if scores[a] - scores[b] > min_margin {
-                            pairs.push(Pair { chosen: a, rejected: b });
-                        }
+        }
+        PairMode::AllPairs => {
+            for &a in &g {
+                for &b in &g {
+                    if scores[a] - scores[b] > min_margin {
+                        pairs.push(Pair { chosen: a, rejected: b });
                     }
                 }
             }
         }
-        if pairs.len() == before {
-            let (lo, hi) = g.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &i| (lo.min(scores[i]), hi.max(scores[i])));
-            skipped.push((
-                g[0],
-                Skip::new("tie", format!("{} samples scored {lo}..{hi}: no two differ by more than --min-margin {min_margin}", g.len())),
-            ));
-        }
     }
-    (pairs, skipped)
+    if pairs.is_empty() {
+        let (lo, hi) = scores.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        return Err(Skip::new("tie", format!("{} samples scored {lo}..{hi}: no two differ by more than --min-margin {min_margin}", g.len())));
+    }
+    Ok(pairs)
 }
 
 pub fn run(cfg: &LabelSettings) -> Result<Manifest> {
@@ -245,38 +355,65 @@ pub fn run(cfg: &LabelSettings) -> Result<Manifest> {
         Begin::Run(sd) => sd,
     };
     let t0 = Instant::now();
-    let (kind, samples) = read_samples(&file)?;
-    let scores = match (&cfg.reward_model, &reward_tok, &cfg.judge_cmd) {
-        (Some(rm), Some(tok), _) => reward_scores(rm, tok, &samples, cfg.batch_tokens)?,
-        (None, _, Some(cmd)) => judge_scores(cmd, &samples)?,
-        _ => unreachable!("validated"),
-    };
-    let (pairs, skipped) = make_pairs(&samples, &scores, cfg.pairs, cfg.min_margin);
-    write_scores(&cfg.out.join(SCORES), kind, &samples, &scores)?;
-    write_prefs(&cfg.out.join(PREFS), kind, &samples, &scores, &pairs)?;
-    let skipped_rows: Vec<(Arc<str>, u64, Skip)> =
-        skipped.iter().map(|(i, s)| (Arc::from(samples[*i].source_file.as_str()), samples[*i].source_row, s.clone())).collect();
-    write_skipped(&cfg.out.join(SKIPPED), &skipped_rows)?;
+    let reader = SampleReader::open(&file)?;
+    let (kind, total) = (reader.kind, reader.total);
 
-    let prompts = samples.iter().map(|s| (&s.source_file, s.source_row)).collect::<std::collections::BTreeSet<_>>().len() as u64;
-    let mut counts: BTreeMap<String, u64> = [
-        ("samples".to_string(), samples.len() as u64),
-        ("prompts".into(), prompts),
-        ("pairs".into(), pairs.len() as u64),
-        ("skipped".into(), skipped.len() as u64),
-    ]
-    .into();
-    for (_, s) in &skipped {
+    // 1. Scores, journaled as they come: a rerun after a kill scores only the rest.
+    let mut journal = Journal::open(&cfg.out, &sd.fingerprint, cfg.force)?;
+    let done = journal.len.min(total);
+    let pb = progress(total, "label", "samples");
+    pb.set_position(done);
+    if done < total {
+        match (&cfg.reward_model, &reward_tok, &cfg.judge_cmd) {
+            // Reward batches are planned from the first sample, so skip whole batches only:
+            // the journal ends on a batch boundary.
+            (Some(rm), Some(tok), _) => reward_scores(rm, tok, reader.into_rows_from(done), cfg.batch_tokens, &mut journal, &pb)?,
+            (None, _, Some(cmd)) => judge_scores(cmd, reader, done, &mut journal, &pb)?,
+            _ => unreachable!("validated"),
+        }
+    }
+    pb.finish_and_clear();
+    if journal.len != total {
+        bail!("{}: {} scores for {total} samples; rerun with --force", journal.path.display(), journal.len);
+    }
+
+    // 2. The outputs, streamed from the samples and the journal: the same bytes however many
+    //    times the scoring was interrupted.
+    let mut out = LabelWriter::create(&cfg.out, kind)?;
+    let mut scores = journal.scores()?;
+    let mut group: Vec<(Sample, f64)> = Vec::new();
+    let mut closed: std::collections::HashSet<(String, u64)> = Default::default();
+    let (mut prompts, mut sum) = (0u64, 0.0f64);
+    for s in SampleReader::open(&file)?.into_rows_from(0) {
+        let s = s?;
+        let score = scores.next().context("the score journal ended early; rerun with --force")??;
+        sum += score;
+        out.score(&s, score);
+        if group.last().is_some_and(|(g, _)| (g.source_file.as_str(), g.source_row) != (s.source_file.as_str(), s.source_row)) {
+            out.close_group(std::mem::take(&mut group), cfg, &mut closed)?;
+            prompts += 1;
+        }
+        group.push((s, score));
+        out.flush_if_full()?;
+    }
+    if !group.is_empty() {
+        out.close_group(group, cfg, &mut closed)?;
+        prompts += 1;
+    }
+    let (pairs, skipped) = out.finish()?;
+
+    let mut counts: BTreeMap<String, u64> =
+        [("samples".to_string(), total), ("prompts".into(), prompts), ("pairs".into(), pairs), ("skipped".into(), skipped.len() as u64)].into();
+    for (_, _, s) in &skipped {
         *counts.entry(format!("skipped_{}", s.reason)).or_default() += 1;
     }
-    let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
-    let stats = serde_json::json!({"mean_score": mean, "samples_per_s": samples.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9)});
+    let mean = sum / total.max(1) as f64;
+    let stats = serde_json::json!({"mean_score": mean, "samples_per_s": (total - done) as f64 / t0.elapsed().as_secs_f64().max(1e-9)});
     let manifest = sd.manifest(counts, stats);
     let manifest = sd.finish(manifest, &[SCORES, PREFS, SKIPPED])?;
+    let _ = std::fs::remove_dir_all(cfg.out.join(PARTS_DIR));
     eprintln!(
-        "label: {} samples of {prompts} prompts scored (mean {mean:.4}), {} pairs -> {}{}",
-        samples.len(),
-        pairs.len(),
+        "label: {total} samples of {prompts} prompts scored (mean {mean:.4}), {pairs} pairs -> {}{}",
         cfg.out.join(PREFS).display(),
         if skipped.is_empty() {
             String::new()
@@ -302,30 +439,19 @@ pub fn read_scores(path: &Path) -> Result<Vec<f64>> {
     Ok(out)
 }
 
-fn write_scores(path: &Path, kind: Kind, samples: &[Sample], scores: &[f64]) -> Result<()> {
-    let schema = Arc::new(Schema::new(vec![
+fn scores_schema(kind: Kind) -> SchemaRef {
+    Arc::new(Schema::new(vec![
         ArrowField::new("source_file", DataType::Utf8, false),
         ArrowField::new("source_row", DataType::UInt64, false),
         ArrowField::new("sample_index", DataType::UInt32, false),
         ArrowField::new("prompt", kind.data_type(), false),
         ArrowField::new("completion", kind.data_type(), false),
         ArrowField::new("score", DataType::Float64, false),
-    ]));
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from(samples.iter().map(|s| s.source_file.clone()).collect::<Vec<_>>())),
-        Arc::new(UInt64Array::from(samples.iter().map(|s| s.source_row).collect::<Vec<_>>())),
-        Arc::new(UInt32Array::from(samples.iter().map(|s| s.sample_index).collect::<Vec<_>>())),
-        fields_array(kind, samples.iter().map(|s| &s.prompt))?,
-        fields_array(kind, samples.iter().map(|s| &s.completion))?,
-        Arc::new(Float64Array::from(scores.to_vec())),
-    ];
-    let mut out = ParquetOut::create(path, schema.clone())?;
-    out.write(&RecordBatch::try_new(schema, columns)?)?;
-    out.finish()
+    ]))
 }
 
-fn write_prefs(path: &Path, kind: Kind, samples: &[Sample], scores: &[f64], pairs: &[Pair]) -> Result<()> {
-    let schema = Arc::new(Schema::new(vec![
+fn prefs_schema(kind: Kind) -> SchemaRef {
+    Arc::new(Schema::new(vec![
         ArrowField::new("prompt", kind.data_type(), false),
         ArrowField::new("chosen", kind.data_type(), false),
         ArrowField::new("rejected", kind.data_type(), false),
@@ -335,20 +461,121 @@ fn write_prefs(path: &Path, kind: Kind, samples: &[Sample], scores: &[f64], pair
         ArrowField::new("source_row", DataType::UInt64, false),
         ArrowField::new("chosen_sample_index", DataType::UInt32, false),
         ArrowField::new("rejected_sample_index", DataType::UInt32, false),
-    ]));
-    let (c, r): (Vec<&Sample>, Vec<&Sample>) = pairs.iter().map(|p| (&samples[p.chosen], &samples[p.rejected])).unzip();
-    let columns: Vec<ArrayRef> = vec![
-        fields_array(kind, c.iter().map(|s| &s.prompt))?,
-        fields_array(kind, c.iter().map(|s| &s.completion))?,
-        fields_array(kind, r.iter().map(|s| &s.completion))?,
-        Arc::new(Float64Array::from(pairs.iter().map(|p| scores[p.chosen]).collect::<Vec<_>>())),
-        Arc::new(Float64Array::from(pairs.iter().map(|p| scores[p.rejected]).collect::<Vec<_>>())),
-        Arc::new(StringArray::from(c.iter().map(|s| s.source_file.clone()).collect::<Vec<_>>())),
-        Arc::new(UInt64Array::from(c.iter().map(|s| s.source_row).collect::<Vec<_>>())),
-        Arc::new(UInt32Array::from(c.iter().map(|s| s.sample_index).collect::<Vec<_>>())),
-        Arc::new(UInt32Array::from(r.iter().map(|s| s.sample_index).collect::<Vec<_>>())),
-    ];
-    let mut out = ParquetOut::create(path, schema.clone())?;
-    out.write(&RecordBatch::try_new(schema, columns)?)?;
-    out.finish()
+    ]))
+}
+
+/// Rows buffered before they go to the parquet writers (whose row groups bound the rest).
+const FLUSH_ROWS: usize = 1024;
+
+/// scores.parquet, prefs.parquet and skipped.parquet, written as samples and groups arrive.
+struct LabelWriter {
+    kind: Kind,
+    scores: ParquetOut,
+    prefs: ParquetOut,
+    skipped_path: PathBuf,
+    scored: Vec<(Sample, f64)>,
+    paired: Vec<(Sample, Sample, f64, f64)>,
+    pairs: u64,
+    skipped: Vec<SkippedRow>,
+}
+
+impl LabelWriter {
+    fn create(out: &Path, kind: Kind) -> Result<Self> {
+        Ok(Self {
+            kind,
+            scores: ParquetOut::create(&out.join(SCORES), scores_schema(kind))?,
+            prefs: ParquetOut::create(&out.join(PREFS), prefs_schema(kind))?,
+            skipped_path: out.join(SKIPPED),
+            scored: vec![],
+            paired: vec![],
+            pairs: 0,
+            skipped: vec![],
+        })
+    }
+
+    fn score(&mut self, s: &Sample, score: f64) {
+        self.scored.push((s.clone(), score));
+    }
+
+    /// Pairs a prompt's samples. Pairing needs each prompt's samples together: `sample` writes
+    /// them so; a file where they are not is refused rather than paired wrongly.
+    fn close_group(&mut self, group: Vec<(Sample, f64)>, cfg: &LabelSettings, closed: &mut std::collections::HashSet<(String, u64)>) -> Result<()> {
+        let first = &group[0].0;
+        if !closed.insert((first.source_file.clone(), first.source_row)) {
+            bail!(
+                "{}: the samples of {} row {} are not in consecutive rows; label pairs each prompt's samples together \
+                 (as `pipeline sample` writes them): sort the file by source_file, source_row",
+                samples_file(&cfg.samples).display(),
+                first.source_file,
+                first.source_row
+            );
+        }
+        let scores: Vec<f64> = group.iter().map(|g| g.1).collect();
+        match pair_group(&scores, cfg.pairs, cfg.min_margin) {
+            Ok(pairs) => {
+                for p in pairs {
+                    let (c, r) = (&group[p.chosen], &group[p.rejected]);
+                    self.paired.push((c.0.clone(), r.0.clone(), c.1, r.1));
+                    self.pairs += 1;
+                }
+            }
+            Err(skip) => self.skipped.push((Arc::from(first.source_file.as_str()), first.source_row, skip)),
+        }
+        Ok(())
+    }
+
+    fn flush_if_full(&mut self) -> Result<()> {
+        if self.scored.len() >= FLUSH_ROWS {
+            self.flush_scores()?;
+        }
+        if self.paired.len() >= FLUSH_ROWS {
+            self.flush_prefs()?;
+        }
+        Ok(())
+    }
+
+    fn flush_scores(&mut self) -> Result<()> {
+        if self.scored.is_empty() {
+            return Ok(());
+        }
+        let rows = std::mem::take(&mut self.scored);
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(rows.iter().map(|s| s.0.source_file.clone()).collect::<Vec<_>>())),
+            Arc::new(UInt64Array::from(rows.iter().map(|s| s.0.source_row).collect::<Vec<_>>())),
+            Arc::new(UInt32Array::from(rows.iter().map(|s| s.0.sample_index).collect::<Vec<_>>())),
+            fields_array(self.kind, rows.iter().map(|s| &s.0.prompt))?,
+            fields_array(self.kind, rows.iter().map(|s| &s.0.completion))?,
+            Arc::new(Float64Array::from(rows.iter().map(|s| s.1).collect::<Vec<_>>())),
+        ];
+        self.scores.write(&RecordBatch::try_new(scores_schema(self.kind), columns)?)
+    }
+
+    fn flush_prefs(&mut self) -> Result<()> {
+        if self.paired.is_empty() {
+            return Ok(());
+        }
+        let rows = std::mem::take(&mut self.paired);
+        let columns: Vec<ArrayRef> = vec![
+            fields_array(self.kind, rows.iter().map(|p| &p.0.prompt))?,
+            fields_array(self.kind, rows.iter().map(|p| &p.0.completion))?,
+            fields_array(self.kind, rows.iter().map(|p| &p.1.completion))?,
+            Arc::new(Float64Array::from(rows.iter().map(|p| p.2).collect::<Vec<_>>())),
+            Arc::new(Float64Array::from(rows.iter().map(|p| p.3).collect::<Vec<_>>())),
+            Arc::new(StringArray::from(rows.iter().map(|p| p.0.source_file.clone()).collect::<Vec<_>>())),
+            Arc::new(UInt64Array::from(rows.iter().map(|p| p.0.source_row).collect::<Vec<_>>())),
+            Arc::new(UInt32Array::from(rows.iter().map(|p| p.0.sample_index).collect::<Vec<_>>())),
+            Arc::new(UInt32Array::from(rows.iter().map(|p| p.1.sample_index).collect::<Vec<_>>())),
+        ];
+        self.prefs.write(&RecordBatch::try_new(prefs_schema(self.kind), columns)?)
+    }
+
+    /// Writes what is buffered and commits the three files: (pairs, skipped prompts).
+    fn finish(mut self) -> Result<(u64, Vec<SkippedRow>)> {
+        self.flush_scores()?;
+        self.flush_prefs()?;
+        self.scores.finish()?;
+        self.prefs.finish()?;
+        write_skipped(&self.skipped_path, &self.skipped)?;
+        Ok((self.pairs, self.skipped))
+    }
 }

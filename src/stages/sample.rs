@@ -9,12 +9,13 @@ use crate::data::tokenize::ModelTokenizer;
 use crate::generate::{generate, Completion, Request, Sampling};
 use crate::model::{self, lora, weights, Decoder, ModelConfig};
 use crate::settings::SampleSettings;
-use crate::store::{file_hash, InputRef, Manifest, ParquetOut};
+use crate::store::{file_hash, write_atomic, InputRef, Manifest, ParquetOut};
 use anyhow::{bail, Context, Result};
 use arrow_array::builder::{ListBuilder, UInt32Builder};
 use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
 use arrow_schema::{DataType, Field as ArrowField, Schema, SchemaRef};
-use std::collections::BTreeMap;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -105,6 +106,107 @@ fn sample_seed(seed: u64, file_index: u64, row: u64, sample: usize) -> u64 {
     u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
+/// The prompts of every input, in file and row order, read a batch of rows at a time (memory
+/// does not grow with their number); the ones that cannot be sampled are kept in `skipped`.
+struct PromptStream<'a> {
+    cfg: &'a SampleSettings,
+    files: &'a [std::path::PathBuf],
+    tok: &'a ModelTokenizer,
+    max_pos: Option<usize>,
+    next_file: usize,
+    reader: Option<(PromptReader, Arc<str>, u64)>,
+    buf: VecDeque<Prompt>,
+    kind: Option<Kind>,
+    skipped: Vec<SkippedRow>,
+    /// Input rows read (sampled or skipped), for the progress bar.
+    rows: u64,
+}
+
+impl<'a> PromptStream<'a> {
+    fn new(cfg: &'a SampleSettings, files: &'a [std::path::PathBuf], tok: &'a ModelTokenizer, max_pos: Option<usize>) -> Self {
+        Self { cfg, files, tok, max_pos, next_file: 0, reader: None, buf: VecDeque::new(), kind: None, skipped: vec![], rows: 0 }
+    }
+
+    fn peek(&mut self) -> Result<Option<&Prompt>> {
+        while self.buf.is_empty() && self.fill()? {}
+        Ok(self.buf.front())
+    }
+
+    fn next(&mut self) -> Result<Option<Prompt>> {
+        self.peek()?;
+        Ok(self.buf.pop_front())
+    }
+
+    /// Reads the next batch of rows; false when every input is read.
+    fn fill(&mut self) -> Result<bool> {
+        if self.reader.is_none() {
+            let Some(f) = self.files.get(self.next_file) else { return Ok(false) };
+            let reader = PromptReader::open(f, &self.cfg.prompt_column, 4096)?;
+            self.reader = Some((reader, f.display().to_string().into(), self.next_file as u64));
+            self.next_file += 1;
+        }
+        let (reader, name, fi) = self.reader.as_mut().expect("opened above");
+        let Some(batch) = reader.next_batch()? else {
+            self.reader = None;
+            return Ok(true);
+        };
+        let (name, fi) = (name.clone(), *fi);
+        let path = &self.files[fi as usize];
+        for (row, field) in batch {
+            self.rows += 1;
+            if let Ok(p) = &field {
+                let k = Kind::of(&p.prompt);
+                match self.kind {
+                    None => self.kind = Some(k),
+                    Some(first) if first != k => bail!(
+                        "{} row {row}: column `{}` holds a {k:?} prompt, but earlier prompts are {first:?}; sample them separately",
+                        path.display(),
+                        self.cfg.prompt_column
+                    ),
+                    _ => {}
+                }
+            }
+            let encoded = field.and_then(|p| {
+                let ids = prompt_ids(self.tok, &p)?;
+                if ids.is_empty() {
+                    return Err(Skip::new("empty_prompt", "the prompt has no tokens"));
+                }
+                if let Some(m) = self.max_pos.filter(|&m| ids.len() + self.cfg.max_new_tokens > m) {
+                    return Err(Skip::new(
+                        "prompt_too_long",
+                        format!("{} prompt tokens + {} new tokens exceed max_position_embeddings {m}", ids.len(), self.cfg.max_new_tokens),
+                    ));
+                }
+                Ok((p.prompt, ids))
+            });
+            match encoded {
+                Ok((prompt, ids)) => self.buf.push_back(Prompt { file: name.clone(), file_index: fi, row, prompt, ids }),
+                Err(s) => self.skipped.push((name.clone(), row, s)),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Where an unfinished run keeps its finished waves (one parquet part each) and its progress.
+pub const PARTS_DIR: &str = "sample.parts";
+const STATE: &str = "state.json";
+
+/// Progress of a run, rewritten after each finished wave: a rerun with the same fingerprint
+/// continues after `prompts_done`.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct SampleState {
+    fingerprint: String,
+    prompts_done: u64,
+    waves: u64,
+    tokens: u64,
+    finish_counts: BTreeMap<String, u64>,
+}
+
+fn part_path(parts: &Path, wave: u64) -> std::path::PathBuf {
+    parts.join(format!("wave-{wave:07}.parquet"))
+}
+
 pub fn run(cfg: &SampleSettings) -> Result<Manifest> {
     cfg.validate()?;
     let files = expand_inputs(&cfg.prompts)?;
@@ -136,108 +238,122 @@ pub fn run(cfg: &SampleSettings) -> Result<Manifest> {
     };
     let t0 = Instant::now();
 
-    // Prompts, in file and row order; the ones that cannot be sampled go to skipped.parquet.
-    let mut prompts = Vec::new();
-    let mut skipped: Vec<(Arc<str>, u64, Skip)> = Vec::new();
-    let mut kind = None;
-    let max_pos = model_cfg.raw["max_position_embeddings"].as_u64().map(|v| v as usize);
-    for (fi, f) in files.iter().enumerate() {
-        let mut reader = PromptReader::open(f, &cfg.prompt_column, 4096)?;
-        let name: Arc<str> = f.display().to_string().into();
-        while let Some(batch) = reader.next_batch()? {
-            for (row, field) in batch {
-                if let Ok(p) = &field {
-                    let k = Kind::of(&p.prompt);
-                    match kind {
-                        None => kind = Some(k),
-                        Some(first) if first != k => bail!(
-                            "{} row {row}: column `{}` holds a {k:?} prompt, but earlier prompts are {first:?}; sample them separately",
-                            f.display(),
-                            cfg.prompt_column
-                        ),
-                        _ => {}
-                    }
-                }
-                let encoded = field.and_then(|p| {
-                    let ids = prompt_ids(&tok, &p)?;
-                    if ids.is_empty() {
-                        return Err(Skip::new("empty_prompt", "the prompt has no tokens"));
-                    }
-                    if let Some(m) = max_pos.filter(|&m| ids.len() + cfg.max_new_tokens > m) {
-                        return Err(Skip::new(
-                            "prompt_too_long",
-                            format!("{} prompt tokens + {} new tokens exceed max_position_embeddings {m}", ids.len(), cfg.max_new_tokens),
-                        ));
-                    }
-                    Ok((p.prompt, ids))
-                });
-                match encoded {
-                    Ok((prompt, ids)) => prompts.push(Prompt { file: name.clone(), file_index: fi as u64, row, prompt, ids }),
-                    Err(s) => skipped.push((name.clone(), row, s)),
-                }
-            }
+    // Finished waves of an interrupted run with these inputs and settings are kept; anything
+    // else under the parts directory is from another run.
+    let parts = cfg.out.join(PARTS_DIR);
+    let state_path = parts.join(STATE);
+    let old = std::fs::read_to_string(&state_path).ok().and_then(|t| serde_json::from_str::<SampleState>(&t).ok());
+    let mut state = match old {
+        Some(s) if s.fingerprint == sd.fingerprint && !cfg.force => {
+            eprintln!("sample: resuming: {} prompts ({} waves) already sampled", s.prompts_done, s.waves);
+            s
         }
+        _ => {
+            if parts.exists() {
+                std::fs::remove_dir_all(&parts).with_context(|| format!("cannot clear {}", parts.display()))?;
+            }
+            SampleState { fingerprint: sd.fingerprint.clone(), ..Default::default() }
+        }
+    };
+    std::fs::create_dir_all(&parts).with_context(|| format!("cannot create {}", parts.display()))?;
+
+    let max_pos = model_cfg.raw["max_position_embeddings"].as_u64().map(|v| v as usize);
+    let mut stream = PromptStream::new(cfg, &files, &tok, max_pos);
+    for _ in 0..state.prompts_done {
+        stream.next()?.context("the prompts changed since the interrupted run (fewer than it sampled); rerun with --force")?;
     }
-    let kind = kind.unwrap_or(Kind::Text);
     let decoder = load_model(&cfg.model, cfg.adapter.as_deref(), dtype)?;
     let sampling = Sampling { temperature: cfg.temperature, top_k: cfg.top_k, top_p: cfg.top_p };
-
-    let total = (prompts.len() * cfg.num_samples) as u64;
-    let pb = progress(total, "sample", "samples");
-    let mut out = ParquetOut::create(&cfg.out.join(SAMPLES), samples_schema(kind))?;
-    let (mut tokens, mut by_finish) = (0u64, BTreeMap::<String, u64>::new());
-    let mut start = 0;
-    while start < prompts.len() {
+    let known_rows: Option<u64> = files.iter().map(|f| crate::data::input::TableReader::open(f, 1).ok().and_then(|t| t.total_rows)).sum();
+    let pb = progress(known_rows, "sample", "prompts");
+    pb.set_position(stream.rows);
+    let mut tokens_run = 0u64;
+    loop {
+        let mut wave_tokens = 0u64;
         // As many prompts as fit the token budget with all their samples (at least one); rows
         // are left-padded to the longest prompt, so that is what each row costs.
-        let mut end = start;
+        let mut wave = Vec::new();
         let mut longest = 0;
-        while end < prompts.len() {
-            let l = longest.max(prompts[end].ids.len());
-            if end > start && (end + 1 - start) * cfg.num_samples * (l + cfg.max_new_tokens) > cfg.batch_tokens {
+        while let Some(p) = stream.peek()? {
+            let l = longest.max(p.ids.len());
+            if !wave.is_empty() && (wave.len() + 1) * cfg.num_samples * (l + cfg.max_new_tokens) > cfg.batch_tokens {
                 break;
             }
             longest = l;
-            end += 1;
+            wave.push(stream.next()?.expect("peeked"));
         }
-        let wave = &prompts[start..end];
+        if wave.is_empty() {
+            break;
+        }
         let requests: Vec<Request> = wave
             .iter()
             .map(|p| Request { prompt: p.ids.clone(), seeds: (0..cfg.num_samples).map(|k| sample_seed(cfg.seed, p.file_index, p.row, k)).collect() })
             .collect();
         let mut on_token = |n: usize| {
-            tokens += n as u64;
-            pb.set_message(format!("{:.1} tokens/s", tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9)));
+            tokens_run += n as u64;
+            wave_tokens += n as u64;
+            pb.set_message(format!("{:.1} tokens/s", tokens_run as f64 / t0.elapsed().as_secs_f64().max(1e-9)));
         };
         let done = generate(&decoder, &requests, cfg.max_new_tokens, &eos, &sampling, &mut on_token)?;
+        let kind = stream.kind.unwrap_or(Kind::Text);
+        let batch = samples_batch(&tok, kind, &wave, &done, &eos)?;
+        let path = part_path(&parts, state.waves);
+        // Refused before writing when even the uncompressed rows could not fit.
+        crate::store::space::ensure_free(&[(path.clone(), batch.get_array_memory_size() as u64)], "sample")?;
+        let mut part = ParquetOut::create(&path, samples_schema(kind))?;
+        part.write(&batch)?;
+        part.finish()?;
         for c in done.iter().flatten() {
-            *by_finish.entry(format!("finish_{}", c.finish.as_str())).or_default() += 1;
+            *state.finish_counts.entry(format!("finish_{}", c.finish.as_str())).or_default() += 1;
         }
-        out.write(&samples_batch(&tok, kind, wave, &done, &eos)?)?;
-        pb.inc((wave.len() * cfg.num_samples) as u64);
-        start = end;
+        state.tokens += wave_tokens;
+        state.prompts_done += wave.len() as u64;
+        state.waves += 1;
+        write_atomic(&state_path, serde_json::to_string(&state)?.as_bytes())?;
+        pb.set_position(stream.rows - stream.buf.len() as u64);
+        if cfg.stop_after_waves > 0 && state.waves == cfg.stop_after_waves as u64 {
+            pb.abandon();
+            eprintln!("sample: stopping after {} waves as asked; rerun to resume", state.waves);
+            return Ok(Manifest::unfinished(STAGE, FORMAT_VERSION, &sd.fingerprint));
+        }
     }
     pb.finish_and_clear();
+
+    // The parts, in order, into one file: the same bytes whether or not the run was interrupted.
+    let kind = stream.kind.unwrap_or(Kind::Text);
+    let schema = samples_schema(kind);
+    let mut out = ParquetOut::create(&cfg.out.join(SAMPLES), schema.clone())?;
+    for w in 0..state.waves {
+        let path = part_path(&parts, w);
+        let file = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        for batch in ParquetRecordBatchReaderBuilder::try_new(file)?.build()? {
+            out.write(&RecordBatch::try_new(schema.clone(), batch?.columns().to_vec())?)?;
+        }
+    }
     out.finish()?;
+    let skipped = stream.skipped;
     write_skipped(&cfg.out.join(SKIPPED), &skipped)?;
 
     let wall = t0.elapsed().as_secs_f64();
-    let mut counts: BTreeMap<String, u64> = by_finish;
-    counts.insert("prompts".into(), prompts.len() as u64);
+    let total = state.prompts_done * cfg.num_samples as u64;
+    let mut counts: BTreeMap<String, u64> = state.finish_counts.clone();
+    counts.insert("prompts".into(), state.prompts_done);
     counts.insert("samples".into(), total);
-    counts.insert("tokens".into(), tokens);
+    counts.insert("tokens".into(), state.tokens);
     counts.insert("skipped".into(), skipped.len() as u64);
     for (_, _, s) in &skipped {
         *counts.entry(format!("skipped_{}", s.reason)).or_default() += 1;
     }
-    let stats = serde_json::json!({"samples_per_s": total as f64 / wall.max(1e-9), "tokens_per_s": tokens as f64 / wall.max(1e-9)});
+    let stats = serde_json::json!({"samples_per_s": total as f64 / wall.max(1e-9), "tokens_per_s": tokens_run as f64 / wall.max(1e-9)});
     let manifest = sd.manifest(counts, stats);
     let manifest = sd.finish(manifest, &[SAMPLES, SKIPPED])?;
+    let _ = std::fs::remove_dir_all(&parts);
     eprintln!(
-        "sample: {total} samples of {} prompts, {tokens} tokens in {wall:.1}s ({:.1} samples/s, {:.1} tokens/s) -> {}",
-        prompts.len(),
+        "sample: {total} samples of {} prompts, {} tokens in {wall:.1}s ({:.1} samples/s, {:.1} tokens/s this run) -> {}",
+        state.prompts_done,
+        state.tokens,
         total as f64 / wall.max(1e-9),
-        tokens as f64 / wall.max(1e-9),
+        tokens_run as f64 / wall.max(1e-9),
         cfg.out.join(SAMPLES).display()
     );
     if !skipped.is_empty() {
@@ -283,8 +399,11 @@ fn samples_batch(tok: &ModelTokenizer, kind: Kind, wave: &[Prompt], done: &[Vec<
     Ok(RecordBatch::try_new(samples_schema(kind), columns)?)
 }
 
+/// A prompt that gave no output: its file, row and why.
+pub type SkippedRow = (Arc<str>, u64, Skip);
+
 /// skipped.parquet: source_file, source_row, reason, detail (the schema of prepare's rejected.parquet).
-pub fn write_skipped(path: &Path, rows: &[(Arc<str>, u64, Skip)]) -> Result<()> {
+pub fn write_skipped(path: &Path, rows: &[SkippedRow]) -> Result<()> {
     let mut out = ParquetOut::create(path, rejected_schema())?;
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(rows.iter().map(|r| r.0.to_string()).collect::<Vec<_>>())),

@@ -256,9 +256,19 @@ fn save_checkpoint(
     // Written under a temporary name and renamed, so a checkpoint directory is always whole.
     let tmp = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&tmp);
-    policy.save(&tmp, tokenizer_from)?;
-    weights::save_weights(&tmp.join("optimizer.safetensors"), &moments, DType::F32)?;
-    write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
+    // The trained tensors and both moments, all f32: known before writing, so a full disk is
+    // refused here rather than found half-way (any older checkpoint stays as it was).
+    let elems: usize = policy.vars.iter().map(|v| v.elem_count()).sum();
+    crate::store::space::ensure_free(&[(tmp.join("model.safetensors"), 3 * 4 * elems as u64)], &format!("checkpoint {}", dir.display()))?;
+    let written = (|| -> Result<()> {
+        policy.save(&tmp, tokenizer_from)?;
+        weights::save_weights(&tmp.join("optimizer.safetensors"), &moments, DType::F32)?;
+        write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(state)?.as_bytes())
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     let _ = std::fs::remove_dir_all(dir);
     crate::store::atomic::rename_durable(&tmp, dir)
 }

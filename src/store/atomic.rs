@@ -1,4 +1,5 @@
 //! Nothing appears under a final name until it is whole: write `NAME.partial`, fsync, rename.
+use super::space::write_error;
 use anyhow::{Context, Result};
 use std::fs::File;
 use std::io::Write;
@@ -38,9 +39,9 @@ impl PartialFile {
     }
 
     pub fn commit(mut self) -> Result<()> {
-        let file = self.file.take().expect("open");
-        file.sync_all()?;
-        drop(file);
+        let file = self.file.as_ref().expect("open");
+        file.sync_all().map_err(|e| write_error(&self.partial, e))?;
+        drop(self.file.take());
         rename_durable(&self.partial, &self.path)
     }
 }
@@ -66,6 +67,6 @@ pub fn rename_durable(from: &Path, to: &Path) -> Result<()> {
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = PartialFile::create(path)?;
-    f.file().write_all(bytes)?;
+    f.file().write_all(bytes).map_err(|e| write_error(&partial_path(path), e))?;
     f.commit()
 }

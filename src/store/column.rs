@@ -4,6 +4,7 @@
 //! Header: magic `DPOCOLMN` (8 bytes), format version u32, dtype code u32, value count u64,
 //! fingerprint (32 bytes: the owning stage's fingerprint, hex-decoded), 8 reserved zero bytes.
 use super::atomic::{partial_path, rename_durable};
+use super::space::{allocate, write_error};
 use anyhow::{bail, Context, Result};
 use memmap2::{Mmap, MmapMut};
 use std::fs::{File, OpenOptions};
@@ -147,12 +148,13 @@ impl<T: Pod> ColumnWriter<T> {
         let partial = partial_path(path);
         let file = File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
-        out.write_all(&[0u8; HEADER_BYTES])?;
+        out.write_all(&[0u8; HEADER_BYTES]).map_err(|e| write_error(&partial, e))?;
         Ok(Self { out: Some(out), path: path.to_path_buf(), count: 0, _t: PhantomData })
     }
 
     pub fn push(&mut self, values: &[T]) -> Result<()> {
-        self.out.as_mut().expect("open until finish").write_all(bytemuck::cast_slice(values))?;
+        let out = self.out.as_mut().expect("open until finish");
+        out.write_all(bytemuck::cast_slice(values)).map_err(|e| write_error(&partial_path(&self.path), e))?;
         self.count += values.len() as u64;
         Ok(())
     }
@@ -162,11 +164,18 @@ impl<T: Pod> ColumnWriter<T> {
     }
 
     pub fn finish(mut self, fingerprint: &str) -> Result<()> {
-        let mut file = self.out.take().expect("open until finish").into_inner().map_err(|e| e.into_error())?;
-        file.seek(SeekFrom::Start(0))?;
-        file.write_all(&header(T::DTYPE, self.count, fingerprint))?;
-        file.sync_all()?;
-        drop(file);
+        let partial = partial_path(&self.path);
+        let out = self.out.take().expect("open until finish");
+        let done = (|| -> std::io::Result<()> {
+            let mut file = out.into_inner().map_err(|e| e.into_error())?;
+            file.seek(SeekFrom::Start(0))?;
+            file.write_all(&header(T::DTYPE, self.count, fingerprint))?;
+            file.sync_all()
+        })();
+        if let Err(e) = done {
+            let _ = std::fs::remove_file(&partial);
+            return Err(write_error(&partial, e));
+        }
         rename_durable(&partial_path(&self.path), &self.path)
     }
 }
@@ -197,6 +206,8 @@ impl<T: Pod> ColumnFill<T> {
             // SAFETY: we own the partial file; no one else maps it while this job runs.
             let map = unsafe { MmapMut::map_mut(&file) }?;
             if check_header(&partial, &map, T::DTYPE, Some(fingerprint)).ok() == Some(len as u64) {
+                // A partial file from an older build may be sparse.
+                allocate(&file, &partial, map.len() as u64)?;
                 return Ok((Self { map, path: path.to_path_buf(), _t: PhantomData }, true));
             }
         }
@@ -207,7 +218,13 @@ impl<T: Pod> ColumnFill<T> {
             .truncate(true)
             .open(&partial)
             .with_context(|| format!("cannot create {}", partial.display()))?;
-        file.set_len((HEADER_BYTES + len * std::mem::size_of::<T>()) as u64)?;
+        // Allocated, not just sized: a sparse file's pages could find the disk full when first
+        // written through the map, which is SIGBUS rather than an error.
+        if let Err(e) = allocate(&file, &partial, (HEADER_BYTES + len * std::mem::size_of::<T>()) as u64) {
+            drop(file);
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
         // SAFETY: as above.
         let mut map = unsafe { MmapMut::map_mut(&file) }?;
         map[..HEADER_BYTES].copy_from_slice(&header(T::DTYPE, len as u64, fingerprint));
@@ -226,11 +243,11 @@ impl<T: Pod> ColumnFill<T> {
 
     /// Makes written values durable (call before recording progress).
     pub fn flush(&self) -> Result<()> {
-        Ok(self.map.flush()?)
+        self.map.flush().map_err(|e| write_error(&partial_path(&self.path), e))
     }
 
     pub fn finish(self) -> Result<()> {
-        self.map.flush()?;
+        self.flush()?;
         drop(self.map);
         rename_durable(&partial_path(&self.path), &self.path)
     }

@@ -6,6 +6,7 @@ pub mod column;
 pub mod lock;
 pub mod manifest;
 pub mod parquet;
+pub mod space;
 
 pub use atomic::{write_atomic, PartialFile};
 pub use column::{Column, ColumnFill, ColumnWriter, Dtype, Pod};

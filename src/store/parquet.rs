@@ -1,5 +1,6 @@
 //! Parquet files for people to read with polars: zstd, small row groups, written under a
 //! partial name and renamed when whole.
+use super::space::write_error;
 use super::PartialFile;
 use anyhow::Result;
 use arrow_array::RecordBatch;
@@ -21,21 +22,22 @@ pub fn parquet_props() -> WriterProperties {
 pub struct ParquetOut {
     writer: ArrowWriter<std::fs::File>,
     file: PartialFile,
+    partial: std::path::PathBuf,
 }
 
 impl ParquetOut {
     pub fn create(path: &Path, schema: SchemaRef) -> Result<Self> {
         let file = PartialFile::create(path)?;
         let writer = ArrowWriter::try_new(file.try_clone_file()?, schema, Some(parquet_props()))?;
-        Ok(Self { writer, file })
+        Ok(Self { writer, file, partial: super::atomic::partial_path(path) })
     }
 
     pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
-        Ok(self.writer.write(batch)?)
+        self.writer.write(batch).map_err(|e| write_error(&self.partial, e))
     }
 
     pub fn finish(self) -> Result<()> {
-        self.writer.close()?;
+        self.writer.close().map_err(|e| write_error(&self.partial, e))?;
         self.file.commit()
     }
 }

@@ -108,7 +108,7 @@ fn json_line(step: usize, row: &Row) -> String {
 
 pub fn append_jsonl(path: &Path, step: usize, row: &Row) -> Result<()> {
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    writeln!(f, "{}", json_line(step, row))?;
+    writeln!(f, "{}", json_line(step, row)).map_err(|e| crate::store::space::write_error(path, e))?;
     Ok(())
 }
 
