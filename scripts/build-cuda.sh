@@ -13,7 +13,7 @@
 #
 # On the GPU machine: zstd -d pipeline-cuda.zst -o pipeline && chmod +x pipeline, with the CUDA 13
 # runtime libraries (libcublas.so.13, libcublasLt.so.13, libcurand.so.10, libcudart.so.13, e.g. the
-# nvidia/cu13/lib of a PyTorch cu130 venv) on LD_LIBRARY_PATH.
+# nvidia/cu13/lib of a PyTorch cu130 venv) and libnccl.so.2 (its nvidia/nccl/lib) on LD_LIBRARY_PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CUDA_DIR=${CUDA_DIR:-$PWD/.cuda}
@@ -44,6 +44,14 @@ if [ ! -f "$stub/libcuda.so" ]; then
   cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub/libcuda.so" "$stub/stub.c"
   ln -sf libcuda.so "$stub/libcuda.so.1"
 fi
+# Likewise NCCL (the `nccl` feature): the real libnccl.so.2 is the GPU machine's (a PyTorch
+# venv's nvidia/nccl/lib).
+if [ ! -f "$stub/libnccl.so" ]; then
+  grep -ohE 'fn nccl[A-Za-z0-9_]+' "$cudarc"/src/nccl/sys/*.rs | sed 's/^fn //' | sort -u \
+    | sed 's/.*/void &(void) {}/' > "$stub/nccl_stub.c"
+  cc -shared -fPIC -Wl,-soname,libnccl.so.2 -o "$stub/libnccl.so" "$stub/nccl_stub.c"
+  ln -sf libnccl.so "$stub/libnccl.so.2"
+fi
 export CUDA_ROOT=$root CUDA_PATH=$root CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export PATH=$root/bin:$PATH
 export LIBRARY_PATH=$stub:$root/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
@@ -52,11 +60,11 @@ export RUSTFLAGS="-L native=$stub -L native=$root/lib ${RUSTFLAGS:-}"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/cuda}
 start=$(date +%s)
 if [ "${1:-}" = "--check" ]; then
-  cargo check --locked --features cuda --all-targets
-  echo "build-cuda: cargo check --features cuda passed in $(( $(date +%s) - start )) s"
+  cargo check --locked --features cuda,nccl --all-targets
+  echo "build-cuda: cargo check --features cuda,nccl passed in $(( $(date +%s) - start )) s"
   exit 0
 fi
-cargo build --release --locked --features cuda
+cargo build --release --locked --features cuda,nccl
 echo "build-cuda: built in $(( $(date +%s) - start )) s"
 mkdir -p dist
 strip -o dist/pipeline-cuda "$CARGO_TARGET_DIR/release/pipeline"

@@ -1,6 +1,7 @@
 //! Data-parallel training: this process's rank among those a launcher started, and the few
 //! collectives `train` needs (sums, a max, broadcasts, a barrier), over MPI (the `mpi` cargo
-//! feature: rsmpi over the system's MPI). One process is a world of size 1 whose collectives
+//! feature: rsmpi over the system's MPI) or NCCL (`nccl`, with `cuda`: gradients summed on the
+//! GPUs; see `nccl.rs`). One process is a world of size 1 whose collectives
 //! do nothing, so the single-process path is the same code.
 //!
 //! Sums reduce to rank 0 and broadcast the result, so every rank holds the same bits (an
@@ -19,6 +20,8 @@ pub struct World {
     pub size: usize,
     #[cfg(feature = "mpi")]
     mpi: Option<Mpi>,
+    #[cfg(feature = "nccl")]
+    nccl: Option<super::nccl::Nccl>,
 }
 
 #[cfg(feature = "mpi")]
@@ -51,6 +54,8 @@ impl World {
             size: 1,
             #[cfg(feature = "mpi")]
             mpi: None,
+            #[cfg(feature = "nccl")]
+            nccl: None,
         }
     }
 
@@ -59,13 +64,20 @@ impl World {
     /// would otherwise train alone into the same --out).
     pub fn from_env() -> Result<Self> {
         let Some((rank, size, by)) = launched().filter(|l| l.1 > 1) else { return Ok(Self::single()) };
+        // NCCL where the launcher names a rendezvous (torchrun always does), else MPI.
+        #[cfg(feature = "nccl")]
+        if std::env::var_os("MASTER_ADDR").is_some() {
+            let device = crate::model::device()?;
+            let nccl = super::nccl::Nccl::connect(rank, size, &device)?;
+            return Ok(World { rank, size, nccl: Some(nccl), ..Self::single() });
+        }
         #[cfg(feature = "mpi")]
         if by != "torchrun" {
             return Self::mpi();
         }
         let build = if by == "torchrun" {
-            "torchrun's variables name NCCL's rendezvous, which this build has no engine for; start the ranks with mpirun or srun \
-             on a build with `--features mpi`"
+            "torchrun's variables name NCCL's rendezvous: start the ranks with torchrun on a CUDA build with NCCL \
+             (scripts/build-cuda.sh), or with mpirun or srun on a build with `--features mpi`"
         } else {
             "rebuild with `cargo build --release --features mpi` (needs an MPI library: Debian's libopenmpi-dev and libclang-dev)"
         };
@@ -80,7 +92,7 @@ impl World {
         };
         let comm = universe.world();
         let (rank, size) = (comm.rank() as usize, comm.size() as usize);
-        Ok(World { rank, size, mpi: Some(Mpi { comm, _universe: universe }) })
+        Ok(World { rank, size, mpi: Some(Mpi { comm, _universe: universe }), ..Self::single() })
     }
 
     pub fn is_root(&self) -> bool {
@@ -89,15 +101,27 @@ impl World {
 
     /// Every rank's `v` summed elementwise, the same bits on every rank.
     pub fn sum_f64(&self, v: &mut [f64]) {
+        #[cfg(feature = "nccl")]
+        if let Some(n) = &self.nccl {
+            return n.sum(v);
+        }
         self.sum(v)
     }
 
     pub fn sum_f32(&self, v: &mut [f32]) {
+        #[cfg(feature = "nccl")]
+        if let Some(n) = &self.nccl {
+            return n.sum(v);
+        }
         self.sum(v)
     }
 
     /// The elementwise maximum over the ranks.
     pub fn max_f64(&self, v: &mut [f64]) {
+        #[cfg(feature = "nccl")]
+        if let Some(n) = &self.nccl {
+            return n.max(v);
+        }
         #[cfg(feature = "mpi")]
         if let Some(m) = &self.mpi {
             use mpi::collective::SystemOperation;
@@ -130,10 +154,18 @@ impl World {
 
     /// `v` as rank `root` has it, on every rank.
     pub fn broadcast_f32(&self, v: &mut [f32], root: usize) {
+        #[cfg(feature = "nccl")]
+        if let Some(n) = &self.nccl {
+            return n.broadcast(v, root);
+        }
         self.broadcast(v, root)
     }
 
     pub fn broadcast_f64(&self, v: &mut [f64], root: usize) {
+        #[cfg(feature = "nccl")]
+        if let Some(n) = &self.nccl {
+            return n.broadcast(v, root);
+        }
         self.broadcast(v, root)
     }
 
@@ -150,6 +182,15 @@ impl World {
 
     /// Rank 0's string on every rank.
     pub fn broadcast_string(&self, s: &mut String) {
+        #[cfg(feature = "nccl")]
+        if let Some(n) = &self.nccl {
+            let mut len = [s.len() as u64];
+            n.broadcast(&mut len[..], 0);
+            let mut bytes = if self.is_root() { s.as_bytes().to_vec() } else { vec![0u8; len[0] as usize] };
+            n.broadcast(&mut bytes[..], 0);
+            *s = String::from_utf8_lossy(&bytes).into_owned();
+            return;
+        }
         #[cfg(feature = "mpi")]
         if let Some(m) = &self.mpi {
             use mpi::traits::{Communicator, Root};
@@ -165,6 +206,10 @@ impl World {
 
     /// Returns once every rank has called it.
     pub fn barrier(&self) {
+        #[cfg(feature = "nccl")]
+        if let Some(n) = &self.nccl {
+            return n.barrier();
+        }
         #[cfg(feature = "mpi")]
         if let Some(m) = &self.mpi {
             use mpi::traits::CommunicatorCollectives;
@@ -204,6 +249,8 @@ impl World {
             let part = &ts[start..end];
             let flat = Tensor::cat(&part.iter().map(|t| t.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
             let summed = match dtype {
+                #[cfg(feature = "nccl")]
+                _ if self.nccl.is_some() => self.nccl.as_ref().expect("checked").sum_tensor(&flat.to_dtype(DType::F32)?)?.to_dtype(dtype)?,
                 DType::F64 => {
                     let mut v: Vec<f64> = flat.to_vec1()?;
                     self.sum_f64(&mut v);
@@ -232,6 +279,10 @@ impl World {
             return Ok(t.clone());
         }
         let flat = t.flatten_all()?;
+        #[cfg(feature = "nccl")]
+        if let Some(n) = &self.nccl {
+            return Ok(n.broadcast_tensor(&flat.to_dtype(DType::F32)?, root)?.to_dtype(t.dtype())?.reshape(t.shape())?);
+        }
         Ok(match t.dtype() {
             DType::F64 => {
                 let mut v: Vec<f64> = flat.to_vec1()?;

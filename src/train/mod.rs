@@ -3,6 +3,8 @@
 pub mod dist;
 pub mod loss;
 pub mod metrics;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod optim;
 pub mod plot;
 pub mod policy;
