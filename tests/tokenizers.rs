@@ -14,7 +14,9 @@ fn golden_json(name: &str) -> Value {
 
 /// Phi-3-mini's published tokenizer files and the real templates (CI has shared/ beside the project).
 fn real(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/real-tokenizers").join(path)
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/real-tokenizers");
+    assert!(root.is_dir(), "{}: missing; these tests read the real published files from shared/ beside the project (as CI has it)", root.display());
+    root.join(path)
 }
 
 #[test]
