@@ -69,7 +69,13 @@ impl World {
         if std::env::var_os("MASTER_ADDR").is_some() {
             let device = crate::model::device()?;
             let nccl = super::nccl::Nccl::connect(rank, size, &device)?;
-            return Ok(World { rank, size, nccl: Some(nccl), ..Self::single() });
+            return Ok(World {
+                rank,
+                size,
+                #[cfg(feature = "mpi")]
+                mpi: None,
+                nccl: Some(nccl),
+            });
         }
         #[cfg(feature = "mpi")]
         if by != "torchrun" {
@@ -92,7 +98,13 @@ impl World {
         };
         let comm = universe.world();
         let (rank, size) = (comm.rank() as usize, comm.size() as usize);
-        Ok(World { rank, size, mpi: Some(Mpi { comm, _universe: universe }), ..Self::single() })
+        Ok(World {
+            rank,
+            size,
+            mpi: Some(Mpi { comm, _universe: universe }),
+            #[cfg(feature = "nccl")]
+            nccl: None,
+        })
     }
 
     pub fn is_root(&self) -> bool {
