@@ -714,6 +714,11 @@ impl PromptReader {
         Ok(Self { table, column: column.to_string(), tools, kwargs })
     }
 
+    /// Rows in the input when its format says so up front (parquet).
+    pub fn total_rows(&self) -> Option<u64> {
+        self.table.total_rows
+    }
+
     /// The next batch of (row, prompt or why it cannot be used).
     pub fn next_batch(&mut self) -> Result<Option<Vec<SourcePrompt>>> {
         let Some(batch) = self.table.next_batch()? else { return Ok(None) };

@@ -309,23 +309,23 @@ pub struct Pair {
 /// Pairs one prompt's samples (with their scores); a prompt that gives none comes back with
 /// the reason.
 pub fn pair_group(scores: &[f64], mode: PairMode, min_margin: f64) -> Result<Vec<Pair>, Skip> {
-    let g: Vec<usize> = (0..scores.len()).collect();
-    if g.len() < 2 {
-        return Err(Skip::new("too_few_samples", format!("{} sample(s); a pair needs two", g.len())));
+    let n = scores.len();
+    if n < 2 {
+        return Err(Skip::new("too_few_samples", format!("{n} sample(s); a pair needs two")));
     }
     let mut pairs = Vec::new();
     match mode {
         PairMode::BestWorst => {
             // The first of equal best and the first of equal worst, in sample order.
-            let best = g.iter().copied().fold(0, |b, i| if scores[i] > scores[b] { i } else { b });
-            let worst = g.iter().copied().fold(0, |w, i| if scores[i] < scores[w] { i } else { w });
+            let best = (0..n).fold(0, |b, i| if scores[i] > scores[b] { i } else { b });
+            let worst = (0..n).fold(0, |w, i| if scores[i] < scores[w] { i } else { w });
             if scores[best] - scores[worst] > min_margin {
                 pairs.push(Pair { chosen: best, rejected: worst });
             }
         }
         PairMode::AllPairs => {
-            for &a in &g {
-                for &b in &g {
+            for a in 0..n {
+                for b in 0..n {
                     if scores[a] - scores[b] > min_margin {
                         pairs.push(Pair { chosen: a, rejected: b });
                     }
@@ -335,7 +335,7 @@ pub fn pair_group(scores: &[f64], mode: PairMode, min_margin: f64) -> Result<Vec
     }
     if pairs.is_empty() {
         let (lo, hi) = scores.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-        return Err(Skip::new("tie", format!("{} samples scored {lo}..{hi}: no two differ by more than --min-margin {min_margin}", g.len())));
+        return Err(Skip::new("tie", format!("{n} samples scored {lo}..{hi}: no two differ by more than --min-margin {min_margin}")));
     }
     Ok(pairs)
 }
@@ -382,25 +382,22 @@ pub fn run(cfg: &LabelSettings) -> Result<Manifest> {
     let mut out = LabelWriter::create(&cfg.out, kind)?;
     let mut scores = journal.scores()?;
     let mut group: Vec<(Sample, f64)> = Vec::new();
-    let mut closed: std::collections::HashSet<(String, u64)> = Default::default();
-    let (mut prompts, mut sum) = (0u64, 0.0f64);
+    let mut sum = 0.0f64;
     for s in SampleReader::open(&file)?.into_rows_from(0) {
         let s = s?;
         let score = scores.next().context("the score journal ended early; rerun with --force")??;
         sum += score;
         out.score(&s, score);
         if group.last().is_some_and(|(g, _)| (g.source_file.as_str(), g.source_row) != (s.source_file.as_str(), s.source_row)) {
-            out.close_group(std::mem::take(&mut group), cfg, &mut closed)?;
-            prompts += 1;
+            out.close_group(std::mem::take(&mut group), cfg)?;
         }
         group.push((s, score));
         out.flush_if_full()?;
     }
     if !group.is_empty() {
-        out.close_group(group, cfg, &mut closed)?;
-        prompts += 1;
+        out.close_group(group, cfg)?;
     }
-    let (pairs, skipped) = out.finish()?;
+    let (prompts, pairs, skipped) = out.finish()?;
 
     let mut counts: BTreeMap<String, u64> =
         [("samples".to_string(), total), ("prompts".into(), prompts), ("pairs".into(), pairs), ("skipped".into(), skipped.len() as u64)].into();
@@ -477,6 +474,8 @@ struct LabelWriter {
     paired: Vec<(Sample, Sample, f64, f64)>,
     pairs: u64,
     skipped: Vec<SkippedRow>,
+    /// The prompts whose samples were paired (a prompt seen again is out of order).
+    prompts: std::collections::HashSet<(String, u64)>,
 }
 
 impl LabelWriter {
@@ -490,6 +489,7 @@ impl LabelWriter {
             paired: vec![],
             pairs: 0,
             skipped: vec![],
+            prompts: Default::default(),
         })
     }
 
@@ -499,9 +499,9 @@ impl LabelWriter {
 
     /// Pairs a prompt's samples. Pairing needs each prompt's samples together: `sample` writes
     /// them so; a file where they are not is refused rather than paired wrongly.
-    fn close_group(&mut self, group: Vec<(Sample, f64)>, cfg: &LabelSettings, closed: &mut std::collections::HashSet<(String, u64)>) -> Result<()> {
+    fn close_group(&mut self, group: Vec<(Sample, f64)>, cfg: &LabelSettings) -> Result<()> {
         let first = &group[0].0;
-        if !closed.insert((first.source_file.clone(), first.source_row)) {
+        if !self.prompts.insert((first.source_file.clone(), first.source_row)) {
             bail!(
                 "{}: the samples of {} row {} are not in consecutive rows; label pairs each prompt's samples together \
                  (as `pipeline sample` writes them): sort the file by source_file, source_row",
@@ -569,13 +569,13 @@ impl LabelWriter {
         self.prefs.write(&RecordBatch::try_new(prefs_schema(self.kind), columns)?)
     }
 
-    /// Writes what is buffered and commits the three files: (pairs, skipped prompts).
-    fn finish(mut self) -> Result<(u64, Vec<SkippedRow>)> {
+    /// Writes what is buffered and commits the three files: (prompts, pairs, skipped prompts).
+    fn finish(mut self) -> Result<(u64, u64, Vec<SkippedRow>)> {
         self.flush_scores()?;
         self.flush_prefs()?;
         self.scores.finish()?;
         self.prefs.finish()?;
         write_skipped(&self.skipped_path, &self.skipped)?;
-        Ok((self.pairs, self.skipped))
+        Ok((self.prompts.len() as u64, self.pairs, self.skipped))
     }
 }

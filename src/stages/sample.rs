@@ -113,8 +113,9 @@ struct PromptStream<'a> {
     files: &'a [std::path::PathBuf],
     tok: &'a ModelTokenizer,
     max_pos: Option<usize>,
-    next_file: usize,
-    reader: Option<(PromptReader, Arc<str>, u64)>,
+    /// Every input's reader, opened up front (a file without the prompt column is an error
+    /// before any sampling), with its name and index; the front one is being read.
+    readers: VecDeque<(PromptReader, Arc<str>, u64)>,
     buf: VecDeque<Prompt>,
     kind: Option<Kind>,
     skipped: Vec<SkippedRow>,
@@ -123,8 +124,17 @@ struct PromptStream<'a> {
 }
 
 impl<'a> PromptStream<'a> {
-    fn new(cfg: &'a SampleSettings, files: &'a [std::path::PathBuf], tok: &'a ModelTokenizer, max_pos: Option<usize>) -> Self {
-        Self { cfg, files, tok, max_pos, next_file: 0, reader: None, buf: VecDeque::new(), kind: None, skipped: vec![], rows: 0 }
+    fn new(cfg: &'a SampleSettings, files: &'a [std::path::PathBuf], tok: &'a ModelTokenizer, max_pos: Option<usize>) -> Result<Self> {
+        let mut readers = VecDeque::new();
+        for (i, f) in files.iter().enumerate() {
+            readers.push_back((PromptReader::open(f, &cfg.prompt_column, 4096)?, Arc::from(f.display().to_string()), i as u64));
+        }
+        Ok(Self { cfg, files, tok, max_pos, readers, buf: VecDeque::new(), kind: None, skipped: vec![], rows: 0 })
+    }
+
+    /// Rows in all inputs, where their format says so up front (parquet).
+    fn total_rows(&self) -> Option<u64> {
+        self.readers.iter().map(|r| r.0.total_rows()).sum()
     }
 
     fn peek(&mut self) -> Result<Option<&Prompt>> {
@@ -139,15 +149,9 @@ impl<'a> PromptStream<'a> {
 
     /// Reads the next batch of rows; false when every input is read.
     fn fill(&mut self) -> Result<bool> {
-        if self.reader.is_none() {
-            let Some(f) = self.files.get(self.next_file) else { return Ok(false) };
-            let reader = PromptReader::open(f, &self.cfg.prompt_column, 4096)?;
-            self.reader = Some((reader, f.display().to_string().into(), self.next_file as u64));
-            self.next_file += 1;
-        }
-        let (reader, name, fi) = self.reader.as_mut().expect("opened above");
+        let Some((reader, name, fi)) = self.readers.front_mut() else { return Ok(false) };
         let Some(batch) = reader.next_batch()? else {
-            self.reader = None;
+            self.readers.pop_front();
             return Ok(true);
         };
         let (name, fi) = (name.clone(), *fi);
@@ -258,14 +262,14 @@ pub fn run(cfg: &SampleSettings) -> Result<Manifest> {
     std::fs::create_dir_all(&parts).with_context(|| format!("cannot create {}", parts.display()))?;
 
     let max_pos = model_cfg.raw["max_position_embeddings"].as_u64().map(|v| v as usize);
-    let mut stream = PromptStream::new(cfg, &files, &tok, max_pos);
+    let mut stream = PromptStream::new(cfg, &files, &tok, max_pos)?;
+    let total_rows = stream.total_rows();
     for _ in 0..state.prompts_done {
         stream.next()?.context("the prompts changed since the interrupted run (fewer than it sampled); rerun with --force")?;
     }
     let decoder = load_model(&cfg.model, cfg.adapter.as_deref(), dtype)?;
     let sampling = Sampling { temperature: cfg.temperature, top_k: cfg.top_k, top_p: cfg.top_p };
-    let known_rows: Option<u64> = files.iter().map(|f| crate::data::input::TableReader::open(f, 1).ok().and_then(|t| t.total_rows)).sum();
-    let pb = progress(known_rows, "sample", "prompts");
+    let pb = progress(total_rows, "sample", "prompts");
     pb.set_position(stream.rows);
     let mut tokens_run = 0u64;
     loop {

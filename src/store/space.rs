@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 /// Bytes an unprivileged writer may still use on the filesystem holding `path` (or its nearest
 /// existing ancestor); None where the system cannot say.
-pub fn free_bytes(path: &Path) -> Option<u64> {
+fn free_bytes(path: &Path) -> Option<u64> {
     let mut p = path;
     while !p.exists() {
         p = p.parent()?;
@@ -36,7 +36,7 @@ fn statvfs_free(_: &Path) -> Option<u64> {
 }
 
 /// `1.5 MB`-style sizes for messages.
-pub fn human(bytes: u64) -> String {
+fn human(bytes: u64) -> String {
     let b = bytes as f64;
     match bytes {
         0..=9_999 => format!("{bytes} bytes"),
@@ -47,7 +47,7 @@ pub fn human(bytes: u64) -> String {
 }
 
 /// `48.4 kB (48384 bytes)`; small amounts once.
-pub fn amount(bytes: u64) -> String {
+fn amount(bytes: u64) -> String {
     if bytes < 10_000 {
         human(bytes)
     } else {
@@ -60,7 +60,7 @@ fn free_text(path: &Path) -> String {
 }
 
 /// The error for `path` not getting `need` more bytes.
-pub fn no_space(path: &Path, need: Option<u64>, cause: &str) -> anyhow::Error {
+fn no_space(path: &Path, need: Option<u64>, cause: &str) -> anyhow::Error {
     let need = need.map(|n| format!("needs {}, ", amount(n))).unwrap_or_default();
     anyhow!(
         "no space for {}: {need}{} on its filesystem ({cause}); free space or raise the quota, then rerun the same command",
@@ -70,7 +70,7 @@ pub fn no_space(path: &Path, need: Option<u64>, cause: &str) -> anyhow::Error {
 }
 
 /// Whether an error chain holds a full-disk or exceeded-quota failure.
-pub fn is_no_space(e: &anyhow::Error) -> bool {
+fn is_no_space(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<io::Error>().and_then(io::Error::raw_os_error).is_some_and(|code| code == libc::ENOSPC || code == libc::EDQUOT) || {
             // Writers that wrap the io::Error without exposing it as a source (parquet's).
