@@ -20,5 +20,5 @@ rm -rf "$tmp"
 "$PY" scripts/make_family_golden.py target/debug/pipeline  # every model family (+ PEFT adapters)
 "$PY" scripts/make_attention_golden.py                     # fused attention vs torch SDPA
 "$PY" scripts/make_optim_golden.py                         # AdamW, schedules
-# Tokenizer classes and real templates (needs ../shared/real-tokenizers beside the project).
+# Tokenizer classes and real templates (tests/fixtures/real-tokenizers).
 "$PY" scripts/make_tokenizer_golden.py

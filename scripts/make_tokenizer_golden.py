@@ -6,7 +6,7 @@ Writes tests/golden/tokenizers/:
     that keep tokenizer.json as it is), and classes.json: the class AutoTokenizer picked, the
     backend pipeline it built and the ids of a set of texts, with and without special tokens.
   - phi3/<dataset>.parquet and trl.json: preference rows tokenized by TRL's DPOTrainer with
-    Phi-3-mini's real tokenizer files (../shared/real-tokenizers, referenced, not copied) under
+    Phi-3-mini's real tokenizer files (tests/fixtures/real-tokenizers, see its SOURCES.md) under
     each real chat template, plain text and conversational, tools, chat_template_kwargs and a
     fixed strftime_now date; rows a template raises on are recorded with the message.
   - formats/: one dataset as JSON Lines (plain and gzip), a JSON array and a `datasets`
@@ -35,7 +35,7 @@ from trl import DPOConfig, DPOTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "golden" / "tokenizers"
-REAL = ROOT.parent / "shared" / "real-tokenizers"
+REAL = ROOT / "tests" / "fixtures" / "real-tokenizers"
 TEMPLATE_DATE = dt.datetime(2026, 3, 15)
 
 TRAIN_TEXT = [
@@ -314,7 +314,7 @@ def formats():
 
 def main():
     if not REAL.exists():
-        sys.exit(f"{REAL} is missing: the real tokenizer files live in shared/ beside the project")
+        sys.exit(f"{REAL} is missing: the real tokenizer files live in tests/fixtures/real-tokenizers")
     OUT.mkdir(parents=True, exist_ok=True)
     classes()
     phi3()

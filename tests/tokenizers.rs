@@ -12,11 +12,10 @@ fn golden_json(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(golden(&format!("tokenizers/{name}"))).unwrap()).unwrap()
 }
 
-/// Phi-3-mini's published tokenizer files and the real templates (CI has shared/ beside the project).
+/// Phi-3-mini's published tokenizer files and the real templates, carried by the repository
+/// (tests/fixtures/real-tokenizers/SOURCES.md says where each comes from).
 fn real(path: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/real-tokenizers");
-    assert!(root.is_dir(), "{}: missing; these tests read the real published files from shared/ beside the project (as CI has it)", root.display());
-    root.join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real-tokenizers").join(path)
 }
 
 #[test]
