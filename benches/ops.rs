@@ -3,9 +3,9 @@
 use candle_core::{DType, Device, Tensor, Var};
 use dpo_pipeline::model::attention::{attention, attention_composite, attention_recompute, AttnLayout, AttnOptions, Span};
 use dpo_pipeline::model::config::NormStyle;
-use dpo_pipeline::model::decoder::{rms_norm, rms_norm_composite, softmax_last, softmax_last_composite};
 use dpo_pipeline::model::fused;
 use dpo_pipeline::model::logprobs::{token_logps_composite, token_logps_recompute};
+use dpo_pipeline::model::ops::{rms_norm, rms_norm_composite, softmax_last, softmax_last_composite};
 use std::sync::Arc;
 use std::time::Instant;
 

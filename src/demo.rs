@@ -25,7 +25,7 @@ pub fn run_iterative(dir: &Path, steps: usize, rows: usize, rounds: usize) -> Re
         prepared: dir.join("prepared"),
         ref_cache: Some(dir.join("ref_cache")),
         out: it_dir.join("pi0"),
-        loss: "sigmoid,sft".into(),
+        loss: "sigmoid,sft".parse()?,
         ..demo_train(dir, steps)
     };
     stages::train::run(&pi0)?;
@@ -36,7 +36,7 @@ pub fn run_iterative(dir: &Path, steps: usize, rows: usize, rounds: usize) -> Re
     }
     let exe = std::env::current_exe()?;
     let file: crate::settings::PipelineFile = toml::from_str(ITERATIVE_SETTINGS)?;
-    let section = crate::iterative::IterativeSection {
+    let section = crate::settings::IterativeSection {
         rounds,
         base_model: pi0.out.join("final"),
         prompts: vec![prompts.display().to_string()],

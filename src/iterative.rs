@@ -4,42 +4,12 @@
 //! reference. Each stage keeps its own directory under `DIR/round<r>/`, so a rerun skips
 //! what is done. With held-out prompts, every policy (π0 included) is judged on greedy
 //! completions of them: `DIR/rounds.jsonl` and `DIR/rounds.png`.
-use crate::settings::{CacheRefLayer, LabelLayer, PipelineFile, PrepareLayer, SampleLayer, TrainLayer};
+use crate::data::samples::{read_scores, PREFS, SCORES, SKIPPED};
+use crate::settings::{CacheRefLayer, IterativeSection, LabelLayer, PipelineFile, PrepareLayer, SampleLayer, TrainLayer};
 use crate::stages;
 use crate::train::metrics::Row;
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
 use std::path::{Path, PathBuf};
-
-/// The `[iterative]` section of a pipeline TOML; the stage sections give every round's other
-/// settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IterativeSection {
-    /// Rounds to run.
-    pub rounds: usize,
-    /// π0: the first round's policy and every round's reference.
-    pub base_model: PathBuf,
-    /// Prompt parquet files sampled in every round.
-    pub prompts: Vec<String>,
-    /// Held-out prompt files each round's policy is judged on (greedy, one completion each).
-    #[serde(default)]
-    pub eval_prompts: Vec<String>,
-    /// Where the rounds go.
-    pub dir: PathBuf,
-    /// What scores samples: a judge command or a reward model (as `label`).
-    #[serde(default)]
-    pub judge_cmd: Option<String>,
-    #[serde(default)]
-    pub reward_model: Option<PathBuf>,
-    /// A held-out completion counts as right when its score reaches this.
-    #[serde(default = "one")]
-    pub correct_score: f64,
-}
-
-fn one() -> f64 {
-    1.0
-}
 
 /// One round's figures.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -81,7 +51,7 @@ fn evaluate(it: &IterativeSection, f: &PipelineFile, policy: &Path, dir: &Path, 
         .over(labeller(it, f))
         .resolve();
     stages::label::run(&label)?;
-    let scores = stages::label::read_scores(&label.out.join(stages::label::SCORES))?;
+    let scores = read_scores(&label.out.join(SCORES))?;
     let n = scores.len().max(1) as f64;
     Ok(Some((scores.iter().filter(|&&x| x >= it.correct_score).count() as f64 / n, scores.iter().sum::<f64>() / n)))
 }
@@ -123,10 +93,10 @@ pub fn run(f: &PipelineFile, it: &IterativeSection, force: bool) -> Result<Vec<R
         let labelled = stages::label::run(&label)?;
         let pairs = labelled.counts.get("pairs").copied().unwrap_or(0);
         if pairs == 0 {
-            bail!("round {r}: no sample pair had different scores (see {}); nothing to train on", label.out.join(stages::label::SKIPPED).display());
+            bail!("round {r}: no sample pair had different scores (see {}); nothing to train on", label.out.join(SKIPPED).display());
         }
         let prepare = PrepareLayer {
-            inputs: Some(vec![s(&label.out.join(stages::label::PREFS))]),
+            inputs: Some(vec![s(&label.out.join(PREFS))]),
             model: Some(it.base_model.clone()),
             out: Some(rd.join("prepared")),
             force: Some(force),

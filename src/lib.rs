@@ -1,11 +1,14 @@
-//! dpo-pipeline: offline DPO in three stages (prepare, cache-ref, train). See README.md.
+//! dpo-pipeline: offline DPO and its relatives as batch stages (prepare, cache-ref, train, and
+//! sample / label for iterative rounds), each a command writing its own directory. See README.md.
 //!
 //! Layers, each using only those listed before it:
-//! `store` (atomic files, manifests, columns, locks) · `model` (the decoder: tensors in,
-//! tensors out) · `data` (user parquet, tokenization, the prepared and ref-cache formats) ·
-//! `score` (pairs -> decoder inputs -> sequence log-probs) · `generate` (sampling with a
-//! key-value cache) · `train` (losses, optimizer,
-//! policy, metrics) · `settings` · `stages` (one per command) · `synth`, `demo` · `main.rs`.
+//! `rng`, `memory` (seeded randomness, RSS) · `store` (atomic files, disk space, manifests,
+//! columns, locks) · `model` (config, weights, the decoder and its ops: tensors in, tensors out)
+//! · `data` (user files, tokenizers, chat templates, the prepared, ref-cache and sample/label
+//! formats) · `score` (pairs -> decoder inputs -> sequence log-probs) · `generate` (sampling with
+//! a key-value cache) · `train` (losses, optimizer, policy, metrics) · `settings` (every flag
+//! and TOML key) · `stages` (one per command) · `iterative` (rounds of stages) · `synth`
+//! (generated models, data, judge) · `demo` · `main.rs`.
 pub mod data;
 pub mod demo;
 pub mod generate;

@@ -14,7 +14,7 @@ use std::path::PathBuf;
     version,
     about = "Offline DPO: prepare preference data, cache reference log-probs once, train the policy.",
     long_about = "Offline Direct Preference Optimization in three batch stages:\n\n  \
-    prepare    preference parquet (prompt, chosen, rejected) -> token ids + manifest\n  \
+    prepare    preference data (parquet, JSONL, JSON, datasets dirs) -> token ids + manifest\n  \
     cache-ref  frozen reference model, run once -> log π_ref(y_w|x), log π_ref(y_l|x) as mmap columns\n  \
     train      DPO trainer reading the cache: each step runs only the policy\n\n\
     and, to close the loop (iterative / on-policy DPO):\n  \
@@ -47,7 +47,8 @@ struct ConfigFile {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Tokenize preference parquet into a prepared directory (stage 1).
+    /// Tokenize preference data (parquet, JSON Lines, JSON, `datasets` directories) into a prepared
+    /// directory (stage 1).
     Prepare {
         #[command(flatten)]
         file: ConfigFile,
@@ -71,7 +72,7 @@ enum Cmd {
         #[arg(long)]
         prepared: Option<PathBuf>,
         /// Replace a cache built from other inputs or settings.
-        #[arg(long)]
+        #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true", value_name = "BOOL")]
         force: bool,
         /// The N shard directories, in any order.
         #[arg(required = true, value_name = "SHARD_DIR")]
@@ -119,7 +120,7 @@ enum Cmd {
         /// e.g. pipelines/demo.toml
         config: PathBuf,
         /// Redo every stage, replacing outputs built from other inputs or settings.
-        #[arg(long)]
+        #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true", value_name = "BOOL")]
         force: bool,
     },
     /// Generate a tiny model and synthetic data (when absent) and run the whole pipeline on them.
@@ -135,7 +136,7 @@ enum Cmd {
         rows: usize,
         /// Then close the loop: rounds of sample → label (the synthetic task's judge) → train
         /// from the demo's policy, printing the held-out judged accuracy per round.
-        #[arg(long)]
+        #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true", value_name = "BOOL")]
         iterative: bool,
         /// Rounds of --iterative.
         #[arg(long, default_value_t = 3)]
@@ -156,7 +157,7 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "tiny")]
         size: Size,
         /// A reward model (*ForSequenceClassification, one label) instead of a causal LM.
-        #[arg(long)]
+        #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true", value_name = "BOOL")]
         reward: bool,
     },
     /// Write a synthetic preference parquet with a learnable signal.
@@ -171,17 +172,17 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Conversational format: lists of {role, content} messages.
-        #[arg(long)]
+        #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true", value_name = "BOOL")]
         conversational: bool,
         /// Implicit prompt: no prompt column, chosen and rejected start with the prompt.
-        #[arg(long, conflicts_with = "conversational")]
+        #[arg(long, conflicts_with = "conversational", action = clap::ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true", value_name = "BOOL")]
         implicit: bool,
         /// Also write N held-out rows (different seed) to FILE with `.eval` before the extension.
         #[arg(long, default_value_t = 0)]
         eval_rows: usize,
         /// Stretch prompts and answers with background sentences to UltraFeedback-like lengths
         /// (prompts ~15–200 tokens, answers ~5–200), for benchmarks of batching and padding.
-        #[arg(long)]
+        #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true", value_name = "BOOL")]
         long: bool,
         /// Long pairs of about N tokens each (prompt + chosen + rejected, ±20%), for benchmarks
         /// of long-pair speed and memory.
@@ -204,9 +205,28 @@ fn keep_freed_memory() {
     }
 }
 
+/// A usage error as every other error of the project: one `error:` line, exit status 1 (clap's
+/// own report spans several lines and exits 2); `--help` and `--version` print as clap does.
+fn parse_cli() -> Cli {
+    use clap::error::ErrorKind;
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) => {
+            e.exit()
+        }
+        Err(e) => {
+            let text = e.render().to_string();
+            let lines: Vec<&str> =
+                text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")).collect();
+            eprintln!("error: {}", lines.join(" ").trim_start_matches("error: "));
+            std::process::exit(1);
+        }
+    }
+}
+
 fn main() {
     keep_freed_memory();
-    let cli = Cli::parse();
+    let cli = parse_cli();
     if let Some(d) = &cli.device {
         dpo_pipeline::model::set_device(d);
     }

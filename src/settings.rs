@@ -5,9 +5,9 @@
 //! before any work starts. A setting is "unset" only when no layer names it, never because it
 //! equals its default.
 use crate::data::input::ColumnNames;
-use crate::model::weights::parse_dtype;
+use crate::model::weights::FloatDtype;
 use crate::score::layout::LayoutKind;
-use crate::train::loss::{FDivergence, LossConfig, LossType};
+use crate::train::loss::{CommaList, FDivergence, LossConfig, LossList, LossType};
 use crate::train::optim::SchedulerKind;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 /// Help text with the default appended, as `--help` shows it.
 pub fn help<T: Serialize>(doc: &str, default: &T) -> String {
     let text = doc.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+    // Lists that have one owner elsewhere are filled in here, not copied into the docs.
+    let text = text.replace("{loss_types}", &crate::train::loss::names(false)).replace("{reference_free_losses}", &crate::train::loss::names(true));
     let shown = match serde_json::to_value(default) {
         Ok(serde_json::Value::String(s)) if !s.is_empty() => Some(s),
         Ok(serde_json::Value::Number(n)) => Some(n.to_string()),
@@ -81,7 +83,7 @@ macro_rules! settings {
 }
 
 settings! {
-    /// `pipeline prepare`: preference parquet -> token ids.
+    /// `pipeline prepare`: preference data -> token ids.
     pub struct PrepareSettings, layer PrepareLayer {
         /// Preference data: parquet, JSON Lines (.jsonl, .jsonl.gz, .jsonl.zst), JSON arrays,
         /// `datasets` save_to_disk directories; files, globs, or directories (their data files, sorted).
@@ -142,9 +144,9 @@ settings! {
         /// Token slots per forward batch, padding included (packed batches have none).
         #[arg(value_name = "TOKENS")]
         batch_tokens: usize = 1024,
-        /// Compute dtype: f32, bf16 or f16 (log-probs are always accumulated in f32).
-        #[arg(value_name = "DTYPE")]
-        dtype: String = "f32".into(),
+        /// Compute dtype (log-probs are always accumulated in f32).
+        #[arg(value_enum)]
+        dtype: FloatDtype = FloatDtype::F32,
         /// Attention layout: packed puts the batch's pairs back to back with no padding, each
         /// pair computing its prompt once and attending only to itself; shared-prompt is one
         /// padded row per pair; padded is TRL's two right-padded rows per pair.
@@ -180,15 +182,14 @@ settings! {
         /// for the reference-free losses).
         #[arg(num_args = 1, value_name = "DIR")]
         model: Option<PathBuf> = None,
-        /// Loss types, comma-separated, summed with --loss-weights (TRL 1.16's names): sigmoid,
-        /// hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired,
-        /// apo_zero, apo_down, discopop, sft, sigmoid_norm; or one reference-free loss (no
-        /// --ref-cache): simpo, cpo, orpo. E.g. MPO: sigmoid,bco_pair,sft with 0.8,0.2,1.0.
+        /// Loss types, comma-separated, summed with --loss-weights (TRL 1.16's names):
+        /// {loss_types}; or one reference-free loss (no --ref-cache): {reference_free_losses}.
+        /// E.g. MPO: sigmoid,bco_pair,sft with 0.8,0.2,1.0.
         #[arg(value_name = "LIST")]
-        loss: String = "sigmoid".into(),
+        loss: LossList = CommaList(vec![LossType::Sigmoid]),
         /// Weights of the --loss types, comma-separated (unset: 1 each).
         #[arg(num_args = 1, value_name = "LIST")]
-        loss_weights: Option<String> = None,
+        loss_weights: Option<CommaList<f64>> = None,
         /// β: the strength of the KL anchor to the reference (must be > 0); ORPO's λ.
         beta: f64 = 0.1,
         /// ε: assumed fraction of flipped labels: sigmoid (cDPO), robust, exo_pair (> 0), aot,
@@ -298,12 +299,12 @@ settings! {
         #[arg(num_args = 1, value_name = "DIR")]
         adapter: Option<PathBuf> = None,
         /// Dtype the frozen base weights are held in under LoRA (f32 or bf16); adapters stay f32.
-        #[arg(value_name = "DTYPE")]
-        base_dtype: String = "f32".into(),
+        #[arg(value_enum)]
+        base_dtype: FloatDtype = FloatDtype::F32,
         /// Compute dtype: f32, or bf16 for mixed precision (bf16 matmuls over f32 master
         /// weights, f32 AdamW state, log-softmax and loss in f32, as torch autocast + AdamW).
-        #[arg(value_name = "DTYPE")]
-        dtype: String = "f32".into(),
+        #[arg(value_enum)]
+        dtype: FloatDtype = FloatDtype::F32,
         /// Keep only each decoder layer's input during the forward and rerun the layer in the
         /// backward (TRL's `gradient_checkpointing`): activation memory of one layer instead of
         /// all, for about a third more compute; the gradients are the same.
@@ -360,7 +361,7 @@ fn given(flag: &str, p: &Path) -> Result<()> {
 impl PrepareSettings {
     pub fn validate(&self) -> Result<()> {
         if self.inputs.is_empty() {
-            bail!("--input is required: the preference parquet file(s) to prepare");
+            bail!("--input is required: the preference data to prepare (parquet, JSON Lines, JSON, `datasets` directories)");
         }
         given("model", &self.model)?;
         at_least_one("max-length", self.max_length)?;
@@ -395,7 +396,6 @@ impl CacheRefSettings {
     pub fn validate(&self) -> Result<()> {
         given("model", &self.model)?;
         at_least_one("batch-tokens", self.batch_tokens)?;
-        parse_dtype(&self.dtype).context("--dtype")?;
         self.shard()?;
         Ok(())
     }
@@ -414,19 +414,15 @@ impl CacheRefSettings {
 impl TrainSettings {
     /// The losses' settings (`router_aux_loss_coef`: this run's, or the model's).
     pub fn loss_config(&self, router_aux_loss_coef: f64) -> Result<LossConfig> {
-        let types: Vec<LossType> =
-            self.loss.split(',').map(|s| s.trim()).filter(|s| !s.is_empty()).map(LossType::parse).collect::<Result<_>>().context("--loss")?;
+        let types = &self.loss.0;
         let weights: Vec<f64> = match &self.loss_weights {
             None => vec![1.0; types.len()],
-            Some(w) => w
-                .split(',')
-                .map(|x| x.trim().parse::<f64>().map_err(|_| anyhow::anyhow!("--loss-weights: `{x}` is not a number")))
-                .collect::<Result<_>>()?,
+            Some(w) => w.0.clone(),
         };
         if weights.len() != types.len() {
             bail!("--loss-weights has {} weights for {} loss types", weights.len(), types.len());
         }
-        let mut terms: Vec<(LossType, f64)> = types.into_iter().zip(weights).collect();
+        let mut terms: Vec<(LossType, f64)> = types.iter().copied().zip(weights).collect();
         if self.sft_weight > 0.0 && !terms.iter().any(|(t, _)| *t == LossType::Sft) {
             terms.push((LossType::Sft, self.sft_weight));
         }
@@ -502,11 +498,10 @@ impl TrainSettings {
                 crate::model::lora::LoraConfig::new(r, self.lora_alpha, &self.lora_targets, self.lora_dropout).context("--lora-targets")?;
             }
         }
-        let base = parse_dtype(&self.base_dtype).context("--base-dtype")?;
-        if base == candle_core::DType::F16 || (!lora && base != candle_core::DType::F32) {
+        if self.base_dtype == FloatDtype::F16 || (!lora && self.base_dtype != FloatDtype::F32) {
             bail!("--base-dtype holds a frozen LoRA base in f32 or bf16; full fine-tuning trains f32 weights");
         }
-        if !matches!(parse_dtype(&self.dtype).context("--dtype")?, candle_core::DType::F32 | candle_core::DType::BF16) {
+        if self.dtype == FloatDtype::F16 {
             bail!("train --dtype is f32 or bf16 (mixed precision over f32 weights)");
         }
         if self.resume && self.force {
@@ -557,9 +552,9 @@ settings! {
         /// A PEFT LoRA adapter to sample with (merged into the weights at load).
         #[arg(num_args = 1, value_name = "DIR")]
         adapter: Option<PathBuf> = None,
-        /// Compute dtype: f32, bf16 or f16.
-        #[arg(value_name = "DTYPE")]
-        dtype: String = "f32".into(),
+        /// Compute dtype.
+        #[arg(value_enum)]
+        dtype: FloatDtype = FloatDtype::F32,
         /// The date chat templates' `strftime_now` prints, YYYY-MM-DD (unset: today, UTC).
         #[arg(num_args = 1, value_name = "YYYY-MM-DD")]
         template_date: Option<String> = None,
@@ -616,7 +611,7 @@ impl SampleSettings {
     pub fn validate(&self) -> Result<()> {
         given("model", &self.model)?;
         if self.prompts.is_empty() {
-            bail!("--prompts is required: parquet file(s) with a `{}` column", self.prompt_column);
+            bail!("--prompts is required: files (parquet, JSON Lines, JSON, `datasets` directories) with a `{}` column", self.prompt_column);
         }
         at_least_one("num-samples", self.num_samples)?;
         at_least_one("max-new-tokens", self.max_new_tokens)?;
@@ -625,7 +620,6 @@ impl SampleSettings {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             bail!("--top-p must be in (0, 1], got {}", self.top_p);
         }
-        parse_dtype(&self.dtype).context("--dtype")?;
         self.template_date().context("--template-date")?;
         Ok(())
     }
@@ -650,6 +644,36 @@ impl LabelSettings {
     }
 }
 
+/// The `[iterative]` section of a pipeline TOML; the stage sections give every round's other
+/// settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IterativeSection {
+    /// Rounds to run.
+    pub rounds: usize,
+    /// π0: the first round's policy and every round's reference.
+    pub base_model: PathBuf,
+    /// Prompt files (as `sample --prompts`) sampled in every round.
+    pub prompts: Vec<String>,
+    /// Held-out prompt files each round's policy is judged on (greedy, one completion each).
+    #[serde(default)]
+    pub eval_prompts: Vec<String>,
+    /// Where the rounds go.
+    pub dir: PathBuf,
+    /// What scores samples: a judge command or a reward model (as `label`).
+    #[serde(default)]
+    pub judge_cmd: Option<String>,
+    #[serde(default)]
+    pub reward_model: Option<PathBuf>,
+    /// A held-out completion counts as right when its score reaches this.
+    #[serde(default = "one")]
+    pub correct_score: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
 /// A pipeline TOML: one section per stage, each a settings layer. Later stages read what
 /// earlier ones wrote unless the file says otherwise.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -661,7 +685,7 @@ pub struct PipelineFile {
     pub sample: SampleLayer,
     pub label: LabelLayer,
     /// Rounds of sample → label → prepare → cache-ref → train (see `iterative`).
-    pub iterative: Option<crate::iterative::IterativeSection>,
+    pub iterative: Option<IterativeSection>,
 }
 
 impl PipelineFile {
@@ -685,7 +709,7 @@ impl PipelineFile {
 
     /// Whether `pipeline run` trains with a reference-free loss (so runs no cache-ref).
     pub fn reference_free(&self) -> bool {
-        self.train.loss.as_deref().is_some_and(|l| l.split(',').any(|t| LossType::parse(t.trim()).is_ok_and(|t| t.reference_free())))
+        self.train.loss.as_ref().is_some_and(LossList::reference_free)
     }
 
     /// The file's sections, or empty layers without a file.

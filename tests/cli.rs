@@ -95,3 +95,40 @@ fn shipped_pipeline_files_are_valid() {
         }
     }
 }
+
+/// Every boolean flag takes an optional value (`--force` is `--force true`, and `false` turns it
+/// off), dtypes take torch's names too, a usage error is one `error:` line with exit status 1,
+/// and `train --help` lists the loss types from the loss table.
+#[test]
+fn every_boolean_takes_a_value_and_usage_errors_are_one_line() {
+    let d = tmp();
+    let p = d.path();
+    ok(p, &["synth-prefs", "--out", "conv.parquet", "--rows", "4", "--conversational", "true"]);
+    ok(p, &["synth-prefs", "--out", "plain.parquet", "--rows", "4", "--conversational", "false", "--long", "false"]);
+    let kinds = python(p, "print(str(pl.read_parquet('conv.parquet')['prompt'].dtype)[:4], str(pl.read_parquet('plain.parquet')['prompt'].dtype))");
+    assert_eq!(kinds.trim(), "List String", "{kinds}");
+    ok(p, &["init-model", "--arch", "llama", "--out", "lm", "--reward", "false"]);
+    assert!(p.join("lm/config.json").exists() && std::fs::read_to_string(p.join("lm/config.json")).unwrap().contains("LlamaForCausalLM"));
+    // `merge-ref` and `run` take `--force VALUE` like every stage.
+    for args in [&["merge-ref", "--out", "m", "--force", "true", "no_shard"][..], &["run", "none.toml", "--force", "false"]] {
+        let e = fails(p, args);
+        assert!(e.contains("no_shard") || e.contains("none.toml"), "{args:?}: {e}");
+    }
+    for (args, names) in [
+        (&["cache-ref", "--model", "m", "--dtype", "f8"][..], "--dtype"),
+        (&["train", "--loss", "sigmoid,dpo"], "unknown loss type `dpo`"),
+        (&["merge-ref", "--out", "m", "--force", "maybe", "s"], "--force"),
+    ] {
+        let out = run_in(p, args);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(lines.len() == 1 && lines[0].starts_with("error: ") && lines[0].contains(names), "{args:?}: {stderr}");
+    }
+    // torch's dtype names are the same dtypes (validation passes, the missing model stops it).
+    let e = fails(p, &["cache-ref", "--model", "nowhere", "--dtype", "bfloat16"]);
+    assert!(!e.contains("--dtype") && !e.contains("invalid value"), "{e}");
+    let help = ok_stdout(p, &["train", "--help"]);
+    let flat = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(!flat.contains("{loss_types}") && flat.contains("sigmoid_norm") && flat.contains("orpo"), "{help}");
+}

@@ -578,7 +578,7 @@ fn mask_rows(layout: &AttnLayout, spans: &[Span], r0: usize, rows: usize, window
 /// Scores, softmax and log-sum-exps run in f32 for f32/bf16/f16 (as transformers' eager
 /// attention upcasts), in f64 for f64.
 fn acc(dt: DType) -> DType {
-    super::decoder::accum_dtype(dt)
+    super::ops::accum_dtype(dt)
 }
 
 /// Runs of consecutive equal-length spans (computed as one batched attention each).
@@ -802,7 +802,7 @@ pub fn attention_composite(q: &Tensor, k: &Tensor, v: &Tensor, layout: &AttnLayo
             s = ((s / cap)?.tanh()? * cap)?;
         }
         let s = s.broadcast_add(&mask_rows(layout, spans, 0, len, opts.window, q.device())?.to_dtype(acc(q.dtype()))?)?;
-        let p = super::decoder::softmax_last_composite(&s)?.to_dtype(q.dtype())?.reshape((b, nkv, g * len, len))?;
+        let p = super::ops::softmax_last_composite(&s)?.to_dtype(q.dtype())?.reshape((b, nkv, g * len, len))?;
         ys.push(ungroup(&p.matmul(&vc)?, len)?.reshape((b * len, nh, hd))?);
     }
     Ok(Tensor::cat(&ys, 0)?)

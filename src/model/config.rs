@@ -1,7 +1,8 @@
 //! HF `config.json` for every family the decoder serves, in both dialects: transformers 5
 //! (`rope_parameters`, `dtype`, `layer_types`) and older files (top-level `rope_theta` /
 //! `rope_scaling`, `torch_dtype`). The families differ in a handful of switches, read here into
-//! one [`ModelConfig`]; the decoder composes them. Each family is a row of `family()`.
+//! one [`ModelConfig`]; the decoder composes them. Each family is a row of [`FAMILIES`]; nothing
+//! else in the project matches on `model_type`.
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -167,11 +168,34 @@ pub struct ModelConfig {
     pub raw: Value,
 }
 
-pub const SUPPORTED: &[&str] =
-    &["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma2", "gemma3_text", "gemma3", "phi3", "olmo2", "smollm3"];
+/// Which layers slide when config.json has a `sliding_window` and no `layer_types`.
+#[derive(Debug, Clone, Copy)]
+enum Sliding {
+    Never,
+    Every,
+    /// Layers from `max_window_layers` on (this default when absent): Qwen2, Qwen3.
+    FromMaxWindowLayers(usize),
+    /// Every other layer, starting with the first (Gemma 2).
+    Alternate,
+    /// All but every `sliding_window_pattern`-th (default 6) layer (Gemma 3).
+    AllButEveryNth,
+    /// The NoPE layers (SmolLM3).
+    NoRope,
+}
 
-/// A family's switches and defaults (transformers 5.23's config classes and modeling files).
+/// A soft-capping setting: never applied, or read from config.json with a default.
+#[derive(Debug, Clone, Copy)]
+enum Cap {
+    Never,
+    Read(&'static str, Option<f64>),
+}
+
+/// A family's switches and defaults (transformers 5.23's config classes and modeling files):
+/// one row of [`FAMILIES`] per family, read once by [`ModelConfig::from_json`].
+#[derive(Debug, Clone, Copy)]
 struct Family {
+    /// config.json's `model_type` values this row serves.
+    model_types: &'static [&'static str],
     default_theta: f64,
     default_eps: f64,
     default_tied: bool,
@@ -185,44 +209,151 @@ struct Family {
     partial_rotary: bool,
     /// `head_dim` when config.json has none (else hidden / heads).
     default_head_dim: Option<usize>,
+    /// `sliding_window` counts only with `use_sliding_window: true`.
+    window_needs_flag: bool,
+    sliding: Sliding,
+    /// The text model's settings are under `text_config` and its tensors under
+    /// `language_model.model.` (Gemma 3's multimodal checkpoints).
+    text_config: bool,
+    /// q/k/v always carry a bias and o_proj never (Qwen2); else `attention_bias` sets both.
+    qkv_bias_always: bool,
+    /// The factor on q·k is `query_pre_attn_scalar`^−½ (default 256), not 1/√head_dim.
+    query_pre_attn_scalar: bool,
+    attn_softcap: Cap,
+    final_softcap: Cap,
+    /// A second rope (`rope_local_base_freq`) rotates the sliding layers.
+    local_rope: bool,
+    /// NoPE layers from `no_rope_layers` / `no_rope_layer_interval`.
+    no_rope_layers: bool,
+    /// The legacy rope names `su` and `yarn` mean `longrope` (transformers rewrites Phi-3's).
+    legacy_longrope: bool,
+    /// A sparse MoE MLP, with the checkpoint's expert names.
+    experts: Option<ExpertNames>,
 }
 
-fn family(model_type: &str) -> Family {
-    let llama = Family {
+const LLAMA: Family = Family {
+    model_types: &["llama"],
+    default_theta: 10_000.0,
+    default_eps: 1e-6,
+    default_tied: false,
+    norm_style: NormStyle::Weight,
+    norm_placement: NormPlacement::Pre,
+    qk_norm: QkNorm::None,
+    activation: Activation::Silu,
+    fused_projections: false,
+    embed_scale: false,
+    partial_rotary: false,
+    default_head_dim: None,
+    window_needs_flag: false,
+    sliding: Sliding::Never,
+    text_config: false,
+    qkv_bias_always: false,
+    query_pre_attn_scalar: false,
+    attn_softcap: Cap::Never,
+    final_softcap: Cap::Never,
+    local_rope: false,
+    no_rope_layers: false,
+    legacy_longrope: false,
+    experts: None,
+};
+
+const GEMMA3: Family = Family {
+    model_types: &["gemma3_text"],
+    default_theta: 1e6,
+    default_tied: true,
+    norm_style: NormStyle::OnePlusWeight,
+    norm_placement: NormPlacement::Sandwich,
+    qk_norm: QkNorm::PerHead,
+    activation: Activation::GeluTanh,
+    embed_scale: true,
+    default_head_dim: Some(256),
+    sliding: Sliding::AllButEveryNth,
+    query_pre_attn_scalar: true,
+    // Gemma 3 never applies attention soft-capping.
+    final_softcap: Cap::Read("final_logit_softcapping", None),
+    local_rope: true,
+    ..LLAMA
+};
+
+const FAMILIES: &[Family] = &[
+    LLAMA,
+    Family { model_types: &["mistral"], sliding: Sliding::Every, ..LLAMA },
+    Family { model_types: &["qwen2"], window_needs_flag: true, sliding: Sliding::FromMaxWindowLayers(0), qkv_bias_always: true, ..LLAMA },
+    Family {
+        model_types: &["qwen3"],
+        qk_norm: QkNorm::PerHead,
+        default_head_dim: Some(128),
+        window_needs_flag: true,
+        sliding: Sliding::FromMaxWindowLayers(28),
+        ..LLAMA
+    },
+    Family {
+        model_types: &["qwen3_moe"],
+        qk_norm: QkNorm::PerHead,
+        window_needs_flag: true,
+        sliding: Sliding::Every,
+        experts: Some(ExpertNames::Qwen),
+        ..LLAMA
+    },
+    Family {
+        model_types: &["mixtral"],
+        default_theta: 1e6,
+        default_eps: 1e-5,
+        sliding: Sliding::Every,
+        experts: Some(ExpertNames::Mixtral),
+        ..LLAMA
+    },
+    Family {
+        model_types: &["gemma2"],
         default_theta: 10_000.0,
-        default_eps: 1e-6,
-        default_tied: false,
-        norm_style: NormStyle::Weight,
-        norm_placement: NormPlacement::Pre,
         qk_norm: QkNorm::None,
-        activation: Activation::Silu,
-        fused_projections: false,
-        embed_scale: false,
-        partial_rotary: false,
-        default_head_dim: None,
-    };
-    let gemma = Family {
+        sliding: Sliding::Alternate,
+        attn_softcap: Cap::Read("attn_logit_softcapping", Some(50.0)),
+        final_softcap: Cap::Read("final_logit_softcapping", Some(30.0)),
+        local_rope: false,
+        ..GEMMA3
+    },
+    GEMMA3,
+    // The multimodal checkpoint: no final soft-capping either.
+    Family { model_types: &["gemma3"], text_config: true, final_softcap: Cap::Never, ..GEMMA3 },
+    Family {
+        model_types: &["phi3"],
+        default_eps: 1e-5,
+        fused_projections: true,
+        partial_rotary: true,
+        sliding: Sliding::Every,
+        legacy_longrope: true,
+        ..LLAMA
+    },
+    Family {
+        model_types: &["olmo2"],
+        default_eps: 1e-5,
+        norm_style: NormStyle::WeightThenCast,
+        norm_placement: NormPlacement::Post,
+        qk_norm: QkNorm::Whole,
+        ..LLAMA
+    },
+    Family {
+        model_types: &["smollm3"],
+        default_theta: 2e6,
         default_tied: true,
-        norm_style: NormStyle::OnePlusWeight,
-        norm_placement: NormPlacement::Sandwich,
-        activation: Activation::GeluTanh,
-        embed_scale: true,
-        default_head_dim: Some(256),
-        ..llama
-    };
-    match model_type {
-        "qwen3" => Family { qk_norm: QkNorm::PerHead, default_head_dim: Some(128), ..llama },
-        "qwen3_moe" => Family { qk_norm: QkNorm::PerHead, ..llama },
-        "mixtral" => Family { default_theta: 1e6, default_eps: 1e-5, ..llama },
-        "gemma2" => gemma,
-        "gemma3_text" | "gemma3" => Family { default_theta: 1e6, qk_norm: QkNorm::PerHead, ..gemma },
-        "phi3" => Family { default_eps: 1e-5, fused_projections: true, partial_rotary: true, ..llama },
-        "olmo2" => {
-            Family { default_eps: 1e-5, norm_style: NormStyle::WeightThenCast, norm_placement: NormPlacement::Post, qk_norm: QkNorm::Whole, ..llama }
-        }
-        "smollm3" => Family { default_theta: 2e6, default_tied: true, ..llama },
-        _ => llama,
-    }
+        window_needs_flag: true,
+        sliding: Sliding::NoRope,
+        no_rope_layers: true,
+        ..LLAMA
+    },
+];
+
+/// Every `model_type` the decoder serves.
+pub fn supported() -> Vec<&'static str> {
+    FAMILIES.iter().flat_map(|f| f.model_types.iter().copied()).collect()
+}
+
+fn family(model_type: &str) -> Result<&'static Family> {
+    FAMILIES
+        .iter()
+        .find(|f| f.model_types.contains(&model_type))
+        .with_context(|| format!("unsupported model_type `{model_type}` (supported: {})", supported().join(", ")))
 }
 
 fn usize_of(v: &Value) -> Option<usize> {
@@ -239,12 +370,9 @@ impl ModelConfig {
 
     pub fn from_json(raw: Value) -> Result<Self> {
         let model_type = raw["model_type"].as_str().unwrap_or("").to_string();
-        if !SUPPORTED.contains(&model_type.as_str()) {
-            bail!("unsupported model_type `{model_type}` (supported: {})", SUPPORTED.join(", "));
-        }
-        // Gemma 3's multimodal checkpoints: the text tower's settings are under `text_config`.
-        let (c, prefix) = if model_type == "gemma3" {
-            let mut t = raw.get("text_config").cloned().context("a gemma3 config needs `text_config`")?;
+        let f = family(&model_type)?;
+        let (c, prefix) = if f.text_config {
+            let mut t = raw.get("text_config").cloned().with_context(|| format!("a {model_type} config needs `text_config`"))?;
             if t.get("tie_word_embeddings").is_none() {
                 t["tie_word_embeddings"] = raw.get("tie_word_embeddings").cloned().unwrap_or(Value::Bool(true));
             }
@@ -252,7 +380,6 @@ impl ModelConfig {
         } else {
             (raw.clone(), "model.")
         };
-        let f = family(&model_type);
         let req = |k: &str| -> Result<usize> { usize_of(&c[k]).with_context(|| format!("missing or invalid `{k}`")) };
         let hidden_size = req("hidden_size")?;
         let num_attention_heads = req("num_attention_heads")?;
@@ -263,77 +390,47 @@ impl ModelConfig {
             bail!("num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}");
         }
         let max_pos = c["max_position_embeddings"].as_f64().unwrap_or(2048.0);
-        let layer_types = layer_types(&model_type, &c, num_hidden_layers)?;
-        let window =
-            if matches!(model_type.as_str(), "qwen2" | "qwen3" | "qwen3_moe" | "smollm3") && !c["use_sliding_window"].as_bool().unwrap_or(false) {
-                None
-            } else {
-                usize_of(&c["sliding_window"])
-            };
-        // RoPE: one embedding, or (Gemma 3) one for full and one for sliding layers.
+        let nope = if f.no_rope_layers { nope_layers(&c, num_hidden_layers) } else { vec![false; num_hidden_layers] };
+        let sliding = sliding_layers(f, &c, num_hidden_layers, &nope)?;
+        let window = if f.window_needs_flag && !c["use_sliding_window"].as_bool().unwrap_or(false) { None } else { usize_of(&c["sliding_window"]) };
+        // RoPE: one embedding, or one for full and one for sliding layers.
         let rope_dim = |prf: f64| if f.partial_rotary { (head_dim as f64 * prf) as usize } else { head_dim };
-        let mut ropes = vec![];
-        let gemma3 = matches!(model_type.as_str(), "gemma3" | "gemma3_text");
-        let params = rope_params(&c, &model_type, f.default_theta)?;
-        ropes.push(Rope::new(&params, rope_dim(params.prf), max_pos)?);
-        if gemma3 {
-            let local =
-                RopeParams { theta: c["rope_local_base_freq"].as_f64().unwrap_or(10_000.0), kind: "default".into(), obj: Value::Null, prf: 1.0 };
+        let params = rope_params(&c, f)?;
+        let mut ropes = vec![Rope::new(&params, rope_dim(params.prf), max_pos)?];
+        if f.local_rope {
+            let theta = c["rope_local_base_freq"].as_f64().unwrap_or(10_000.0);
             let local = match c.get("rope_parameters").and_then(|p| p.get("sliding_attention")) {
-                Some(nested) => RopeParams::from_obj(nested, local.theta, &model_type)?,
-                None => local,
+                Some(nested) => RopeParams::from_obj(nested, theta, f),
+                None => RopeParams { theta, kind: "default".into(), obj: Value::Null, prf: 1.0 },
             };
             ropes.push(Rope::new(&local, head_dim, max_pos)?);
         }
-        let no_rope: Option<Vec<bool>> = if model_type == "smollm3" {
-            let interval = usize_of(&c["no_rope_layer_interval"]).unwrap_or(4);
-            Some(match c["no_rope_layers"].as_array() {
-                Some(a) => a.iter().map(|v| v.as_u64() == Some(0)).collect(),
-                None => (0..num_hidden_layers).map(|i| (i + 1) % interval == 0).collect(),
-            })
-        } else {
-            None
-        };
-        let moe = moe_config(&model_type, &c)?;
+        let moe = moe_config(f, &c)?;
         let mlp_only: Vec<usize> = c["mlp_only_layers"].as_array().map(|a| a.iter().filter_map(usize_of).collect()).unwrap_or_default();
         let sparse_step = usize_of(&c["decoder_sparse_step"]).unwrap_or(1).max(1);
         let layers = (0..num_hidden_layers)
-            .map(|i| {
-                let sliding = layer_types[i];
-                let nope = no_rope.as_ref().is_some_and(|n| n.get(i).copied().unwrap_or(false));
-                LayerSpec {
-                    window: if sliding { window } else { None },
-                    rope: if nope {
-                        None
-                    } else if gemma3 && sliding {
-                        Some(1)
-                    } else {
-                        Some(0)
-                    },
-                    moe: moe.is_some() && !mlp_only.contains(&i) && (i + 1) % sparse_step == 0,
-                }
+            .map(|i| LayerSpec {
+                window: if sliding[i] { window } else { None },
+                rope: match (nope[i], f.local_rope && sliding[i]) {
+                    (true, _) => None,
+                    (false, true) => Some(1),
+                    (false, false) => Some(0),
+                },
+                moe: moe.is_some() && !mlp_only.contains(&i) && (i + 1) % sparse_step == 0,
             })
             .collect();
         let attention_bias = c["attention_bias"].as_bool().unwrap_or(false);
-        let is_qwen2 = model_type == "qwen2";
-        let gemma = f.embed_scale;
-        let attn_scale = match c["query_pre_attn_scalar"].as_f64() {
-            Some(s) if gemma => s.powf(-0.5),
-            None if gemma => 256f64.powf(-0.5),
-            _ => (head_dim as f64).powf(-0.5),
-        };
-        let softcap = |k: &str, default: Option<f64>| -> Option<f64> {
-            match c.get(k) {
-                Some(Value::Null) => None,
-                Some(v) => v.as_f64(),
-                None => default,
+        let attn_scale =
+            if f.query_pre_attn_scalar { c["query_pre_attn_scalar"].as_f64().unwrap_or(256.0).powf(-0.5) } else { (head_dim as f64).powf(-0.5) };
+        let cap = |rule: Cap| -> Option<f64> {
+            match rule {
+                Cap::Never => None,
+                Cap::Read(k, default) => match c.get(k) {
+                    Some(Value::Null) => None,
+                    Some(v) => v.as_f64(),
+                    None => default,
+                },
             }
-        };
-        let (attn_softcap, final_softcap) = match model_type.as_str() {
-            "gemma2" => (softcap("attn_logit_softcapping", Some(50.0)), softcap("final_logit_softcapping", Some(30.0))),
-            // Gemma 3 never applies attention soft-capping; the multimodal model no final one.
-            "gemma3_text" => (None, softcap("final_logit_softcapping", None)),
-            _ => (None, None),
         };
         Ok(Self {
             vocab_size: req("vocab_size")?,
@@ -345,8 +442,8 @@ impl ModelConfig {
             head_dim,
             rms_norm_eps: c["rms_norm_eps"].as_f64().unwrap_or(f.default_eps),
             tie_word_embeddings: c["tie_word_embeddings"].as_bool().unwrap_or(f.default_tied),
-            qkv_bias: is_qwen2 || attention_bias,
-            o_bias: !is_qwen2 && attention_bias,
+            qkv_bias: f.qkv_bias_always || attention_bias,
+            o_bias: !f.qkv_bias_always && attention_bias,
             mlp_bias: c["mlp_bias"].as_bool().unwrap_or(false),
             norm_style: f.norm_style,
             norm_placement: f.norm_placement,
@@ -355,8 +452,8 @@ impl ModelConfig {
             fused_projections: f.fused_projections,
             embed_scale: f.embed_scale,
             attn_scale,
-            attn_softcap,
-            final_softcap,
+            attn_softcap: cap(f.attn_softcap),
+            final_softcap: cap(f.final_softcap),
             ropes,
             layers,
             moe,
@@ -394,30 +491,34 @@ impl ModelConfig {
     }
 }
 
-/// Per layer: whether it uses sliding attention (`layer_types`, or the family's default pattern).
-fn layer_types(model_type: &str, c: &Value, layers: usize) -> Result<Vec<bool>> {
+/// Per layer: whether it is a NoPE layer (`no_rope_layers`: 0 = no rope; else every
+/// `no_rope_layer_interval`-th layer, default 4).
+fn nope_layers(c: &Value, layers: usize) -> Vec<bool> {
+    let interval = usize_of(&c["no_rope_layer_interval"]).unwrap_or(4).max(1);
+    (0..layers)
+        .map(|i| match c["no_rope_layers"].as_array() {
+            Some(a) => a.get(i).and_then(|v| v.as_u64()) == Some(0),
+            None => (i + 1) % interval == 0,
+        })
+        .collect()
+}
+
+/// Per layer: whether it uses sliding attention (`layer_types`, or the family's pattern).
+fn sliding_layers(f: &Family, c: &Value, layers: usize, nope: &[bool]) -> Result<Vec<bool>> {
     if let Some(types) = c["layer_types"].as_array() {
         if types.len() != layers {
             bail!("`layer_types` has {} entries for {layers} layers", types.len());
         }
         return Ok(types.iter().map(|t| t.as_str() == Some("sliding_attention")).collect());
     }
-    let use_sw = c["use_sliding_window"].as_bool().unwrap_or(false);
     Ok((0..layers)
-        .map(|i| match model_type {
-            "mistral" | "mixtral" | "phi3" | "qwen3_moe" => true,
-            "qwen2" | "qwen3" => use_sw && i >= usize_of(&c["max_window_layers"]).unwrap_or(if model_type == "qwen3" { 28 } else { 0 }),
-            "gemma2" => (i + 1) % 2 != 0,
-            "gemma3_text" | "gemma3" => (i + 1) % usize_of(&c["sliding_window_pattern"]).unwrap_or(6) != 0,
-            "smollm3" => {
-                let interval = usize_of(&c["no_rope_layer_interval"]).unwrap_or(4);
-                let nope = match c["no_rope_layers"].as_array() {
-                    Some(a) => a.get(i).and_then(|v| v.as_u64()) == Some(0),
-                    None => (i + 1) % interval == 0,
-                };
-                use_sw && nope
-            }
-            _ => false,
+        .map(|i| match f.sliding {
+            Sliding::Never => false,
+            Sliding::Every => true,
+            Sliding::FromMaxWindowLayers(default) => i >= usize_of(&c["max_window_layers"]).unwrap_or(default),
+            Sliding::Alternate => i % 2 == 0,
+            Sliding::AllButEveryNth => (i + 1) % usize_of(&c["sliding_window_pattern"]).unwrap_or(6).max(1) != 0,
+            Sliding::NoRope => nope[i],
         })
         .collect())
 }
@@ -431,21 +532,16 @@ struct RopeParams {
 }
 
 impl RopeParams {
-    fn from_obj(obj: &Value, theta: f64, model_type: &str) -> Result<Self> {
+    fn from_obj(obj: &Value, theta: f64, f: &Family) -> Self {
         let mut kind = obj["rope_type"].as_str().or(obj["type"].as_str()).unwrap_or("default").to_string();
-        if model_type == "phi3" && (kind == "su" || kind == "yarn") {
-            kind = "longrope".into(); // transformers rewrites Phi-3's legacy names
+        if f.legacy_longrope && (kind == "su" || kind == "yarn") {
+            kind = "longrope".into();
         }
-        Ok(Self {
-            theta: obj["rope_theta"].as_f64().unwrap_or(theta),
-            kind,
-            obj: obj.clone(),
-            prf: obj["partial_rotary_factor"].as_f64().unwrap_or(1.0),
-        })
+        Self { theta: obj["rope_theta"].as_f64().unwrap_or(theta), kind, obj: obj.clone(), prf: obj["partial_rotary_factor"].as_f64().unwrap_or(1.0) }
     }
 }
 
-fn rope_params(c: &Value, model_type: &str, default_theta: f64) -> Result<RopeParams> {
+fn rope_params(c: &Value, f: &Family) -> Result<RopeParams> {
     // transformers 5 keeps rope settings in `rope_parameters` (Gemma 3: per layer type); older
     // files have `rope_scaling` and top-level `rope_theta` / `partial_rotary_factor`.
     let nested = c.get("rope_parameters").and_then(|p| p.get("full_attention")).filter(|v| v.is_object());
@@ -454,8 +550,8 @@ fn rope_params(c: &Value, model_type: &str, default_theta: f64) -> Result<RopePa
         .or(c.get("rope_scaling").filter(|v| v.is_object()))
         .cloned()
         .unwrap_or(Value::Null);
-    let theta = c["rope_theta"].as_f64().or_else(|| obj["rope_theta"].as_f64()).unwrap_or(default_theta);
-    let mut p = RopeParams::from_obj(&obj, theta, model_type)?;
+    let theta = c["rope_theta"].as_f64().or_else(|| obj["rope_theta"].as_f64()).unwrap_or(f.default_theta);
+    let mut p = RopeParams::from_obj(&obj, theta, f);
     p.theta = theta;
     if let Some(prf) = c["partial_rotary_factor"].as_f64() {
         p.prf = prf;
@@ -605,12 +701,8 @@ impl Rope {
     }
 }
 
-fn moe_config(model_type: &str, c: &Value) -> Result<Option<MoeConfig>> {
-    let names = match model_type {
-        "mixtral" => ExpertNames::Mixtral,
-        "qwen3_moe" => ExpertNames::Qwen,
-        _ => return Ok(None),
-    };
+fn moe_config(f: &Family, c: &Value) -> Result<Option<MoeConfig>> {
+    let Some(names) = f.experts else { return Ok(None) };
     let num_experts = usize_of(&c["num_local_experts"]).or(usize_of(&c["num_experts"])).context("missing `num_experts`")?;
     let top_k = usize_of(&c["num_experts_per_tok"]).unwrap_or(2);
     if top_k == 0 || top_k > num_experts {

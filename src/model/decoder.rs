@@ -13,10 +13,11 @@
 //! (g = nh / nkv share one), hd head dim, d hidden.
 use super::attention::{self, AttnLayout, AttnOptions, Span};
 use super::config::{Activation, ExpertNames, LayerSpec, ModelConfig, MoeConfig, NormPlacement, NormStyle, QkNorm};
+use super::ops::{accum_dtype, gated_act, rms_norm, rope, softmax_last};
 use crate::rng::Rng;
 use anyhow::{Context, Result};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, Device, Layout, Shape, Storage, Tensor, TensorId, Var, D};
+use candle_core::{CpuStorage, DType, Device, Layout, Shape, Storage, Tensor, TensorId, Var};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -200,102 +201,6 @@ impl Norm {
         // Weights are cast where they are used, so a trained f32 master copy stays live.
         rms_norm(x, &cast(&self.weight, x.dtype())?, self.eps, self.style)
     }
-}
-
-/// Accumulation dtype: f32 for f32/bf16/f16 (as transformers), f64 stays f64 (for gradient checks).
-pub fn accum_dtype(d: DType) -> DType {
-    if d == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
-
-/// RMSNorm over the last dim: the fused CPU op for f32/f64, else composite ops.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, style: NormStyle) -> Result<Tensor> {
-    if super::fused::applies(x) && x.dtype() == w.dtype() {
-        let op = super::fused::RmsNorm { eps, plus_one: style == NormStyle::OnePlusWeight };
-        return Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?);
-    }
-    rms_norm_composite(x, w, eps, style)
-}
-
-/// RMSNorm in f32 as transformers computes it: Llama casts the normalised value to the compute
-/// dtype, then scales by w; Gemma scales by (1 + w) in f32 and casts; OLMo 2 scales by w in f32.
-pub fn rms_norm_composite(x: &Tensor, w: &Tensor, eps: f64, style: NormStyle) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let acc = accum_dtype(dtype);
-    let x32 = x.to_dtype(acc)?;
-    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = x32.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
-    Ok(match style {
-        NormStyle::Weight => normed.to_dtype(dtype)?.broadcast_mul(w)?,
-        NormStyle::OnePlusWeight => normed.broadcast_mul(&(w.to_dtype(acc)? + 1.0)?)?.to_dtype(dtype)?,
-        NormStyle::WeightThenCast => normed.broadcast_mul(&w.to_dtype(acc)?)?.to_dtype(dtype)?,
-    })
-}
-
-/// Softmax over the last dim, differentiable: the fused CPU op, else composite ops.
-pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    if super::fused::applies(x) {
-        return Ok(x.contiguous()?.apply_op1(super::fused::SoftmaxLast)?);
-    }
-    softmax_last_composite(x)
-}
-
-/// Softmax from candle's differentiable ops; the max shift is a constant for autograd.
-pub fn softmax_last_composite(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
-}
-
-/// Rotary embedding of x [n, heads, hd] with cos, sin [n, 1, rotary_dim] (the first
-/// `rotary_dim` dims of each head rotate, the rest pass through: Phi-3's partial rotary).
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (hd, rd) = (x.dim(D::Minus1)?, cos.dim(D::Minus1)?);
-    if rd < hd {
-        let rot = rope(&x.narrow(D::Minus1, 0, rd)?.contiguous()?, cos, sin)?;
-        return Ok(Tensor::cat(&[&rot, &x.narrow(D::Minus1, rd, hd - rd)?], D::Minus1)?);
-    }
-    if super::fused::applies(x) {
-        return Ok(x.contiguous()?.apply_op3(cos, sin, super::fused::Rope)?);
-    }
-    rope_composite(x, cos, sin)
-}
-
-/// x·cos + rotate_half(x)·sin, as transformers' apply_rotary_pos_emb.
-pub fn rope_composite(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    Ok((x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?)?)
-}
-
-fn rotate_half(x: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    Ok(Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?)
-}
-
-/// act(gate) ⊙ up: the fused CPU op for f32/f64, else composite ops.
-pub fn gated_act(gate: &Tensor, up: &Tensor, activation: Activation) -> Result<Tensor> {
-    let gelu_tanh = activation == Activation::GeluTanh;
-    if super::fused::applies(gate) {
-        return Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, super::fused::GatedAct { gelu_tanh })?);
-    }
-    let a = if gelu_tanh { gelu_tanh_composite(gate)? } else { gate.silu()? };
-    Ok((a * up)?)
-}
-
-/// `gelu_pytorch_tanh` from differentiable ops: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
-/// (candle's own `gelu` backward rounds its constants to six digits.)
-pub fn gelu_tanh_composite(x: &Tensor) -> Result<Tensor> {
-    let inner = ((x + (x.powf(3.0)? * 0.044715)?)? * (2.0 / std::f64::consts::PI).sqrt())?;
-    Ok(((x * 0.5)? * (inner.tanh()? + 1.0)?)?)
-}
-
-/// silu(gate) ⊙ up (SwiGLU's activation).
-pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gated_act(gate, up, Activation::Silu)
 }
 
 /// What every layer shares for one forward: the attention layout and cos/sin per rope.
@@ -519,6 +424,19 @@ struct Moe {
     cfg: MoeConfig,
 }
 
+/// The experts each token is routed to (not differentiable), [n·k] row by row: the k largest
+/// router probabilities of `probs` [n, experts], the lower expert index first among equals.
+fn top_k_experts(probs: &Tensor, k: usize) -> Result<Vec<u32>> {
+    let host: Vec<Vec<f32>> = probs.detach().to_dtype(DType::F32)?.to_vec2()?;
+    let mut chosen = Vec::with_capacity(host.len() * k);
+    for row in &host {
+        let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+        idx.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+        chosen.extend_from_slice(&idx[..k]);
+    }
+    Ok(chosen)
+}
+
 impl Moe {
     /// x: [n, d] -> ([n, d], the router logits [n, experts])
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -527,16 +445,8 @@ impl Moe {
         let acc = accum_dtype(dtype);
         let logits = x.matmul(&cast(&self.gate, dtype)?.t()?)?; // [n, E]
         let probs = softmax_last(&logits.to_dtype(acc)?)?;
-        // Which experts, per token (not differentiable): the k largest probabilities, the lower
-        // expert index first among equals.
-        let host: Vec<Vec<f32>> = probs.detach().to_dtype(DType::F32)?.to_vec2()?;
         let k = self.cfg.top_k;
-        let mut chosen = Vec::with_capacity(n * k);
-        for row in &host {
-            let mut idx: Vec<u32> = (0..row.len() as u32).collect();
-            idx.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
-            chosen.extend_from_slice(&idx[..k]);
-        }
+        let chosen = top_k_experts(&probs, k)?;
         let mut weights = probs.gather(&Tensor::from_slice(&chosen, (n, k), x.device())?, 1)?; // [n, k]
         if self.cfg.norm_topk_prob {
             weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
@@ -1010,12 +920,9 @@ impl Decoder {
         let (mut tokens, mut probs) = (vec![0f64; e], Tensor::zeros(e, acc, &self.device)?);
         for logits in router_logits {
             let p = softmax_last(&logits.to_dtype(acc)?)?; // [n, E]
-            let host: Vec<Vec<f32>> = p.detach().to_dtype(DType::F32)?.to_vec2()?;
-            for (row, &wt) in host.iter().zip(weights) {
-                let mut idx: Vec<usize> = (0..e).collect();
-                idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-                for &x in &idx[..moe.top_k] {
-                    tokens[x] += wt as f64;
+            for (row, &wt) in top_k_experts(&p, moe.top_k)?.chunks(moe.top_k).zip(weights) {
+                for &x in row {
+                    tokens[x as usize] += wt as f64;
                 }
             }
             probs = (probs + p.broadcast_mul(&w)?.sum(0)?)?;

@@ -1,7 +1,9 @@
-//! Fused output projection + log-softmax + target pick, with its own backward (softmax −
-//! one-hot), computed in (rows × vocabulary) blocks with a running log-sum-exp: neither the
-//! (tokens × vocab) logits nor their gradient ever exist whole, in the forward or in the
-//! backward. CPU, f32 and f64.
+//! The CPU kernels (f32 and f64) under `ops` and `logprobs`, each a candle custom op with its
+//! own backward: the fused output projection + log-softmax + target pick (softmax − one-hot),
+//! computed in (rows × vocabulary) blocks with a running log-sum-exp so neither the (tokens ×
+//! vocab) logits nor their gradient ever exist whole; a frozen linear layer (no weight
+//! gradient); softmax; RMSNorm; gated activations (SwiGLU, GeGLU); RoPE; and the vectorised
+//! `exp` the softmaxes share.
 use anyhow::Result;
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 use gemm::Parallelism;

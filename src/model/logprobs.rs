@@ -34,7 +34,7 @@ pub fn token_logps_stats(hidden: &Tensor, lm_head: &Tensor, sc: &Scored, softcap
 fn logps_maybe_stats(hidden: &Tensor, lm_head: &Tensor, sc: &Scored, softcap: Option<f64>, stats: bool) -> Result<(Tensor, TokenStats)> {
     let m = sc.rows.len();
     if m == 0 {
-        return Ok((Tensor::zeros(0, super::decoder::accum_dtype(hidden.dtype()), hidden.device())?, TokenStats::default()));
+        return Ok((Tensor::zeros(0, super::ops::accum_dtype(hidden.dtype()), hidden.device())?, TokenStats::default()));
     }
     let h = hidden.index_select(&Tensor::from_slice(&sc.rows, m, hidden.device())?, 0)?;
     if super::fused::applies(&h) {
@@ -116,7 +116,7 @@ impl candle_core::CustomOp3 for RecomputeLogProbs {
         // intermediates alive until the backward ends.
         let (h, w) = (&h.detach(), &w.detach());
         let (m, vocab) = (self.targets.len(), w.dim(0)?);
-        let (dtype, acc, dev) = (h.dtype(), super::decoder::accum_dtype(h.dtype()), h.device());
+        let (dtype, acc, dev) = (h.dtype(), super::ops::accum_dtype(h.dtype()), h.device());
         let block = (CHUNK_ELEMS / m.max(1)).max(1024).min(vocab.max(1));
         let g = grad.to_dtype(acc)?.unsqueeze(1)?; // [m, 1]
         let lse = self.lse.unsqueeze(1)?;
@@ -177,6 +177,19 @@ pub fn token_logps_composite(h: &Tensor, lm_head: &Tensor, targets: &[u32], soft
     Ok(logps_lse(h, &lm_head.to_dtype(h.dtype())?, targets, softcap, false)?.0)
 }
 
+/// Σ over each row of `t` [n, v] as [n, 1] in `t`'s dtype, accumulated in f64: a float32
+/// running sum over a vocabulary drops the many terms far below the largest (e^−20 beside 1),
+/// so it runs low, the log-sum-exp with it, and every log-prob high: +5e-6 nats a token at
+/// 151,936 entries and a logit spread of 5 (PyTorch's float32 CPU log_softmax has the same bias).
+fn row_sums(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(DType::F64)?.sum_keepdim(1)?.to_dtype(t.dtype())?)
+}
+
+/// log of [`row_sums`], taken in f64.
+fn log_row_sums(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(DType::F64)?.sum_keepdim(1)?.log()?.to_dtype(t.dtype())?)
+}
+
 /// log π(target) and log Σ exp(logits) per row, f32 [m] each (f64 for f64), in row chunks;
 /// with `stats`, each row's statistics too.
 fn logps_lse(h: &Tensor, w: &Tensor, targets: &[u32], softcap: Option<f64>, stats: bool) -> Result<(Tensor, Tensor, TokenStats)> {
@@ -188,22 +201,22 @@ fn logps_lse(h: &Tensor, w: &Tensor, targets: &[u32], softcap: Option<f64>, stat
     let (mut logps, mut lses) = (Vec::with_capacity(m.div_ceil(chunk)), Vec::with_capacity(m.div_ceil(chunk)));
     for start in (0..m).step_by(chunk) {
         let n = chunk.min(m - start);
-        let mut logits = h.narrow(0, start, n)?.matmul(&w_t)?.to_dtype(super::decoder::accum_dtype(h.dtype()))?;
+        let mut logits = h.narrow(0, start, n)?.matmul(&w_t)?.to_dtype(super::ops::accum_dtype(h.dtype()))?;
         if let Some(cap) = softcap {
             logits = ((logits / cap)?.tanh()? * cap)?;
         }
         // log_softmax(x)[y] = (x_y - max) - log Σ exp(x - max); the max is a constant for autograd.
         let max = logits.max_keepdim(1)?.detach();
         let shifted = logits.broadcast_sub(&max)?;
-        let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
+        let lse = log_row_sums(&shifted.exp()?)?;
         let tgt = Tensor::from_slice(&targets[start..start + n], (n, 1), dev)?;
         logps.push((shifted.gather(&tgt, 1)? - &lse)?.squeeze(1)?);
         if stats {
             let f = |t: Tensor| -> Result<Vec<f32>> { Ok(t.squeeze(1)?.to_dtype(DType::F32)?.to_vec1()?) };
             let p = shifted.broadcast_sub(&lse)?.exp()?;
             let full_lse = (&lse + &max)?;
-            st.entropy.extend(f((&full_lse - (&p * &logits)?.sum_keepdim(1)?)?)?);
-            st.log_sum_sq.extend(f(p.sqr()?.sum_keepdim(1)?.log()?)?);
+            st.entropy.extend(f((&full_lse - row_sums(&(&p * &logits)?)?)?)?);
+            st.log_sum_sq.extend(f(log_row_sums(&p.sqr()?)?)?);
             st.mean_logit.extend(f(logits.mean_keepdim(1)?)?);
             let arg: Vec<u32> = logits.argmax(1)?.to_vec1()?;
             st.top1.extend(arg.iter().zip(&targets[start..start + n]).map(|(a, t)| a == t));

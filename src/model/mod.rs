@@ -1,11 +1,16 @@
-//! The Llama/Qwen2/Mistral decoder family, built from differentiable candle ops so the same
-//! code computes the reference log-probs (cache-ref) and trains the policy.
+//! The decoder of every supported family (Llama, Mistral, Qwen2/3, Qwen3-MoE, Mixtral, Gemma 2/3,
+//! Phi-3, OLMo 2, SmolLM3: one row each in `config`), built from differentiable candle ops so
+//! the same code computes the reference log-probs (cache-ref), trains the policy and samples:
+//! `config` and `weights` (HF files in), `ops` and `fused` (norms, softmax, RoPE, activations,
+//! log-probs; CPU kernels with backwards and composite twins), `attention`, `decoder`,
+//! `logprobs`, `lora` (PEFT adapters), `reward` (sequence-classification heads); and the device.
 pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod fused;
 pub mod logprobs;
 pub mod lora;
+pub mod ops;
 pub mod reward;
 pub mod weights;
 

@@ -131,22 +131,33 @@ pub fn save_weights(path: &Path, tensors: &BTreeMap<String, Tensor>, dtype: DTyp
     let converted: Vec<(String, Tensor)> = tensors.iter().map(|(k, t)| Ok((k.clone(), t.to_dtype(dtype)?.contiguous()?))).collect::<Result<_>>()?;
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     // Streamed to the partial file (no second copy of the weights in memory), then renamed.
-    let partial = crate::store::atomic::partial_path(path);
-    let written = safetensors::serialize_to_file(converted.iter().map(|(k, t)| (k.as_str(), t)), Some(meta), &partial)
-        .map_err(anyhow::Error::from)
-        .and_then(|_| Ok(std::fs::File::open(&partial)?.sync_all()?));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&partial);
-        return Err(crate::store::space::write_error(&partial, e));
-    }
-    crate::store::atomic::rename_durable(&partial, path)
+    let file = crate::store::PartialFile::create(path)?;
+    safetensors::serialize_to_file(converted.iter().map(|(k, t)| (k.as_str(), t)), Some(meta), file.partial())
+        .map_err(|e| crate::store::space::write_error(file.partial(), e))?;
+    file.commit()
 }
 
-pub fn parse_dtype(s: &str) -> Result<DType> {
-    Ok(match s {
-        "f32" | "float32" => DType::F32,
-        "bf16" | "bfloat16" => DType::BF16,
-        "f16" | "float16" => DType::F16,
-        other => bail!("unsupported dtype `{other}` (use f32, bf16 or f16)"),
-    })
+/// A floating-point dtype as users name it (`--dtype`, `--base-dtype`; torch's names too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FloatDtype {
+    #[value(alias = "float32")]
+    #[serde(alias = "float32")]
+    F32,
+    #[value(alias = "bfloat16")]
+    #[serde(alias = "bfloat16")]
+    Bf16,
+    #[value(alias = "float16")]
+    #[serde(alias = "float16")]
+    F16,
+}
+
+impl FloatDtype {
+    pub fn dtype(self) -> DType {
+        match self {
+            FloatDtype::F32 => DType::F32,
+            FloatDtype::Bf16 => DType::BF16,
+            FloatDtype::F16 => DType::F16,
+        }
+    }
 }

@@ -57,7 +57,7 @@ fn shard_settings(cache: &serde_json::Value, k: usize, n: usize, batch_tokens: u
 pub fn run(cfg: &CacheRefSettings) -> Result<Manifest> {
     cfg.validate()?;
     let prepared = PreparedDataset::open(&cfg.prepared)?;
-    let dtype = weights::parse_dtype(&cfg.dtype)?;
+    let dtype = cfg.dtype.dtype();
     let model_cfg = crate::model::ModelConfig::load(&cfg.model)?;
     check_same_tokenizer(&prepared.manifest, &prepared.dir, &cfg.model)?;
     // Absolute, so `train` finds the reference model whatever directory it runs from.
@@ -189,7 +189,7 @@ fn check_space(out: &Path, n: usize, shard_rows: Option<usize>, what: &str) -> R
         Some(rows) => files.push((out.join(SHARD_ROWS), col(8, rows))),
         None => files.extend([CHOSEN_TOKENS, REJECTED_TOKENS].map(|c| (out.join(c), col(4, n)))),
     }
-    crate::store::space::ensure_free(&files, what)
+    crate::store::ensure_free(&files, what)
 }
 
 /// The log-prob columns being filled (NaN until computed), in [`LOGP_COLUMNS`] order, and

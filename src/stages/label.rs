@@ -2,9 +2,9 @@
 //! prompt's samples into preference rows that `pipeline prepare` reads as they are. Writes
 //! `scores.parquet` (every sample with its score), `prefs.parquet`, `skipped.parquet` (prompts
 //! that gave no pair: ties, fewer than two samples) and the manifest.
-use super::sample::{write_skipped, SkippedRow, SAMPLES};
 use super::{begin, progress, Begin};
-use crate::data::input::{field_at, fields_array, kind_of, str_at, uint_at, Field, Kind, Skip};
+use crate::data::input::{fields_array, Field, Kind, Skip};
+use crate::data::samples::{prefs_schema, samples_file, scores_schema, write_skipped, Sample, SampleReader, SkippedRow, PREFS, SCORES, SKIPPED};
 use crate::data::tokenize::ModelTokenizer;
 use crate::model::reward::RewardModel;
 use crate::model::{self, weights};
@@ -12,9 +12,7 @@ use crate::settings::{LabelSettings, PairMode};
 use crate::store::{file_hash, InputRef, Manifest, ParquetOut};
 use anyhow::{bail, Context, Result};
 use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
-use arrow_schema::{DataType, Field as ArrowField, Schema, SchemaRef};
 use indicatif::ProgressBar;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -23,105 +21,6 @@ use std::time::Instant;
 
 pub const STAGE: &str = "label";
 pub const FORMAT_VERSION: u32 = 1;
-pub const SCORES: &str = "scores.parquet";
-pub const PREFS: &str = "prefs.parquet";
-pub const SKIPPED: &str = "skipped.parquet";
-
-/// One row of samples.parquet.
-#[derive(Clone)]
-pub struct Sample {
-    pub source_file: String,
-    pub source_row: u64,
-    pub sample_index: u32,
-    pub prompt: Field,
-    pub completion: Field,
-}
-
-/// `--samples`: a sample directory or its samples.parquet.
-fn samples_file(p: &Path) -> PathBuf {
-    if p.is_dir() {
-        p.join(SAMPLES)
-    } else {
-        p.to_path_buf()
-    }
-}
-
-/// Reads samples.parquet (the columns `sample` writes; prompt and completion strings or
-/// message lists) a batch of rows at a time.
-pub struct SampleReader {
-    path: PathBuf,
-    pub kind: Kind,
-    pub total: u64,
-    batches: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
-    at: u64,
-}
-
-impl SampleReader {
-    pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file).with_context(|| format!("{}: not a readable parquet file", path.display()))?;
-        let schema = builder.schema().clone();
-        let column = |name: &str| {
-            schema
-                .field_with_name(name)
-                .map_err(|_| anyhow::anyhow!("{}: no column `{name}`: is it the samples.parquet of `pipeline sample`?", path.display()))
-        };
-        let kind = kind_of(path, "prompt", column("prompt")?.data_type())?;
-        let ckind = kind_of(path, "completion", column("completion")?.data_type())?;
-        if kind != ckind {
-            bail!("{}: `prompt` and `completion` must both be strings or both be message lists", path.display());
-        }
-        for name in ["source_file", "source_row", "sample_index"] {
-            column(name)?;
-        }
-        let total = builder.metadata().file_metadata().num_rows() as u64;
-        Ok(Self { path: path.to_path_buf(), kind, total, batches: builder.with_batch_size(1024).build()?, at: 0 })
-    }
-
-    pub fn next_batch(&mut self) -> Result<Option<Vec<Sample>>> {
-        let path = &self.path;
-        let Some(batch) = self.batches.next() else { return Ok(None) };
-        let batch = batch.with_context(|| format!("{}: cannot decode row group", path.display()))?;
-        let col = |n: &str| batch.column_by_name(n).expect("checked").clone();
-        let (file, row, index, prompt, completion) = (col("source_file"), col("source_row"), col("sample_index"), col("prompt"), col("completion"));
-        let mut out = Vec::with_capacity(batch.num_rows());
-        for i in 0..batch.num_rows() {
-            let at = self.at + i as u64;
-            let field =
-                |a: &ArrayRef, name: &str| field_at(a, self.kind, i, name).map_err(|s| anyhow::anyhow!("{}: row {at}: {}", path.display(), s.detail));
-            let bad = |name: &str, what: &str| anyhow::anyhow!("{}: row {at}: column `{name}` is not {what}", path.display());
-            out.push(Sample {
-                source_file: str_at(file.as_ref(), i).ok_or_else(|| bad("source_file", "a string"))?.to_string(),
-                source_row: uint_at(row.as_ref(), i).ok_or_else(|| bad("source_row", "a non-negative integer"))?,
-                sample_index: uint_at(index.as_ref(), i).ok_or_else(|| bad("sample_index", "a non-negative integer"))? as u32,
-                prompt: field(&prompt, "prompt")?,
-                completion: field(&completion, "completion")?,
-            });
-        }
-        self.at += out.len() as u64;
-        Ok(Some(out))
-    }
-
-    /// The samples from row `from` on, one at a time.
-    fn into_rows_from(mut self, from: u64) -> impl Iterator<Item = Result<Sample>> {
-        let mut buf = std::collections::VecDeque::new();
-        let mut skip = from;
-        std::iter::from_fn(move || loop {
-            if let Some(s) = buf.pop_front() {
-                return Some(Ok(s));
-            }
-            match self.next_batch() {
-                Err(e) => return Some(Err(e)),
-                Ok(None) => return None,
-                Ok(Some(b)) => {
-                    let drop = (skip as usize).min(b.len());
-                    skip -= drop as u64;
-                    buf.extend(b.into_iter().skip(drop));
-                }
-            }
-        })
-    }
-}
 
 /// Token ids a reward model reads: prompt + completion as one text (special tokens added), or
 /// the conversation with the completion's messages, chat-templated without a generation prompt.
@@ -419,46 +318,6 @@ pub fn run(cfg: &LabelSettings) -> Result<Manifest> {
         }
     );
     Ok(manifest)
-}
-
-/// The `score` column of a scores.parquet.
-pub fn read_scores(path: &Path) -> Result<Vec<f64>> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).with_context(|| format!("{}: not a readable parquet file", path.display()))?;
-    let mask = parquet::arrow::ProjectionMask::columns(builder.parquet_schema(), ["score"]);
-    let mut out = Vec::new();
-    for batch in builder.with_projection(mask).build()? {
-        let batch = batch?;
-        let col = batch.column_by_name("score").with_context(|| format!("{}: no `score` column", path.display()))?;
-        let col = col.as_any().downcast_ref::<Float64Array>().with_context(|| format!("{}: `score` is not f64", path.display()))?;
-        out.extend(col.values().iter().copied());
-    }
-    Ok(out)
-}
-
-fn scores_schema(kind: Kind) -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        ArrowField::new("source_file", DataType::Utf8, false),
-        ArrowField::new("source_row", DataType::UInt64, false),
-        ArrowField::new("sample_index", DataType::UInt32, false),
-        ArrowField::new("prompt", kind.data_type(), false),
-        ArrowField::new("completion", kind.data_type(), false),
-        ArrowField::new("score", DataType::Float64, false),
-    ]))
-}
-
-fn prefs_schema(kind: Kind) -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        ArrowField::new("prompt", kind.data_type(), false),
-        ArrowField::new("chosen", kind.data_type(), false),
-        ArrowField::new("rejected", kind.data_type(), false),
-        ArrowField::new("chosen_score", DataType::Float64, false),
-        ArrowField::new("rejected_score", DataType::Float64, false),
-        ArrowField::new("source_file", DataType::Utf8, false),
-        ArrowField::new("source_row", DataType::UInt64, false),
-        ArrowField::new("chosen_sample_index", DataType::UInt32, false),
-        ArrowField::new("rejected_sample_index", DataType::UInt32, false),
-    ]))
 }
 
 /// Rows buffered before they go to the parquet writers (whose row groups bound the rest).

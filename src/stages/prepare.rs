@@ -1,4 +1,5 @@
-//! Stage 1: preference parquet -> token ids + manifest (see data::prepared for the format).
+//! Stage 1: preference data (parquet, JSON Lines, JSON, `datasets` directories) -> token ids +
+//! manifest (see data::prepared for the format).
 use super::{begin, progress, Begin};
 use crate::data::input::{expand_inputs, input_hash, Field, PreferenceReader, RawRow, Skip};
 use crate::data::prepared::{PairRecord, PreparedWriter, SkippedRecord, Split, FORMAT_VERSION, STAGE};

@@ -4,7 +4,7 @@
 //! manifest.
 use super::{begin, progress, Begin};
 use crate::data::input::{expand_inputs, fields_array, input_hash, Field, Kind, Message, PromptReader, PromptRow, Skip};
-use crate::data::prepared::rejected_schema;
+use crate::data::samples::{samples_schema, write_skipped, SkippedRow, SAMPLES, SKIPPED};
 use crate::data::tokenize::ModelTokenizer;
 use crate::generate::{generate, Completion, Request, Sampling};
 use crate::model::{self, lora, weights, Decoder, ModelConfig};
@@ -13,7 +13,6 @@ use crate::store::{file_hash, write_atomic, InputRef, Manifest, ParquetOut};
 use anyhow::{bail, Context, Result};
 use arrow_array::builder::{ListBuilder, UInt32Builder};
 use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
-use arrow_schema::{DataType, Field as ArrowField, Schema, SchemaRef};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
@@ -22,23 +21,6 @@ use std::time::Instant;
 
 pub const STAGE: &str = "sample";
 pub const FORMAT_VERSION: u32 = 1;
-pub const SAMPLES: &str = "samples.parquet";
-pub const SKIPPED: &str = "skipped.parquet";
-
-/// samples.parquet's columns; `prompt` and `completion` are strings, or message lists for
-/// conversations (the completion is one assistant message), as `prepare` reads them.
-pub fn samples_schema(kind: Kind) -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        ArrowField::new("source_file", DataType::Utf8, false),
-        ArrowField::new("source_row", DataType::UInt64, false),
-        ArrowField::new("sample_index", DataType::UInt32, false),
-        ArrowField::new("prompt", kind.data_type(), false),
-        ArrowField::new("completion", kind.data_type(), false),
-        ArrowField::new("completion_ids", DataType::List(Arc::new(ArrowField::new("item", DataType::UInt32, true))), false),
-        ArrowField::new("finish_reason", DataType::Utf8, false),
-        ArrowField::new("logp", DataType::Float64, false),
-    ]))
-}
 
 /// A model directory loaded for inference, with a PEFT adapter merged in when given.
 pub fn load_model(model_dir: &Path, adapter: Option<&Path>, dtype: candle_core::DType) -> Result<Decoder> {
@@ -215,7 +197,7 @@ pub fn run(cfg: &SampleSettings) -> Result<Manifest> {
     cfg.validate()?;
     let files = expand_inputs(&cfg.prompts)?;
     let tok = ModelTokenizer::load(&cfg.model, cfg.template_date()?)?;
-    let dtype = weights::parse_dtype(&cfg.dtype)?;
+    let dtype = cfg.dtype.dtype();
     let model_cfg = ModelConfig::load(&cfg.model)?;
     let mut inputs = Vec::new();
     for f in &files {
@@ -303,7 +285,7 @@ pub fn run(cfg: &SampleSettings) -> Result<Manifest> {
         let batch = samples_batch(&tok, kind, &wave, &done, &eos)?;
         let path = part_path(&parts, state.waves);
         // Refused before writing when even the uncompressed rows could not fit.
-        crate::store::space::ensure_free(&[(path.clone(), batch.get_array_memory_size() as u64)], "sample")?;
+        crate::store::ensure_free(&[(path.clone(), batch.get_array_memory_size() as u64)], "sample")?;
         let mut part = ParquetOut::create(&path, samples_schema(kind))?;
         part.write(&batch)?;
         part.finish()?;
@@ -401,20 +383,4 @@ fn samples_batch(tok: &ModelTokenizer, kind: Kind, wave: &[Prompt], done: &[Vec<
         Arc::new(Float64Array::from(logp)),
     ];
     Ok(RecordBatch::try_new(samples_schema(kind), columns)?)
-}
-
-/// A prompt that gave no output: its file, row and why.
-pub type SkippedRow = (Arc<str>, u64, Skip);
-
-/// skipped.parquet: source_file, source_row, reason, detail (the schema of prepare's rejected.parquet).
-pub fn write_skipped(path: &Path, rows: &[SkippedRow]) -> Result<()> {
-    let mut out = ParquetOut::create(path, rejected_schema())?;
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from(rows.iter().map(|r| r.0.to_string()).collect::<Vec<_>>())),
-        Arc::new(UInt64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
-        Arc::new(StringArray::from(rows.iter().map(|r| r.2.reason).collect::<Vec<_>>())),
-        Arc::new(StringArray::from(rows.iter().map(|r| r.2.detail.clone()).collect::<Vec<_>>())),
-    ];
-    out.write(&RecordBatch::try_new(rejected_schema(), columns)?)?;
-    out.finish()
 }

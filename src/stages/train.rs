@@ -259,7 +259,7 @@ fn save_checkpoint(
     // The trained tensors and both moments, all f32: known before writing, so a full disk is
     // refused here rather than found half-way (any older checkpoint stays as it was).
     let elems: usize = policy.vars.iter().map(|v| v.elem_count()).sum();
-    crate::store::space::ensure_free(&[(tmp.join("model.safetensors"), 3 * 4 * elems as u64)], &format!("checkpoint {}", dir.display()))?;
+    crate::store::ensure_free(&[(tmp.join("model.safetensors"), 3 * 4 * elems as u64)], &format!("checkpoint {}", dir.display()))?;
     let written = (|| -> Result<()> {
         policy.save(&tmp, tokenizer_from)?;
         weights::save_weights(&tmp.join("optimizer.safetensors"), &moments, DType::F32)?;
@@ -323,174 +323,275 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
 /// `train` as one rank of `world` (a world of one: the single-process run). Every rank reads
 /// the inputs and trains on its share of each global batch; rank 0 owns `--out`.
 pub fn run_on(cfg: &TrainSettings, world: &World) -> Result<Manifest> {
-    cfg.validate()?;
-    let prepared = PreparedDataset::open(&cfg.prepared)?;
-    // The reference-free losses take no cache (settings.validate refuses one).
-    let reference_free = cfg.loss_config(0.0)?.reference_free();
-    let cache = if reference_free { None } else { Some(RefCache::open(cfg.ref_cache.as_deref().unwrap_or(Path::new("ref_cache")), &prepared)?) };
-    if cfg.ld_alpha.is_some() {
-        if let Some(c) = &cache {
-            c.check_ld()?;
-        }
-    }
-    if world.size > 1 {
-        if let Some((t, _)) = cfg.loss_config(0.0)?.terms.iter().find(|(t, _)| t.batch_level()) {
-            bail!("--loss {} sorts across the whole micro-batch, which data-parallel ranks each hold a part of; train it in one process", t.name());
-        }
-    }
-    let model_dir = match (&cfg.model, &cache) {
-        (Some(m), _) => m.clone(),
-        (None, Some(c)) => c.model_dir()?,
-        (None, None) => bail!("--model is required with a reference-free loss"),
+    let mut t = match Trainer::start(cfg, world)? {
+        Started::UpToDate(m) => return Ok(*m),
+        Started::Ready(t) => *t,
     };
-    check_same_tokenizer(&prepared.manifest, &prepared.dir, &model_dir)?;
-    let train_rows = prepared.rows_of(Split::Train);
-    let eval_rows = prepared.rows_of(Split::Eval);
-    if train_rows.is_empty() {
-        bail!("{}: no train rows", cfg.prepared.display());
-    }
-    // The global batch: what a step's update is the mean over, whatever the number of ranks.
-    let global_batch = cfg.batch_size * world.size;
-    let per_step = global_batch * cfg.grad_accum;
-    let total_steps = cfg.max_steps.unwrap_or_else(|| ((cfg.epochs * train_rows.len() as f64) / per_step as f64).ceil().max(1.0) as usize);
-    // Settings that change the result; paths and run control are not among them. The batch is
-    // the global one, so a run resumes on another number of ranks with the same global batch.
-    let mut settings = serde_json::to_value(cfg)?;
-    settings["batch_size"] = global_batch.into();
-    // Gradient checkpointing, token budgets and a sharded optimizer change memory, not results.
-    for k in [
-        "resume", "force", "prepared", "ref_cache", "out", "model", "stop_after_steps", "adapter", "gradient_checkpointing", "batch_tokens",
-        "max_memory", "shard_optimizer",
-    ] {
-        settings.as_object_mut().expect("a struct").remove(k);
-    }
-    let out = &cfg.out;
-    let checkpoints = out.join("checkpoints");
-    // Rank 0 claims --out and decides where the run starts; the others hear it.
-    let (sd, decision) = if world.is_root() {
-        let mut inputs = vec![InputRef::new("prepared", &cfg.prepared, prepared.fingerprint())];
-        if let Some(c) = &cache {
-            inputs.push(InputRef::new("ref_cache", &c.dir, &c.manifest.fingerprint));
-        }
-        inputs.push(InputRef::new("model", &model_dir, &weights::weights_hash(&model_dir)?));
-        if let Some(a) = &cfg.adapter {
-            let w = a.join(lora::WEIGHTS_FILE);
-            inputs.push(InputRef::new("adapter", a, &crate::store::file_hash(&w)?.blake3));
-        }
-        match begin(STAGE, FORMAT_VERSION, out, inputs, settings, cfg.force)? {
-            Begin::UpToDate(m) => {
-                world.broadcast_string(&mut String::from("up to date"));
-                return Ok(m);
-            }
-            Begin::Run(sd) => {
-                let resume_from = if cfg.resume { latest_checkpoint(out) } else { None };
-                let started = out.join("metrics.jsonl").exists() || checkpoints.exists();
-                if cfg.resume && resume_from.is_none() && started {
-                    eprintln!("train: {} has no complete checkpoint yet; starting from step 0", checkpoints.display());
-                }
-                if !cfg.resume && !cfg.force && started {
-                    bail!("{} already holds a training run; pass --resume to continue it or --force to start over", out.display());
-                }
-                if resume_from.is_none() {
-                    for f in ["metrics.jsonl", "metrics.parquet", "curves.png"] {
-                        let _ = std::fs::remove_file(out.join(f));
-                    }
-                    let _ = std::fs::remove_dir_all(&checkpoints);
-                    let _ = std::fs::remove_dir_all(out.join("final"));
-                }
-                std::fs::create_dir_all(&checkpoints)?;
-                let mut decision = format!("{}\n{}", sd.fingerprint, resume_from.as_ref().map_or(String::new(), |(_, d)| d.display().to_string()));
-                world.broadcast_string(&mut decision);
-                (Some(sd), decision)
-            }
-        }
-    } else {
-        let mut decision = String::new();
-        world.broadcast_string(&mut decision);
-        if decision == "up to date" {
-            return Ok(Manifest::unfinished(STAGE, FORMAT_VERSION, ""));
-        }
-        (None, decision)
-    };
-    let (fp, resume_dir) =
-        decision.split_once('\n').map(|(f, d)| (f.to_string(), (!d.is_empty()).then(|| PathBuf::from(d)))).context("rank 0's decision")?;
-
-    let device = model::device()?;
-    let base_dtype = weights::parse_dtype(&cfg.base_dtype)?;
-    let compute = weights::parse_dtype(&cfg.dtype)?;
-    let policy = Policy::load_mixed(&model_dir, base_dtype, Some(compute), &trainable(cfg)?, cfg.gradient_checkpointing, &device)?;
-    let adam = AdamWConfig { lr: cfg.lr, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay };
-    // ZeRO-1: each parameter's moments live on one rank, which updates it and broadcasts it.
-    let owner = (cfg.shard_optimizer && world.size > 1).then(|| owners(&policy.vars.iter().map(|v| v.elem_count()).collect::<Vec<_>>(), world.size));
-    let mut opt = match &owner {
-        Some(o) => AdamW::sharded(adam, &policy.vars, &o.iter().map(|&r| r == world.rank).collect::<Vec<_>>())?,
-        None => AdamW::new(adam, &policy.vars)?,
-    };
-    let Start { step: start_step, mut cursor, mut num_tokens } = match &resume_dir {
-        Some(dir) => {
-            let s = restore(dir, &fp, &policy, &mut opt)?;
-            if world.is_root() {
-                eprintln!("train: resuming from {} (step {} of {total_steps})", dir.display(), s.step);
-            }
-            s
-        }
-        None => Start { step: 0, cursor: Cursor { epoch: 0, index: 0 }, num_tokens: 0 },
-    };
-    if world.size > 1 && world.is_root() {
-        eprintln!(
-            "train: {} ranks, {} pairs per rank per micro-batch, global batch {per_step} pairs per step{}",
-            world.size,
-            cfg.batch_size,
-            if owner.is_some() { ", optimizer state sharded (ZeRO-1)" } else { "" }
-        );
-    }
-    // The reference is what cache-ref ran, whatever the policy starts from.
-    let ref_decoder = match (&cache, cfg.ref_in_loop) {
-        (Some(c), true) => Some(model::load_decoder(&c.model_dir()?, DType::F32, &device)?),
-        _ => None,
-    };
-    // MoE models: TRL 1.16 adds the router's load-balancing loss whenever the model has one,
-    // weighted by the config's router_aux_loss_coef unless the run sets its own.
-    let router_aux_loss_coef = cfg.router_aux_loss_coef.or(policy.cfg.moe.as_ref().map(|m| m.router_aux_loss_coef)).unwrap_or(0.0);
-    let loss = cfg.loss_config(router_aux_loss_coef)?;
-    // Tokens a micro-batch may hold at once: --batch-tokens, or what --max-memory leaves room
-    // for at the per-token cost measured on one pair; a micro-batch over it runs in pieces.
-    let budget = match (cfg.batch_tokens, cfg.max_memory) {
-        (Some(t), _) => t,
-        (None, Some(gb)) => tokens_for_memory(&policy, &prepared, cache.as_ref(), &train_rows, cfg, &loss, gb)?,
-        (None, None) => usize::MAX,
-    };
-    let metrics_path = out.join("metrics.jsonl");
-    // Keep only what came before the checkpoint we resume from (rank 0 writes the metrics).
-    let mut rows = if world.is_root() { metrics::read_jsonl(&metrics_path, start_step)? } else { vec![] };
-    if world.is_root() {
-        metrics::write_jsonl(&metrics_path, &rows)?;
-    }
-    if start_step == 0 && !eval_rows.is_empty() {
-        let mut row = eval_pass(&policy, &prepared, cache.as_ref(), &eval_rows, cfg, &loss, budget, world)?;
-        row.insert("num_tokens".into(), num_tokens as f64);
-        if world.is_root() {
-            metrics::append_jsonl(&metrics_path, 0, &row)?;
-            rows.push((0, row));
-        }
-    }
-    let mut order = epoch_order(&train_rows, cfg.seed, cursor.epoch, cfg.shuffle);
-    let pb = if world.is_root() { progress(total_steps as u64, "train", "steps") } else { indicatif::ProgressBar::hidden() };
-    pb.set_position(start_step as u64);
-    let (mut tokens_total, t_loop) = (0f64, Instant::now());
-    let mut peak_memory_gb = 0f64;
     let mut steps_run = 0;
-    for step in start_step..total_steps {
+    while t.step < t.total_steps {
         if cfg.stop_after_steps == Some(steps_run) {
-            pb.abandon();
+            t.pb.abandon();
             if world.is_root() {
                 eprintln!("train: stopping after {steps_run} steps as asked; --resume continues");
             }
-            return Ok(Manifest::unfinished(STAGE, FORMAT_VERSION, &fp));
+            return Ok(Manifest::unfinished(STAGE, FORMAT_VERSION, &t.fp));
         }
+        t.step()?;
+        steps_run += 1;
+    }
+    t.finish(steps_run)
+}
+
+/// What `Trainer::start` found: a finished run with these inputs, or a run to continue.
+enum Started<'a> {
+    UpToDate(Box<Manifest>),
+    Ready(Box<Trainer<'a>>),
+}
+
+/// A training run on one rank: what every step reads, and what a step carries to the next
+/// (the step, the data order, the optimizer, the metrics so far).
+struct Trainer<'a> {
+    cfg: &'a TrainSettings,
+    world: &'a World,
+    prepared: PreparedDataset,
+    cache: Option<RefCache>,
+    model_dir: PathBuf,
+    train_rows: Vec<u32>,
+    eval_rows: Vec<u32>,
+    /// Pairs per micro-batch over all ranks, and per optimizer step.
+    global_batch: usize,
+    per_step: usize,
+    total_steps: usize,
+    fp: String,
+    /// Rank 0's hold on --out (None on the other ranks).
+    sd: Option<super::StageDir>,
+    device: candle_core::Device,
+    policy: Policy,
+    opt: AdamW,
+    /// ZeRO-1: the rank that keeps each parameter's moments.
+    owner: Option<Vec<usize>>,
+    /// `--ref-in-loop`: the reference model, run in every step.
+    ref_decoder: Option<crate::model::Decoder>,
+    loss: LossConfig,
+    /// Tokens a micro-batch may hold at once (usize::MAX: no limit).
+    budget: usize,
+    metrics_path: PathBuf,
+    checkpoints: PathBuf,
+    rows: Vec<(usize, Row)>,
+    /// The next step to run (the steps done so far).
+    step: usize,
+    cursor: Cursor,
+    order: Vec<u32>,
+    num_tokens: u64,
+    pb: indicatif::ProgressBar,
+    tokens_total: f64,
+    t_loop: Instant,
+    peak_memory_gb: f64,
+}
+
+impl<'a> Trainer<'a> {
+    /// Checks the inputs, claims --out (rank 0), loads the policy and optimizer (from the
+    /// newest checkpoint with --resume) and runs the step-0 evaluation of a fresh run.
+    fn start(cfg: &'a TrainSettings, world: &'a World) -> Result<Started<'a>> {
+        cfg.validate()?;
+        let prepared = PreparedDataset::open(&cfg.prepared)?;
+        // The reference-free losses take no cache (settings.validate refuses one).
+        let reference_free = cfg.loss.reference_free();
+        let cache = if reference_free { None } else { Some(RefCache::open(cfg.ref_cache.as_deref().unwrap_or(Path::new("ref_cache")), &prepared)?) };
+        if cfg.ld_alpha.is_some() {
+            if let Some(c) = &cache {
+                c.check_ld()?;
+            }
+        }
+        if world.size > 1 {
+            if let Some(t) = cfg.loss.0.iter().find(|t| t.batch_level()) {
+                bail!(
+                    "--loss {} sorts across the whole micro-batch, which data-parallel ranks each hold a part of; train it in one process",
+                    t.name()
+                );
+            }
+        }
+        let model_dir = match (&cfg.model, &cache) {
+            (Some(m), _) => m.clone(),
+            (None, Some(c)) => c.model_dir()?,
+            (None, None) => bail!("--model is required with a reference-free loss"),
+        };
+        check_same_tokenizer(&prepared.manifest, &prepared.dir, &model_dir)?;
+        let train_rows = prepared.rows_of(Split::Train);
+        let eval_rows = prepared.rows_of(Split::Eval);
+        if train_rows.is_empty() {
+            bail!("{}: no train rows", cfg.prepared.display());
+        }
+        // The global batch: what a step's update is the mean over, whatever the number of ranks.
+        let global_batch = cfg.batch_size * world.size;
+        let per_step = global_batch * cfg.grad_accum;
+        let total_steps = cfg.max_steps.unwrap_or_else(|| ((cfg.epochs * train_rows.len() as f64) / per_step as f64).ceil().max(1.0) as usize);
+        // Settings that change the result; paths and run control are not among them. The batch is
+        // the global one, so a run resumes on another number of ranks with the same global batch.
+        let mut settings = serde_json::to_value(cfg)?;
+        settings["batch_size"] = global_batch.into();
+        // Gradient checkpointing, token budgets and a sharded optimizer change memory, not results.
+        for k in [
+            "resume", "force", "prepared", "ref_cache", "out", "model", "stop_after_steps", "adapter", "gradient_checkpointing", "batch_tokens",
+            "max_memory", "shard_optimizer",
+        ] {
+            settings.as_object_mut().expect("a struct").remove(k);
+        }
+        let out = &cfg.out;
+        let checkpoints = out.join("checkpoints");
+        // Rank 0 claims --out and decides where the run starts; the others hear it.
+        let (sd, decision) = if world.is_root() {
+            let mut inputs = vec![InputRef::new("prepared", &cfg.prepared, prepared.fingerprint())];
+            if let Some(c) = &cache {
+                inputs.push(InputRef::new("ref_cache", &c.dir, &c.manifest.fingerprint));
+            }
+            inputs.push(InputRef::new("model", &model_dir, &weights::weights_hash(&model_dir)?));
+            if let Some(a) = &cfg.adapter {
+                let w = a.join(lora::WEIGHTS_FILE);
+                inputs.push(InputRef::new("adapter", a, &crate::store::file_hash(&w)?.blake3));
+            }
+            match begin(STAGE, FORMAT_VERSION, out, inputs, settings, cfg.force)? {
+                Begin::UpToDate(m) => {
+                    world.broadcast_string(&mut String::from("up to date"));
+                    return Ok(Started::UpToDate(Box::new(m)));
+                }
+                Begin::Run(sd) => {
+                    let resume_from = if cfg.resume { latest_checkpoint(out) } else { None };
+                    let started = out.join("metrics.jsonl").exists() || checkpoints.exists();
+                    if cfg.resume && resume_from.is_none() && started {
+                        eprintln!("train: {} has no complete checkpoint yet; starting from step 0", checkpoints.display());
+                    }
+                    if !cfg.resume && !cfg.force && started {
+                        bail!("{} already holds a training run; pass --resume to continue it or --force to start over", out.display());
+                    }
+                    if resume_from.is_none() {
+                        for f in ["metrics.jsonl", "metrics.parquet", "curves.png"] {
+                            let _ = std::fs::remove_file(out.join(f));
+                        }
+                        let _ = std::fs::remove_dir_all(&checkpoints);
+                        let _ = std::fs::remove_dir_all(out.join("final"));
+                    }
+                    std::fs::create_dir_all(&checkpoints)?;
+                    let mut decision =
+                        format!("{}\n{}", sd.fingerprint, resume_from.as_ref().map_or(String::new(), |(_, d)| d.display().to_string()));
+                    world.broadcast_string(&mut decision);
+                    (Some(sd), decision)
+                }
+            }
+        } else {
+            let mut decision = String::new();
+            world.broadcast_string(&mut decision);
+            if decision == "up to date" {
+                return Ok(Started::UpToDate(Box::new(Manifest::unfinished(STAGE, FORMAT_VERSION, ""))));
+            }
+            (None, decision)
+        };
+        let (fp, resume_dir) =
+            decision.split_once('\n').map(|(f, d)| (f.to_string(), (!d.is_empty()).then(|| PathBuf::from(d)))).context("rank 0's decision")?;
+
+        let device = model::device()?;
+        let policy =
+            Policy::load_mixed(&model_dir, cfg.base_dtype.dtype(), Some(cfg.dtype.dtype()), &trainable(cfg)?, cfg.gradient_checkpointing, &device)?;
+        let adam = AdamWConfig { lr: cfg.lr, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay };
+        // ZeRO-1: each parameter's moments live on one rank, which updates it and broadcasts it.
+        let owner =
+            (cfg.shard_optimizer && world.size > 1).then(|| owners(&policy.vars.iter().map(|v| v.elem_count()).collect::<Vec<_>>(), world.size));
+        let mut opt = match &owner {
+            Some(o) => AdamW::sharded(adam, &policy.vars, &o.iter().map(|&r| r == world.rank).collect::<Vec<_>>())?,
+            None => AdamW::new(adam, &policy.vars)?,
+        };
+        let Start { step, cursor, num_tokens } = match &resume_dir {
+            Some(dir) => {
+                let s = restore(dir, &fp, &policy, &mut opt)?;
+                if world.is_root() {
+                    eprintln!("train: resuming from {} (step {} of {total_steps})", dir.display(), s.step);
+                }
+                s
+            }
+            None => Start { step: 0, cursor: Cursor { epoch: 0, index: 0 }, num_tokens: 0 },
+        };
+        if world.size > 1 && world.is_root() {
+            eprintln!(
+                "train: {} ranks, {} pairs per rank per micro-batch, global batch {per_step} pairs per step{}",
+                world.size,
+                cfg.batch_size,
+                if owner.is_some() { ", optimizer state sharded (ZeRO-1)" } else { "" }
+            );
+        }
+        // The reference is what cache-ref ran, whatever the policy starts from.
+        let ref_decoder = match (&cache, cfg.ref_in_loop) {
+            (Some(c), true) => Some(model::load_decoder(&c.model_dir()?, DType::F32, &device)?),
+            _ => None,
+        };
+        // MoE models: TRL 1.16 adds the router's load-balancing loss whenever the model has one,
+        // weighted by the config's router_aux_loss_coef unless the run sets its own.
+        let router_aux_loss_coef = cfg.router_aux_loss_coef.or(policy.cfg.moe.as_ref().map(|m| m.router_aux_loss_coef)).unwrap_or(0.0);
+        let loss = cfg.loss_config(router_aux_loss_coef)?;
+        // Tokens a micro-batch may hold at once: --batch-tokens, or what --max-memory leaves room
+        // for at the per-token cost measured on one pair; a micro-batch over it runs in pieces.
+        let budget = match (cfg.batch_tokens, cfg.max_memory) {
+            (Some(t), _) => t,
+            (None, Some(gb)) => tokens_for_memory(&policy, &prepared, cache.as_ref(), &train_rows, cfg, &loss, gb)?,
+            (None, None) => usize::MAX,
+        };
+        let metrics_path = out.join("metrics.jsonl");
+        // Keep only what came before the checkpoint we resume from (rank 0 writes the metrics).
+        let rows = if world.is_root() { metrics::read_jsonl(&metrics_path, step)? } else { vec![] };
+        if world.is_root() {
+            metrics::write_jsonl(&metrics_path, &rows)?;
+        }
+        let order = epoch_order(&train_rows, cfg.seed, cursor.epoch, cfg.shuffle);
+        let mut t = Trainer {
+            cfg,
+            world,
+            prepared,
+            cache,
+            model_dir,
+            train_rows,
+            eval_rows,
+            global_batch,
+            per_step,
+            total_steps,
+            fp,
+            sd,
+            device,
+            policy,
+            opt,
+            owner,
+            ref_decoder,
+            loss,
+            budget,
+            metrics_path,
+            checkpoints,
+            rows,
+            step,
+            cursor,
+            order,
+            num_tokens,
+            pb: indicatif::ProgressBar::hidden(),
+            tokens_total: 0.0,
+            t_loop: Instant::now(),
+            peak_memory_gb: 0.0,
+        };
+        if t.step == 0 && !t.eval_rows.is_empty() {
+            t.evaluate(0)?;
+        }
+        if world.is_root() {
+            t.pb = progress(total_steps as u64, "train", "steps");
+        }
+        t.pb.set_position(t.step as u64);
+        t.t_loop = Instant::now();
+        Ok(Started::Ready(Box::new(t)))
+    }
+
+    /// One optimizer step: the micro-batches' gradients (this rank's share of each global one,
+    /// in pieces under the token budget), summed over the ranks, clipped, AdamW; then the step's
+    /// metrics, and the evaluation and checkpoint when they are due.
+    fn step(&mut self) -> Result<()> {
+        let (cfg, world, step) = (self.cfg, self.world, self.step);
         let t_step = Instant::now();
         crate::memory::reset_peak();
-        let lr = cfg.lr * lr_factor(cfg.scheduler, step, cfg.warmup_steps, total_steps);
+        let lr = cfg.lr * lr_factor(cfg.scheduler, step, cfg.warmup_steps, self.total_steps);
         let mut acc: Option<Vec<Tensor>> = None;
         let mut stats = Stats::default();
         // This rank's tokens through the policy, and TRL's count of the step's tokens.
@@ -498,23 +599,30 @@ pub fn run_on(cfg: &TrainSettings, world: &World) -> Result<Manifest> {
         // Where the step's time goes: policy forward + loss, backward, clipping + AdamW.
         let (mut fwd_s, mut bwd_s) = (0.0, 0.0);
         for micro in 0..cfg.grad_accum {
-            policy.reseed(cfg.seed, step, micro * world.size + world.rank);
+            self.policy.reseed(cfg.seed, step, micro * world.size + world.rank);
             // The global micro-batch (the same on every rank); this rank's share is every W-th.
-            let global = cursor.take(&train_rows, cfg.seed, cfg.shuffle, global_batch, &mut order);
-            let whole = Whole::of(&global.iter().map(|&i| prepared.pair(i as usize)).collect::<Vec<_>>());
+            let global = self.cursor.take(&self.train_rows, cfg.seed, cfg.shuffle, self.global_batch, &mut self.order);
+            let whole = Whole::of(&global.iter().map(|&i| self.prepared.pair(i as usize)).collect::<Vec<_>>());
             let ids: Vec<u32> = global.iter().skip(world.rank).step_by(world.size).copied().collect();
-            let pairs: Vec<PairView> = ids.iter().map(|&i| prepared.pair(i as usize)).collect();
-            let refs = match (&ref_decoder, &cache) {
-                (Some(r), _) => Some(RefRows::computed(r, cfg.layout, &pairs, loss.ld_alpha.is_some())?),
+            let pairs: Vec<PairView> = ids.iter().map(|&i| self.prepared.pair(i as usize)).collect();
+            let refs = match (&self.ref_decoder, &self.cache) {
+                (Some(r), _) => Some(RefRows::computed(r, cfg.layout, &pairs, self.loss.ld_alpha.is_some())?),
                 (None, Some(c)) => Some(RefRows::of(c, &ids)),
                 (None, None) => None,
             };
-            for r in pieces(cfg, &loss, &pairs, budget)? {
+            for r in pieces(cfg, &self.loss, &pairs, self.budget)? {
                 let t = Instant::now();
-                let b = batch_loss(&policy.decoder, cfg.layout, &loss, &pairs[r.clone()], refs.as_ref().map(|x| x.view().slice(r.clone())), whole)?;
+                let b = batch_loss(
+                    &self.policy.decoder,
+                    cfg.layout,
+                    &self.loss,
+                    &pairs[r.clone()],
+                    refs.as_ref().map(|x| x.view().slice(r.clone())),
+                    whole,
+                )?;
                 fwd_s += t.elapsed().as_secs_f64();
                 let t = Instant::now();
-                let grads = gradients(&(&b.loss / cfg.grad_accum as f64)?, &policy)?;
+                let grads = gradients(&(&b.loss / cfg.grad_accum as f64)?, &self.policy)?;
                 bwd_s += t.elapsed().as_secs_f64();
                 acc = Some(match acc {
                     None => grads,
@@ -530,12 +638,12 @@ pub fn run_on(cfg: &TrainSettings, world: &World) -> Result<Manifest> {
         // Each rank's gradient is its share of the global mean: summed, it is the whole.
         let grads = world.sum_tensors(acc.expect("grad_accum >= 1"))?;
         world.sum_f64(&mut counts);
-        num_tokens += counts[1] as u64;
+        self.num_tokens += counts[1] as u64;
         let t = Instant::now();
         let (grad_norm, clipped) = clip_by_global_norm(&grads, cfg.max_grad_norm)?;
-        opt.step(&policy.vars, &clipped, lr)?;
-        if let Some(o) = &owner {
-            for (i, v) in policy.vars.iter().enumerate() {
+        self.opt.step(&self.policy.vars, &clipped, lr)?;
+        if let Some(o) = &self.owner {
+            for (i, v) in self.policy.vars.iter().enumerate() {
                 let t = world.broadcast_tensor(v.as_tensor(), o[i])?;
                 if o[i] != world.rank {
                     v.set(&t)?;
@@ -544,11 +652,12 @@ pub fn run_on(cfg: &TrainSettings, world: &World) -> Result<Manifest> {
         }
         let opt_s = t.elapsed().as_secs_f64();
         let n = step + 1;
+        self.step = n;
         let dt = t_step.elapsed().as_secs_f64();
-        tokens_total += counts[0];
-        let mut peak = [crate::memory::peak_bytes(&device) as f64 / 1e9];
+        self.tokens_total += counts[0];
+        let mut peak = [crate::memory::peak_bytes(&self.device) as f64 / 1e9];
         world.max_f64(&mut peak);
-        peak_memory_gb = peak_memory_gb.max(peak[0]);
+        self.peak_memory_gb = self.peak_memory_gb.max(peak[0]);
         let mut row = Row::new();
         stats.into_row("", &mut row);
         row.insert("grad_norm".into(), grad_norm);
@@ -559,65 +668,85 @@ pub fn run_on(cfg: &TrainSettings, world: &World) -> Result<Manifest> {
         row.insert("backward_seconds".into(), bwd_s);
         row.insert("optimizer_seconds".into(), opt_s);
         row.insert("peak_memory_gb".into(), peak[0]);
-        row.insert("epoch".into(), (n * per_step) as f64 / train_rows.len() as f64);
-        row.insert("num_tokens".into(), num_tokens as f64);
-        pb.set_message(format!(
+        row.insert("epoch".into(), (n * self.per_step) as f64 / self.train_rows.len() as f64);
+        row.insert("num_tokens".into(), self.num_tokens as f64);
+        self.pb.set_message(format!(
             "loss {:.4} acc {:.2} {:.0} tok/s",
             row["loss"],
             row["rewards/accuracies"],
-            tokens_total / t_loop.elapsed().as_secs_f64().max(1e-9)
+            self.tokens_total / self.t_loop.elapsed().as_secs_f64().max(1e-9)
         ));
-        if world.is_root() {
-            metrics::append_jsonl(&metrics_path, n, &row)?;
-            rows.push((n, row));
+        self.record(n, row)?;
+        if !self.eval_rows.is_empty() && cfg.eval_every > 0 && (n % cfg.eval_every == 0 || n == self.total_steps) {
+            self.evaluate(n)?;
         }
-        if !eval_rows.is_empty() && cfg.eval_every > 0 && (n % cfg.eval_every == 0 || n == total_steps) {
-            let mut row = eval_pass(&policy, &prepared, cache.as_ref(), &eval_rows, cfg, &loss, budget, world)?;
-            row.insert("num_tokens".into(), num_tokens as f64);
+        if cfg.save_every > 0 && n % cfg.save_every == 0 && n < self.total_steps {
+            self.save(&self.checkpoints.join(format!("step-{n}")))?;
             if world.is_root() {
-                metrics::append_jsonl(&metrics_path, n, &row)?;
-                rows.push((n, row));
+                metrics::write_parquet(&self.cfg.out.join("metrics.parquet"), &self.rows)?;
             }
         }
-        if cfg.save_every > 0 && n % cfg.save_every == 0 && n < total_steps {
-            let state = TrainerState { step: n, cursor, adam_t: opt.t, fingerprint: fp.clone(), num_tokens };
-            save_checkpoint(&checkpoints.join(format!("step-{n}")), &policy, &opt, owner.as_deref(), &state, &model_dir, world)?;
-            if world.is_root() {
-                metrics::write_parquet(&out.join("metrics.parquet"), &rows)?;
-            }
+        self.pb.inc(1);
+        Ok(())
+    }
+
+    /// Appends a metrics row (rank 0 writes the metrics).
+    fn record(&mut self, step: usize, row: Row) -> Result<()> {
+        if self.world.is_root() {
+            metrics::append_jsonl(&self.metrics_path, step, &row)?;
+            self.rows.push((step, row));
         }
-        pb.inc(1);
-        steps_run += 1;
+        Ok(())
     }
-    pb.finish_and_clear();
-    let state = TrainerState { step: total_steps, cursor, adam_t: opt.t, fingerprint: fp.clone(), num_tokens };
-    save_checkpoint(&out.join("final"), &policy, &opt, owner.as_deref(), &state, &model_dir, world)?;
-    let Some(sd) = sd else { return Ok(Manifest::unfinished(STAGE, FORMAT_VERSION, &fp)) };
-    metrics::write_parquet(&out.join("metrics.parquet"), &rows)?;
-    if let Err(e) = crate::train::plot::curves(&out.join("curves.png"), &rows) {
-        eprintln!("train: could not draw curves.png: {e:#}");
+
+    /// The eval split's metrics after `step` steps.
+    fn evaluate(&mut self, step: usize) -> Result<()> {
+        let mut row = eval_pass(&self.policy, &self.prepared, self.cache.as_ref(), &self.eval_rows, self.cfg, &self.loss, self.budget, self.world)?;
+        row.insert("num_tokens".into(), self.num_tokens as f64);
+        self.record(step, row)
     }
-    let last = |k: &str| rows.iter().rev().find_map(|(_, r)| r.get(k).copied());
-    let counts = [
-        ("steps".to_string(), total_steps as u64),
-        ("pairs_train".to_string(), train_rows.len() as u64),
-        ("pairs_eval".to_string(), eval_rows.len() as u64),
-    ]
-    .into();
-    let stats = serde_json::json!({
-        "final_loss": last("loss"), "final_eval_loss": last("eval/loss"), "final_eval_accuracy": last("eval/rewards/accuracies"),
-        "final_eval_margin": last("eval/rewards/margins"),
-        "tokens_per_s": tokens_total / t_loop.elapsed().as_secs_f64().max(1e-9),
-        "seconds_per_step": t_loop.elapsed().as_secs_f64() / steps_run.max(1) as f64,
-        "peak_memory_gb": peak_memory_gb,
-        "micro_batch_tokens": (budget != usize::MAX).then_some(budget),
-        "world_size": world.size,
-        "shard_optimizer": owner.is_some(),
-    });
-    let manifest = sd.manifest(counts, stats);
-    let wall = manifest.timings["wall_s"];
-    let weights_file = if policy.lora.is_some() { "final/adapter_model.safetensors" } else { "final/model.safetensors" };
-    let manifest = sd.finish(manifest, &["metrics.parquet", weights_file])?;
-    eprintln!("train: {total_steps} steps in {wall:.1}s; final model in {}", out.join("final").display());
-    Ok(manifest)
+
+    /// A checkpoint of where the run stands, in `dir` (every rank calls it; rank 0 writes).
+    fn save(&self, dir: &Path) -> Result<()> {
+        let state =
+            TrainerState { step: self.step, cursor: self.cursor, adam_t: self.opt.t, fingerprint: self.fp.clone(), num_tokens: self.num_tokens };
+        save_checkpoint(dir, &self.policy, &self.opt, self.owner.as_deref(), &state, &self.model_dir, self.world)
+    }
+
+    /// The final model, metrics.parquet, curves.png and the manifest (rank 0).
+    fn finish(mut self, steps_run: usize) -> Result<Manifest> {
+        self.pb.finish_and_clear();
+        let out = self.cfg.out.clone();
+        self.save(&out.join("final"))?;
+        let Some(sd) = self.sd.take() else { return Ok(Manifest::unfinished(STAGE, FORMAT_VERSION, &self.fp)) };
+        let rows = &self.rows;
+        metrics::write_parquet(&out.join("metrics.parquet"), rows)?;
+        if let Err(e) = crate::train::plot::curves(&out.join("curves.png"), rows) {
+            eprintln!("train: could not draw curves.png: {e:#}");
+        }
+        let last = |k: &str| rows.iter().rev().find_map(|(_, r)| r.get(k).copied());
+        let total_steps = self.total_steps;
+        let counts = [
+            ("steps".to_string(), total_steps as u64),
+            ("pairs_train".to_string(), self.train_rows.len() as u64),
+            ("pairs_eval".to_string(), self.eval_rows.len() as u64),
+        ]
+        .into();
+        let stats = serde_json::json!({
+            "final_loss": last("loss"), "final_eval_loss": last("eval/loss"), "final_eval_accuracy": last("eval/rewards/accuracies"),
+            "final_eval_margin": last("eval/rewards/margins"),
+            "tokens_per_s": self.tokens_total / self.t_loop.elapsed().as_secs_f64().max(1e-9),
+            "seconds_per_step": self.t_loop.elapsed().as_secs_f64() / steps_run.max(1) as f64,
+            "peak_memory_gb": self.peak_memory_gb,
+            "micro_batch_tokens": (self.budget != usize::MAX).then_some(self.budget),
+            "world_size": self.world.size,
+            "shard_optimizer": self.owner.is_some(),
+        });
+        let manifest = sd.manifest(counts, stats);
+        let wall = manifest.timings["wall_s"];
+        let weights_file = if self.policy.lora.is_some() { "final/adapter_model.safetensors" } else { "final/model.safetensors" };
+        let manifest = sd.finish(manifest, &["metrics.parquet", weights_file])?;
+        eprintln!("train: {total_steps} steps in {wall:.1}s; final model in {}", out.join("final").display());
+        Ok(manifest)
+    }
 }

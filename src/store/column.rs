@@ -3,14 +3,14 @@
 //!
 //! Header: magic `DPOCOLMN` (8 bytes), format version u32, dtype code u32, value count u64,
 //! fingerprint (32 bytes: the owning stage's fingerprint, hex-decoded), 8 reserved zero bytes.
-use super::atomic::{partial_path, rename_durable};
-use super::space::{allocate, write_error};
+use super::atomic::PartialFile;
+use super::space::write_error;
 use anyhow::{bail, Context, Result};
 use memmap2::{Mmap, MmapMut};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::marker::PhantomData;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[cfg(not(target_endian = "little"))]
 compile_error!("column files are little-endian and mapped directly");
@@ -137,24 +137,22 @@ impl<T: Pod> Column<T> {
 /// Streams values to `NAME.partial`; `finish` writes the final header and renames.
 /// Dropped unfinished (an error on the way), the partial file is removed.
 pub struct ColumnWriter<T: Pod> {
-    out: Option<BufWriter<File>>,
-    path: PathBuf,
+    out: BufWriter<File>,
+    file: PartialFile,
     count: u64,
     _t: PhantomData<T>,
 }
 
 impl<T: Pod> ColumnWriter<T> {
     pub fn create(path: &Path) -> Result<Self> {
-        let partial = partial_path(path);
-        let file = File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
-        out.write_all(&[0u8; HEADER_BYTES]).map_err(|e| write_error(&partial, e))?;
-        Ok(Self { out: Some(out), path: path.to_path_buf(), count: 0, _t: PhantomData })
+        let file = PartialFile::create(path)?;
+        let mut out = BufWriter::with_capacity(1 << 20, file.try_clone_file()?);
+        out.write_all(&[0u8; HEADER_BYTES]).map_err(|e| write_error(file.partial(), e))?;
+        Ok(Self { out, file, count: 0, _t: PhantomData })
     }
 
     pub fn push(&mut self, values: &[T]) -> Result<()> {
-        let out = self.out.as_mut().expect("open until finish");
-        out.write_all(bytemuck::cast_slice(values)).map_err(|e| write_error(&partial_path(&self.path), e))?;
+        self.out.write_all(bytemuck::cast_slice(values)).map_err(|e| write_error(self.file.partial(), e))?;
         self.count += values.len() as u64;
         Ok(())
     }
@@ -163,28 +161,17 @@ impl<T: Pod> ColumnWriter<T> {
         self.count
     }
 
-    pub fn finish(mut self, fingerprint: &str) -> Result<()> {
-        let partial = partial_path(&self.path);
-        let out = self.out.take().expect("open until finish");
+    pub fn finish(self, fingerprint: &str) -> Result<()> {
+        let Self { out, mut file, count, .. } = self;
+        let header = header(T::DTYPE, count, fingerprint);
         let done = (|| -> std::io::Result<()> {
-            let mut file = out.into_inner().map_err(|e| e.into_error())?;
-            file.seek(SeekFrom::Start(0))?;
-            file.write_all(&header(T::DTYPE, self.count, fingerprint))?;
-            file.sync_all()
+            out.into_inner().map_err(|e| e.into_error())?;
+            let f = file.file();
+            f.seek(SeekFrom::Start(0))?;
+            f.write_all(&header)
         })();
-        if let Err(e) = done {
-            let _ = std::fs::remove_file(&partial);
-            return Err(write_error(&partial, e));
-        }
-        rename_durable(&partial_path(&self.path), &self.path)
-    }
-}
-
-impl<T: Pod> Drop for ColumnWriter<T> {
-    fn drop(&mut self) {
-        if self.out.take().is_some() {
-            let _ = std::fs::remove_file(partial_path(&self.path));
-        }
+        done.map_err(|e| write_error(file.partial(), e))?;
+        file.commit()
     }
 }
 
@@ -192,7 +179,7 @@ impl<T: Pod> Drop for ColumnWriter<T> {
 /// Lives under `NAME.partial` until `finish`; reopening an existing partial file resumes it.
 pub struct ColumnFill<T: Pod> {
     map: MmapMut,
-    path: PathBuf,
+    file: PartialFile,
     _t: PhantomData<T>,
 }
 
@@ -200,37 +187,21 @@ impl<T: Pod> ColumnFill<T> {
     /// Opens `NAME.partial` if it exists with the same length and fingerprint, else creates it
     /// filled with `fill`. Returns whether an existing partial file was reused.
     pub fn open_or_create(path: &Path, len: usize, fingerprint: &str, fill: T) -> Result<(Self, bool)> {
-        let partial = partial_path(path);
-        if partial.exists() {
-            let file = OpenOptions::new().read(true).write(true).open(&partial)?;
-            // SAFETY: we own the partial file; no one else maps it while this job runs.
-            let map = unsafe { MmapMut::map_mut(&file) }?;
-            if check_header(&partial, &map, T::DTYPE, Some(fingerprint)).ok() == Some(len as u64) {
-                // A partial file from an older build may be sparse.
-                allocate(&file, &partial, map.len() as u64)?;
-                return Ok((Self { map, path: path.to_path_buf(), _t: PhantomData }, true));
-            }
+        let bytes = (HEADER_BYTES + len * std::mem::size_of::<T>()) as u64;
+        let same = |f: &File| -> Result<bool> {
+            // SAFETY: a read-only map of our own partial file, dropped before it is written.
+            let map = unsafe { Mmap::map(f) }?;
+            Ok(check_header(path, &map, T::DTYPE, Some(fingerprint)).ok() == Some(len as u64))
+        };
+        let (file, resumed) = PartialFile::resume_or_allocate(path, bytes, same)?;
+        // SAFETY: we own the partial file; no one else maps it while this job runs.
+        let map = unsafe { MmapMut::map_mut(&file.try_clone_file()?) }?;
+        let mut me = Self { map, file, _t: PhantomData };
+        if !resumed {
+            me.map[..HEADER_BYTES].copy_from_slice(&header(T::DTYPE, len as u64, fingerprint));
+            me.values_mut().fill(fill);
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&partial)
-            .with_context(|| format!("cannot create {}", partial.display()))?;
-        // Allocated, not just sized: a sparse file's pages could find the disk full when first
-        // written through the map, which is SIGBUS rather than an error.
-        if let Err(e) = allocate(&file, &partial, (HEADER_BYTES + len * std::mem::size_of::<T>()) as u64) {
-            drop(file);
-            let _ = std::fs::remove_file(&partial);
-            return Err(e);
-        }
-        // SAFETY: as above.
-        let mut map = unsafe { MmapMut::map_mut(&file) }?;
-        map[..HEADER_BYTES].copy_from_slice(&header(T::DTYPE, len as u64, fingerprint));
-        let mut me = Self { map, path: path.to_path_buf(), _t: PhantomData };
-        me.values_mut().fill(fill);
-        Ok((me, false))
+        Ok((me, resumed))
     }
 
     pub fn values(&self) -> &[T] {
@@ -243,12 +214,12 @@ impl<T: Pod> ColumnFill<T> {
 
     /// Makes written values durable (call before recording progress).
     pub fn flush(&self) -> Result<()> {
-        self.map.flush().map_err(|e| write_error(&partial_path(&self.path), e))
+        self.map.flush().map_err(|e| write_error(self.file.partial(), e))
     }
 
     pub fn finish(self) -> Result<()> {
         self.flush()?;
         drop(self.map);
-        rename_durable(&partial_path(&self.path), &self.path)
+        self.file.commit()
     }
 }

@@ -22,22 +22,21 @@ pub fn parquet_props() -> WriterProperties {
 pub struct ParquetOut {
     writer: ArrowWriter<std::fs::File>,
     file: PartialFile,
-    partial: std::path::PathBuf,
 }
 
 impl ParquetOut {
     pub fn create(path: &Path, schema: SchemaRef) -> Result<Self> {
         let file = PartialFile::create(path)?;
         let writer = ArrowWriter::try_new(file.try_clone_file()?, schema, Some(parquet_props()))?;
-        Ok(Self { writer, file, partial: super::atomic::partial_path(path) })
+        Ok(Self { writer, file })
     }
 
     pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
-        self.writer.write(batch).map_err(|e| write_error(&self.partial, e))
+        self.writer.write(batch).map_err(|e| write_error(self.file.partial(), e))
     }
 
     pub fn finish(self) -> Result<()> {
-        self.writer.close().map_err(|e| write_error(&self.partial, e))?;
+        self.writer.close().map_err(|e| write_error(self.file.partial(), e))?;
         self.file.commit()
     }
 }

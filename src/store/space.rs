@@ -1,15 +1,15 @@
-//! Disk space. A write through a memory map to pages the filesystem cannot back kills the
-//! process with SIGBUS, so mapped files are allocated whole first; a full disk or a quota is
-//! then an error at allocation. Stages that know their output size check it before working,
-//! and every write error from a full disk names the file, the bytes needed and the bytes free.
+//! Disk space, below every writer: free bytes, allocation before mapping (a write through a
+//! memory map to pages the filesystem cannot back kills the process with SIGBUS, so mapped files
+//! are allocated whole first and a full disk is an error at allocation), and the message every
+//! write error from a full disk or quota carries: the file, the bytes needed and the bytes free.
 use anyhow::{anyhow, Result};
 use std::fs::File;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Bytes an unprivileged writer may still use on the filesystem holding `path` (or its nearest
 /// existing ancestor); None where the system cannot say.
-fn free_bytes(path: &Path) -> Option<u64> {
+pub(super) fn free_bytes(path: &Path) -> Option<u64> {
     let mut p = path;
     while !p.exists() {
         p = p.parent()?;
@@ -47,7 +47,7 @@ fn human(bytes: u64) -> String {
 }
 
 /// `48.4 kB (48384 bytes)`; small amounts once.
-fn amount(bytes: u64) -> String {
+pub(super) fn amount(bytes: u64) -> String {
     if bytes < 10_000 {
         human(bytes)
     } else {
@@ -88,30 +88,6 @@ pub fn write_error(path: &Path, e: impl Into<anyhow::Error>) -> anyhow::Error {
     } else {
         e.context(format!("cannot write {}", path.display()))
     }
-}
-
-/// Files a stage is about to write, with their sizes: refuses before any work when their
-/// filesystem has less free space than they still need (what a resumed partial file already
-/// holds is not needed again).
-pub fn ensure_free(files: &[(PathBuf, u64)], what: &str) -> Result<()> {
-    let Some(first) = files.first() else { return Ok(()) };
-    let have = |p: &Path| {
-        let partial = super::atomic::partial_path(p);
-        std::fs::metadata(&partial).or_else(|_| std::fs::metadata(p)).map(|m| m.len()).unwrap_or(0)
-    };
-    let need: u64 = files.iter().map(|(p, size)| size.saturating_sub(have(p))).sum();
-    let Some(free) = free_bytes(&first.0) else { return Ok(()) };
-    if need > free {
-        let dir = first.0.parent().unwrap_or(Path::new("."));
-        anyhow::bail!(
-            "{what}: not enough disk space in {}: {} more needed, {} free; \
-             nothing was written: free space or raise the quota, then rerun the same command",
-            dir.display(),
-            amount(need),
-            amount(free)
-        );
-    }
-    Ok(())
 }
 
 /// Gives `file` (at `path`) `len` bytes of real storage, so writes through a map of it cannot

@@ -90,6 +90,81 @@ impl LossType {
     }
 }
 
+/// The names of the loss types, reference-based (`false`) or reference-free (`true`), as the
+/// flags' help lists them.
+pub fn names(reference_free: bool) -> String {
+    ALL.iter().filter(|(_, t)| t.reference_free() == reference_free).map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+}
+
+/// A comma-separated list in a flag or TOML string (`--loss sigmoid,sft`, `--loss-weights
+/// 0.8,0.2`), parsed once; written back the same way (settings, fingerprints).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommaList<T>(pub Vec<T>);
+
+/// What one item of a [`CommaList`] is.
+pub trait ListItem: Sized {
+    fn parse_item(s: &str) -> Result<Self>;
+    fn show(&self) -> String;
+}
+
+impl ListItem for LossType {
+    fn parse_item(s: &str) -> Result<Self> {
+        LossType::parse(s)
+    }
+    fn show(&self) -> String {
+        self.name().into()
+    }
+}
+
+impl ListItem for f64 {
+    fn parse_item(s: &str) -> Result<Self> {
+        s.parse().map_err(|_| anyhow::anyhow!("`{s}` is not a number"))
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl<T: ListItem> std::str::FromStr for CommaList<T> {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let items: Vec<T> = s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(T::parse_item).collect::<Result<_>>()?;
+        if items.is_empty() {
+            bail!("an empty list");
+        }
+        Ok(Self(items))
+    }
+}
+
+impl<T: ListItem> std::fmt::Display for CommaList<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.iter().map(T::show).collect::<Vec<_>>().join(","))
+    }
+}
+
+impl<T: ListItem> serde::Serialize for CommaList<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de, T: ListItem> serde::Deserialize<'de> for CommaList<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(|e: anyhow::Error| serde::de::Error::custom(format!("`{s}`: {e}")))
+    }
+}
+
+/// `--loss`: the loss types summed.
+pub type LossList = CommaList<LossType>;
+
+impl LossList {
+    /// Trains without a reference model (no cache).
+    pub fn reference_free(&self) -> bool {
+        self.0.iter().any(|t| t.reference_free())
+    }
+}
+
 /// TRL's `f_divergence_type`: how log-ratios become the scores the loss compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
