@@ -4,7 +4,8 @@
 # environment (.venv, ignored by git): pip may not touch the system Python (PEP 668).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! .venv/bin/python -c "import polars, numpy, pyarrow" 2>/dev/null; then
+# (tensorboard: to read back `train --report-to tensorboard`'s event files as TensorBoard does)
+if ! .venv/bin/python -c "import polars, numpy, pyarrow, tensorboard" 2>/dev/null; then
   if ! python3 -m venv .venv 2>/dev/null; then
     # Debian/Ubuntu ship venv separately.
     if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
@@ -13,7 +14,7 @@ if ! .venv/bin/python -c "import polars, numpy, pyarrow" 2>/dev/null; then
     rm -rf .venv
     python3 -m venv .venv
   fi
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check polars numpy pyarrow
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check polars numpy pyarrow tensorboard
 fi
 # Fonts for curves.png labels (without them the curves are drawn unlabelled).
 if [ ! -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

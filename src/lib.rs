@@ -3,7 +3,7 @@
 //!
 //! Layers, each using only those listed before it:
 //! `rng`, `memory` (seeded randomness, RSS) · `store` (atomic files, disk space, manifests,
-//! columns, locks) · `model` (config, weights, the decoder and its ops: tensors in, tensors out)
+//! columns, locks) · `hub` (hub ids through the Hugging Face cache) · `model` (config, weights, the decoder and its ops: tensors in, tensors out)
 //! · `data` (user files, tokenizers, chat templates, the prepared, ref-cache and sample/label
 //! formats) · `score` (pairs -> decoder inputs -> sequence log-probs) · `generate` (sampling with
 //! a key-value cache) · `train` (losses, optimizer, policy, metrics) · `settings` (every flag
@@ -12,6 +12,7 @@
 pub mod data;
 pub mod demo;
 pub mod generate;
+pub mod hub;
 pub mod iterative;
 pub mod memory;
 pub mod model;

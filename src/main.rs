@@ -80,10 +80,10 @@ enum Cmd {
     },
     /// Merge a LoRA adapter into its base model's weights, writing an HF model directory.
     MergeLora {
-        /// Base model directory (HF layout).
+        /// Base model directory (HF layout), or a Hub model id ORG/NAME[@REVISION].
         #[arg(long)]
         model: PathBuf,
-        /// PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors).
+        /// PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors), or a Hub id.
         #[arg(long)]
         adapter: PathBuf,
         /// Output directory: the merged model.
@@ -262,7 +262,8 @@ fn run(cmd: Cmd) -> Result<()> {
             stages::cache_ref::merge(&shards, &out, prepared.as_deref(), force)?;
         }
         Cmd::MergeLora { model, adapter, out } => {
-            dpo_pipeline::train::policy::merge_lora(&model, &adapter, &out)?;
+            let (base, lora) = (dpo_pipeline::hub::model_dir(&model)?.path, dpo_pipeline::hub::model_dir(&adapter)?.path);
+            dpo_pipeline::train::policy::merge_lora(&base, &lora, &out)?;
             eprintln!("merge-lora: {} + {} -> {}", model.display(), adapter.display(), out.display());
         }
         Cmd::Train { file, flags } => {

@@ -86,13 +86,27 @@ settings! {
     /// `pipeline prepare`: preference data -> token ids.
     pub struct PrepareSettings, layer PrepareLayer {
         /// Preference data: parquet, JSON Lines (.jsonl, .jsonl.gz, .jsonl.zst), JSON arrays,
-        /// `datasets` save_to_disk directories; files, globs, or directories (their data files, sorted).
+        /// `datasets` save_to_disk directories; files, globs, or directories (their data files,
+        /// sorted); or a Hub dataset id ORG/NAME[@REVISION] (its --split files, through the Hugging
+        /// Face cache).
         #[arg(long = "input", num_args = 1.., value_name = "PATH")]
         inputs: Vec<String> = vec![],
-        /// Files (or globs, directories) whose rows all go to the eval split.
+        /// Files (or globs, directories, Hub dataset ids with --eval-split) whose rows all go to the
+        /// eval split.
         #[arg(long = "eval-input", num_args = 1.., value_name = "PATH")]
         eval_inputs: Vec<String> = vec![],
-        /// Model directory the tokenizer (tokenizer.json) and chat template come from.
+        /// The split of a Hub dataset --input reads (its files named or filed under it, as the
+        /// `datasets` library finds them).
+        #[arg(value_name = "NAME")]
+        split: String = "train".into(),
+        /// The split of a Hub dataset --eval-input reads.
+        #[arg(value_name = "NAME")]
+        eval_split: String = "test".into(),
+        /// The subset (configuration) of a Hub dataset: its files under a directory of that name.
+        #[arg(num_args = 1, value_name = "NAME")]
+        subset: Option<String> = None,
+        /// Model directory the tokenizer (tokenizer.json) and chat template come from, or a Hub
+        /// model id ORG/NAME[@REVISION] (through the Hugging Face cache; see README "Hub ids").
         #[arg(value_name = "DIR")]
         model: PathBuf = PathBuf::new(),
         /// Output directory.
@@ -135,7 +149,8 @@ settings! {
         /// Prepared directory (the output of `prepare`).
         #[arg(value_name = "DIR")]
         prepared: PathBuf = PathBuf::from("prepared"),
-        /// Reference model directory (Hugging Face layout: config.json, safetensors, tokenizer).
+        /// Reference model directory (Hugging Face layout: config.json, safetensors, tokenizer), or
+        /// a Hub model id ORG/NAME[@REVISION].
         #[arg(value_name = "DIR")]
         model: PathBuf = PathBuf::new(),
         /// Output directory.
@@ -272,6 +287,38 @@ settings! {
         eval_every: usize = 50,
         /// Save a resumable checkpoint every N steps (0: only the final model).
         save_every: usize = 500,
+        /// Keep at most N checkpoints in --out/checkpoints (older ones removed; never the newest,
+        /// nor the best with --load-best-model-at-end). Unset: keep all.
+        #[arg(num_args = 1, value_name = "N")]
+        save_total_limit: Option<usize> = None,
+        /// Track the best checkpoint by --metric-for-best-model (`best_metric`,
+        /// `best_model_checkpoint` in trainer_state.json) and make `final/` that checkpoint's model
+        /// (needs an eval split and --save-every a multiple of --eval-every, as the Trainer).
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        load_best_model_at_end: bool = false,
+        /// The eval metric that picks the best checkpoint (a metrics.parquet column; `loss` means
+        /// `eval/loss`, as the Trainer adds its `eval_` prefix).
+        #[arg(value_name = "NAME")]
+        metric_for_best_model: String = "eval/loss".into(),
+        /// Whether a larger --metric-for-best-model is better (unset: false for losses, true
+        /// otherwise, as the Trainer decides).
+        #[arg(num_args = 1, value_name = "BOOL")]
+        greater_is_better: Option<bool> = None,
+        /// Stop after N evaluations in a row without an improvement of the best metric by more than
+        /// --early-stopping-threshold (transformers' EarlyStoppingCallback; needs
+        /// --load-best-model-at-end).
+        #[arg(num_args = 1, value_name = "N")]
+        early_stopping_patience: Option<usize> = None,
+        /// What counts as an improvement for --early-stopping-patience.
+        #[arg(value_name = "DELTA")]
+        early_stopping_threshold: f64 = 0.0,
+        /// Where the metrics also go: none, or tensorboard (event files under --logging-dir, with
+        /// `train/…` and `eval/…` tags at metrics.parquet's steps).
+        #[arg(value_enum)]
+        report_to: ReportTo = ReportTo::None,
+        /// TensorBoard's log directory (unset: --out/runs, as the Trainer puts it under its output).
+        #[arg(num_args = 1, value_name = "DIR")]
+        logging_dir: Option<PathBuf> = None,
         /// Attention layout (see cache-ref).
         #[arg(value_enum)]
         layout: LayoutKind = LayoutKind::Packed,
@@ -507,7 +554,48 @@ impl TrainSettings {
         if self.resume && self.force {
             bail!("--resume continues a run and --force discards it: pass one of them");
         }
+        if self.save_total_limit == Some(0) {
+            bail!("--save-total-limit must be at least 1 (leave it unset to keep every checkpoint)");
+        }
+        if self.load_best_model_at_end {
+            if self.eval_every == 0 || self.save_every == 0 || !self.save_every.is_multiple_of(self.eval_every) {
+                bail!(
+                    "--load-best-model-at-end needs checkpoints at evaluated steps: --save-every ({}) must be a multiple of --eval-every ({}), both > 0",
+                    self.save_every,
+                    self.eval_every
+                );
+            }
+            if !self.metric_for_best_model().starts_with("eval/") {
+                bail!(
+                    "--metric-for-best-model names an eval metric (`eval/loss`, `eval/rewards/accuracies`, …), got `{}`",
+                    self.metric_for_best_model
+                );
+            }
+        }
+        if let Some(n) = self.early_stopping_patience {
+            at_least_one("early-stopping-patience", n)?;
+            if !self.load_best_model_at_end {
+                bail!("--early-stopping-patience needs --load-best-model-at-end (as transformers' EarlyStoppingCallback): the best checkpoint is what it keeps");
+            }
+        }
+        non_negative("early-stopping-threshold", self.early_stopping_threshold)?;
         Ok(())
+    }
+
+    /// `--metric-for-best-model` as a metrics.parquet column: `loss` is `eval/loss` (the Trainer
+    /// prefixes `eval_`).
+    pub fn metric_for_best_model(&self) -> String {
+        let m = self.metric_for_best_model.trim();
+        if m.starts_with("eval/") {
+            m.to_string()
+        } else {
+            format!("eval/{}", m.trim_start_matches("eval_"))
+        }
+    }
+
+    /// `--greater-is-better`, or the Trainer's default: false for a loss, true otherwise.
+    pub fn greater_is_better(&self) -> bool {
+        self.greater_is_better.unwrap_or_else(|| !self.metric_for_best_model().ends_with("loss"))
     }
 }
 
@@ -597,6 +685,15 @@ settings! {
         #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
         force: bool = false,
     }
+}
+
+/// Where `train` reports its metrics besides metrics.jsonl / metrics.parquet (the Trainer's
+/// `report_to`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReportTo {
+    None,
+    Tensorboard,
 }
 
 /// How `label` turns scored samples into pairs.

@@ -528,3 +528,123 @@ fn reference_free_losses_train_without_a_cache_and_the_rest_need_one() {
     assert!(!out.contains("cache-ref:") && out.contains("train: 2 steps"), "{out}");
     assert!(!p.join("ref_cache").exists() && !p.join("run/ref_cache").exists());
 }
+
+/// What the Trainer's rules make of a run's own eval metrics: the best step (strictly better
+/// only, so ties keep the first) and, with patience `p`, the step early stopping ends at.
+fn trainer_rules(evals: &[(usize, f64)], greater_is_better: bool, patience: Option<usize>) -> (usize, f64, usize) {
+    let better = |a: f64, b: f64| if greater_is_better { a > b } else { a < b };
+    let (mut best, mut counter): (Option<(usize, f64)>, usize) = (None, 0);
+    for &(step, v) in evals {
+        counter = match best {
+            Some((_, b)) if !better(v, b) => counter + 1,
+            _ => 0,
+        };
+        if best.is_none_or(|(_, b)| better(v, b)) {
+            best = Some((step, v));
+        }
+        if patience.is_some_and(|p| counter >= p) {
+            let (s, b) = best.unwrap();
+            return (s, b, step);
+        }
+    }
+    let (s, b) = best.unwrap();
+    (s, b, evals.last().unwrap().0)
+}
+
+fn trainer_state(dir: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).unwrap()).unwrap()
+}
+
+/// The Trainer's checkpoint habits (`--save-total-limit`, `--load-best-model-at-end` with
+/// `--metric-for-best-model` and `--greater-is-better`, `--early-stopping-patience`, the best
+/// kept across `--resume`) and `--report-to tensorboard`, each against what transformers' rules
+/// make of the run's own metrics, and the event files read back with the `tensorboard` package.
+#[test]
+fn best_checkpoint_rotation_early_stopping_and_tensorboard_follow_the_trainer() {
+    let d = tmp();
+    let p = d.path();
+    setup(p, "qwen2", "96");
+    let args = |out: &'static str, extra: &[&'static str]| -> Vec<&'static str> {
+        let base = [
+            "train", "--prepared", "prep", "--ref-cache", "cache", "--max-steps", "8", "--batch-size", "4", "--eval-every", "2", "--save-every", "2",
+        ];
+        base.iter().chain(&["--out", out]).chain(extra).copied().collect()
+    };
+    // The best by the highest eval loss: a step before the last, as the loss falls.
+    let best_args =
+        ["--lr", "1e-3", "--save-total-limit", "1", "--load-best-model-at-end", "--metric-for-best-model", "loss", "--greater-is-better", "true"];
+    let with_tb: Vec<&str> = best_args.iter().copied().chain(["--report-to", "tensorboard"]).collect();
+    ok(p, &args("a", &with_tb));
+    let evals: Vec<(usize, f64)> =
+        metrics(p, "a").iter().filter_map(|r| Some((r["step"].as_u64()? as usize, r["eval/loss"].as_f64()?))).filter(|e| e.0 > 0).collect();
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [2, 4, 6, 8]);
+    let (best, best_loss, _) = trainer_rules(&evals, true, None);
+    let state = trainer_state(&p.join("a/final"));
+    assert_eq!(state["best_metric"].as_f64(), Some(best_loss), "{state}");
+    assert_eq!(state["best_global_step"].as_u64(), Some(best as u64));
+    let best_dir = if best < 8 { format!("a/checkpoints/step-{best}") } else { "a/final".into() };
+    assert_eq!(state["best_model_checkpoint"].as_str(), Some(best_dir.as_str()));
+    // A limit of 1 keeps the newest checkpoint and the best; final/ is the best's model.
+    let mut kept: Vec<String> = std::fs::read_dir(p.join("a/checkpoints")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    kept.sort();
+    let mut want = vec!["step-6".to_string()];
+    if best < 6 {
+        want.insert(0, format!("step-{best}"));
+    }
+    assert_eq!(kept, want);
+    let weights = |dir: &str| std::fs::read(p.join(dir).join("model.safetensors")).unwrap();
+    assert_eq!(weights("a/final"), weights(&best_dir));
+    // TensorBoard: every metric of metrics.parquet at its step, as `train/…` or `eval/…`.
+    let tb = python(
+        p,
+        r#"
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+import glob
+files = glob.glob("a/runs/events.out.tfevents.*")
+assert len(files) == 1, files
+ea = EventAccumulator(files[0], size_guidance={"scalars": 0, "tensors": 0}); ea.Reload()
+df = pl.read_parquet("a/metrics.parquet")
+checked = 0
+for c in df.columns:
+    if c == "step": continue
+    tag = c if c.startswith("eval/") else "train/" + c
+    want = {s: v for s, v in zip(df["step"], df[c]) if v is not None}
+    if not want: continue  # a column of another loss or model kind
+    got = {e.step: e.value for e in ea.Scalars(tag)}
+    assert set(got) == set(want), (tag, sorted(got), sorted(want))
+    for s, v in want.items():
+        assert abs(got[s] - np.float32(v)) <= 1e-6 * max(1.0, abs(v)), (tag, s, got[s], v)
+    checked += 1
+text = ea.Tensors("settings")[0].tensor_proto.string_val[0].decode()
+assert '"metric_for_best_model": "loss"' in text, text
+print(checked, sorted(ea.Tags()["scalars"])[:2])
+"#,
+    );
+    assert!(tb.split_whitespace().next().unwrap().parse::<usize>().unwrap() > 20, "{tb}");
+    // Killed after step 5 and resumed: the same best, checkpoints and final model.
+    ok(p, &args("r", &[&best_args[..], &["--stop-after-steps", "5"]].concat()));
+    ok(p, &args("r", &[&best_args[..], &["--resume"]].concat()));
+    let resumed = trainer_state(&p.join("r/final"));
+    for k in ["best_metric", "best_global_step"] {
+        assert_eq!(resumed[k], state[k], "{k}");
+    }
+    assert_eq!(weights("r/final"), weights("a/final"));
+    // Early stopping: with a zero learning rate no evaluation improves on the first, so a
+    // patience of 1 ends the run at the second evaluation.
+    let e = ok(p, &args("b", &["--lr", "0", "--load-best-model-at-end", "--early-stopping-patience", "1", "--greater-is-better", "true"]));
+    let steps: Vec<u64> = metrics(p, "b").iter().map(|r| r["step"].as_u64().unwrap()).collect();
+    let b_evals: Vec<(usize, f64)> =
+        metrics(p, "b").iter().filter_map(|r| Some((r["step"].as_u64()? as usize, r["eval/loss"].as_f64()?))).filter(|e| e.0 > 0).collect();
+    let (b_best, _, stop) = trainer_rules(&b_evals, true, Some(1));
+    assert_eq!((b_best, stop), (2, 4), "{b_evals:?}");
+    assert_eq!(steps.last(), Some(&4), "{e}");
+    assert!(e.contains("early stopping at step 4"), "{e}");
+    assert_eq!(trainer_state(&p.join("b/final"))["best_model_checkpoint"].as_str(), Some("b/checkpoints/step-2"));
+    // Refusals name the flags.
+    let e = fails(p, &args("c", &["--early-stopping-patience", "2"]));
+    assert!(e.contains("--load-best-model-at-end"), "{e}");
+    let e = fails(p, &["train", "--prepared", "prep", "--out", "c", "--load-best-model-at-end", "--eval-every", "2", "--save-every", "3"]);
+    assert!(e.contains("--save-every") && e.contains("--eval-every"), "{e}");
+    let e = fails(p, &args("c", &["--load-best-model-at-end", "--metric-for-best-model", "nonsense"]));
+    assert!(e.contains("eval/nonsense"), "{e}");
+}

@@ -56,6 +56,9 @@ fn shard_settings(cache: &serde_json::Value, k: usize, n: usize, batch_tokens: u
 
 pub fn run(cfg: &CacheRefSettings) -> Result<Manifest> {
     cfg.validate()?;
+    let mut hub = Vec::new();
+    let model = crate::hub::optional_model(Some(&cfg.model), &mut hub)?.expect("given");
+    let cfg = &CacheRefSettings { model, ..cfg.clone() };
     let prepared = PreparedDataset::open(&cfg.prepared)?;
     let dtype = cfg.dtype.dtype();
     let model_cfg = crate::model::ModelConfig::load(&cfg.model)?;
@@ -67,11 +70,14 @@ pub fn run(cfg: &CacheRefSettings) -> Result<Manifest> {
         InputRef::new("model", &model_path, &weights::weights_hash(&cfg.model)?),
     ];
     // What changes the values; batching and layout do not (equal within float rounding).
-    let settings = serde_json::json!({
+    let mut settings = serde_json::json!({
         "dtype": cfg.dtype,
         "truncation": prepared.truncation,
         "config": model_cfg.raw,
     });
+    if !hub.is_empty() {
+        settings["hub"] = hub.into();
+    }
     let shard = cfg.shard()?;
     let (stage, dir_settings) = match shard {
         None => (STAGE, settings),

@@ -241,6 +241,9 @@ pub fn pair_group(scores: &[f64], mode: PairMode, min_margin: f64) -> Result<Vec
 
 pub fn run(cfg: &LabelSettings) -> Result<Manifest> {
     cfg.validate()?;
+    let mut hub = Vec::new();
+    let reward_model = crate::hub::optional_model(cfg.reward_model.as_deref(), &mut hub)?;
+    let cfg = &LabelSettings { reward_model, ..cfg.clone() };
     let file = samples_file(&cfg.samples);
     let mut inputs = vec![InputRef::new("samples", &file, &file_hash(&file)?.blake3)];
     let reward_tok = cfg.reward_model.as_deref().map(|m| ModelTokenizer::load(m, crate::data::chat::Date::today())).transpose()?;
@@ -248,7 +251,10 @@ pub fn run(cfg: &LabelSettings) -> Result<Manifest> {
         inputs.push(InputRef::new("reward_model", rm, &weights::weights_hash(rm)?));
         inputs.extend(tok.identity.iter().cloned());
     }
-    let settings = serde_json::json!({"judge_cmd": cfg.judge_cmd, "pairs": cfg.pairs, "min_margin": cfg.min_margin});
+    let mut settings = serde_json::json!({"judge_cmd": cfg.judge_cmd, "pairs": cfg.pairs, "min_margin": cfg.min_margin});
+    if !hub.is_empty() {
+        settings["hub"] = hub.into();
+    }
     let sd = match begin(STAGE, FORMAT_VERSION, &cfg.out, inputs, settings, cfg.force)? {
         Begin::UpToDate(m) => return Ok(m),
         Begin::Run(sd) => sd,

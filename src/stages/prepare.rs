@@ -113,10 +113,14 @@ impl LenStats {
 
 pub fn run(cfg: &PrepareSettings) -> Result<Manifest> {
     cfg.validate()?;
-    let inputs = expand_inputs(&cfg.inputs)?;
-    let eval_inputs = expand_inputs(&cfg.eval_inputs)?;
+    let (inputs, mut hub) = crate::hub::dataset_inputs(&cfg.inputs, &cfg.split, cfg.subset.as_deref())?;
+    let (eval_inputs, eval_hub) = crate::hub::dataset_inputs(&cfg.eval_inputs, &cfg.eval_split, cfg.subset.as_deref())?;
+    hub.extend(eval_hub);
+    let (inputs, eval_inputs) = (expand_inputs(&inputs)?, expand_inputs(&eval_inputs)?);
+    let model = crate::hub::model_dir(&cfg.model)?;
+    hub.extend(model.record());
     let date = cfg.template_date()?;
-    let tok = ModelTokenizer::load(&cfg.model, date)?;
+    let tok = ModelTokenizer::load(&model.path, date)?;
     let truncation = Truncation { max_length: cfg.max_length, max_prompt_length: cfg.max_prompt_length };
     let mut input_refs = Vec::new();
     for (role, files) in [("input", &inputs), ("eval_input", &eval_inputs)] {
@@ -134,6 +138,10 @@ pub fn run(cfg: &PrepareSettings) -> Result<Manifest> {
     // The date changes the ids only when the template prints it.
     if tok.template_uses_date {
         settings["template_date"] = date.to_string().into();
+    }
+    // Hub ids with their resolved commits (local paths record nothing more than their content).
+    if !hub.is_empty() {
+        settings["hub"] = hub.into();
     }
     let sd = match begin(STAGE, FORMAT_VERSION, &cfg.out, input_refs, settings, cfg.force)? {
         Begin::UpToDate(m) => return Ok(m),

@@ -195,6 +195,10 @@ fn part_path(parts: &Path, wave: u64) -> std::path::PathBuf {
 
 pub fn run(cfg: &SampleSettings) -> Result<Manifest> {
     cfg.validate()?;
+    let mut hub = Vec::new();
+    let model = crate::hub::optional_model(Some(&cfg.model), &mut hub)?.expect("given");
+    let adapter = crate::hub::optional_model(cfg.adapter.as_deref(), &mut hub)?;
+    let cfg = &SampleSettings { model, adapter, ..cfg.clone() };
     let files = expand_inputs(&cfg.prompts)?;
     let tok = ModelTokenizer::load(&cfg.model, cfg.template_date()?)?;
     let dtype = cfg.dtype.dtype();
@@ -217,6 +221,9 @@ pub fn run(cfg: &SampleSettings) -> Result<Manifest> {
     });
     if tok.template_uses_date {
         settings["template_date"] = cfg.template_date()?.to_string().into();
+    }
+    if !hub.is_empty() {
+        settings["hub"] = hub.into();
     }
     let sd = match begin(STAGE, FORMAT_VERSION, &cfg.out, inputs, settings, cfg.force)? {
         Begin::UpToDate(m) => return Ok(m),

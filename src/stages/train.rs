@@ -12,7 +12,7 @@ use crate::model::lora::{self, LoraConfig};
 use crate::model::{self, weights};
 use crate::rng::Rng;
 use crate::score::pair_logps;
-use crate::settings::TrainSettings;
+use crate::settings::{ReportTo, TrainSettings};
 use crate::store::{write_atomic, InputRef, Manifest};
 use crate::train::dist::{owners, World};
 use crate::train::loss::LossConfig;
@@ -20,6 +20,7 @@ use crate::train::metrics::{self, Row, Stats};
 use crate::train::optim::{clip_by_global_norm, lr_factor, AdamW, AdamWConfig};
 use crate::train::policy::{Policy, Trainable};
 use crate::train::step::{batch_loss, gradients, split_by_tokens, Refs, Whole};
+use crate::train::tensorboard::EventWriter;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
@@ -72,6 +73,77 @@ struct TrainerState {
     /// TRL's `num_tokens` so far (real tokens of TRL's padded rows).
     #[serde(default)]
     num_tokens: u64,
+    #[serde(flatten)]
+    best: Best,
+}
+
+/// The best evaluation so far (`--load-best-model-at-end`), under the Trainer's names.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+struct Best {
+    best_metric: Option<f64>,
+    best_global_step: Option<usize>,
+    /// The checkpoint directory holding the best step's model (as `--out` names it).
+    best_model_checkpoint: Option<String>,
+    /// Evaluations in a row without an improvement (transformers' EarlyStoppingCallback).
+    early_stopping_patience_counter: usize,
+}
+
+impl Best {
+    /// Records an evaluation at `step` (not at step 0: the Trainer does not evaluate there), as
+    /// transformers does: the early-stopping counter compares with the best so far by more than
+    /// `threshold`, then the best moves to any better value.
+    fn update(&mut self, metric: f64, step: usize, greater_is_better: bool, threshold: f64) {
+        let better = |a: f64, b: f64| if greater_is_better { a > b } else { a < b };
+        match self.best_metric {
+            Some(b) if !(better(metric, b) && (metric - b).abs() > threshold) => self.early_stopping_patience_counter += 1,
+            _ => self.early_stopping_patience_counter = 0,
+        }
+        if self.best_metric.is_none_or(|b| better(metric, b)) {
+            self.best_metric = Some(metric);
+            self.best_global_step = Some(step);
+        }
+    }
+}
+
+/// Removes the oldest checkpoints beyond `limit`, never the newest nor `best` (the Trainer's
+/// `_rotate_checkpoints`: the best counts as the newest, and a limit of 1 keeps both).
+fn rotate_checkpoints(checkpoints: &Path, limit: usize, best: Option<&Path>) -> Result<()> {
+    let mut all: Vec<(usize, PathBuf)> = std::fs::read_dir(checkpoints)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((e.file_name().to_str()?.strip_prefix("step-")?.parse().ok()?, e.path())))
+        .filter(|(_, p): &(usize, PathBuf)| p.join("trainer_state.json").exists())
+        .collect();
+    all.sort();
+    let mut limit = limit;
+    if let Some(i) = best.and_then(|b| all.iter().position(|(_, p)| p == b)) {
+        if limit == 1 && i + 1 != all.len() {
+            limit = 2;
+        }
+        let b = all.remove(i);
+        all.push(b);
+    }
+    for (_, dir) in &all[..all.len().saturating_sub(limit)] {
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Makes `final_dir` the model of checkpoint `best` (`--load-best-model-at-end`), with the
+/// run's final `state`; whole or not at all.
+fn install_best(best: &Path, final_dir: &Path, state: &TrainerState) -> Result<()> {
+    let tmp = final_dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    for e in std::fs::read_dir(best)? {
+        let e = e?;
+        if e.file_name() != "trainer_state.json" {
+            std::fs::copy(e.path(), tmp.join(e.file_name())).map_err(|err| crate::store::space::write_error(&tmp.join(e.file_name()), err))?;
+        }
+    }
+    write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
+    let _ = std::fs::remove_dir_all(final_dir);
+    crate::store::atomic::rename_durable(&tmp, final_dir)
 }
 
 /// The reference log-probs of some rows (from the cache, or the reference model in the loop).
@@ -278,6 +350,7 @@ struct Start {
     step: usize,
     cursor: Cursor,
     num_tokens: u64,
+    best: Best,
 }
 
 /// Restores weights, optimizer moments and the data cursor from a checkpoint.
@@ -304,7 +377,7 @@ fn restore(dir: &Path, fp: &str, policy: &Policy, opt: &mut AdamW) -> Result<Sta
         opt.set_moments(i, &m, &v)?;
     }
     opt.t = state.adam_t;
-    Ok(Start { step: state.step, cursor: state.cursor, num_tokens: state.num_tokens })
+    Ok(Start { step: state.step, cursor: state.cursor, num_tokens: state.num_tokens, best: state.best })
 }
 
 /// What this run trains, from the settings.
@@ -323,12 +396,18 @@ pub fn run(cfg: &TrainSettings) -> Result<Manifest> {
 /// `train` as one rank of `world` (a world of one: the single-process run). Every rank reads
 /// the inputs and trains on its share of each global batch; rank 0 owns `--out`.
 pub fn run_on(cfg: &TrainSettings, world: &World) -> Result<Manifest> {
-    let mut t = match Trainer::start(cfg, world)? {
+    // Every flag is checked before a Hub id is resolved (or downloaded).
+    cfg.validate()?;
+    let mut hub = Vec::new();
+    let model = crate::hub::optional_model(cfg.model.as_deref(), &mut hub)?;
+    let adapter = crate::hub::optional_model(cfg.adapter.as_deref(), &mut hub)?;
+    let cfg = &TrainSettings { model, adapter, ..cfg.clone() };
+    let mut t = match Trainer::start(cfg, world, hub)? {
         Started::UpToDate(m) => return Ok(*m),
         Started::Ready(t) => *t,
     };
     let mut steps_run = 0;
-    while t.step < t.total_steps {
+    while t.step < t.total_steps && !t.stopped_early {
         if cfg.stop_after_steps == Some(steps_run) {
             t.pb.abandon();
             if world.is_root() {
@@ -387,12 +466,18 @@ struct Trainer<'a> {
     tokens_total: f64,
     t_loop: Instant,
     peak_memory_gb: f64,
+    /// `--load-best-model-at-end`: the best evaluation so far and the early-stopping counter.
+    best: Best,
+    /// `--early-stopping-patience` ran out.
+    stopped_early: bool,
+    /// `--report-to tensorboard` (rank 0).
+    tensorboard: Option<EventWriter>,
 }
 
 impl<'a> Trainer<'a> {
     /// Checks the inputs, claims --out (rank 0), loads the policy and optimizer (from the
     /// newest checkpoint with --resume) and runs the step-0 evaluation of a fresh run.
-    fn start(cfg: &'a TrainSettings, world: &'a World) -> Result<Started<'a>> {
+    fn start(cfg: &'a TrainSettings, world: &'a World, hub: Vec<serde_json::Value>) -> Result<Started<'a>> {
         cfg.validate()?;
         let prepared = PreparedDataset::open(&cfg.prepared)?;
         // The reference-free losses take no cache (settings.validate refuses one).
@@ -430,10 +515,14 @@ impl<'a> Trainer<'a> {
         // the global one, so a run resumes on another number of ranks with the same global batch.
         let mut settings = serde_json::to_value(cfg)?;
         settings["batch_size"] = global_batch.into();
-        // Gradient checkpointing, token budgets and a sharded optimizer change memory, not results.
+        if !hub.is_empty() {
+            settings["hub"] = hub.into();
+        }
+        // Gradient checkpointing, token budgets and a sharded optimizer change memory, not results;
+        // how many checkpoints are kept and where else metrics go change no result either.
         for k in [
             "resume", "force", "prepared", "ref_cache", "out", "model", "stop_after_steps", "adapter", "gradient_checkpointing", "batch_tokens",
-            "max_memory", "shard_optimizer",
+            "max_memory", "shard_optimizer", "save_total_limit", "report_to", "logging_dir",
         ] {
             settings.as_object_mut().expect("a struct").remove(k);
         }
@@ -470,6 +559,9 @@ impl<'a> Trainer<'a> {
                         }
                         let _ = std::fs::remove_dir_all(&checkpoints);
                         let _ = std::fs::remove_dir_all(out.join("final"));
+                        if cfg.logging_dir.is_none() {
+                            let _ = std::fs::remove_dir_all(out.join("runs"));
+                        }
                     }
                     std::fs::create_dir_all(&checkpoints)?;
                     let mut decision =
@@ -500,7 +592,7 @@ impl<'a> Trainer<'a> {
             Some(o) => AdamW::sharded(adam, &policy.vars, &o.iter().map(|&r| r == world.rank).collect::<Vec<_>>())?,
             None => AdamW::new(adam, &policy.vars)?,
         };
-        let Start { step, cursor, num_tokens } = match &resume_dir {
+        let Start { step, cursor, num_tokens, best } = match &resume_dir {
             Some(dir) => {
                 let s = restore(dir, &fp, &policy, &mut opt)?;
                 if world.is_root() {
@@ -508,7 +600,7 @@ impl<'a> Trainer<'a> {
                 }
                 s
             }
-            None => Start { step: 0, cursor: Cursor { epoch: 0, index: 0 }, num_tokens: 0 },
+            None => Start { step: 0, cursor: Cursor { epoch: 0, index: 0 }, num_tokens: 0, best: Best::default() },
         };
         if world.size > 1 && world.is_root() {
             eprintln!(
@@ -541,6 +633,14 @@ impl<'a> Trainer<'a> {
             metrics::write_jsonl(&metrics_path, &rows)?;
         }
         let order = epoch_order(&train_rows, cfg.seed, cursor.epoch, cfg.shuffle);
+        let tensorboard = match cfg.report_to {
+            ReportTo::Tensorboard if world.is_root() => {
+                let mut w = EventWriter::create(&cfg.logging_dir.clone().unwrap_or_else(|| out.join("runs")))?;
+                w.text(step, "settings", &format!("```json\n{}\n```", serde_json::to_string_pretty(cfg)?))?;
+                Some(w)
+            }
+            _ => None,
+        };
         let mut t = Trainer {
             cfg,
             world,
@@ -572,6 +672,9 @@ impl<'a> Trainer<'a> {
             tokens_total: 0.0,
             t_loop: Instant::now(),
             peak_memory_gb: 0.0,
+            best,
+            stopped_early: false,
+            tensorboard,
         };
         if t.step == 0 && !t.eval_rows.is_empty() {
             t.evaluate(0)?;
@@ -680,20 +783,45 @@ impl<'a> Trainer<'a> {
         if !self.eval_rows.is_empty() && cfg.eval_every > 0 && (n % cfg.eval_every == 0 || n == self.total_steps) {
             self.evaluate(n)?;
         }
+        // The Trainer's EarlyStoppingCallback stops after this step's checkpoint.
+        self.stopped_early = cfg.early_stopping_patience.is_some_and(|p| self.best.early_stopping_patience_counter >= p);
         if cfg.save_every > 0 && n % cfg.save_every == 0 && n < self.total_steps {
-            self.save(&self.checkpoints.join(format!("step-{n}")))?;
+            let dir = self.checkpoints.join(format!("step-{n}"));
+            if self.best.best_global_step == Some(n) {
+                self.best.best_model_checkpoint = Some(dir.display().to_string());
+            }
+            self.save(&dir)?;
             if world.is_root() {
                 metrics::write_parquet(&self.cfg.out.join("metrics.parquet"), &self.rows)?;
+                if let Some(limit) = cfg.save_total_limit {
+                    rotate_checkpoints(&self.checkpoints, limit, self.best.best_model_checkpoint.as_deref().map(Path::new))?;
+                }
             }
+        }
+        if self.stopped_early && world.is_root() {
+            eprintln!(
+                "train: early stopping at step {n}: {} has not improved on {:.6} (step {}) for {} evaluations",
+                cfg.metric_for_best_model(),
+                self.best.best_metric.unwrap_or(f64::NAN),
+                self.best.best_global_step.unwrap_or(0),
+                self.best.early_stopping_patience_counter
+            );
         }
         self.pb.inc(1);
         Ok(())
     }
 
-    /// Appends a metrics row (rank 0 writes the metrics).
+    /// Appends a metrics row (rank 0 writes the metrics), and to TensorBoard: eval metrics under
+    /// their names, the others as `train/<name>`.
     fn record(&mut self, step: usize, row: Row) -> Result<()> {
         if self.world.is_root() {
             metrics::append_jsonl(&self.metrics_path, step, &row)?;
+            if let Some(tb) = &mut self.tensorboard {
+                let tags: Vec<(String, f64)> =
+                    row.iter().map(|(k, v)| (if k.starts_with("eval/") { k.clone() } else { format!("train/{k}") }, *v)).collect();
+                tb.scalars(step, &tags)?;
+                tb.flush()?;
+            }
             self.rows.push((step, row));
         }
         Ok(())
@@ -703,22 +831,55 @@ impl<'a> Trainer<'a> {
     fn evaluate(&mut self, step: usize) -> Result<()> {
         let mut row = eval_pass(&self.policy, &self.prepared, self.cache.as_ref(), &self.eval_rows, self.cfg, &self.loss, self.budget, self.world)?;
         row.insert("num_tokens".into(), self.num_tokens as f64);
+        let cfg = self.cfg;
+        if cfg.load_best_model_at_end {
+            let name = cfg.metric_for_best_model();
+            let Some(&metric) = row.get(&name) else {
+                bail!("--metric-for-best-model {name}: no such eval metric (there are {})", row.keys().cloned().collect::<Vec<_>>().join(", "));
+            };
+            if step > 0 {
+                self.best.update(metric, step, cfg.greater_is_better(), cfg.early_stopping_threshold);
+            }
+        }
         self.record(step, row)
     }
 
     /// A checkpoint of where the run stands, in `dir` (every rank calls it; rank 0 writes).
     fn save(&self, dir: &Path) -> Result<()> {
-        let state =
-            TrainerState { step: self.step, cursor: self.cursor, adam_t: self.opt.t, fingerprint: self.fp.clone(), num_tokens: self.num_tokens };
-        save_checkpoint(dir, &self.policy, &self.opt, self.owner.as_deref(), &state, &self.model_dir, self.world)
+        save_checkpoint(dir, &self.policy, &self.opt, self.owner.as_deref(), &self.state(), &self.model_dir, self.world)
     }
 
-    /// The final model, metrics.parquet, curves.png and the manifest (rank 0).
+    fn state(&self) -> TrainerState {
+        TrainerState {
+            step: self.step,
+            cursor: self.cursor,
+            adam_t: self.opt.t,
+            fingerprint: self.fp.clone(),
+            num_tokens: self.num_tokens,
+            best: self.best.clone(),
+        }
+    }
+
+    /// The final model (with `--load-best-model-at-end`, the best checkpoint's), metrics.parquet,
+    /// curves.png and the manifest (rank 0).
     fn finish(mut self, steps_run: usize) -> Result<Manifest> {
         self.pb.finish_and_clear();
         let out = self.cfg.out.clone();
-        self.save(&out.join("final"))?;
+        let final_dir = out.join("final");
+        // The last step evaluated best: final/ is that model (no checkpoint holds it).
+        if self.cfg.load_best_model_at_end && self.best.best_global_step == Some(self.step) {
+            self.best.best_model_checkpoint = Some(final_dir.display().to_string());
+        }
+        self.save(&final_dir)?;
         let Some(sd) = self.sd.take() else { return Ok(Manifest::unfinished(STAGE, FORMAT_VERSION, &self.fp)) };
+        if let Some(best) = self.best.best_model_checkpoint.as_deref().filter(|b| self.cfg.load_best_model_at_end && Path::new(b) != final_dir) {
+            install_best(Path::new(best), &final_dir, &self.state())?;
+            eprintln!(
+                "train: final/ holds the best checkpoint, {best} ({} {:.6})",
+                self.cfg.metric_for_best_model(),
+                self.best.best_metric.unwrap_or(f64::NAN)
+            );
+        }
         let rows = &self.rows;
         metrics::write_parquet(&out.join("metrics.parquet"), rows)?;
         if let Err(e) = crate::train::plot::curves(&out.join("curves.png"), rows) {
@@ -741,6 +902,9 @@ impl<'a> Trainer<'a> {
             "micro_batch_tokens": (self.budget != usize::MAX).then_some(self.budget),
             "world_size": self.world.size,
             "shard_optimizer": self.owner.is_some(),
+            "best_metric": self.best.best_metric,
+            "best_model_checkpoint": self.best.best_model_checkpoint,
+            "stopped_early": self.stopped_early,
         });
         let manifest = sd.manifest(counts, stats);
         let wall = manifest.timings["wall_s"];

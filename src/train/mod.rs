@@ -1,5 +1,5 @@
 //! DPO training pieces: losses, one micro-batch's loss and gradients, AdamW + schedules +
-//! clipping, the trainable policy, metrics and plots.
+//! clipping, the trainable policy, metrics, plots and TensorBoard event files.
 pub mod dist;
 pub mod loss;
 pub mod metrics;
@@ -9,3 +9,4 @@ pub mod optim;
 pub mod plot;
 pub mod policy;
 pub mod step;
+pub mod tensorboard;

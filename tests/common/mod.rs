@@ -17,9 +17,17 @@ pub fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }
 
-/// Runs `pipeline ARGS` in `dir`, returning its output whatever the exit status.
+/// Runs `pipeline ARGS` in `dir`, returning its output whatever the exit status. Offline for the
+/// Hub, with an empty cache of its own: a path that does not exist and looks like `ORG/NAME` is
+/// a Hub id, and tests neither touch the network nor see a developer's Hugging Face cache.
 pub fn run_in(dir: &Path, args: &[&str]) -> Output {
-    Command::new(bin()).args(args).current_dir(dir).output().expect("spawn pipeline")
+    Command::new(bin())
+        .args(args)
+        .current_dir(dir)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", dir.join("hf-hub-cache"))
+        .output()
+        .expect("spawn pipeline")
 }
 
 /// Runs `pipeline ARGS` and fails the test (showing stderr) unless it succeeds.
