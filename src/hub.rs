@@ -190,8 +190,16 @@ fn download(kind: Kind, id: &HubId, want: impl Fn(&str) -> bool) -> Result<(Path
             fetch_hint(kind, id)
         );
     }
-    use hf_hub::{api::sync::ApiBuilder, Repo, RepoType};
-    let api = ApiBuilder::new().with_cache_dir(cache_dir()).with_progress(true).build().context("cannot start the Hugging Face client")?;
+    use hf_hub::{api::sync::ApiBuilder, Cache, Repo, RepoType};
+    // As huggingface_hub: the token beside the cache (or HF_TOKEN), a mirror from HF_ENDPOINT.
+    let mut builder = ApiBuilder::from_cache(Cache::new(cache_dir())).with_progress(true);
+    if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
+        builder = builder.with_token(Some(token));
+    }
+    if let Some(endpoint) = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()) {
+        builder = builder.with_endpoint(endpoint);
+    }
+    let api = builder.build().context("cannot start the Hugging Face client")?;
     let repo_type = if kind == Kind::Model { RepoType::Model } else { RepoType::Dataset };
     let repo = api.repo(Repo::with_revision(id.repo.clone(), repo_type, id.revision.clone()));
     let fail = |e: hf_hub::api::sync::ApiError| {
@@ -203,7 +211,13 @@ fn download(kind: Kind, id: &HubId, want: impl Fn(&str) -> bool) -> Result<(Path
         )
     };
     let info = repo.info().map_err(fail)?;
-    let files: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).filter(|f| want(f)).collect();
+    let mut files: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).filter(|f| want(f)).collect();
+    // Repositories that ship the transformers checkpoint beside another format's weights
+    // (Mistral's `consolidated.safetensors`): only transformers' files.
+    let hf_weights = |f: &String| f.starts_with("model") || f.starts_with("adapter_model");
+    if kind == Kind::Model && files.iter().any(|f| f.ends_with(".safetensors") && hf_weights(f)) {
+        files.retain(|f| !f.ends_with(".safetensors") || hf_weights(f));
+    }
     if files.is_empty() {
         bail!("{what} `{}` at {}: no files to fetch", id.repo, info.sha);
     }

@@ -104,3 +104,81 @@ fn hub_ids_resolve_through_the_hugging_face_cache() {
     assert!(!good && e.contains("split `validation`") && e.contains("data/test-00000-of-00001.parquet"), "{e}");
     assert!(!p.join("x").exists());
 }
+
+/// A Hub on the loopback (`HF_ENDPOINT`): the routes `hf-hub` calls (`/api/{models,datasets}/ID/
+/// revision/REV` and `…/resolve/REV/FILE` with ranges, ETag and x-repo-commit), serving `root`'s
+/// `models/ORG/NAME/…` and `datasets/ORG/NAME/…`. It stops by itself after two minutes.
+const MOCK_HUB: &str = r#"
+import hashlib, http.server, json, pathlib, sys, threading
+root, commit = pathlib.Path(sys.argv[1]), sys.argv[2]
+class Hub(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def reply(self, code, body, headers):
+        self.send_response(code)
+        for k, v in headers.items(): self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def do_GET(self):
+        parts = self.path.lstrip("/").split("/")
+        if parts[0] == "api":
+            base = root / parts[1] / parts[2] / parts[3]
+            if not base.is_dir(): return self.reply(404, b"{}", {})
+            files = sorted(str(f.relative_to(base)) for f in base.rglob("*") if f.is_file())
+            return self.reply(200, json.dumps({"sha": commit, "siblings": [{"rfilename": f} for f in files]}).encode(), {"Content-Type": "application/json"})
+        kind = "datasets" if parts[0] == "datasets" else "models"
+        parts = parts[1:] if kind == "datasets" else parts
+        f = root / kind / parts[0] / parts[1] / "/".join(parts[4:])
+        if not f.is_file(): return self.reply(404, b"", {})
+        data = f.read_bytes()
+        a, _, b = self.headers.get("Range", "bytes=0-")[6:].partition("-")
+        a, b = int(a), int(b) if b else len(data) - 1
+        self.reply(206, data[a:b + 1], {"Content-Range": f"bytes {a}-{b}/{len(data)}", "ETag": '"' + hashlib.sha256(data).hexdigest() + '"', "x-repo-commit": commit})
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+threading.Timer(120, srv.shutdown).start()
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"#;
+
+/// An id missing from the cache, online: fetched with `hf-hub` into the cache in huggingface_hub's
+/// layout (only the model's and the split's files), then found there offline.
+#[test]
+fn missing_hub_ids_are_downloaded_into_the_cache() {
+    use std::io::BufRead;
+    let d = tmp();
+    let p = d.path();
+    let model = tiny_model(p, "llama");
+    ok(p, &["synth-prefs", "--out", "in.parquet", "--rows", "24"]);
+    let hub = p.join("served");
+    let repo = hub.join("models/acme/remote-llama");
+    std::fs::create_dir_all(&repo).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(model.join(f), repo.join(f)).unwrap();
+    }
+    std::fs::write(repo.join("README.md"), "not fetched").unwrap();
+    let data = hub.join("datasets/acme/rprefs");
+    std::fs::create_dir_all(data.join("data")).unwrap();
+    std::fs::copy(p.join("in.parquet"), data.join("data/train-00000-of-00001.parquet")).unwrap();
+    std::fs::copy(p.join("in.parquet"), data.join("data/test-00000-of-00001.parquet")).unwrap();
+    let commit = "c".repeat(40);
+    let mut server = Command::new(python_bin()).args(["-c", MOCK_HUB, s(&hub), &commit]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut port = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap()).read_line(&mut port).unwrap();
+    let endpoint = format!("http://127.0.0.1:{}", port.trim());
+    let mut c = Command::new(bin());
+    c.args(["prepare", "--input", "acme/rprefs", "--model", "acme/remote-llama", "--out", "dl"]).current_dir(p);
+    let out = c.env("HF_ENDPOINT", &endpoint).env("HF_HUB_CACHE", "dl-cache").env_remove("HF_HUB_OFFLINE").env_remove("HF_HOME").output().unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let snap = p.join("dl-cache/models--acme--remote-llama/snapshots").join(&commit);
+    assert_eq!(std::fs::read_to_string(p.join("dl-cache/models--acme--remote-llama/refs/main")).unwrap().trim(), commit);
+    assert_eq!(std::fs::read(snap.join("model.safetensors")).unwrap(), std::fs::read(model.join("model.safetensors")).unwrap());
+    assert!(!snap.join("README.md").exists(), "only the files a model directory needs");
+    let dsnap = p.join("dl-cache/datasets--acme--rprefs/snapshots").join(&commit);
+    assert!(dsnap.join("data/train-00000-of-00001.parquet").exists() && !dsnap.join("data/test-00000-of-00001.parquet").exists());
+    assert_eq!(manifest(p, "dl")["counts"]["pairs_train"], 24);
+    // Now in the cache: offline, the same command finds it (and the stage is up to date).
+    let (good, e) =
+        hub_run(p, &[("HF_HUB_CACHE", "dl-cache")], &["prepare", "--input", "acme/rprefs", "--model", "acme/remote-llama", "--out", "dl"]);
+    assert!(good && e.contains("up to date"), "{e}");
+}
