@@ -56,9 +56,9 @@ fn shard_settings(cache: &serde_json::Value, k: usize, n: usize, batch_tokens: u
 
 pub fn run(cfg: &CacheRefSettings) -> Result<Manifest> {
     cfg.validate()?;
-    let mut hub = Vec::new();
-    let model = crate::hub::optional_model(Some(&cfg.model), &mut hub)?.expect("given");
-    let cfg = &CacheRefSettings { model, ..cfg.clone() };
+    let model = crate::hub::model_dir(&cfg.model)?;
+    let hub: Vec<serde_json::Value> = model.record().into_iter().collect();
+    let cfg = &CacheRefSettings { model: model.path, ..cfg.clone() };
     let prepared = PreparedDataset::open(&cfg.prepared)?;
     let dtype = cfg.dtype.dtype();
     let model_cfg = crate::model::ModelConfig::load(&cfg.model)?;

@@ -195,8 +195,9 @@ fn part_path(parts: &Path, wave: u64) -> std::path::PathBuf {
 
 pub fn run(cfg: &SampleSettings) -> Result<Manifest> {
     cfg.validate()?;
-    let mut hub = Vec::new();
-    let model = crate::hub::optional_model(Some(&cfg.model), &mut hub)?.expect("given");
+    let model = crate::hub::model_dir(&cfg.model)?;
+    let mut hub: Vec<serde_json::Value> = model.record().into_iter().collect();
+    let model = model.path;
     let adapter = crate::hub::optional_model(cfg.adapter.as_deref(), &mut hub)?;
     let cfg = &SampleSettings { model, adapter, ..cfg.clone() };
     let files = expand_inputs(&cfg.prompts)?;

@@ -475,10 +475,9 @@ struct Trainer<'a> {
 }
 
 impl<'a> Trainer<'a> {
-    /// Checks the inputs, claims --out (rank 0), loads the policy and optimizer (from the
+    /// Checks the inputs (`run_on` has validated the settings), claims --out (rank 0), loads the policy and optimizer (from the
     /// newest checkpoint with --resume) and runs the step-0 evaluation of a fresh run.
     fn start(cfg: &'a TrainSettings, world: &'a World, hub: Vec<serde_json::Value>) -> Result<Started<'a>> {
-        cfg.validate()?;
         let prepared = PreparedDataset::open(&cfg.prepared)?;
         // The reference-free losses take no cache (settings.validate refuses one).
         let reference_free = cfg.loss.reference_free();
