@@ -5,6 +5,7 @@
 //! before any work starts. A setting is "unset" only when no layer names it, never because it
 //! equals its default.
 use crate::data::input::ColumnNames;
+use crate::model::quant::{QuantSpec, QuantType};
 use crate::model::weights::FloatDtype;
 use crate::score::layout::LayoutKind;
 use crate::train::loss::{CommaList, FDivergence, LossConfig, LossList, LossType};
@@ -162,6 +163,20 @@ settings! {
         /// Compute dtype (log-probs are always accumulated in f32).
         #[arg(value_enum)]
         dtype: FloatDtype = FloatDtype::F32,
+        /// Quantize the linear layers to 4 bits on load (bitsandbytes NF4/FP4, as transformers'
+        /// `BitsAndBytesConfig(load_in_4bit=True)`; the output head stays as it is). A checkpoint
+        /// saved quantized (`*-bnb-4bit`) loads as it is without this flag.
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        load_in_4bit: bool = false,
+        /// The 4-bit data type under --load-in-4bit.
+        #[arg(value_enum)]
+        bnb_4bit_quant_type: QuantType = QuantType::Nf4,
+        /// Quantize the per-block scales too (8-bit, blocks of 256): about 0.4 bit a weight less.
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        bnb_4bit_use_double_quant: bool = false,
+        /// Dtype the 4-bit layers (and here the whole forward) compute in (unset: --dtype).
+        #[arg(value_enum, num_args = 1)]
+        bnb_4bit_compute_dtype: Option<FloatDtype> = None,
         /// Attention layout: packed puts the batch's pairs back to back with no padding, each
         /// pair computing its prompt once and attending only to itself; shared-prompt is one
         /// padded row per pair; padded is TRL's two right-padded rows per pair.
@@ -348,6 +363,20 @@ settings! {
         /// Dtype the frozen base weights are held in under LoRA (f32 or bf16); adapters stay f32.
         #[arg(value_enum)]
         base_dtype: FloatDtype = FloatDtype::F32,
+        /// Quantize the linear layers to 4 bits on load (bitsandbytes NF4/FP4, as transformers'
+        /// `BitsAndBytesConfig(load_in_4bit=True)`; the output head stays as it is). A checkpoint
+        /// saved quantized (`*-bnb-4bit`) loads as it is without this flag.
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        load_in_4bit: bool = false,
+        /// The 4-bit data type under --load-in-4bit.
+        #[arg(value_enum)]
+        bnb_4bit_quant_type: QuantType = QuantType::Nf4,
+        /// Quantize the per-block scales too (8-bit, blocks of 256): about 0.4 bit a weight less.
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        bnb_4bit_use_double_quant: bool = false,
+        /// Dtype the 4-bit layers (and here the whole forward) compute in (unset: --dtype).
+        #[arg(value_enum, num_args = 1)]
+        bnb_4bit_compute_dtype: Option<FloatDtype> = None,
         /// Compute dtype: f32, or bf16 for mixed precision (bf16 matmuls over f32 master
         /// weights, f32 AdamW state, log-softmax and loss in f32, as torch autocast + AdamW).
         #[arg(value_enum)]
@@ -545,6 +574,9 @@ impl TrainSettings {
                 crate::model::lora::LoraConfig::new(r, self.lora_alpha, &self.lora_targets, self.lora_dropout).context("--lora-targets")?;
             }
         }
+        if self.load_in_4bit && !lora {
+            bail!("--load-in-4bit trains a LoRA adapter over the frozen 4-bit base (QLoRA): add --lora-r R (or --adapter DIR); full fine-tuning needs the full-precision weights");
+        }
         if self.base_dtype == FloatDtype::F16 || (!lora && self.base_dtype != FloatDtype::F32) {
             bail!("--base-dtype holds a frozen LoRA base in f32 or bf16; full fine-tuning trains f32 weights");
         }
@@ -643,6 +675,20 @@ settings! {
         /// Compute dtype.
         #[arg(value_enum)]
         dtype: FloatDtype = FloatDtype::F32,
+        /// Quantize the linear layers to 4 bits on load (bitsandbytes NF4/FP4, as transformers'
+        /// `BitsAndBytesConfig(load_in_4bit=True)`; the output head stays as it is). A checkpoint
+        /// saved quantized (`*-bnb-4bit`) loads as it is without this flag.
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        load_in_4bit: bool = false,
+        /// The 4-bit data type under --load-in-4bit.
+        #[arg(value_enum)]
+        bnb_4bit_quant_type: QuantType = QuantType::Nf4,
+        /// Quantize the per-block scales too (8-bit, blocks of 256): about 0.4 bit a weight less.
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        bnb_4bit_use_double_quant: bool = false,
+        /// Dtype the 4-bit layers (and here the whole forward) compute in (unset: --dtype).
+        #[arg(value_enum, num_args = 1)]
+        bnb_4bit_compute_dtype: Option<FloatDtype> = None,
         /// The date chat templates' `strftime_now` prints, YYYY-MM-DD (unset: today, UTC).
         #[arg(num_args = 1, value_name = "YYYY-MM-DD")]
         template_date: Option<String> = None,
@@ -664,6 +710,20 @@ settings! {
         /// Reward model directory: a Hugging Face *ForSequenceClassification model with one label.
         #[arg(num_args = 1, value_name = "DIR")]
         reward_model: Option<PathBuf> = None,
+        /// Quantize the linear layers to 4 bits on load (bitsandbytes NF4/FP4, as transformers'
+        /// `BitsAndBytesConfig(load_in_4bit=True)`; the output head stays as it is). A checkpoint
+        /// saved quantized (`*-bnb-4bit`) loads as it is without this flag.
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        load_in_4bit: bool = false,
+        /// The 4-bit data type under --load-in-4bit.
+        #[arg(value_enum)]
+        bnb_4bit_quant_type: QuantType = QuantType::Nf4,
+        /// Quantize the per-block scales too (8-bit, blocks of 256): about 0.4 bit a weight less.
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        bnb_4bit_use_double_quant: bool = false,
+        /// Dtype the 4-bit layers compute in (unset: f32).
+        #[arg(value_enum, num_args = 1)]
+        bnb_4bit_compute_dtype: Option<FloatDtype> = None,
         /// Instead of a reward model: a shell command that reads JSON lines {"prompt", "completion"}
         /// on stdin and writes one number per line on stdout.
         #[arg(num_args = 1, value_name = "CMD")]
@@ -814,3 +874,33 @@ impl PipelineFile {
         path.map(Self::load).transpose().map(Option::unwrap_or_default)
     }
 }
+
+/// The 4-bit request of a stage's flags (`--load-in-4bit` and its settings), in `dtype`.
+pub fn quant_request(
+    load_in_4bit: bool,
+    quant_type: QuantType,
+    double_quant: bool,
+    compute: Option<FloatDtype>,
+    dtype: FloatDtype,
+) -> Option<QuantSpec> {
+    load_in_4bit.then(|| QuantSpec::new(quant_type, double_quant, compute.unwrap_or(dtype).dtype()))
+}
+
+macro_rules! quant_of {
+    ($($s:ty => $dtype:ident),*) => {$(
+        impl $s {
+            /// What `--load-in-4bit` and its settings ask for (None: no quantizing on load).
+            pub fn quant(&self) -> Option<QuantSpec> {
+                quant_request(self.load_in_4bit, self.bnb_4bit_quant_type, self.bnb_4bit_use_double_quant, self.bnb_4bit_compute_dtype, quant_of!(@d self $dtype))
+            }
+
+            /// The compute dtype: --bnb-4bit-compute-dtype where given, else the stage's dtype.
+            pub fn compute_dtype(&self) -> FloatDtype {
+                self.bnb_4bit_compute_dtype.unwrap_or(quant_of!(@d self $dtype))
+            }
+        }
+    )*};
+    (@d $self:ident f32) => { FloatDtype::F32 };
+    (@d $self:ident $f:ident) => { $self.$f };
+}
+quant_of!(CacheRefSettings => dtype, TrainSettings => dtype, SampleSettings => dtype, LabelSettings => f32);

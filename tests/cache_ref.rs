@@ -162,7 +162,7 @@ fn the_cache_holds_the_shared_part_for_ld_dpo_and_old_caches_refuse_it() {
     ok(d.path(), &["cache-ref", "--prepared", "prep", "--model", &m, "--out", "cache"]);
     let prep = PreparedDataset::open(&d.path().join("prep")).unwrap();
     let cache = RefCache::open(&d.path().join("cache"), &prep).unwrap();
-    let dec = dpo_pipeline::model::load_decoder(Path::new(&m), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let dec = dpo_pipeline::model::load_decoder(Path::new(&m), candle_core::DType::F32, None, &candle_core::Device::Cpu).unwrap();
     let (cs, rs) = (cache.chosen_shared.as_ref().unwrap(), cache.rejected_shared.as_ref().unwrap());
     let mut unequal = 0;
     for i in 0..prep.len() {

@@ -45,7 +45,7 @@ fn every_family_computes_transformers_log_probs_in_every_layout() {
     for fam in FAMILIES {
         let m = model(d.path(), fam);
         let g = golden_family(fam);
-        let dec = load_decoder(&m, DType::F32, &Device::Cpu).unwrap();
+        let dec = load_decoder(&m, DType::F32, None, &Device::Cpu).unwrap();
         for seq in g["sequences"].as_array().unwrap() {
             let ids = ids(&seq["ids"]);
             let want: Vec<f64> = seq["token_logps"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
@@ -88,7 +88,7 @@ fn every_family_generates_greedily_as_transformers_and_scores_as_its_reward_mode
     for fam in FAMILIES {
         let m = model(d.path(), fam);
         let g = golden_family(fam);
-        let dec = load_decoder(&m, DType::F32, &Device::Cpu).unwrap();
+        let dec = load_decoder(&m, DType::F32, None, &Device::Cpu).unwrap();
         let cases = g["generate"].as_array().unwrap();
         let requests: Vec<Request> = cases.iter().map(|c| Request { prompt: ids(&c["prompt"]), seeds: vec![0] }).collect();
         let greedy = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0 };
@@ -99,7 +99,7 @@ fn every_family_generates_greedily_as_transformers_and_scores_as_its_reward_mode
         // The family's *ForSequenceClassification.
         let rm_dir = d.path().join(format!("rm_{fam}"));
         ok(d.path(), &["init-model", "--arch", fam, "--seed", "0", "--reward", "--out", s(&rm_dir)]);
-        let rm = RewardModel::load(&rm_dir, DType::F32, &Device::Cpu).unwrap();
+        let rm = RewardModel::load(&rm_dir, DType::F32, None, &Device::Cpu).unwrap();
         for r in g["rewards"].as_array().unwrap() {
             let got = rm.scores(&[&ids(&r["ids"])]).unwrap()[0] as f64;
             let want = r["score"].as_f64().unwrap();
@@ -150,7 +150,7 @@ fn every_family_s_dpo_gradients_match_pytorch_autograd() {
         let m = model(d.path(), fam);
         let g = golden_family(fam);
         for checkpointing in [false, true] {
-            let policy = Policy::load_mixed(&m, DType::F32, None, &Trainable::Full, checkpointing, &Device::Cpu).unwrap();
+            let policy = Policy::load_mixed(&m, DType::F32, None, &Trainable::Full, checkpointing, None, &Device::Cpu).unwrap();
             let gp = g["pairs"].as_array().unwrap();
             let data: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> = gp.iter().map(|p| (ids(&p["prompt"]), ids(&p["chosen"]), ids(&p["rejected"]))).collect();
             let pairs: Vec<PairView> = data.iter().map(|(p, c, r)| PairView::whole(0, p, c, r)).collect();
@@ -281,7 +281,7 @@ fn every_family_s_lora_adapters_are_peft_s() {
         let g = golden_family(fam);
         let lg = &g["lora"];
         let peft_dir = golden(&format!("families/{}", lg["adapter"].as_str().unwrap()));
-        let policy = Policy::load_mixed(&m, DType::F32, None, &Trainable::Adapter(peft_dir.clone()), false, &Device::Cpu).unwrap();
+        let policy = Policy::load_mixed(&m, DType::F32, None, &Trainable::Adapter(peft_dir.clone()), false, None, &Device::Cpu).unwrap();
         let mut moved = 0f64;
         for (seq, want) in g["sequences"].as_array().unwrap().iter().zip(lg["token_logps"].as_array().unwrap()) {
             let ours = seq_logps(&policy.eval_decoder, &ids(&seq["ids"]));
@@ -300,7 +300,7 @@ fn every_family_s_lora_adapters_are_peft_s() {
             v => v.as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect::<Vec<_>>().join(","),
         };
         let new = Trainable::NewLora { config: LoraConfig::new(2, 4.0, &targets, 0.0).unwrap(), seed: 1 };
-        let ours = Policy::load_mixed(&m, DType::F32, None, &new, false, &Device::Cpu).unwrap();
+        let ours = Policy::load_mixed(&m, DType::F32, None, &new, false, None, &Device::Cpu).unwrap();
         let out = d.path().join(format!("ours_{fam}"));
         ours.save(&out, &m).unwrap();
         assert_eq!(tensors(&out.join("adapter_model.safetensors")), tensors(&peft_dir.join("adapter_model.safetensors")), "{fam}: adapter tensors");
@@ -337,12 +337,12 @@ fn gemma3_multimodal_checkpoints_train_their_text_tower_and_keep_the_rest() {
     let g = golden_family("gemma3");
     let ids0 = ids(&g["sequences"][0]["ids"]);
     let (a, b) = (
-        seq_logps(&load_decoder(&text, DType::F32, &Device::Cpu).unwrap(), &ids0),
-        seq_logps(&load_decoder(&mm, DType::F32, &Device::Cpu).unwrap(), &ids0),
+        seq_logps(&load_decoder(&text, DType::F32, None, &Device::Cpu).unwrap(), &ids0),
+        seq_logps(&load_decoder(&mm, DType::F32, None, &Device::Cpu).unwrap(), &ids0),
     );
     assert_eq!(a, b);
     // One training step, saved: the text tower under its names (moved), the vision tower as it was.
-    let policy = Policy::load_mixed(&mm, DType::F32, None, &Trainable::Full, false, &Device::Cpu).unwrap();
+    let policy = Policy::load_mixed(&mm, DType::F32, None, &Trainable::Full, false, None, &Device::Cpu).unwrap();
     let gp = &g["pairs"][0];
     let (p, c, r) = (ids(&gp["prompt"]), ids(&gp["chosen"]), ids(&gp["rejected"]));
     let pairs = [PairView::whole(0, &p, &c, &r)];

@@ -39,7 +39,7 @@ fn continuing_a_peft_adapter_matches_pytorch_autograd_and_trl() {
     // PEFT's model with the starting adapter, three ways: ours with the adapter, ours merged.
     let policy = Policy::load_with(&model, DType::F32, &Trainable::Adapter(p.join("adapter")), &Device::Cpu).unwrap();
     ok(p, &["merge-lora", "--model", "model_llama", "--adapter", "adapter", "--out", "merged"]);
-    let merged = load_decoder(&p.join("merged"), DType::F32, &Device::Cpu).unwrap();
+    let merged = load_decoder(&p.join("merged"), DType::F32, None, &Device::Cpu).unwrap();
     for seq in g["start_logps"].as_array().unwrap() {
         let ids: Vec<u32> = seq["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         let want: Vec<f64> = seq["token_logps"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
@@ -152,7 +152,7 @@ fn a_new_adapter_starts_at_the_reference_resumes_identically_and_merges() {
     // Merged, the model gives the adapter's log-probs.
     ok(p, &["merge-lora", "--model", "model_qwen2", "--adapter", "full/final", "--out", "merged"]);
     let policy = Policy::load_with(&model, DType::F32, &Trainable::Adapter(fin.clone()), &Device::Cpu).unwrap();
-    let merged = load_decoder(&p.join("merged"), DType::F32, &Device::Cpu).unwrap();
+    let merged = load_decoder(&p.join("merged"), DType::F32, None, &Device::Cpu).unwrap();
     let ids: Vec<u32> = (3..40).collect();
     for (a, b) in seq_logps(&policy.eval_decoder, &ids).iter().zip(seq_logps(&merged, &ids)) {
         assert!((a - b).abs() < 1e-4, "adapter {a} vs merged {b}");

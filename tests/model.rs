@@ -18,7 +18,7 @@ fn vs_hf(dir: &Path, arch: &str, file: &str, dtype: DType) -> Vec<(Vec<f32>, Vec
     let model = tiny_model(dir, arch);
     let g: Value = serde_json::from_str(&std::fs::read_to_string(golden(file)).unwrap()).unwrap();
     assert_eq!(g["weights_blake3"].as_str().unwrap(), file_hash(&model.join("model.safetensors")).unwrap().blake3, "regenerate golden values");
-    let dec = load_decoder(&model, dtype, &Device::Cpu).unwrap();
+    let dec = load_decoder(&model, dtype, None, &Device::Cpu).unwrap();
     let mut out = Vec::new();
     for seq in g["sequences"].as_array().unwrap() {
         let ids: Vec<u32> = seq["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
@@ -59,7 +59,7 @@ fn pair<'a>(prompt: &'a [u32], chosen: &'a [u32], rejected: &'a [u32]) -> PairVi
 fn padding_and_shared_prompt_layouts_agree_with_a_row_alone() {
     let d = tmp();
     let model = tiny_model(d.path(), "llama");
-    let dec = load_decoder(&model, DType::F32, &Device::Cpu).unwrap();
+    let dec = load_decoder(&model, DType::F32, None, &Device::Cpu).unwrap();
     let data: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> = vec![
         (vec![0, 5, 9, 33], vec![40, 41, 42], vec![50]),
         (vec![0, 7], vec![60, 61, 62, 63, 64, 65], vec![70, 71]),
@@ -90,7 +90,7 @@ fn padding_and_shared_prompt_layouts_agree_with_a_row_alone() {
 fn truncation_scores_only_the_first_tokens() {
     let d = tmp();
     let model = tiny_model(d.path(), "qwen2");
-    let dec = load_decoder(&model, DType::F32, &Device::Cpu).unwrap();
+    let dec = load_decoder(&model, DType::F32, None, &Device::Cpu).unwrap();
     let (p, c, r) = (vec![5u32, 6, 7], vec![10u32, 11, 12, 13], vec![20u32, 21]);
     let mut cut = pair(&p, &c, &r);
     cut.chosen_scored = 2;
@@ -106,7 +106,7 @@ fn truncation_scores_only_the_first_tokens() {
 }
 
 fn logps_of(model: &Path, dtype: DType) -> Vec<f32> {
-    let dec = load_decoder(model, dtype, &Device::Cpu).unwrap();
+    let dec = load_decoder(model, dtype, None, &Device::Cpu).unwrap();
     seq_logps(&dec, &[1, 30, 31, 32, 33, 34, 35, 36, 200, 201, 202])
 }
 
@@ -193,7 +193,7 @@ fn unsupported_model_type_and_missing_tensor_are_named() {
     c["model_type"] = Value::from("qwen2");
     c["tie_word_embeddings"] = Value::from(false);
     std::fs::write(model.join("config.json"), c.to_string()).unwrap();
-    let e = format!("{:#}", load_decoder(&model, DType::F32, &Device::Cpu).err().unwrap());
+    let e = format!("{:#}", load_decoder(&model, DType::F32, None, &Device::Cpu).err().unwrap());
     assert!(e.contains("lm_head.weight") && e.contains("missing"), "{e}");
 }
 
@@ -249,8 +249,8 @@ fn mistral_sliding_window_matches_hf_transformers() {
     copy_tokenizer(&llama, &mistral);
     std::fs::copy(llama.join("model.safetensors"), mistral.join("model.safetensors")).unwrap();
     std::fs::write(mistral.join("config.json"), g["config"].to_string()).unwrap();
-    let dec = load_decoder(&mistral, DType::F32, &Device::Cpu).unwrap();
-    let full = load_decoder(&llama, DType::F32, &Device::Cpu).unwrap();
+    let dec = load_decoder(&mistral, DType::F32, None, &Device::Cpu).unwrap();
+    let full = load_decoder(&llama, DType::F32, None, &Device::Cpu).unwrap();
     let mut window_mattered = false;
     for seq in g["sequences"].as_array().unwrap() {
         let ids: Vec<u32> = seq["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
@@ -409,7 +409,7 @@ fn real_shapes_have_the_published_parameter_counts() {
         ok(d.path(), &["init-model", "--arch", arch, "--size", size, "--out", s(&out)]);
         let cfg = ModelConfig::load(&out).unwrap();
         assert_eq!(cfg.num_parameters() as u64, params, "{size}");
-        load_decoder(&out, DType::BF16, &Device::Cpu).unwrap();
+        load_decoder(&out, DType::BF16, None, &Device::Cpu).unwrap();
         std::fs::remove_dir_all(&out).unwrap();
     }
     let e = fails(d.path(), &["init-model", "--arch", "llama", "--size", "qwen2.5-0.5b", "--out", "x"]);
@@ -596,7 +596,7 @@ fn trained_model_log_probs_are_unbiased_against_float64_transformers() {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trained-llama");
     let g: Value = serde_json::from_str(&std::fs::read_to_string(golden("hf_logps_trained_llama.json")).unwrap()).unwrap();
     assert_eq!(g["weights_blake3"].as_str().unwrap(), file_hash(&model.join("model.safetensors")).unwrap().blake3, "regenerate golden values");
-    let dec = load_decoder(&model, DType::F32, &Device::Cpu).unwrap();
+    let dec = load_decoder(&model, DType::F32, None, &Device::Cpu).unwrap();
     let nums = |v: &Value| -> Vec<f64> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
     let (mut ours, mut torch_f32, mut ours_higher) = (Vec::new(), Vec::new(), 0);
     let seqs = g["sequences"].as_array().unwrap();

@@ -111,7 +111,7 @@ fn reward_scores_equal_transformers_sequence_classification() {
 
 /// The tiny model's next-token logits after `prompt`.
 fn next_logits(model: &Path, prompt: &[u32]) -> Vec<f32> {
-    let dec = load_decoder(model, DType::F32, &Device::Cpu).unwrap();
+    let dec = load_decoder(model, DType::F32, None, &Device::Cpu).unwrap();
     let h = dec.hidden(&SeqLayout::causal(prompt)).unwrap();
     let last = h.index_select(&Tensor::from_slice(&[prompt.len() as u32 - 1], 1, &Device::Cpu).unwrap(), 0).unwrap();
     dec.logits(&last).unwrap().to_vec2::<f32>().unwrap().remove(0)
@@ -121,7 +121,7 @@ fn next_logits(model: &Path, prompt: &[u32]) -> Vec<f32> {
 fn first_sampled_token_follows_the_softmax_and_filters_keep_only_their_set() {
     let d = tmp();
     let model = tiny_model(d.path(), "llama");
-    let dec = load_decoder(&model, DType::F32, &Device::Cpu).unwrap();
+    let dec = load_decoder(&model, DType::F32, None, &Device::Cpu).unwrap();
     let prompt = vec![1u32, 40, 41, 42, 43];
     let logits = next_logits(&model, &prompt);
     // Softmax of the logits in f64, independently of the sampler's code.
@@ -409,7 +409,7 @@ fn cached_decoding_equals_recomputing_every_step_with_a_sliding_window() {
     cfg["model_type"] = "mistral".into();
     cfg["sliding_window"] = 5.into();
     std::fs::write(model.join("config.json"), cfg.to_string()).unwrap();
-    let dec = load_decoder(&model, DType::F32, &Device::Cpu).unwrap();
+    let dec = load_decoder(&model, DType::F32, None, &Device::Cpu).unwrap();
     let prompts: Vec<Vec<u32>> = vec![vec![1, 50, 60, 70, 80, 90, 100, 110], vec![1, 7], vec![1, 300, 301, 302]];
     let greedy = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0 };
     let reqs: Vec<Request> = prompts.iter().map(|p| Request { prompt: p.clone(), seeds: vec![0, 1] }).collect();

@@ -394,7 +394,7 @@ fn bf16_mixed_precision_tracks_f32_and_keeps_f32_master_weights() {
     // Reference values shifted so the loss is away from ln 2 and the gradient is not tiny.
     let rr: Vec<f32> = rr.iter().map(|x| x + 3.0).collect();
     let run = |compute: DType| {
-        let policy = Policy::load_mixed(&model, DType::F32, Some(compute), &Trainable::Full, false, &Device::Cpu).unwrap();
+        let policy = Policy::load_mixed(&model, DType::F32, Some(compute), &Trainable::Full, false, None, &Device::Cpu).unwrap();
         let b = dpo(&policy.decoder, LayoutKind::Packed, &LossConfig::sigmoid(0.1), &pairs, &rc, &rr);
         assert_eq!(b.loss.dtype(), DType::F32, "the loss is computed in f32");
         let grads = gradients(&b.loss, &policy).unwrap();
@@ -442,7 +442,7 @@ fn gradient_checkpointing_gives_the_ordinary_gradients() {
         [("full f32", Trainable::Full, DType::F32), ("LoRA with dropout", lora, DType::F32), ("full bf16", Trainable::Full, DType::BF16)]
     {
         let grads = |checkpoint: bool| -> Vec<Vec<f32>> {
-            let policy = Policy::load_mixed(&model, DType::F32, Some(compute), &what, checkpoint, &Device::Cpu).unwrap();
+            let policy = Policy::load_mixed(&model, DType::F32, Some(compute), &what, checkpoint, None, &Device::Cpu).unwrap();
             policy.reseed(7, 0, 0);
             let b = dpo(&policy.decoder, LayoutKind::Packed, &LossConfig::sigmoid(0.1), &pairs, &rc, &rr);
             gradients(&b.loss, &policy).unwrap().iter().map(|g| g.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()).collect()

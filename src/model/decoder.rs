@@ -92,11 +92,17 @@ impl SeqLayout {
 /// `nn.Linear`: y = x Wᵀ (+ b), with PEFT's LoRA when the tensors include an adapter for it:
 /// + (α/r) · dropout(x) Aᵀ Bᵀ.
 struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
     lora: Option<Lora>,
     /// The weight gets no gradient (a LoRA base): the backward skips it.
     frozen: bool,
+}
+
+/// A linear layer's weight: a tensor, or a frozen bitsandbytes 4-bit one (`quant`).
+enum Weight {
+    Dense(Tensor),
+    Quant4(Arc<super::quant::Quant4>),
 }
 
 /// A LoRA adapter on one linear layer.
@@ -139,6 +145,8 @@ pub struct DecoderOptions {
     pub frozen_base: bool,
     /// No `lm_head.weight` (a `*ForSequenceClassification` reward model reads hidden states).
     pub without_lm_head: bool,
+    /// 4-bit weights by tensor name (QLoRA's frozen base): those linear layers use them.
+    pub quantized: Option<Arc<super::quant::QuantWeights>>,
     /// Gradient checkpointing: each layer keeps only its input and reruns in the backward;
     /// the parameters' gradients are collected here (see [`GradSink`]).
     pub checkpoint: Option<Arc<GradSink>>,
@@ -160,12 +168,21 @@ impl Linear {
             _ => None,
         };
         let bias = if bias { Some(get(t, &format!("{prefix}.bias"))?) } else { None };
-        Ok(Self { weight: get(t, &format!("{prefix}.weight"))?, bias, lora, frozen: opts.frozen_base })
+        let name = format!("{prefix}.weight");
+        let weight = match opts.quantized.as_ref().and_then(|q| q.get(&name)) {
+            Some(q) => Weight::Quant4(q.clone()),
+            None => Weight::Dense(get(t, &name)?),
+        };
+        Ok(Self { weight, bias, lora, frozen: opts.frozen_base })
     }
 
     /// x: [n, in] -> [n, out]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = if self.frozen { super::fused::frozen_linear(x, &self.weight)? } else { x.matmul(&cast(&self.weight, x.dtype())?.t()?)? };
+        let mut y = match &self.weight {
+            Weight::Quant4(q) => super::quant::linear(x, q)?,
+            Weight::Dense(w) if self.frozen => super::fused::frozen_linear(x, w)?,
+            Weight::Dense(w) => x.matmul(&cast(w, x.dtype())?.t()?)?,
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&cast(b, x.dtype())?)?;
         }
@@ -181,7 +198,11 @@ impl Linear {
     }
 
     fn params(&self) -> impl Iterator<Item = &Tensor> {
-        [Some(&self.weight), self.bias.as_ref()].into_iter().flatten().chain(self.lora.iter().flat_map(|l| [&l.a, &l.b]))
+        let dense = match &self.weight {
+            Weight::Dense(w) => Some(w),
+            Weight::Quant4(_) => None,
+        };
+        [dense, self.bias.as_ref()].into_iter().flatten().chain(self.lora.iter().flat_map(|l| [&l.a, &l.b]))
     }
 }
 

@@ -155,7 +155,7 @@ unsafe fn matmul_acc<T: Real>(m: usize, n: usize, k: usize, out: *mut T, a: *con
     gemm::gemm(m, n, k, out, 1, n as isize, true, a, a_cs, a_rs, b, 1, n as isize, T::from(1.0), T::from(1.0), false, false, false, par());
 }
 
-fn par() -> Parallelism {
+pub(crate) fn par() -> Parallelism {
     match rayon::current_num_threads() {
         1 => Parallelism::None,
         n => Parallelism::Rayon(n),

@@ -11,6 +11,7 @@ pub mod fused;
 pub mod logprobs;
 pub mod lora;
 pub mod ops;
+pub mod quant;
 pub mod reward;
 pub mod weights;
 
@@ -64,9 +65,10 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     Ok(Device::new_cuda(ordinal)?)
 }
 
-/// Loads an HF model directory into the decoder (inference: plain tensors, no autograd).
-pub fn load_decoder(model_dir: &Path, dtype: DType, device: &Device) -> Result<Decoder> {
+/// Loads an HF model directory into the decoder (inference: plain tensors, no autograd); a
+/// bitsandbytes 4-bit checkpoint as it is, or quantized on load when `quant` asks.
+pub fn load_decoder(model_dir: &Path, dtype: DType, quant: Option<&quant::QuantSpec>, device: &Device) -> Result<Decoder> {
     let cfg = ModelConfig::load(model_dir)?;
-    let tensors = weights::load_weights(model_dir, &cfg, dtype, device)?;
-    Decoder::new(&cfg, &tensors)
+    let w = weights::load_model(model_dir, &cfg, dtype, device, quant)?;
+    Decoder::with_options(&cfg, &w.tensors, &decoder::DecoderOptions { quantized: w.quant, ..Default::default() })
 }

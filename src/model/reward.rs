@@ -15,7 +15,8 @@ pub struct RewardModel {
 }
 
 impl RewardModel {
-    pub fn load(model_dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    /// `quant`: quantize its linear layers to 4 bits on load (a 4-bit checkpoint loads as it is).
+    pub fn load(model_dir: &Path, dtype: DType, quant: Option<&crate::model::quant::QuantSpec>, device: &Device) -> Result<Self> {
         let cfg = ModelConfig::load(model_dir)?;
         let arch = cfg.raw["architectures"].as_array().and_then(|a| a.first()).and_then(|a| a.as_str()).unwrap_or("");
         if !arch.ends_with("ForSequenceClassification") {
@@ -27,9 +28,10 @@ impl RewardModel {
         }
         let mut names: Vec<String> = weights::tensor_names(&cfg).into_iter().filter(|n| n != "lm_head.weight").collect();
         names.push("score.weight".into());
-        let mut t = weights::load_named(model_dir, &names, dtype, device)?;
+        let w = weights::load_model_named(model_dir, &cfg, &names, dtype, device, quant)?;
+        let mut t = w.tensors;
         let score = t.remove("score.weight").context("score.weight")?;
-        let decoder = Decoder::with_options(&cfg, &t, &DecoderOptions { without_lm_head: true, ..Default::default() })?;
+        let decoder = Decoder::with_options(&cfg, &t, &DecoderOptions { without_lm_head: true, quantized: w.quant, ..Default::default() })?;
         let pad_token_id = cfg.raw["pad_token_id"].as_u64().map(|v| v as u32);
         Ok(Self { decoder, score, pad_token_id })
     }

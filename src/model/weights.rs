@@ -1,6 +1,7 @@
 //! Safetensors in HF layout: single `model.safetensors` or sharded with
 //! `model.safetensors.index.json`; any stored dtype, converted to the compute dtype.
 use super::config::ModelConfig;
+use super::quant::{Quant4, QuantSpec, QuantWeights};
 use anyhow::{bail, Context, Result};
 use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
@@ -159,5 +160,93 @@ impl FloatDtype {
             FloatDtype::Bf16 => DType::BF16,
             FloatDtype::F16 => DType::F16,
         }
+    }
+}
+
+/// A model's tensors as the decoder takes them: full-precision ones by name, and the 4-bit
+/// linear weights (a pre-quantized checkpoint's, or quantized on load) by name.
+pub struct ModelWeights {
+    pub tensors: HashMap<String, Tensor>,
+    pub quant: Option<std::sync::Arc<QuantWeights>>,
+    /// How the 4-bit weights are quantized (None: none are).
+    pub spec: Option<QuantSpec>,
+}
+
+/// Loads the decoder's tensors: a bitsandbytes 4-bit checkpoint as it is (its
+/// `quantization_config`), else full precision converted to `dtype`, with the linear layers
+/// transformers would quantize quantized here when `request` (`--load-in-4bit`) asks.
+pub fn load_model(model_dir: &Path, cfg: &ModelConfig, dtype: DType, device: &Device, request: Option<&QuantSpec>) -> Result<ModelWeights> {
+    load_model_named(model_dir, cfg, &tensor_names(cfg), dtype, device, request)
+}
+
+/// As `load_model`, for these tensors (a reward model's, say).
+pub fn load_model_named(
+    model_dir: &Path,
+    cfg: &ModelConfig,
+    names: &[String],
+    dtype: DType,
+    device: &Device,
+    request: Option<&QuantSpec>,
+) -> Result<ModelWeights> {
+    let config = model_dir.join("config.json");
+    let published = QuantSpec::from_config(&cfg.raw, &config)?;
+    if let (Some(p), Some(r)) = (&published, request) {
+        if p.quant_type != r.quant_type || p.double_quant != r.double_quant {
+            bail!(
+                "{}: the checkpoint is already quantized ({}, double quantization {}) but the flags ask for {} with double quantization {}: \
+                 drop --load-in-4bit's settings or load the full-precision model",
+                config.display(),
+                p.quant_type.name(),
+                p.double_quant,
+                r.quant_type.name(),
+                r.double_quant
+            );
+        }
+    }
+    let Some(spec) = published.clone().or_else(|| request.cloned()) else {
+        return Ok(ModelWeights { tensors: load_named(model_dir, names, dtype, device)?, quant: None, spec: None });
+    };
+    let files = weight_files(model_dir)?;
+    // SAFETY: weights are read-only inputs; we do not expect them to change while mapped.
+    let st = unsafe { MmapedSafetensors::multi(&files) }.with_context(|| format!("{}: cannot read safetensors", model_dir.display()))?;
+    let mut tensors = HashMap::new();
+    let mut quant = QuantWeights::new();
+    for name in names.iter().cloned() {
+        let stored = ["nf4", "fp4"].iter().any(|t| st.get(&format!("{name}.quant_state.bitsandbytes__{t}")).is_ok());
+        let mut q = if stored {
+            Quant4::load(&st, &name, model_dir)?
+        } else if published.is_none() && spec.quantizes(&name) {
+            let t = st
+                .load(&name, &Device::Cpu)
+                .map_err(|_| anyhow::anyhow!("{}: tensor `{name}` is missing from the safetensors files", model_dir.display()))?;
+            let (rows, cols) = t.dims2()?;
+            Quant4::quantize(&t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, rows, cols, &spec)
+        } else {
+            let t = st
+                .load(&name, device)
+                .map_err(|_| anyhow::anyhow!("{}: tensor `{name}` is missing from the safetensors files", model_dir.display()))?;
+            tensors.insert(name, t.to_dtype(dtype)?);
+            continue;
+        };
+        q.place(device)?;
+        quant.insert(name, std::sync::Arc::new(q));
+    }
+    Ok(ModelWeights { tensors, quant: Some(std::sync::Arc::new(quant)), spec: Some(spec) })
+}
+
+impl ModelWeights {
+    /// Every weight in full precision (`dtype`): the 4-bit ones dequantized (merging, saving).
+    pub fn dequantized(mut self, dtype: DType) -> Result<HashMap<String, Tensor>> {
+        let device = self.tensors.values().next().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
+        for (name, q) in self.quant.iter().flat_map(|q| q.iter()) {
+            self.tensors.insert(name.clone(), q.to_tensor(dtype, &device)?);
+        }
+        Ok(self.tensors)
+    }
+
+    /// Bytes the weights hold (4-bit ones packed).
+    pub fn bytes(&self) -> usize {
+        self.tensors.values().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum::<usize>()
+            + self.quant.iter().flat_map(|q| q.values()).map(|q| q.bytes()).sum::<usize>()
     }
 }

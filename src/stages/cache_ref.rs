@@ -60,7 +60,7 @@ pub fn run(cfg: &CacheRefSettings) -> Result<Manifest> {
     let hub: Vec<serde_json::Value> = model.record().into_iter().collect();
     let cfg = &CacheRefSettings { model: model.path, ..cfg.clone() };
     let prepared = PreparedDataset::open(&cfg.prepared)?;
-    let dtype = cfg.dtype.dtype();
+    let dtype = cfg.compute_dtype().dtype();
     let model_cfg = crate::model::ModelConfig::load(&cfg.model)?;
     check_same_tokenizer(&prepared.manifest, &prepared.dir, &cfg.model)?;
     // Absolute, so `train` finds the reference model whatever directory it runs from.
@@ -116,7 +116,7 @@ pub fn run(cfg: &CacheRefSettings) -> Result<Manifest> {
     }
 
     let device = model::device()?;
-    let decoder = model::load_decoder(&cfg.model, dtype, &device)?;
+    let decoder = model::load_decoder(&cfg.model, dtype, cfg.quant().as_ref(), &device)?;
     let pb = progress(my_rows as u64, "cache-ref", "pairs");
     pb.set_position(prog.rows_done as u64);
     // Tokens the forward really computes, and the padded slots it ran over.

@@ -39,13 +39,14 @@ fn reward_ids(tok: &ModelTokenizer, s: &Sample) -> Result<Vec<u32>> {
 /// first sample (so a resumed run cuts the same batches), each batch's scores journaled.
 fn reward_scores(
     dir: &Path,
+    cfg: &LabelSettings,
     tok: &ModelTokenizer,
     samples: impl Iterator<Item = Result<Sample>>,
     batch_tokens: usize,
     journal: &mut Journal,
     pb: &ProgressBar,
 ) -> Result<()> {
-    let rm = RewardModel::load(dir, candle_core::DType::F32, &model::device()?)?;
+    let rm = RewardModel::load(dir, cfg.compute_dtype().dtype(), cfg.quant().as_ref(), &model::device()?)?;
     let mut batch: Vec<Vec<u32>> = Vec::new();
     let mut n = 0;
     let mut run = |batch: &mut Vec<Vec<u32>>| -> Result<()> {
@@ -272,7 +273,7 @@ pub fn run(cfg: &LabelSettings) -> Result<Manifest> {
         match (&cfg.reward_model, &reward_tok, &cfg.judge_cmd) {
             // Reward batches are planned from the first sample, so skip whole batches only:
             // the journal ends on a batch boundary.
-            (Some(rm), Some(tok), _) => reward_scores(rm, tok, reader.into_rows_from(done), cfg.batch_tokens, &mut journal, &pb)?,
+            (Some(rm), Some(tok), _) => reward_scores(rm, cfg, tok, reader.into_rows_from(done), cfg.batch_tokens, &mut journal, &pb)?,
             (None, _, Some(cmd)) => judge_scores(cmd, reader, done, &mut journal, &pb)?,
             _ => unreachable!("validated"),
         }

@@ -7,6 +7,8 @@ use crate::data::input::{expand_inputs, fields_array, input_hash, Field, Kind, M
 use crate::data::samples::{samples_schema, write_skipped, SkippedRow, SAMPLES, SKIPPED};
 use crate::data::tokenize::ModelTokenizer;
 use crate::generate::{generate, Completion, Request, Sampling};
+use crate::model::decoder::DecoderOptions;
+use crate::model::quant::QuantSpec;
 use crate::model::{self, lora, weights, Decoder, ModelConfig};
 use crate::settings::SampleSettings;
 use crate::store::{file_hash, write_atomic, InputRef, Manifest, ParquetOut};
@@ -23,10 +25,19 @@ pub const STAGE: &str = "sample";
 pub const FORMAT_VERSION: u32 = 1;
 
 /// A model directory loaded for inference, with a PEFT adapter merged in when given.
-pub fn load_model(model_dir: &Path, adapter: Option<&Path>, dtype: candle_core::DType) -> Result<Decoder> {
+/// A 4-bit base (pre-quantized, or `quant`) keeps its adapter unmerged, as PEFT runs it.
+pub fn load_model(model_dir: &Path, adapter: Option<&Path>, dtype: candle_core::DType, quant: Option<&QuantSpec>) -> Result<Decoder> {
     let device = model::device()?;
     let cfg = ModelConfig::load(model_dir)?;
-    let Some(adapter) = adapter else { return model::load_decoder(model_dir, dtype, &device) };
+    let Some(adapter) = adapter else { return model::load_decoder(model_dir, dtype, quant, &device) };
+    let w = weights::load_model(model_dir, &cfg, dtype, &device, quant)?;
+    if w.quant.is_some() {
+        let (lc, a) = lora::load(adapter, &cfg, &device)?;
+        let mut tensors = w.tensors;
+        tensors.extend(a);
+        let opts = DecoderOptions { compute_dtype: Some(dtype), lora_scale: Some(lc.scale()), quantized: w.quant, ..Default::default() };
+        return Decoder::with_options(&cfg, &tensors, &opts);
+    }
     let mut tensors = weights::load_weights(model_dir, &cfg, candle_core::DType::F32, &device)?;
     let (lc, a) = lora::load(adapter, &cfg, &device)?;
     lora::merge(&mut tensors, &lc, &a)?;
@@ -202,7 +213,7 @@ pub fn run(cfg: &SampleSettings) -> Result<Manifest> {
     let cfg = &SampleSettings { model, adapter, ..cfg.clone() };
     let files = expand_inputs(&cfg.prompts)?;
     let tok = ModelTokenizer::load(&cfg.model, cfg.template_date()?)?;
-    let dtype = cfg.dtype.dtype();
+    let dtype = cfg.compute_dtype().dtype();
     let model_cfg = ModelConfig::load(&cfg.model)?;
     let mut inputs = Vec::new();
     for f in &files {
@@ -257,7 +268,7 @@ pub fn run(cfg: &SampleSettings) -> Result<Manifest> {
     for _ in 0..state.prompts_done {
         stream.next()?.context("the prompts changed since the interrupted run (fewer than it sampled); rerun with --force")?;
     }
-    let decoder = load_model(&cfg.model, cfg.adapter.as_deref(), dtype)?;
+    let decoder = load_model(&cfg.model, cfg.adapter.as_deref(), dtype, cfg.quant().as_ref())?;
     let sampling = Sampling { temperature: cfg.temperature, top_k: cfg.top_k, top_p: cfg.top_p };
     let pb = progress(total_rows, "sample", "prompts");
     pb.set_position(stream.rows);

@@ -581,8 +581,15 @@ impl<'a> Trainer<'a> {
             decision.split_once('\n').map(|(f, d)| (f.to_string(), (!d.is_empty()).then(|| PathBuf::from(d)))).context("rank 0's decision")?;
 
         let device = model::device()?;
-        let policy =
-            Policy::load_mixed(&model_dir, cfg.base_dtype.dtype(), Some(cfg.dtype.dtype()), &trainable(cfg)?, cfg.gradient_checkpointing, &device)?;
+        let policy = Policy::load_mixed(
+            &model_dir,
+            cfg.base_dtype.dtype(),
+            Some(cfg.compute_dtype().dtype()),
+            &trainable(cfg)?,
+            cfg.gradient_checkpointing,
+            cfg.quant().as_ref(),
+            &device,
+        )?;
         let adam = AdamWConfig { lr: cfg.lr, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay };
         // ZeRO-1: each parameter's moments live on one rank, which updates it and broadcasts it.
         let owner =
@@ -611,7 +618,7 @@ impl<'a> Trainer<'a> {
         }
         // The reference is what cache-ref ran, whatever the policy starts from.
         let ref_decoder = match (&cache, cfg.ref_in_loop) {
-            (Some(c), true) => Some(model::load_decoder(&c.model_dir()?, DType::F32, &device)?),
+            (Some(c), true) => Some(model::load_decoder(&c.model_dir()?, DType::F32, cfg.quant().as_ref(), &device)?),
             _ => None,
         };
         // MoE models: TRL 1.16 adds the router's load-balancing loss whenever the model has one,

@@ -4,6 +4,7 @@
 //! `Var` per adapter tensor, saved in PEFT's layout).
 use crate::model::decoder::{DecoderOptions, Dropout, GradSink};
 use crate::model::lora::{self, LoraConfig};
+use crate::model::quant::{QuantSpec, QuantWeights};
 use crate::model::{weights, Decoder, ModelConfig};
 use crate::rng::Rng;
 use crate::store::write_atomic;
@@ -16,6 +17,12 @@ use std::sync::{Arc, Mutex};
 /// Tokenizer and generation files copied beside saved weights, so the directory loads alone.
 const TOKENIZER_FILES: &[&str] =
     &["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json"];
+
+/// A LoRA policy's frozen base: full-precision tensors and the 4-bit ones.
+struct Base {
+    tensors: HashMap<String, Tensor>,
+    quant: Option<Arc<QuantWeights>>,
+}
 
 /// What the policy trains.
 pub enum Trainable {
@@ -53,7 +60,7 @@ impl Policy {
     /// `base_dtype` is the dtype the (frozen, under LoRA) weights are held in; LoRA math and
     /// adapters are f32 whatever it is.
     pub fn load_with(model_dir: &Path, base_dtype: DType, what: &Trainable, device: &Device) -> Result<Self> {
-        Self::load_mixed(model_dir, base_dtype, None, what, false, device)
+        Self::load_mixed(model_dir, base_dtype, None, what, false, None, device)
     }
 
     /// As `load_with`, computing in `compute` (default: the weights' dtype, f32 under LoRA).
@@ -61,28 +68,38 @@ impl Policy {
     /// master copy AdamW updates, with f32 moments) and are cast to bf16 where they are used;
     /// gradients flow back through the casts to f32, and log-softmax and loss run in f32, as
     /// torch autocast + AdamW do. `checkpoint`: gradient checkpointing (each layer keeps only
-    /// its input and reruns in the backward).
+    /// its input and reruns in the backward). `quant`: quantize the base to 4 bits on load
+    /// (QLoRA; a checkpoint saved in 4 bits is read as it is either way).
     pub fn load_mixed(
         model_dir: &Path,
         base_dtype: DType,
         compute: Option<DType>,
         what: &Trainable,
         checkpoint: bool,
+        quant: Option<&QuantSpec>,
         device: &Device,
     ) -> Result<Self> {
         let cfg = ModelConfig::load(model_dir)?;
-        let tensors = weights::load_weights(model_dir, &cfg, base_dtype, device)?;
+        let w = weights::load_model(model_dir, &cfg, base_dtype, device, quant)?;
         let sink = checkpoint.then(|| Arc::new(GradSink::default()));
+        if let (Trainable::Full, Some(spec)) = (what, &w.spec) {
+            anyhow::bail!(
+                "{}: the base is {}-quantized (4-bit): full fine-tuning needs the full-precision weights; train a LoRA adapter over it with --lora-r R (QLoRA)",
+                model_dir.display(),
+                spec.quant_type.name()
+            );
+        }
+        let base = Base { tensors: w.tensors, quant: w.quant };
         match what {
-            Trainable::Full => Self::from_tensors_in(cfg, tensors, compute, sink),
+            Trainable::Full => Self::from_tensors_in(cfg, base.tensors, compute, sink),
             Trainable::NewLora { config, seed } => {
                 let config = config.clone().resolve(&cfg)?;
                 let adapter = config.init(&cfg, *seed, device)?;
-                Self::with_adapter(cfg, tensors, config, adapter, compute.unwrap_or(DType::F32), sink)
+                Self::with_adapter(cfg, base, config, adapter, compute.unwrap_or(DType::F32), sink)
             }
             Trainable::Adapter(dir) => {
                 let (config, adapter) = lora::load(dir, &cfg, device)?;
-                Self::with_adapter(cfg, tensors, config, adapter, compute.unwrap_or(DType::F32), sink)
+                Self::with_adapter(cfg, base, config, adapter, compute.unwrap_or(DType::F32), sink)
             }
         }
     }
@@ -116,7 +133,7 @@ impl Policy {
 
     fn with_adapter(
         cfg: ModelConfig,
-        base: HashMap<String, Tensor>,
+        base: Base,
         config: LoraConfig,
         adapter: BTreeMap<String, Tensor>,
         compute: DType,
@@ -126,7 +143,7 @@ impl Policy {
         let vars = names.iter().map(|n| Ok(Var::from_tensor(&adapter[n])?)).collect::<Result<Vec<_>>>()?;
         let dropout_rng = Arc::new(Mutex::new(Rng::new(0)));
         let with = |tracked: bool| -> Result<Decoder> {
-            let mut t = base.clone();
+            let mut t = base.tensors.clone();
             for (n, v) in names.iter().zip(&vars) {
                 t.insert(n.clone(), if tracked { v.as_tensor().clone() } else { v.as_tensor().detach() });
             }
@@ -139,6 +156,7 @@ impl Policy {
                     lora_scale: Some(config.scale()),
                     lora_dropout: dropout,
                     frozen_base: true,
+                    quantized: base.quant.clone(),
                     checkpoint: if tracked { grad_sink.clone() } else { None },
                     ..Default::default()
                 },
@@ -207,6 +225,10 @@ impl Policy {
 pub fn save_config(dir: &Path, cfg: &ModelConfig) -> Result<()> {
     let mut config = cfg.raw.clone();
     config["dtype"] = "float32".into();
+    // Saved weights are full precision, even when trained over a 4-bit base.
+    if let Some(o) = config.as_object_mut() {
+        o.remove("quantization_config");
+    }
     if config.get("torch_dtype").is_some() {
         config["torch_dtype"] = "float32".into();
     }
@@ -229,7 +251,8 @@ pub fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {
 pub fn merge_lora(model_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<()> {
     let device = Device::Cpu;
     let cfg = ModelConfig::load(model_dir)?;
-    let mut base = weights::load_weights(model_dir, &cfg, DType::F32, &device)?;
+    // A 4-bit base is dequantized (as PEFT's merge_and_unload on bitsandbytes layers).
+    let mut base = weights::load_model(model_dir, &cfg, DType::F32, &device, None)?.dequantized(DType::F32)?;
     let (lc, adapter) = lora::load(adapter_dir, &cfg, &device)?;
     lora::merge(&mut base, &lc, &adapter)?;
     std::fs::create_dir_all(out)?;
