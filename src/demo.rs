@@ -110,7 +110,7 @@ pub fn run(dir: &Path, steps: usize, rows: usize) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let model = dir.join("model");
     if !model.join("config.json").exists() {
-        init_model(&InitSpec { arch: Arch::Qwen2, size: Size::Tiny, seed: 0 }, &model)?;
+        init_model(&InitSpec { arch: Arch::Qwen2, size: Size::Tiny, seed: 0, dtype: crate::model::weights::FloatDtype::F32 }, &model)?;
         eprintln!("demo: generated a tiny Qwen2 model in {}", model.display());
     }
     let data = dir.join("prefs.parquet");

@@ -159,6 +159,9 @@ enum Cmd {
         /// A reward model (*ForSequenceClassification, one label) instead of a causal LM.
         #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true", value_name = "BOOL")]
         reward: bool,
+        /// Dtype the weights are stored in.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: dpo_pipeline::model::weights::FloatDtype,
     },
     /// Write a synthetic preference parquet with a learnable signal.
     SynthPrefs {
@@ -314,8 +317,8 @@ fn run(cmd: Cmd) -> Result<()> {
         }
         Cmd::Demo { dir, steps, rows, iterative: false, .. } => demo::run(&dir, steps, rows)?,
         Cmd::Demo { dir, steps, rows, iterative: true, rounds } => demo::run_iterative(&dir, steps, rows, rounds)?,
-        Cmd::InitModel { arch, out, seed, size, reward } => {
-            let spec = InitSpec { arch, size, seed };
+        Cmd::InitModel { arch, out, seed, size, reward, dtype } => {
+            let spec = InitSpec { arch, size, seed, dtype };
             let cfg = if reward { init_reward_model(&spec, &out)? } else { init_model(&spec, &out)? };
             eprintln!("init-model: {arch:?} {size:?}, {} parameters, vocab {} -> {}", cfg.num_parameters(), cfg.vocab_size, out.display());
         }

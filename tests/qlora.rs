@@ -198,3 +198,33 @@ fn refusals_name_the_fix() {
     let e = fails(p, &["cache-ref", "--prepared", "prep", "--model", "base4", "--out", "c3"]);
     assert!(e.contains("`gptq`") && e.contains("config.json"), "{e}");
 }
+
+#[test]
+fn init_model_writes_bf16_weights_a_tensor_at_a_time() {
+    let d = tmp();
+    let p = d.path();
+    ok(p, &["init-model", "--arch", "llama", "--size", "tiny", "--dtype", "bf16", "--out", "m"]);
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(p.join("m/config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["dtype"], "bfloat16");
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(p.join("m/model.safetensors")).unwrap() };
+    let c = ModelConfig::load(&p.join("m")).unwrap();
+    assert_eq!(st.tensors().len(), weights::tensor_names(&c).len());
+    for (name, v) in st.tensors() {
+        assert_eq!(v.dtype(), safetensors::Dtype::BF16, "{name}");
+    }
+    let q = st
+        .load("model.layers.0.self_attn.q_proj.weight", &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let sd = (q.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / q.len() as f64).sqrt();
+    assert!((sd - 0.02).abs() < 0.002, "weights N(0, 0.02): std {sd}");
+    // It loads, and 4-bit quantization of it runs.
+    let dec =
+        dpo_pipeline::model::load_decoder(&p.join("m"), DType::F32, Some(&QuantSpec::new(QuantType::Nf4, true, DType::F32)), &Device::Cpu).unwrap();
+    assert!(seq_logps(&dec, &[1, 5, 9, 30]).iter().all(|x| x.is_finite() && *x < 0.0));
+}

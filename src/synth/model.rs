@@ -3,6 +3,7 @@
 //! Same arguments, byte-identical files.
 use super::prefs::{synth_row, text_prompt};
 use crate::model::config::ModelConfig;
+use crate::model::weights::FloatDtype;
 use crate::model::weights::{save_weights, tensor_shapes};
 use crate::rng::Rng;
 use crate::store::write_atomic;
@@ -81,6 +82,11 @@ pub enum Size {
     /// (--arch qwen3_moe).
     #[value(name = "moe-small")]
     MoeSmall,
+    /// Llama-3-8B's exact shape (8.03B parameters: 32 layers, hidden 4096, 32 heads / 8 KV
+    /// heads, intermediate 14,336, vocabulary 128,256, untied; --arch llama), to rehearse an 8B
+    /// run (16 GB with --dtype bf16; written a tensor at a time).
+    #[value(name = "llama-3-8b")]
+    Llama3_8b,
 }
 
 /// The dimensions of a generated model.
@@ -139,6 +145,12 @@ fn dims(size: Size, arch: Arch) -> Dims {
             ..d(8000, 400_000, 1024, 3072, 28, 16, 8)
         },
         Size::MoeSmall => d(8000, 400_000, 512, 1408, 8, 8, 4),
+        Size::Llama3_8b => Dims {
+            vocab_size: Some(128_256),
+            rope: serde_json::json!({"rope_type": "default", "rope_theta": 500_000.0}),
+            tied: Some(false),
+            ..d(8000, 400_000, 4096, 14336, 32, 32, 8)
+        },
     }
 }
 
@@ -240,6 +252,8 @@ pub struct InitSpec {
     pub arch: Arch,
     pub size: Size,
     pub seed: u64,
+    /// Dtype the weights are stored in (config.json's `dtype` says it).
+    pub dtype: FloatDtype,
 }
 
 pub fn init_model(spec: &InitSpec, out: &Path) -> Result<ModelConfig> {
@@ -248,6 +262,7 @@ pub fn init_model(spec: &InitSpec, out: &Path) -> Result<ModelConfig> {
         Size::Llama1b => Some(Arch::Llama),
         Size::Qwen3Small => Some(Arch::Qwen3),
         Size::MoeSmall => Some(Arch::Qwen3Moe),
+        Size::Llama3_8b => Some(Arch::Llama),
         _ => None,
     };
     if need.is_some_and(|a| a != spec.arch) {
@@ -273,7 +288,32 @@ pub fn init_model(spec: &InitSpec, out: &Path) -> Result<ModelConfig> {
             "pad_token_id": id(sp.pad),
         }),
     );
+    let mut config = config;
+    config["dtype"] = match spec.dtype {
+        FloatDtype::F32 => "float32",
+        FloatDtype::Bf16 => "bfloat16",
+        FloatDtype::F16 => "float16",
+    }
+    .into();
     let cfg = ModelConfig::from_json(config.clone())?;
+    let plain = matches!(spec.arch, Arch::Llama | Arch::Qwen2);
+    if spec.dtype != FloatDtype::F32 || cfg.num_parameters() > 1_500_000_000 {
+        // Large or non-f32: each tensor generated while it is written (its own seed), so
+        // memory holds one tensor, never the model.
+        let lazy: Vec<(String, Lazy)> = tensor_shapes(&cfg)
+            .into_iter()
+            .map(|(name, shape)| {
+                let seed = spec.seed ^ blake3::hash(name.as_bytes()).as_bytes()[..8].iter().fold(0u64, |h, &b| (h << 8) | b as u64);
+                let fill = init_fill(&name, &cfg, plain);
+                (name, Lazy { shape, dtype: spec.dtype, seed, fill })
+            })
+            .collect();
+        let meta: std::collections::HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+        let file = crate::store::PartialFile::create(&out.join("model.safetensors"))?;
+        safetensors::serialize_to_file(lazy, Some(meta), file.partial()).map_err(|e| crate::store::space::write_error(file.partial(), e))?;
+        file.commit()?;
+        return write_model_files(&config, &tok, style, &sp, out).map(|_| cfg);
+    }
 
     let mut rng = Rng::new(spec.seed);
     let mut tensors = BTreeMap::new();
@@ -282,7 +322,6 @@ pub fn init_model(spec: &InitSpec, out: &Path) -> Result<ModelConfig> {
     // Llama and Qwen2 keep the first generator's values (the golden files were made from them):
     // norms of 1, zero biases, N(0, 0.02). The other families get non-trivial norms and biases
     // and larger weights, so soft-capping, norms and routing all matter in their tests.
-    let plain = matches!(spec.arch, Arch::Llama | Arch::Qwen2);
     let std = if plain { 0.02 } else { 0.08 };
     for (name, shape) in shapes {
         let n: usize = shape.iter().product();
@@ -297,6 +336,82 @@ pub fn init_model(spec: &InitSpec, out: &Path) -> Result<ModelConfig> {
         tensors.insert(name, Tensor::from_vec(values, shape, &Device::Cpu)?);
     }
     save_weights(&out.join("model.safetensors"), &tensors, DType::F32)?;
+    write_model_files(&config, &tok, style, &sp, out)?;
+    Ok(cfg)
+}
+
+/// How a generated tensor is filled (the lazy path: see `init_model`).
+#[derive(Clone, Copy)]
+enum Fill {
+    Const(f32),
+    Normal { center: f64, std: f64 },
+}
+
+fn init_fill(name: &str, cfg: &ModelConfig, plain: bool) -> Fill {
+    if name.ends_with("norm.weight") {
+        let center = if cfg.norm_style == crate::model::config::NormStyle::OnePlusWeight { 0.0 } else { 1.0 };
+        if plain {
+            Fill::Const(1.0)
+        } else {
+            Fill::Normal { center, std: 0.1 }
+        }
+    } else if name.ends_with(".bias") {
+        if plain {
+            Fill::Const(0.0)
+        } else {
+            Fill::Normal { center: 0.0, std: 0.05 }
+        }
+    } else {
+        Fill::Normal { center: 0.0, std: if plain { 0.02 } else { 0.08 } }
+    }
+}
+
+/// A tensor whose bytes are generated when the safetensors writer asks for them.
+struct Lazy {
+    shape: Vec<usize>,
+    dtype: FloatDtype,
+    seed: u64,
+    fill: Fill,
+}
+
+impl safetensors::View for Lazy {
+    fn dtype(&self) -> safetensors::Dtype {
+        match self.dtype {
+            FloatDtype::F32 => safetensors::Dtype::F32,
+            FloatDtype::Bf16 => safetensors::Dtype::BF16,
+            FloatDtype::F16 => safetensors::Dtype::F16,
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let n: usize = self.shape.iter().product();
+        let mut rng = Rng::new(self.seed);
+        let mut out = Vec::with_capacity(self.data_len());
+        for _ in 0..n {
+            let v = match self.fill {
+                Fill::Const(c) => c,
+                Fill::Normal { center, std } => (center + rng.normal() * std) as f32,
+            };
+            match self.dtype {
+                FloatDtype::F32 => out.extend_from_slice(&v.to_le_bytes()),
+                FloatDtype::Bf16 => out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+                FloatDtype::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+            }
+        }
+        std::borrow::Cow::Owned(out)
+    }
+
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * if self.dtype == FloatDtype::F32 { 4 } else { 2 }
+    }
+}
+
+/// config.json, the tokenizer and its config beside the weights.
+fn write_model_files(config: &serde_json::Value, tok: &Tokenizer, style: Arch, sp: &Specials, out: &Path) -> Result<()> {
     write_atomic(&out.join("config.json"), (serde_json::to_string_pretty(&config)? + "\n").as_bytes())?;
     write_atomic(&out.join("tokenizer.json"), tok.to_string(false).map_err(|e| anyhow!(e))?.as_bytes())?;
     let template = match style {
@@ -315,8 +430,7 @@ pub fn init_model(spec: &InitSpec, out: &Path) -> Result<ModelConfig> {
         "model_max_length": 2048,
         "chat_template": template,
     });
-    write_atomic(&out.join("tokenizer_config.json"), (serde_json::to_string_pretty(&tok_cfg)? + "\n").as_bytes())?;
-    Ok(cfg)
+    write_atomic(&out.join("tokenizer_config.json"), (serde_json::to_string_pretty(&tok_cfg)? + "\n").as_bytes())
 }
 
 /// A reward model: `init_model`'s decoder as `*ForSequenceClassification` with one label, its
