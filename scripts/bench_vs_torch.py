@@ -21,6 +21,14 @@ runs in its own process, one after another, so each has its own peak RSS (wait4 
      log-probs as its precomputed `ref_chosen_logps`/`ref_rejected_logps` columns, so no reference
      model runs; lr 1e-5, linear decay over S+1 steps as ours; median optimizer-step time after the
      first (TrainerCallback on_step_begin/on_step_end, batch collation excluded).
+With --qlora every step runs over the base quantized on load to 4 bits (NF4, double quantization,
+f32 compute: ours `--load-in-4bit --bnb-4bit-use-double-quant`, theirs transformers'
+BitsAndBytesConfig with bitsandbytes' CPU backend) and trains a LoRA adapter (r 16, α 32, every
+linear layer; PEFT's LoraConfig for TRL, which then casts the adapter to bf16 as it does for every
+4-bit model).
+With --bf16 both sides compute in bf16: ours `--dtype bf16` (cache-ref: bf16 weights and
+activations; train: bf16 matmuls over f32 master weights), transformers' forward with
+dtype=bfloat16, TRL with bf16=True over an f32 model (its default: autocast).
 With --gradient-checkpointing both (or on), steps 3 and 4 run with it off and on (ours:
 `--gradient-checkpointing`; TRL: its default `gradient_checkpointing=True`). A measurement that
 runs out of memory is reported as such instead of stopping the run.
@@ -93,11 +101,20 @@ def run(cmd, what, env=None):
 
 # ---- child processes: one measurement each, printed as one JSON line ----
 
+def load_model(a):
+    """transformers' model in f32, or with --qlora its 4-bit quantization (NF4, double quant)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32) if a.qlora else None
+    dtype = torch.bfloat16 if a.bf16 and a.child == "forward" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation="sdpa", quantization_config=quant)
+
+
 def child_forward(a):
     import torch
-    from transformers import AutoModelForCausalLM
     torch.set_num_threads(a.threads)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = load_model(a).eval()
     pairs, logps, tokens, slots = load_pairs(a.prepared), {}, 0, 0
     t = time.perf_counter()
     with torch.inference_mode():
@@ -149,13 +166,17 @@ def child_trl(a):
         def on_step_end(self, *args, **kwargs):
             times.append(time.perf_counter() - self.t)
 
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation="sdpa")
+    model = load_model(a)
+    peft = None
+    if a.qlora:
+        from peft import LoraConfig
+        peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     with tempfile.TemporaryDirectory() as tmp:
         args = DPOConfig(output_dir=tmp, per_device_train_batch_size=a.train_batch, gradient_accumulation_steps=1, max_steps=a.steps + 1,
                          learning_rate=1e-5, lr_scheduler_type="linear", warmup_steps=0, beta=0.1, max_grad_norm=1.0, max_length=None,
-                         precompute_ref_log_probs=True, bf16=False, gradient_checkpointing=a.trl_gc, use_cpu=True, report_to=[],
+                         precompute_ref_log_probs=True, bf16=a.bf16, gradient_checkpointing=a.trl_gc, use_cpu=True, report_to=[],
                          save_strategy="no", logging_steps=1, dataset_num_proc=None, dataloader_num_workers=0, seed=0)
-        trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+        trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), peft_config=peft,
                           processing_class=AutoTokenizer.from_pretrained(a.model), callbacks=[Clock()])
         trainer.train()
     logs = [l for l in trainer.state.log_history if "loss" in l and "logps/chosen" in l]
@@ -176,6 +197,8 @@ def main():
     ap.add_argument("--only", choices=["forward", "train"], help="measure only the forward or only the train step")
     ap.add_argument("--gradient-checkpointing", choices=["off", "on", "both"], default="off",
                     help="train steps with gradient checkpointing off, on, or each way (default off)")
+    ap.add_argument("--bf16", action="store_true", help="compute in bf16, both sides (see above)")
+    ap.add_argument("--qlora", action="store_true", help="4-bit base (NF4, double quant) and a LoRA adapter, both sides (see above)")
     ap.add_argument("--work", help="keep our outputs here (default: a temporary directory)")
     ap.add_argument("--child", choices=["forward", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
@@ -200,12 +223,15 @@ def main():
     ours = [a.pipeline, "--threads", str(a.threads)]
     layout = ["--layout", a.layout] if a.layout else []
     me = [sys.executable, __file__, a.model, a.prepared, "--cache", str(cache), "--threads", str(a.threads), "--steps", str(a.steps),
-          "--fwd-batch", str(a.fwd_batch), "--train-batch", str(a.train_batch)]
+          "--fwd-batch", str(a.fwd_batch), "--train-batch", str(a.train_batch)] + (["--qlora"] if a.qlora else []) + (["--bf16"] if a.bf16 else [])
+    bf16 = ["--dtype", "bf16"] if a.bf16 else []
+    four_bit = ["--load-in-4bit", "--bnb-4bit-use-double-quant"] if a.qlora else []
+    lora = [*four_bit, "--lora-r", "16", "--lora-alpha", "32", "--lora-targets", "all-linear"] if a.qlora else []
     rows = []  # (what, ours, theirs, ratio or None, format); nan: ran out of memory
     agree = []
 
     print(f"[1/4] ours: cache-ref ...", flush=True)
-    _, c_wall, c_rss = run([*ours, "cache-ref", "--prepared", a.prepared, "--model", a.model, "--out", cache, "--force", *layout],
+    _, c_wall, c_rss = run([*ours, "cache-ref", "--prepared", a.prepared, "--model", a.model, "--out", cache, "--force", *layout, *four_bit, *bf16],
                            "pipeline cache-ref", env)
     man = json.loads((cache / "manifest.json").read_text())
     stats, n_pairs = man["stats"], man["counts"]["pairs"]
@@ -236,7 +262,7 @@ def main():
             try:
                 _, _, t_rss = run([*ours, "train", "--prepared", a.prepared, "--ref-cache", cache, "--out", out_dir, "--force", "--max-steps", str(a.steps + 1),
                                    "--batch-size", str(a.train_batch), "--shuffle", "false", "--eval-every", "0", "--save-every", "0", "--lr", "1e-5",
-                                   "--gradient-checkpointing", str(gc).lower(), *layout], "pipeline train", env)
+                                   "--gradient-checkpointing", str(gc).lower(), *layout, *lora, *bf16, "--model", a.model], "pipeline train", env)
                 metrics = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines() if '"step_seconds"' in l]
                 if len(metrics) != a.steps + 1:
                     fail(f"pipeline train logged {len(metrics)} steps, expected {a.steps + 1}")
@@ -260,7 +286,7 @@ def main():
                      (f"train peak RSS GB{tag}", t_rss, trl_rss, trl_rss / t_rss, ".3f")]
 
     print(f"\n{a.model} + {a.prepared}: {n_pairs} pairs ({n_train} train), {a.threads} threads, forward batch {a.fwd_batch} pairs,"
-          f" train batch {a.train_batch}, CPU f32, our layout {our_layout}")
+          f" train batch {a.train_batch}, CPU {'bf16' if a.bf16 else 'f32'}{', QLoRA (nf4 + double quant, LoRA r 16 all-linear)' if a.qlora else ''}, our layout {our_layout}")
     print(f"{'':44}{'ours':>12}{'HF/TRL':>12}{'ratio':>9}   (ratio > 1: ours better)")
     for what, x, y, r, f in rows:
         print(f"{what:44}{x:>12{f}}{y:>12{f}}{'' if r is None or r != r else f'{r:.2f}x':>9}")

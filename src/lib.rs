@@ -2,11 +2,11 @@
 //! sample / label for iterative rounds), each a command writing its own directory. See README.md.
 //!
 //! Layers, each using only those listed before it:
-//! `rng`, `memory` (seeded randomness, RSS) · `store` (atomic files, disk space, manifests,
+//! `rng`, `memory` (seeded randomness; RSS, and the heap counted by the global allocator) · `store` (atomic files, disk space, manifests,
 //! columns, locks) · `hub` (hub ids through the Hugging Face cache) · `model` (config, weights, the decoder and its ops: tensors in, tensors out)
 //! · `data` (user files, tokenizers, chat templates, the prepared, ref-cache and sample/label
 //! formats) · `score` (pairs -> decoder inputs -> sequence log-probs) · `generate` (sampling with
-//! a key-value cache) · `train` (losses, optimizer, policy, metrics) · `settings` (every flag
+//! a key-value cache) · `train` (losses, optimizer, policy, its memory plan, metrics) · `settings` (every flag
 //! and TOML key) · `stages` (one per command) · `iterative` (rounds of stages) · `synth`
 //! (generated models, data, judge) · `demo` · `main.rs`.
 pub mod data;

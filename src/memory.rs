@@ -1,8 +1,75 @@
 //! The process's peak memory, for `train`'s `peak_memory_gb`: the resident set on the CPU
 //! (Linux: `VmHWM`, reset per step through `/proc/self/clear_refs`), device memory in use on a
 //! GPU (the driver's used = total − free, sampled at the end of the step: device-wide, as
-//! `nvidia-smi` reports it).
+//! `nvidia-smi` reports it). And the heap's live bytes and their peak, counted by the global
+//! allocator, for the memory plan's per-token measurement: the resident set keeps what the
+//! allocator frees but holds on to, so a second pass would measure nothing.
 use candle_core::Device;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+/// The system allocator, counting live bytes and their high-water mark (two relaxed atomics
+/// per call: nothing next to the tensor work each allocation serves).
+pub struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn grew(by: usize) {
+    let now = LIVE.fetch_add(by, Relaxed) + by;
+    PEAK.fetch_max(now, Relaxed);
+}
+
+// SAFETY: every call is forwarded unchanged to the system allocator; only counters are added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = System.alloc(l);
+        if !p.is_null() {
+            grew(l.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        let p = System.alloc_zeroed(l);
+        if !p.is_null() {
+            grew(l.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        System.dealloc(p, l);
+        LIVE.fetch_sub(l.size(), Relaxed);
+    }
+
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
+        let q = System.realloc(p, l, new_size);
+        if !q.is_null() {
+            LIVE.fetch_sub(l.size(), Relaxed);
+            grew(new_size);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Heap bytes live now.
+pub fn heap_live() -> u64 {
+    LIVE.load(Relaxed) as u64
+}
+
+/// Starts a new heap high-water mark at what is live now.
+pub fn heap_reset_peak() {
+    PEAK.store(LIVE.load(Relaxed), Relaxed);
+}
+
+/// The most heap bytes live at once since `heap_reset_peak`.
+pub fn heap_peak() -> u64 {
+    PEAK.load(Relaxed) as u64
+}
 
 /// Starts a new peak-memory window (the CPU's high-water mark resets; a no-op elsewhere).
 pub fn reset_peak() {
@@ -14,6 +81,11 @@ pub fn reset_peak() {
 /// Current resident set (VmRSS) of this process, bytes.
 pub fn rss_bytes() -> u64 {
     status_kb("VmRSS:") * 1024
+}
+
+/// File-backed resident pages (the program, mapped data files), bytes.
+pub fn rss_file_bytes() -> u64 {
+    status_kb("RssFile:") * 1024
 }
 
 fn status_kb(key: &str) -> u64 {

@@ -18,6 +18,12 @@ impl Rng {
         z ^ (z >> 31)
     }
 
+    /// Jumps over the next `n` draws of `next_u64` (SplitMix64's state only adds a constant),
+    /// so chunks of one stream can be generated in parallel.
+    pub fn skip(&mut self, n: u64) {
+        self.state = self.state.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    }
+
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
@@ -43,5 +49,19 @@ impl Rng {
             let j = self.below(i + 1);
             items.swap(i, j);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn skip_lands_where_drawing_does() {
+        let mut drawn = super::Rng::new(7);
+        for _ in 0..1000 {
+            drawn.next_u64();
+        }
+        let mut jumped = super::Rng::new(7);
+        jumped.skip(1000);
+        assert_eq!(jumped.next_u64(), drawn.next_u64());
     }
 }

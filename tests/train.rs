@@ -458,9 +458,8 @@ fn gradient_checkpointing_gives_the_ordinary_gradients() {
 }
 
 /// A micro-batch over the token budget runs in pieces whose losses and gradients add up to the
-/// whole's (the SFT term normalised by the whole micro-batch's chosen tokens); --max-memory
-/// derives the budget from a measured per-token cost; a pair that alone exceeds the budget is
-/// one clear error.
+/// whole's (the SFT term normalised by the whole micro-batch's chosen tokens); a pair that
+/// alone exceeds the budget is one clear error.
 #[test]
 fn token_budgets_split_micro_batches_without_changing_the_run() {
     let d = tmp();
@@ -472,8 +471,6 @@ fn token_budgets_split_micro_batches_without_changing_the_run() {
     let with = |extra: &[&'static str]| -> Vec<&str> { common.iter().copied().chain(extra.iter().copied()).collect() };
     ok(d.path(), &with(&["--out", "whole"]));
     ok(d.path(), &with(&["--out", "pieces", "--batch-tokens", "90", "--gradient-checkpointing"]));
-    let e = ok(d.path(), &with(&["--out", "memory", "--max-memory", "1.5"]));
-    assert!(e.contains("micro-batches of at most"), "{e}");
     let (a, b) = (metrics(d.path(), "whole"), metrics(d.path(), "pieces"));
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(&b) {
@@ -488,6 +485,86 @@ fn token_budgets_split_micro_batches_without_changing_the_run() {
     assert!(m["stats"]["peak_memory_gb"].as_f64().unwrap() > 0.0);
     let e = fails(d.path(), &with(&["--out", "tiny", "--batch-tokens", "5"]));
     assert!(e.contains("--batch-tokens") && e.contains("row_id"), "{e}");
+}
+
+/// The memory plan: printed and in the manifest, its fixed figures from the tensors (LoRA's
+/// parameters in closed form, AdamW's two f32 moments each). Under --max-memory a budget the
+/// plain run's activations overflow turns gradient checkpointing on; a tighter one also splits
+/// micro-batches; neither changes the metrics; one that cannot hold the longest pair is refused
+/// naming it.
+#[test]
+fn max_memory_turns_on_checkpointing_then_pieces_as_the_plan_says() {
+    let d = tmp();
+    let p = d.path();
+    let model = tiny_model(p, "llama");
+    ok(p, &["synth-prefs", "--out", "in.parquet", "--rows", "16", "--tokens", "600"]);
+    ok(p, &["prepare", "--input", "in.parquet", "--model", s(&model), "--out", "prep", "--max-length", "1024"]);
+    ok(p, &["cache-ref", "--prepared", "prep", "--model", s(&model), "--out", "cache"]);
+    let common = [
+        "train", "--prepared", "prep", "--ref-cache", "cache", "--max-steps", "2", "--batch-size", "4", "--lr", "1e-3", "--eval-every", "0",
+        "--save-every", "0", "--lora-r", "4", "--lora-targets", "all-linear",
+    ];
+    let run = |out: &str, extra: &[String]| -> (String, Value) {
+        let args: Vec<&str> = common.iter().copied().chain(["--out", out]).chain(extra.iter().map(|x| x.as_str())).collect();
+        let log = ok(p, &args);
+        let m: Value = serde_json::from_str(&std::fs::read_to_string(p.join(out).join("manifest.json")).unwrap()).unwrap();
+        (log, m["stats"]["memory_plan"].clone())
+    };
+    let (log, plain) = run("plain", &[]);
+    assert!(log.contains("memory plan per rank") && log.contains("AdamW moments"), "{log}");
+    // Llama's seven projections per layer: r × (in + out) each.
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    let u = |k: &str| cfg[k].as_u64().unwrap();
+    let (h, i, layers) = (u("hidden_size"), u("intermediate_size"), u("num_hidden_layers"));
+    let hd = h / u("num_attention_heads");
+    let (q, kv) = (u("num_attention_heads") * hd, u("num_key_value_heads") * hd);
+    let per_layer = (h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h);
+    assert_eq!(plain["trainable_params"].as_u64().unwrap(), 4 * per_layer * layers);
+    let params = plain["trainable_params"].as_f64().unwrap();
+    assert!((plain["optimizer_gb"].as_f64().unwrap() - 8.0 * params / 1e9).abs() < 1e-12, "{plain}");
+    assert!((plain["frozen_gb"].as_f64().unwrap() - 4.0 * u("vocab_size") as f64 * h as f64 / 1e9) > 0.0, "{plain}");
+    assert_eq!(plain["gradient_checkpointing"], false);
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap();
+    let fixed = f(&plain, "total_gb") - f(&plain, "activations_gb");
+    assert!(f(&plain, "activations_gb") > 0.02, "activations must dominate the noise: {plain}");
+
+    // Half the room the plain run's activations need: checkpointing on.
+    let gb = fixed + 0.5 * f(&plain, "activations_gb");
+    let (log, fit) = run("fit", &["--max-memory".into(), format!("{gb}")]);
+    assert!(log.contains("--gradient-checkpointing is on"), "{log}");
+    assert_eq!(fit["gradient_checkpointing"], true, "{fit}");
+    assert!(f(&fit, "activation_bytes_per_token") < f(&plain, "activation_bytes_per_token"), "{fit}");
+    // Half of what the checkpointed micro-batch needs: pieces too.
+    let gb = fixed + 2.0 * f(&plain, "trainable_gb") + 0.5 * f(&fit, "activations_gb");
+    let (log, pieces) = run("pieces", &["--max-memory".into(), format!("{gb}")]);
+    assert!(log.contains("pieces of at most"), "{log}");
+    let tokens = pieces["micro_batch_tokens"].as_u64().unwrap();
+    assert!(tokens < pieces["largest_micro_batch_tokens"].as_u64().unwrap(), "{pieces}");
+    for out in ["fit", "pieces"] {
+        let (a, b) = (metrics(p, "plain"), metrics(p, out));
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            for k in ["loss", "grad_norm", "logps/chosen"] {
+                if let (Some(u), Some(v)) = (x[k].as_f64(), y[k].as_f64()) {
+                    assert!((u - v).abs() <= 1e-5 * u.abs().max(1.0), "{out}: step {} {k}: {u} vs {v}", x["step"]);
+                }
+            }
+        }
+    }
+    // Room for a few tokens only: the longest pair is named.
+    let args: Vec<String> =
+        common.iter().map(|x| x.to_string()).chain(["--out".into(), "tiny".into(), "--max-memory".into(), format!("{}", fixed + 0.001)]).collect();
+    let e = fails(p, &args.iter().map(|x| x.as_str()).collect::<Vec<_>>());
+    assert!(e.contains("--max-memory") && e.contains("longest pair"), "{e}");
+    // Pairs all longer than the probe's 1,024 tokens: the shortest is measured cut to that.
+    ok(p, &["synth-prefs", "--out", "long.parquet", "--rows", "2", "--tokens", "1800"]);
+    ok(p, &["prepare", "--input", "long.parquet", "--model", s(&model), "--out", "long", "--max-length", "4096"]);
+    let args = ["train", "--prepared", "long", "--model", s(&model), "--loss", "simpo", "--max-steps", "1", "--batch-size", "1", "--out", "long_run"];
+    ok(p, &args);
+    let m: Value = serde_json::from_str(&std::fs::read_to_string(p.join("long_run/manifest.json")).unwrap()).unwrap();
+    let plan = &m["stats"]["memory_plan"];
+    let probe = plan["probe_tokens"].as_u64().unwrap();
+    assert!((900..=1030).contains(&probe) && plan["largest_micro_batch_tokens"].as_u64().unwrap() > 1200, "{plan}");
 }
 
 /// SimPO, CPO and ORPO train from the policy alone: no cache is read or accepted, `pipeline run`

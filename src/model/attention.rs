@@ -625,7 +625,7 @@ fn chunk(q: &Tensor, k: &Tensor, v: &Tensor, layout: &AttnLayout, spans: &[Span]
     let g = q.dim(1)? / nkv;
     let qc = group_rows(q, spans, r0, c, nkv)?;
     let (kc, vc) = (group_rows(k, spans, 0, len, nkv)?, group_rows(v, spans, 0, len, nkv)?);
-    let raw = (qc.matmul(&kc.t()?)?.to_dtype(acc(q.dtype()))? * opts.scale)?.reshape((b, nkv, g, c, len))?;
+    let raw = (super::bf16_gemm::mm(&qc, &kc.t()?)?.to_dtype(acc(q.dtype()))? * opts.scale)?.reshape((b, nkv, g, c, len))?;
     let capped = match opts.softcap {
         Some(cap) => ((&raw / cap)?.tanh()? * cap)?,
         None => raw.clone(),
@@ -658,7 +658,7 @@ fn recompute_forward(q: &Tensor, k: &Tensor, v: &Tensor, layout: &AttnLayout, op
             let sum = e.sum_keepdim(D::Minus1)?;
             let p = e.broadcast_div(&sum)?.to_dtype(q.dtype())?;
             let nkv = ch.k.dim(1)?;
-            let y = p.reshape((b, nkv, nh / nkv * c, len))?.matmul(&ch.v)?; // [b, nkv, g·c, hd]
+            let y = super::bf16_gemm::mm(&p.reshape((b, nkv, nh / nkv * c, len))?, &ch.v)?; // [b, nkv, g·c, hd]
             yg.push(ungroup(&y, c)?); // [b, c, nh, hd]
             let lse = (max + sum.log()?)?.squeeze(D::Minus1)?; // [b, nkv, g, c]
             lg.push(lse.permute((0, 3, 1, 2))?.contiguous()?.reshape((b, c, nh))?);
@@ -765,7 +765,7 @@ impl RecomputeAttention {
                 let dyc = group_rows(dy, spans, r0, c, nkv)?; // [b, nkv, g·c, hd]
                 let yc = group_rows(&self.y, spans, r0, c, nkv)?;
                 let dsum = (dyc.to_dtype(acc(dt))? * yc.to_dtype(acc(dt))?)?.sum_keepdim(D::Minus1)?.reshape((b, nkv, g, c, 1))?;
-                let dp = dyc.matmul(&ch.v.t()?)?.to_dtype(acc(dt))?.reshape((b, nkv, g, c, len))?;
+                let dp = super::bf16_gemm::mm(&dyc, &ch.v.t()?)?.to_dtype(acc(dt))?.reshape((b, nkv, g, c, len))?;
                 let mut ds = (&p * dp.broadcast_sub(&dsum)?)?;
                 if let Some(cap) = opts.softcap {
                     let th = (&ch.raw / cap)?.tanh()?;
@@ -773,7 +773,7 @@ impl RecomputeAttention {
                 }
                 let ds = (ds * opts.scale)?.reshape((b, nkv, g * c, len))?;
                 let p = p.reshape((b, nkv, g * c, len))?;
-                dv = (dv + p.to_dtype(dt)?.t()?.matmul(&dyc)?.to_dtype(acc(dt))?)?;
+                dv = (dv + super::bf16_gemm::mm(&p.to_dtype(dt)?.t()?, &dyc)?.to_dtype(acc(dt))?)?;
                 dk = (dk + ds.to_dtype(dt)?.t()?.matmul(&ch.q)?.to_dtype(acc(dt))?)?;
                 let dq = ds.to_dtype(dt)?.matmul(&ch.k)?; // [b, nkv, g·c, hd]
                 dq_rows.push(ungroup(&dq, c)?);

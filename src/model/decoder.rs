@@ -181,7 +181,7 @@ impl Linear {
         let mut y = match &self.weight {
             Weight::Quant4(q) => super::quant::linear(x, q)?,
             Weight::Dense(w) if self.frozen => super::fused::frozen_linear(x, w)?,
-            Weight::Dense(w) => x.matmul(&cast(w, x.dtype())?.t()?)?,
+            Weight::Dense(w) => super::bf16_gemm::mm(x, &cast(w, x.dtype())?.t()?)?,
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&cast(b, x.dtype())?)?;
@@ -767,6 +767,11 @@ impl Decoder {
             checkpoint: opts.checkpoint.clone(),
             dropout_rng: opts.lora_dropout.as_ref().map(|d| d.rng.clone()),
         })
+    }
+
+    /// Turns gradient checkpointing on (where the layers' parameter gradients go) or off.
+    pub fn set_checkpoint(&mut self, sink: Option<Arc<GradSink>>) {
+        self.checkpoint = sink;
     }
 
     /// The output projection [vocab, d] (the embedding when tied), as stored: the log-prob

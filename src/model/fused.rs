@@ -6,7 +6,6 @@
 //! `exp` the softmaxes share.
 use anyhow::Result;
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// Rows per chunk and vocabulary entries per block: the logits exist one [ROWS, VOCAB_BLOCK]
@@ -155,12 +154,7 @@ unsafe fn matmul_acc<T: Real>(m: usize, n: usize, k: usize, out: *mut T, a: *con
     gemm::gemm(m, n, k, out, 1, n as isize, true, a, a_cs, a_rs, b, 1, n as isize, T::from(1.0), T::from(1.0), false, false, false, par());
 }
 
-pub(crate) fn par() -> Parallelism {
-    match rayon::current_num_threads() {
-        1 => Parallelism::None,
-        n => Parallelism::Rayon(n),
-    }
-}
+pub(crate) use super::bf16_gemm::par;
 
 /// Running log-sum-exp of one row over vocabulary blocks (f64), and its target's logit; with
 /// `stats`, also what TRL logs per token: Σ e^(z−m)·z (entropy), Σ e^(2(z−m)) (log Σ p², WPO),
@@ -259,18 +253,20 @@ pub(crate) fn contiguous<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> candle_c
 
 impl LogProbs {
     /// log p(target) per row: logit_t − logsumexp(logits), accumulated over vocabulary blocks.
-    fn fwd<T: Real>(&self, h: &[T], w: &[T], m: usize, k: usize, v: usize) -> Vec<T> {
+    fn fwd<T: Real>(&self, h: &[T], w: &HeadRows<'_, T>, m: usize, k: usize, v: usize) -> Vec<T> {
         let vb_max = VOCAB_BLOCK.min(v);
         let mut out = Vec::with_capacity(m);
         let mut logits = vec![T::from(0.0); ROWS.min(m) * vb_max];
+        let mut wide = Vec::new();
         for r0 in (0..m).step_by(ROWS) {
             let c = ROWS.min(m - r0);
             let targets = &self.targets[r0..r0 + c];
             let mut rows = vec![RowLse::EMPTY; c];
             for v0 in (0..v).step_by(vb_max) {
                 let vb = vb_max.min(v - v0);
-                // SAFETY: h rows [r0, r0+c) are c×k, w rows [v0, v0+vb) are vb×k, logits holds c×vb.
-                unsafe { matmul_abt(c, vb, k, h[r0 * k..].as_ptr(), w[v0 * k..].as_ptr(), logits.as_mut_ptr()) };
+                let wb = w.block(v0, vb, k, &mut wide);
+                // SAFETY: h rows [r0, r0+c) are c×k, wb is vb×k, logits holds c×vb.
+                unsafe { matmul_abt(c, vb, k, h[r0 * k..].as_ptr(), wb.as_ptr(), logits.as_mut_ptr()) };
                 if let Some(cap) = self.softcap {
                     logits[..c * vb].par_iter_mut().for_each(|x| *x = T::from(cap * (x.to() / cap).tanh()));
                 }
@@ -299,16 +295,17 @@ impl LogProbs {
     /// output `logp` [m]: d logp_i / d logits_i = onehot(t_i) − softmax(logits_i), with
     /// softmax = exp(logits − lse) and lse_i = h_i · w_{t_i} − logp_i (no second reduction pass).
     #[allow(clippy::too_many_arguments)]
-    fn bwd_impl<T: Real>(&self, h: &[T], w: &[T], g: &[T], logp: &[T], m: usize, k: usize, v: usize) -> (Vec<T>, Option<Vec<T>>) {
+    fn bwd_impl<T: Real>(&self, h: &[T], w: &HeadRows<'_, T>, g: &[T], logp: &[T], m: usize, k: usize, v: usize) -> (Vec<T>, Option<Vec<T>>) {
         let vb_max = VOCAB_BLOCK.min(v);
+        let mut wide = Vec::new();
         let mut gh = vec![T::from(0.0); m * k];
         let mut gw = if self.weight_grad { vec![T::from(0.0); v * k] } else { Vec::new() };
         let mut d = vec![T::from(0.0); ROWS.min(m) * vb_max];
         let lse: Vec<f64> = (0..m)
             .into_par_iter()
             .map(|i| {
-                let (hi, wt) = (&h[i * k..(i + 1) * k], &w[self.targets[i] as usize * k..][..k]);
-                let raw = hi.iter().zip(wt).map(|(&a, &b)| a.to() * b.to()).sum::<f64>();
+                let (hi, wt) = (&h[i * k..(i + 1) * k], w.row(self.targets[i] as usize, k));
+                let raw = hi.iter().zip(wt.iter()).map(|(&a, &b)| a.to() * b.to()).sum::<f64>();
                 // The target's logit in the logits' precision, as the forward saw it.
                 let raw = T::from(raw).to();
                 self.softcap.map_or(raw, |cap| T::from(cap * (raw / cap).tanh()).to()) - logp[i].to()
@@ -318,8 +315,9 @@ impl LogProbs {
             let c = ROWS.min(m - r0);
             for v0 in (0..v).step_by(vb_max) {
                 let vb = vb_max.min(v - v0);
+                let wb = w.block(v0, vb, k, &mut wide);
                 // SAFETY: as in fwd.
-                unsafe { matmul_abt(c, vb, k, h[r0 * k..].as_ptr(), w[v0 * k..].as_ptr(), d.as_mut_ptr()) };
+                unsafe { matmul_abt(c, vb, k, h[r0 * k..].as_ptr(), wb.as_ptr(), d.as_mut_ptr()) };
                 let softcap = self.softcap;
                 d[..c * vb].par_chunks_mut(vb).enumerate().for_each(|(i, row)| {
                     let (gi, l, t) = (g[r0 + i].to(), lse[r0 + i], self.targets[r0 + i] as usize);
@@ -340,7 +338,7 @@ impl LogProbs {
                 // SAFETY: gh rows [r0, r0+c) are c×k; d is c×vb; w and gw rows [v0, v0+vb) are vb×k.
                 unsafe {
                     // gh[c, k] += d[c, vb] · w[vb, k]
-                    matmul_acc(c, k, vb, gh[r0 * k..].as_mut_ptr(), d.as_ptr(), 1, vb as isize, w[v0 * k..].as_ptr());
+                    matmul_acc(c, k, vb, gh[r0 * k..].as_mut_ptr(), d.as_ptr(), 1, vb as isize, wb.as_ptr());
                     // gw[vb, k] += dᵀ[vb, c] · h[c, k]
                     if self.weight_grad {
                         matmul_acc(vb, k, c, gw[v0 * k..].as_mut_ptr(), d.as_ptr(), vb as isize, 1, h[r0 * k..].as_ptr());
@@ -364,8 +362,8 @@ impl CustomOp2 for LogProbs {
             return Err(candle_core::Error::Msg(format!("fused log-probs: hidden {m}x{k}, weight {v}x{k2}, {} targets", self.targets.len())));
         }
         let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(self.fwd(contiguous::<f32>(s1, l1)?, &widened::<f32>(s2, l2)?, m, k, v)),
-            DType::F64 => CpuStorage::F64(self.fwd(contiguous::<f64>(s1, l1)?, &widened::<f64>(s2, l2)?, m, k, v)),
+            DType::F32 => CpuStorage::F32(self.fwd(contiguous::<f32>(s1, l1)?, &HeadRows::of(s2, l2)?, m, k, v)),
+            DType::F64 => CpuStorage::F64(self.fwd(contiguous::<f64>(s1, l1)?, &HeadRows::of(s2, l2)?, m, k, v)),
             dt => return Err(candle_core::Error::Msg(format!("fused log-probs: unsupported dtype {dt:?}"))),
         };
         Ok((out, Shape::from(m)))
@@ -388,7 +386,7 @@ impl CustomOp2 for LogProbs {
             DType::F32 => {
                 let (gh, gw) = self.bwd_impl(
                     contiguous::<f32>(hs, hl)?,
-                    &widened::<f32>(ws, wl)?,
+                    &HeadRows::of(ws, wl)?,
                     contiguous::<f32>(gs, gl)?,
                     contiguous::<f32>(rs, rl)?,
                     m,
@@ -400,7 +398,7 @@ impl CustomOp2 for LogProbs {
             _ => {
                 let (gh, gw) = self.bwd_impl(
                     contiguous::<f64>(hs, hl)?,
-                    &widened::<f64>(ws, wl)?,
+                    &HeadRows::of(ws, wl)?,
                     contiguous::<f64>(gs, gl)?,
                     contiguous::<f64>(rs, rl)?,
                     m,
@@ -410,6 +408,51 @@ impl CustomOp2 for LogProbs {
                 (Some(Tensor::from_vec(gh, (m, k), dev)?), gw.map(|gw| Tensor::from_vec(gw, (v, k), dev)).transpose()?)
             }
         })
+    }
+}
+
+/// The output projection's rows as the log-prob kernel reads them: in the hidden states' dtype,
+/// or a frozen bf16/f16 head widened one vocabulary block at a time (never the whole
+/// vocab × hidden matrix: 2 GB in f32 at Llama 3's vocabulary).
+enum HeadRows<'a, T> {
+    Wide(&'a [T]),
+    Bf16(&'a [half::bf16]),
+    F16(&'a [half::f16]),
+}
+
+impl<'a, T: Real> HeadRows<'a, T> {
+    fn of(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<Self> {
+        let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("fused log-probs need a contiguous head".into()))?;
+        Ok(match s {
+            CpuStorage::BF16(v) => Self::Bf16(&v[a..b]),
+            CpuStorage::F16(v) => Self::F16(&v[a..b]),
+            _ => Self::Wide(contiguous::<T>(s, l)?),
+        })
+    }
+
+    /// Rows [v0, v0 + vb) of k values: borrowed, or widened into `buf`.
+    fn block<'b>(&'b self, v0: usize, vb: usize, k: usize, buf: &'b mut Vec<T>) -> &'b [T] {
+        fn widen<'b, T: Real, S: Copy + Sync>(src: &[S], buf: &'b mut Vec<T>, k: usize, f: impl Fn(S) -> f64 + Sync) -> &'b [T] {
+            buf.resize(src.len(), T::from(0.0));
+            buf.par_chunks_mut(k).zip(src.par_chunks(k)).for_each(|(row, s)| row.iter_mut().zip(s).for_each(|(x, &y)| *x = T::from(f(y))));
+            &buf[..]
+        }
+        let r = v0 * k..(v0 + vb) * k;
+        match self {
+            Self::Wide(w) => &w[r],
+            Self::Bf16(w) => widen(&w[r], buf, k, |x| x.to_f64()),
+            Self::F16(w) => widen(&w[r], buf, k, |x| x.to_f64()),
+        }
+    }
+
+    /// Row i, widened when the head is narrow.
+    fn row(&self, i: usize, k: usize) -> std::borrow::Cow<'_, [T]> {
+        let r = i * k..(i + 1) * k;
+        match self {
+            Self::Wide(w) => std::borrow::Cow::Borrowed(&w[r]),
+            Self::Bf16(w) => std::borrow::Cow::Owned(w[r].iter().map(|x| T::from(x.to_f64())).collect()),
+            Self::F16(w) => std::borrow::Cow::Owned(w[r].iter().map(|x| T::from(x.to_f64())).collect()),
+        }
     }
 }
 
@@ -486,7 +529,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if applies(x) {
         return Ok(x.contiguous()?.apply_op2(&w.contiguous()?, FrozenLinear)?);
     }
-    Ok(x.matmul(&w.to_dtype(x.dtype())?.t()?)?)
+    Ok(super::bf16_gemm::mm(x, &w.to_dtype(x.dtype())?.t()?)?)
 }
 
 /// Softmax over the last dimension with its own backward (dx = y ⊙ (dy − Σ dy ⊙ y)): one pass

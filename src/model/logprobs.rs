@@ -137,7 +137,7 @@ impl candle_core::CustomOp3 for RecomputeLogProbs {
         for v0 in (0..vocab).step_by(block) {
             let b = block.min(vocab - v0);
             let wb = w.narrow(0, v0, b)?;
-            let x = h.matmul(&wb.t()?)?.to_dtype(acc)?;
+            let x = super::bf16_gemm::mm(h, &wb.t()?)?.to_dtype(acc)?;
             let (z, dzdx) = match self.softcap {
                 Some(cap) => {
                     let th = (&x / cap)?.tanh()?;
@@ -151,9 +151,9 @@ impl candle_core::CustomOp3 for RecomputeLogProbs {
                 gp = (gp * d)?;
             }
             let gp = gp.to_dtype(dtype)?; // in the compute dtype like the forward's matmul
-            dh = (dh - gp.matmul(&wb)?.to_dtype(acc)?)?;
+            dh = (dh - super::bf16_gemm::mm(&gp, &wb)?.to_dtype(acc)?)?;
             if self.weight_grad {
-                let mut dwb = gp.t()?.matmul(h)?.to_dtype(acc)?.neg()?; // [b, k]
+                let mut dwb = super::bf16_gemm::mm(&gp.t()?, h)?.to_dtype(acc)?.neg()?; // [b, k]
                 let (rows, local): (Vec<u32>, Vec<u32>) = (self.targets.iter().enumerate())
                     .filter(|&(_, &t)| (v0..v0 + b).contains(&(t as usize)))
                     .map(|(i, &t)| (i as u32, t - v0 as u32))
@@ -201,7 +201,7 @@ fn logps_lse(h: &Tensor, w: &Tensor, targets: &[u32], softcap: Option<f64>, stat
     let (mut logps, mut lses) = (Vec::with_capacity(m.div_ceil(chunk)), Vec::with_capacity(m.div_ceil(chunk)));
     for start in (0..m).step_by(chunk) {
         let n = chunk.min(m - start);
-        let mut logits = h.narrow(0, start, n)?.matmul(&w_t)?.to_dtype(super::ops::accum_dtype(h.dtype()))?;
+        let mut logits = super::bf16_gemm::mm(&h.narrow(0, start, n)?, &w_t)?.to_dtype(super::ops::accum_dtype(h.dtype()))?;
         if let Some(cap) = softcap {
             logits = ((logits / cap)?.tanh()? * cap)?;
         }

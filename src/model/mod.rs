@@ -2,9 +2,11 @@
 //! Phi-3, OLMo 2, SmolLM3: one row each in `config`), built from differentiable candle ops so
 //! the same code computes the reference log-probs (cache-ref), trains the policy and samples:
 //! `config` and `weights` (HF files in), `ops` and `fused` (norms, softmax, RoPE, activations,
-//! log-probs; CPU kernels with backwards and composite twins), `attention`, `decoder`,
+//! log-probs; CPU kernels with backwards and composite twins), `bf16_gemm` (the AVX-512 BF16
+//! kernel under every bf16 matmul on the CPU), `quant` (bitsandbytes 4-bit weights), `attention`, `decoder`,
 //! `logprobs`, `lora` (PEFT adapters), `reward` (sequence-classification heads); and the device.
 pub mod attention;
+pub mod bf16_gemm;
 pub mod config;
 pub mod decoder;
 pub mod fused;
@@ -69,6 +71,19 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 /// bitsandbytes 4-bit checkpoint as it is, or quantized on load when `quant` asks.
 pub fn load_decoder(model_dir: &Path, dtype: DType, quant: Option<&quant::QuantSpec>, device: &Device) -> Result<Decoder> {
     let cfg = ModelConfig::load(model_dir)?;
-    let w = weights::load_model(model_dir, &cfg, dtype, device, quant)?;
-    Decoder::with_options(&cfg, &w.tensors, &decoder::DecoderOptions { quantized: w.quant, ..Default::default() })
+    // A 4-bit base's other tensors (embedding, output head, norms) stay in the checkpoint's
+    // 16-bit dtype under f32 math: widened where they are used they give the same values, and
+    // in f32 they would be 4 GB more at Llama 3's vocabulary.
+    let four_bit = quant.is_some() || cfg.raw.get("quantization_config").is_some();
+    let stored = match cfg.dtype.as_deref() {
+        Some("bfloat16") => Some(DType::BF16),
+        Some("float16") => Some(DType::F16),
+        _ => None,
+    };
+    let held = match stored {
+        Some(s) if four_bit && dtype == DType::F32 => s,
+        _ => dtype,
+    };
+    let w = weights::load_model(model_dir, &cfg, held, device, quant)?;
+    Decoder::with_options(&cfg, &w.tensors, &decoder::DecoderOptions { quantized: w.quant, compute_dtype: Some(dtype), ..Default::default() })
 }

@@ -149,7 +149,8 @@ pub struct Quant4 {
     pub packed: Vec<u8>,
     /// The code book the file carries (`quant_map`).
     pub code: [f32; 16],
-    /// Each block's scale, as the dequantization uses it (double quantization undone).
+    /// Each block's scale; empty with double quantization, whose codes are undone block by
+    /// block where they are used (an f32 copy would be 0.5 bit a weight, 0.44 GB at 8B).
     pub absmax: Vec<f32>,
     pub nested: Option<Nested>,
     /// For other devices: packed bytes, scales and code book there (see `dequantize_on`).
@@ -178,17 +179,18 @@ impl Quant4 {
         });
         let packed = nib.chunks(2).map(|p| (p[0] << 4) | p[1]).collect();
         let nested = spec.double_quant.then(|| Nested::quantize(&absmax));
-        let absmax = nested.as_ref().map(|d| d.dequantize()).unwrap_or(absmax);
+        let absmax = if nested.is_some() { Vec::new() } else { absmax };
         Self { rows, cols, quant_type: spec.quant_type, blocksize: bs, packed, code, absmax, nested, device: None }
     }
 
-    /// Reads weight `name` as transformers saved it (see the module's comment).
-    pub fn load(st: &candle_core::safetensors::MmapedSafetensors, name: &str, file: &Path) -> Result<Self> {
+    /// Reads weight `name` as transformers saved it (see the module's comment); None when the
+    /// files hold it unquantized (no `quant_state` entry).
+    pub fn load(st: &candle_core::safetensors::MmapedSafetensors, name: &str, file: &Path) -> Result<Option<Self>> {
         let err = |what: &str| format!("{}: 4-bit weight `{name}`: {what}", file.display());
         let get =
             |suffix: &str| st.load(&format!("{name}{suffix}"), &Device::Cpu).with_context(|| err(&format!("tensor `{name}{suffix}` is missing")));
         let state_name = ["nf4", "fp4"].iter().map(|t| format!(".quant_state.bitsandbytes__{t}")).find(|s| st.get(&format!("{name}{s}")).is_ok());
-        let state_name = state_name.with_context(|| err("no quant_state.bitsandbytes__nf4|fp4 entry"))?;
+        let Some(state_name) = state_name else { return Ok(None) };
         let state: serde_json::Value =
             serde_json::from_slice(&get(&state_name)?.flatten_all()?.to_vec1::<u8>()?).with_context(|| err("quant_state is not JSON"))?;
         let quant_type = match state["quant_type"].as_str() {
@@ -226,30 +228,50 @@ impl Quant4 {
             None
         };
         let absmax = match &nested {
-            Some(n) => n.dequantize(),
+            Some(n) if n.codes.len() == blocks && n.absmax.len() == blocks.div_ceil(n.blocksize) && n.code.len() == 256 => Vec::new(),
+            Some(n) => bail!(err(&format!("{} nested absmax codes for {blocks} blocks", n.codes.len()))),
             None => absmax_t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
         };
-        if absmax.len() != blocks {
+        if nested.is_none() && absmax.len() != blocks {
             bail!(err(&format!("{} absmax entries for {blocks} blocks", absmax.len())));
         }
-        Ok(Self { rows, cols, quant_type, blocksize, packed, code, absmax, nested, device: None })
+        Ok(Some(Self { rows, cols, quant_type, blocksize, packed, code, absmax, nested, device: None }))
     }
 
-    /// Element `i` (flat) as bitsandbytes dequantizes it: code[nibble] × absmax[block], in f32.
+    /// Block b's scale: its absmax, or with double quantization its 8-bit code undone
+    /// (code × scale + offset in f32, as bitsandbytes).
     #[inline]
-    fn value(&self, i: usize) -> f32 {
-        let byte = self.packed[i / 2];
-        let nib = if i.is_multiple_of(2) { byte >> 4 } else { byte & 15 };
-        self.code[nib as usize] * self.absmax[i / self.blocksize]
+    fn scale(&self, b: usize) -> f32 {
+        match &self.nested {
+            Some(n) => n.code[n.codes[b] as usize] * n.absmax[b / n.blocksize] + n.offset,
+            None => self.absmax[b],
+        }
     }
 
-    /// Rows `r0..r0 + out.len() / cols`, dequantized into `out`.
+    /// Every block's scale, as the dequantization uses it.
+    pub fn scales(&self) -> Vec<f32> {
+        (0..(self.rows * self.cols).div_ceil(self.blocksize)).map(|b| self.scale(b)).collect()
+    }
+
+    /// Rows `r0..r0 + out.len() / cols`, dequantized into `out` as bitsandbytes does: element
+    /// i is code[nibble i] × scale[i / blocksize], in f32.
     fn dequantize_rows<T: Real>(&self, r0: usize, out: &mut [T]) {
-        let base = r0 * self.cols;
+        let (base, bs) = (r0 * self.cols, self.blocksize);
         out.par_chunks_mut(self.cols.max(1)).enumerate().for_each(|(r, row)| {
             let s = base + r * self.cols;
-            for (j, o) in row.iter_mut().enumerate() {
-                *o = T::from(self.value(s + j) as f64);
+            let mut j = 0;
+            while j < row.len() {
+                // One block (or the part of it in this row) under one scale.
+                let b = (s + j) / bs;
+                let end = ((b + 1) * bs - s).min(row.len());
+                let scale = self.scale(b);
+                for (jj, o) in row[j..end].iter_mut().enumerate() {
+                    let i = s + j + jj;
+                    let byte = self.packed[i / 2];
+                    let nib = if i.is_multiple_of(2) { byte >> 4 } else { byte & 15 };
+                    *o = T::from((self.code[nib as usize] * scale) as f64);
+                }
+                j = end;
             }
         });
     }
@@ -275,7 +297,7 @@ impl Quant4 {
         if !device.is_cpu() {
             self.device = Some((
                 Tensor::from_slice(&self.packed, self.packed.len(), device)?,
-                Tensor::from_slice(&self.absmax, self.absmax.len(), device)?,
+                Tensor::from_vec(self.scales(), (self.rows * self.cols).div_ceil(self.blocksize), device)?,
                 Tensor::from_slice(&self.code, 16, device)?,
             ));
         }
@@ -336,11 +358,6 @@ impl Nested {
         }
         Self { codes, absmax: scales, code, offset, blocksize: bs }
     }
-
-    /// The first level's scales: code[q] × scale[block] + offset, in f32 (as bitsandbytes).
-    fn dequantize(&self) -> Vec<f32> {
-        self.codes.iter().enumerate().map(|(i, &q)| self.code[q as usize] * self.absmax[i / self.blocksize] + self.offset).collect()
-    }
 }
 
 /// The 4-bit weights of a model, by tensor name (`…q_proj.weight`).
@@ -356,14 +373,23 @@ fn slab_rows(cols: usize) -> usize {
 pub struct Quant4Linear(pub Arc<Quant4>);
 
 impl Quant4Linear {
-    fn fwd<T: Real>(&self, x: &[T], n: usize) -> Vec<T> {
+    /// Calls `f(r0, r, slab)` for each slab of W's rows r0..r0+r, dequantized (r×cols) into one
+    /// reused buffer.
+    fn each_slab<T: Real>(&self, mut f: impl FnMut(usize, usize, &[T])) {
         let (o, k) = (self.0.rows, self.0.cols);
-        let mut y = vec![T::from(0.0); n * o];
         let step = slab_rows(k);
         let mut w = vec![T::from(0.0); step.min(o) * k];
         for r0 in (0..o).step_by(step) {
             let r = step.min(o - r0);
             self.0.dequantize_rows(r0, &mut w[..r * k]);
+            f(r0, r, &w[..r * k]);
+        }
+    }
+
+    fn fwd<T: Real>(&self, x: &[T], n: usize) -> Vec<T> {
+        let (o, k) = (self.0.rows, self.0.cols);
+        let mut y = vec![T::from(0.0); n * o];
+        self.each_slab(|r0, r, w: &[T]| {
             // SAFETY: x is n×k, the slab r×k, y's columns r0..r0+r of an n×o row-major matrix.
             unsafe {
                 gemm::gemm(
@@ -388,7 +414,7 @@ impl Quant4Linear {
                     super::fused::par(),
                 );
             }
-        }
+        });
         y
     }
 
@@ -396,11 +422,7 @@ impl Quant4Linear {
     fn bwd_input<T: Real>(&self, g: &[T], n: usize) -> Vec<T> {
         let (o, k) = (self.0.rows, self.0.cols);
         let mut dx = vec![T::from(0.0); n * k];
-        let step = slab_rows(k);
-        let mut w = vec![T::from(0.0); step.min(o) * k];
-        for r0 in (0..o).step_by(step) {
-            let r = step.min(o - r0);
-            self.0.dequantize_rows(r0, &mut w[..r * k]);
+        self.each_slab(|r0, r, w: &[T]| {
             // SAFETY: g's columns r0..r0+r (row stride o), the slab r×k, dx n×k.
             unsafe {
                 gemm::gemm(
@@ -425,7 +447,7 @@ impl Quant4Linear {
                     super::fused::par(),
                 );
             }
-        }
+        });
         dx
     }
 }
@@ -483,5 +505,5 @@ pub fn linear(x: &Tensor, w: &Arc<Quant4>) -> Result<Tensor> {
         return Ok(x.contiguous()?.apply_op1(Quant4Linear(w.clone()))?);
     }
     let wd = if x.device().is_cpu() { w.to_tensor(x.dtype(), x.device())? } else { w.dequantize_on(x.dtype())? };
-    Ok(x.matmul(&wd.t()?)?)
+    Ok(super::bf16_gemm::mm(x, &wd.t()?)?)
 }

@@ -18,6 +18,7 @@ use crate::train::dist::{owners, World};
 use crate::train::loss::LossConfig;
 use crate::train::metrics::{self, Row, Stats};
 use crate::train::optim::{clip_by_global_norm, lr_factor, AdamW, AdamWConfig};
+use crate::train::plan::Plan;
 use crate::train::policy::{Policy, Trainable};
 use crate::train::step::{batch_loss, gradients, split_by_tokens, Refs, Whole};
 use crate::train::tensorboard::EventWriter;
@@ -238,45 +239,111 @@ fn eval_pass(
     Ok(row)
 }
 
-/// The tokens a micro-batch may hold under `gb` of memory: one pair's forward and backward
-/// (from the longest up to 1,024 computed tokens) measures the peak memory per token above
-/// what the process holds before it; activation memory grows linearly with tokens (the
-/// attention keeps no tokens × tokens scores), so the budget is what is left divided by that,
-/// with a tenth kept spare.
+/// The most tokens the memory plan's probe pair computes.
+const PROBE_TOKENS: usize = 1024;
+
+/// `p` with prompt and completions each cut to `f` of their length (at least one token).
+fn shortened(p: PairView<'_>, f: f64) -> PairView<'_> {
+    let cut = |s: &[u32]| ((s.len() as f64 * f).ceil() as usize).clamp(1.min(s.len()), s.len());
+    let (c, r) = (cut(p.chosen), cut(p.rejected));
+    PairView {
+        prompt: &p.prompt[..cut(p.prompt)],
+        chosen: &p.chosen[..c],
+        rejected: &p.rejected[..r],
+        chosen_scored: p.chosen_scored.min(c),
+        rejected_scored: p.rejected_scored.min(r),
+        ..p
+    }
+}
+
+/// The run's memory plan ([`Plan`]): the weights, gradients and moments from the tensors; the
+/// activations per token from one pair's forward and backward (the longest up to 1,024
+/// computed tokens, or the shortest cut to that), measured as the peak above what was in use before, less the
+/// gradients the pass made (activation memory grows linearly with tokens: the attention keeps
+/// no tokens × tokens scores). Under --max-memory the plan is fitted, which may turn gradient
+/// checkpointing on and split micro-batches; the policy is left as the plan says.
 #[allow(clippy::too_many_arguments)]
-fn tokens_for_memory(
-    policy: &Policy,
+fn memory_plan(
+    policy: &mut Policy,
+    opt: &AdamW,
     prepared: &PreparedDataset,
     cache: Option<&RefCache>,
+    ref_decoder: Option<&crate::model::Decoder>,
     rows: &[u32],
     cfg: &TrainSettings,
     loss: &LossConfig,
-    gb: f64,
-) -> Result<usize> {
+) -> Result<Plan> {
     let tokens = |i: u32| crate::score::layout::computed_tokens(cfg.layout, &prepared.pair(i as usize));
-    let probe =
-        rows.iter().copied().filter(|&i| tokens(i) <= 1024).max_by_key(|&i| tokens(i)).or_else(|| rows.iter().copied().min_by_key(|&i| tokens(i)));
+    let mut lengths: Vec<usize> = rows.iter().map(|&i| tokens(i)).collect();
+    lengths.sort_unstable_by(|a, b| b.cmp(a));
+    let longest = *lengths.first().context("no train rows")?;
+    let probe = rows
+        .iter()
+        .copied()
+        .filter(|&i| tokens(i) <= PROBE_TOKENS)
+        .max_by_key(|&i| tokens(i))
+        .or_else(|| rows.iter().copied().min_by_key(|&i| tokens(i)));
     let probe = probe.context("no train rows")?;
-    let pairs = [prepared.pair(probe as usize)];
-    let base = crate::memory::rss_bytes();
-    crate::memory::reset_peak();
-    let refs = cache.map(|c| RefRows::of(c, &[probe]));
-    let b = batch_loss(&policy.decoder, cfg.layout, loss, &pairs, refs.as_ref().map(RefRows::view), Whole::of(&pairs))?;
-    drop(gradients(&b.loss, policy)?);
+    // Every pair longer: the shortest, each part cut in proportion (only its memory counts), so
+    // the probe never needs more than the budget it is measuring for.
+    let pair = prepared.pair(probe as usize);
+    let pair = match tokens(probe) {
+        t if t > PROBE_TOKENS => shortened(pair, PROBE_TOKENS as f64 / t as f64),
+        _ => pair,
+    };
+    let probe_tokens = crate::score::layout::computed_tokens(cfg.layout, &pair);
     let device = policy.vars[0].device().clone();
-    let per_token = (crate::memory::peak_bytes(&device).saturating_sub(base) as f64 / tokens(probe) as f64).max(1.0);
-    let room = gb * 1e9 - base as f64;
-    let budget = (0.9 * room / per_token).floor();
-    if budget < 1.0 {
-        bail!("--max-memory {gb} GB: the model and optimizer already take {:.2} GB, leaving no room for activations", base as f64 / 1e9);
+    let trainable_bytes = policy.trainable_bytes();
+    let measure = |policy: &mut Policy, checkpointing: bool| -> Result<f64> {
+        policy.set_checkpointing(checkpointing);
+        let pairs = [pair];
+        let refs = match (ref_decoder, cache) {
+            (Some(r), _) => Some(RefRows::computed(r, cfg.layout, &pairs, loss.ld_alpha.is_some())?),
+            (None, Some(c)) => Some(RefRows::of(c, &[probe])),
+            (None, None) => None,
+        };
+        // On the CPU the heap's own count (the resident set keeps freed memory); elsewhere the
+        // device's memory in use.
+        let cpu = device.is_cpu();
+        let used = || if cpu { crate::memory::heap_peak() } else { crate::memory::peak_bytes(&device) };
+        if cpu {
+            crate::memory::heap_reset_peak()
+        } else {
+            crate::memory::reset_peak()
+        }
+        let before = used();
+        let b = batch_loss(&policy.decoder, cfg.layout, loss, &pairs, refs.as_ref().map(RefRows::view), Whole::of(&pairs))?;
+        drop(gradients(&b.loss, policy)?);
+        let above = used().saturating_sub(before + trainable_bytes);
+        Ok((above as f64 / probe_tokens as f64).max(1.0))
+    };
+    // A second set of gradients while micro-batches (or pieces) add up.
+    let accumulating = trainable_bytes;
+    // What else is live: the heap beyond weights and moments (the resident set would also
+    // count what the allocator freed but keeps, which activations reuse), and mapped files.
+    let optimizer_bytes = opt.state_bytes();
+    let other_bytes =
+        crate::memory::heap_live().saturating_sub(policy.frozen_bytes + trainable_bytes + optimizer_bytes) + crate::memory::rss_file_bytes();
+    let mut plan = Plan {
+        frozen_bytes: policy.frozen_bytes,
+        trainable_params: policy.trainable_params(),
+        trainable_bytes,
+        gradient_bytes: trainable_bytes + if cfg.grad_accum > 1 || cfg.batch_tokens.is_some() { accumulating } else { 0 },
+        optimizer_bytes,
+        other_bytes,
+        probe_tokens,
+        largest_micro_batch_tokens: lengths.iter().take(cfg.batch_size).sum(),
+        gradient_checkpointing: cfg.gradient_checkpointing,
+        piece_tokens: cfg.batch_tokens,
+        ..Default::default()
+    };
+    plan.per_token_bytes = measure(policy, cfg.gradient_checkpointing)?;
+    if let (Some(gb), None) = (cfg.max_memory, cfg.batch_tokens) {
+        let accumulating = if cfg.grad_accum > 1 { 0 } else { accumulating };
+        plan.fit(gb, longest, accumulating, |on| measure(policy, on))?;
     }
-    eprintln!(
-        "train: --max-memory {gb} GB: {:.1} kB per token measured on a {}-token pair, so micro-batches of at most {} tokens",
-        per_token / 1e3,
-        tokens(probe),
-        budget as usize
-    );
-    Ok(budget as usize)
+    policy.set_checkpointing(plan.gradient_checkpointing);
+    Ok(plan)
 }
 
 /// The newest complete checkpoint (`step-N` directories only ever appear whole).
@@ -454,6 +521,8 @@ struct Trainer<'a> {
     loss: LossConfig,
     /// Tokens a micro-batch may hold at once (usize::MAX: no limit).
     budget: usize,
+    /// The memory plan, for the manifest.
+    memory_plan: serde_json::Value,
     metrics_path: PathBuf,
     checkpoints: PathBuf,
     rows: Vec<(usize, Row)>,
@@ -581,7 +650,7 @@ impl<'a> Trainer<'a> {
             decision.split_once('\n').map(|(f, d)| (f.to_string(), (!d.is_empty()).then(|| PathBuf::from(d)))).context("rank 0's decision")?;
 
         let device = model::device()?;
-        let policy = Policy::load_mixed(
+        let mut policy = Policy::load_mixed(
             &model_dir,
             cfg.base_dtype.dtype(),
             Some(cfg.compute_dtype().dtype()),
@@ -625,13 +694,13 @@ impl<'a> Trainer<'a> {
         // weighted by the config's router_aux_loss_coef unless the run sets its own.
         let router_aux_loss_coef = cfg.router_aux_loss_coef.or(policy.cfg.moe.as_ref().map(|m| m.router_aux_loss_coef)).unwrap_or(0.0);
         let loss = cfg.loss_config(router_aux_loss_coef)?;
-        // Tokens a micro-batch may hold at once: --batch-tokens, or what --max-memory leaves room
-        // for at the per-token cost measured on one pair; a micro-batch over it runs in pieces.
-        let budget = match (cfg.batch_tokens, cfg.max_memory) {
-            (Some(t), _) => t,
-            (None, Some(gb)) => tokens_for_memory(&policy, &prepared, cache.as_ref(), &train_rows, cfg, &loss, gb)?,
-            (None, None) => usize::MAX,
-        };
+        // What the run needs, and under --max-memory what it turns on to fit: a micro-batch over
+        // the plan's tokens per piece runs in pieces.
+        let plan = memory_plan(&mut policy, &opt, &prepared, cache.as_ref(), ref_decoder.as_ref(), &train_rows, cfg, &loss)?;
+        if world.is_root() {
+            eprintln!("{}", plan.describe());
+        }
+        let budget = plan.piece_tokens.unwrap_or(usize::MAX);
         let metrics_path = out.join("metrics.jsonl");
         // Keep only what came before the checkpoint we resume from (rank 0 writes the metrics).
         let rows = if world.is_root() { metrics::read_jsonl(&metrics_path, step)? } else { vec![] };
@@ -667,6 +736,7 @@ impl<'a> Trainer<'a> {
             ref_decoder,
             loss,
             budget,
+            memory_plan: plan.to_json(),
             metrics_path,
             checkpoints,
             rows,
@@ -906,6 +976,8 @@ impl<'a> Trainer<'a> {
             "seconds_per_step": self.t_loop.elapsed().as_secs_f64() / steps_run.max(1) as f64,
             "peak_memory_gb": self.peak_memory_gb,
             "micro_batch_tokens": (self.budget != usize::MAX).then_some(self.budget),
+            "gradient_checkpointing": self.policy.grad_sink.is_some(),
+            "memory_plan": self.memory_plan,
             "world_size": self.world.size,
             "shard_optimizer": self.owner.is_some(),
             "best_metric": self.best.best_metric,

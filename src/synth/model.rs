@@ -388,20 +388,28 @@ impl safetensors::View for Lazy {
     }
 
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        let n: usize = self.shape.iter().product();
-        let mut rng = Rng::new(self.seed);
-        let mut out = Vec::with_capacity(self.data_len());
-        for _ in 0..n {
-            let v = match self.fill {
-                Fill::Const(c) => c,
-                Fill::Normal { center, std } => (center + rng.normal() * std) as f32,
-            };
-            match self.dtype {
-                FloatDtype::F32 => out.extend_from_slice(&v.to_le_bytes()),
-                FloatDtype::Bf16 => out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
-                FloatDtype::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+        use rayon::prelude::*;
+        // One stream per tensor, generated in chunks on every core: each chunk jumps to its
+        // place in the stream (two draws per normal value), so the values do not depend on
+        // the thread count.
+        const CHUNK: usize = 1 << 20;
+        let size = if self.dtype == FloatDtype::F32 { 4 } else { 2 };
+        let mut out = vec![0u8; self.data_len()];
+        out.par_chunks_mut(CHUNK * size).enumerate().for_each(|(c, bytes)| {
+            let mut rng = Rng::new(self.seed);
+            rng.skip(2 * (c * CHUNK) as u64);
+            for b in bytes.chunks_exact_mut(size) {
+                let v = match self.fill {
+                    Fill::Const(c) => c,
+                    Fill::Normal { center, std } => (center + rng.normal() * std) as f32,
+                };
+                match self.dtype {
+                    FloatDtype::F32 => b.copy_from_slice(&v.to_le_bytes()),
+                    FloatDtype::Bf16 => b.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+                    FloatDtype::F16 => b.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+                }
             }
-        }
+        });
         std::borrow::Cow::Owned(out)
     }
 

@@ -117,6 +117,17 @@ impl AdamW {
         Ok(me)
     }
 
+    /// Bytes of the moments this rank keeps.
+    pub fn state_bytes(&self) -> u64 {
+        let bytes = |m: &Moment| match m {
+            Moment::F32(v) => v.len() * 4,
+            Moment::F64(v) => v.len() * 8,
+            Moment::Tensor(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Moment::Elsewhere => 0,
+        };
+        self.m.iter().chain(&self.v).map(|m| bytes(m) as u64).sum()
+    }
+
     /// Whether this optimizer keeps parameter `i`'s moments.
     pub fn owns(&self, i: usize) -> bool {
         !matches!(self.m[i], Moment::Elsewhere)

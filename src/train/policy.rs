@@ -49,6 +49,8 @@ pub struct Policy {
     dropout_rng: Arc<Mutex<Rng>>,
     /// With gradient checkpointing: where the layers' parameter gradients arrive.
     pub grad_sink: Option<Arc<GradSink>>,
+    /// The frozen base's bytes as held (4-bit layers packed); 0 under full fine-tuning.
+    pub frozen_bytes: u64,
 }
 
 impl Policy {
@@ -89,8 +91,9 @@ impl Policy {
                 spec.quant_type.name()
             );
         }
+        let frozen_bytes = w.bytes() as u64;
         let base = Base { tensors: w.tensors, quant: w.quant };
-        match what {
+        let policy = match what {
             Trainable::Full => Self::from_tensors_in(cfg, base.tensors, compute, sink),
             Trainable::NewLora { config, seed } => {
                 let config = config.clone().resolve(&cfg)?;
@@ -101,7 +104,8 @@ impl Policy {
                 let (config, adapter) = lora::load(dir, &cfg, device)?;
                 Self::with_adapter(cfg, base, config, adapter, compute.unwrap_or(DType::F32), sink)
             }
-        }
+        }?;
+        Ok(Self { frozen_bytes: if policy.lora.is_some() { frozen_bytes } else { 0 }, ..policy })
     }
 
     pub fn from_tensors(cfg: ModelConfig, tensors: HashMap<String, Tensor>) -> Result<Self> {
@@ -128,6 +132,7 @@ impl Policy {
             lora: None,
             dropout_rng,
             grad_sink,
+            frozen_bytes: 0,
         })
     }
 
@@ -162,7 +167,23 @@ impl Policy {
                 },
             )
         };
-        Ok(Self { decoder: with(true)?, eval_decoder: with(false)?, cfg, names, vars, lora: Some(config), dropout_rng, grad_sink })
+        Ok(Self { decoder: with(true)?, eval_decoder: with(false)?, cfg, names, vars, lora: Some(config), dropout_rng, grad_sink, frozen_bytes: 0 })
+    }
+
+    /// Turns gradient checkpointing on or off (the memory plan's choice under --max-memory).
+    pub fn set_checkpointing(&mut self, on: bool) {
+        self.grad_sink = on.then(|| Arc::new(GradSink::default()));
+        self.decoder.set_checkpoint(self.grad_sink.clone());
+    }
+
+    /// The trained parameters' count.
+    pub fn trainable_params(&self) -> u64 {
+        self.vars.iter().map(|v| v.elem_count() as u64).sum()
+    }
+
+    /// The trained weights' bytes.
+    pub fn trainable_bytes(&self) -> u64 {
+        self.vars.iter().map(|v| (v.elem_count() * v.dtype().size_in_bytes()) as u64).sum()
     }
 
     /// Reseeds the adapter dropout for one micro-batch, so a resumed run draws the same masks.
