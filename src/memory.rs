@@ -78,11 +78,6 @@ pub fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-/// Current resident set (VmRSS) of this process, bytes.
-pub fn rss_bytes() -> u64 {
-    status_kb("VmRSS:") * 1024
-}
-
 /// File-backed resident pages (the program, mapped data files), bytes.
 pub fn rss_file_bytes() -> u64 {
     status_kb("RssFile:") * 1024

@@ -284,8 +284,9 @@ settings! {
         /// pieces (gradients add up to the same; memory follows the piece, not the batch).
         #[arg(num_args = 1, value_name = "TOKENS")]
         batch_tokens: Option<usize> = None,
-        /// Keep peak memory under this many GB: the tokens per piece are set from the memory
-        /// one pair is measured to take per token (see --batch-tokens).
+        /// Fit the run under this many GB per rank, as the memory plan (printed at start, in the
+        /// manifest) measures it on one pair: gradient checkpointing is turned on if it would
+        /// not fit otherwise, then micro-batches run in pieces of as many tokens as fit.
         #[arg(num_args = 1, value_name = "GB")]
         max_memory: Option<f64> = None,
         /// Optimizer steps (unset: from --epochs).

@@ -224,11 +224,6 @@ pub fn matmul_abt(m: usize, n: usize, k: usize, a: &[bf16], bt: &[bf16]) -> Vec<
     c
 }
 
-/// f32 → bf16, round to nearest even (as torch and `half`).
-pub fn narrow(v: &[f32]) -> Vec<bf16> {
-    v.par_iter().map(|&x| bf16::from_f32(x)).collect()
-}
-
 /// `a.matmul(b)` for bf16 tensors on an AVX-512 BF16 CPU through [`matmul`] (f32 sums, the
 /// product rounded to bf16 as torch's bf16 matmul), with its backward; any other tensors go to
 /// candle's matmul. Operands of rank 2 to 4 with equal batch dimensions, any strides.

@@ -75,13 +75,9 @@ pub fn load_decoder(model_dir: &Path, dtype: DType, quant: Option<&quant::QuantS
     // 16-bit dtype under f32 math: widened where they are used they give the same values, and
     // in f32 they would be 4 GB more at Llama 3's vocabulary.
     let four_bit = quant.is_some() || cfg.raw.get("quantization_config").is_some();
-    let stored = match cfg.dtype.as_deref() {
-        Some("bfloat16") => Some(DType::BF16),
-        Some("float16") => Some(DType::F16),
-        _ => None,
-    };
+    let stored = cfg.dtype.as_deref().and_then(|d| serde_json::from_value::<weights::FloatDtype>(d.into()).ok()).map(weights::FloatDtype::dtype);
     let held = match stored {
-        Some(s) if four_bit && dtype == DType::F32 => s,
+        Some(s @ (DType::BF16 | DType::F16)) if four_bit && dtype == DType::F32 => s,
         _ => dtype,
     };
     let w = weights::load_model(model_dir, &cfg, held, device, quant)?;

@@ -273,21 +273,17 @@ fn memory_plan(
     cfg: &TrainSettings,
     loss: &LossConfig,
 ) -> Result<Plan> {
-    let tokens = |i: u32| crate::score::layout::computed_tokens(cfg.layout, &prepared.pair(i as usize));
-    let mut lengths: Vec<usize> = rows.iter().map(|&i| tokens(i)).collect();
+    // (tokens, row) of every train row, longest first.
+    let mut lengths: Vec<(usize, u32)> =
+        rows.iter().map(|&i| (crate::score::layout::computed_tokens(cfg.layout, &prepared.pair(i as usize)), i)).collect();
     lengths.sort_unstable_by(|a, b| b.cmp(a));
-    let longest = *lengths.first().context("no train rows")?;
-    let probe = rows
-        .iter()
-        .copied()
-        .filter(|&i| tokens(i) <= PROBE_TOKENS)
-        .max_by_key(|&i| tokens(i))
-        .or_else(|| rows.iter().copied().min_by_key(|&i| tokens(i)));
-    let probe = probe.context("no train rows")?;
-    // Every pair longer: the shortest, each part cut in proportion (only its memory counts), so
-    // the probe never needs more than the budget it is measuring for.
+    let longest = lengths.first().context("no train rows")?.0;
+    // The longest pair within the probe's tokens; or, every pair longer, the shortest, each
+    // part cut in proportion (only its memory counts), so the probe never needs more than the
+    // budget it is measuring for.
+    let (probe_len, probe) = *lengths.iter().find(|(t, _)| *t <= PROBE_TOKENS).unwrap_or(&lengths[lengths.len() - 1]);
     let pair = prepared.pair(probe as usize);
-    let pair = match tokens(probe) {
+    let pair = match probe_len {
         t if t > PROBE_TOKENS => shortened(pair, PROBE_TOKENS as f64 / t as f64),
         _ => pair,
     };
@@ -332,7 +328,7 @@ fn memory_plan(
         optimizer_bytes,
         other_bytes,
         probe_tokens,
-        largest_micro_batch_tokens: lengths.iter().take(cfg.batch_size).sum(),
+        largest_micro_batch_tokens: lengths.iter().take(cfg.batch_size).map(|(t, _)| t).sum(),
         gradient_checkpointing: cfg.gradient_checkpointing,
         piece_tokens: cfg.batch_tokens,
         ..Default::default()

@@ -93,19 +93,18 @@ impl Policy {
         }
         let frozen_bytes = w.bytes() as u64;
         let base = Base { tensors: w.tensors, quant: w.quant };
-        let policy = match what {
+        match what {
             Trainable::Full => Self::from_tensors_in(cfg, base.tensors, compute, sink),
             Trainable::NewLora { config, seed } => {
                 let config = config.clone().resolve(&cfg)?;
                 let adapter = config.init(&cfg, *seed, device)?;
-                Self::with_adapter(cfg, base, config, adapter, compute.unwrap_or(DType::F32), sink)
+                Self::with_adapter(cfg, base, frozen_bytes, config, adapter, compute.unwrap_or(DType::F32), sink)
             }
             Trainable::Adapter(dir) => {
                 let (config, adapter) = lora::load(dir, &cfg, device)?;
-                Self::with_adapter(cfg, base, config, adapter, compute.unwrap_or(DType::F32), sink)
+                Self::with_adapter(cfg, base, frozen_bytes, config, adapter, compute.unwrap_or(DType::F32), sink)
             }
-        }?;
-        Ok(Self { frozen_bytes: if policy.lora.is_some() { frozen_bytes } else { 0 }, ..policy })
+        }
     }
 
     pub fn from_tensors(cfg: ModelConfig, tensors: HashMap<String, Tensor>) -> Result<Self> {
@@ -139,6 +138,7 @@ impl Policy {
     fn with_adapter(
         cfg: ModelConfig,
         base: Base,
+        frozen_bytes: u64,
         config: LoraConfig,
         adapter: BTreeMap<String, Tensor>,
         compute: DType,
@@ -167,7 +167,7 @@ impl Policy {
                 },
             )
         };
-        Ok(Self { decoder: with(true)?, eval_decoder: with(false)?, cfg, names, vars, lora: Some(config), dropout_rng, grad_sink, frozen_bytes: 0 })
+        Ok(Self { decoder: with(true)?, eval_decoder: with(false)?, cfg, names, vars, lora: Some(config), dropout_rng, grad_sink, frozen_bytes })
     }
 
     /// Turns gradient checkpointing on or off (the memory plan's choice under --max-memory).
