@@ -2,7 +2,7 @@
 //! practical limit), and its peak memory at 20k vs 200k rows. BENCH_THREADS sets threads (2).
 mod common;
 use common::*;
-use dpo_pipeline::data::input::{ColumnNames, Field, PreferenceReader};
+use dpo_pipeline::data::input::{ColumnNames, Field, InputRow, PreferenceReader};
 use dpo_pipeline::data::tokenize::ModelTokenizer;
 use std::time::Instant;
 
@@ -24,7 +24,7 @@ fn main() {
     while let Some(batch) = reader.next_batch().unwrap() {
         let mut chunk = Vec::new();
         for (_, row) in batch {
-            let row = row.unwrap();
+            let InputRow::Paired(row) = row.unwrap() else { panic!("synth-prefs writes pairs") };
             let (Some(Field::Text(pr)), Field::Text(c), Field::Text(r)) = (row.prompt, row.chosen, row.rejected) else { panic!() };
             chunk.push(pr.clone());
             chunk.push(format!("{pr}{c}{eos}"));

@@ -15,6 +15,8 @@ done
 "$PY" scripts/make_sample_golden.py "$tmp"  # last: it writes generation_config.json into the models
 target/debug/pipeline synth-prefs --out "$tmp/trajectory.parquet" --rows 64 --seed 0
 "$PY" scripts/make_trajectory_golden.py "$tmp/llama" "$tmp/trajectory.parquet"
+target/debug/pipeline synth-prefs --out "$tmp/conv.parquet" --rows 64 --seed 0 --conversational
+"$PY" scripts/make_kto_golden.py "$tmp/llama" "$tmp/trajectory.parquet" "$tmp/conv.parquet"  # KTOTrainer
 rm -rf "$tmp"
 "$PY" scripts/make_loss_golden.py                          # every TRL loss on fixed log-probs
 "$PY" scripts/make_family_golden.py target/debug/pipeline  # every model family (+ PEFT adapters)

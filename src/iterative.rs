@@ -91,7 +91,8 @@ pub fn run(f: &PipelineFile, it: &IterativeSection, force: bool) -> Result<Vec<R
             .over(labeller(it, f))
             .resolve();
         let labelled = stages::label::run(&label)?;
-        let pairs = labelled.counts.get("pairs").copied().unwrap_or(0);
+        // Pairs, or (--pairs unpaired, for KTO) labelled rows.
+        let pairs = labelled.counts.get("pairs").or(labelled.counts.get("rows")).copied().unwrap_or(0);
         if pairs == 0 {
             bail!("round {r}: no sample pair had different scores (see {}); nothing to train on", label.out.join(SKIPPED).display());
         }

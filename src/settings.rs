@@ -18,7 +18,10 @@ use std::path::{Path, PathBuf};
 pub fn help<T: Serialize>(doc: &str, default: &T) -> String {
     let text = doc.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
     // Lists that have one owner elsewhere are filled in here, not copied into the docs.
-    let text = text.replace("{loss_types}", &crate::train::loss::names(false)).replace("{reference_free_losses}", &crate::train::loss::names(true));
+    let text = text
+        .replace("{loss_types}", &crate::train::loss::names(false))
+        .replace("{reference_free_losses}", &crate::train::loss::names(true))
+        .replace("{unpaired_losses}", &crate::train::loss::unpaired_names());
     let shown = match serde_json::to_value(default) {
         Ok(serde_json::Value::String(s)) if !s.is_empty() => Some(s),
         Ok(serde_json::Value::Number(n)) => Some(n.to_string()),
@@ -123,6 +126,18 @@ settings! {
         /// Rejected-completion column.
         #[arg(value_name = "NAME")]
         rejected_column: String = "rejected".into(),
+        /// Completion column of unpaired data (TRL's unpaired preference type: `prompt`,
+        /// `completion`, `label`; an input with no chosen column is read as unpaired).
+        #[arg(value_name = "NAME")]
+        completion_column: String = "completion".into(),
+        /// Label column of unpaired data: a boolean, true for a desirable completion.
+        #[arg(value_name = "NAME")]
+        label_column: String = "label".into(),
+        /// Turn paired rows into unpaired ones for KTO, as TRL's `unpair_preference_dataset`
+        /// (and KTOTrainer given pairs): each block of 1,000 pairs gives its chosen completions
+        /// (label true), then its rejected ones (false).
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        unpair: bool = false,
         /// Longest prompt+completion sequence scored (TRL's default); longer ones keep their
         /// first tokens, chosen and rejected independently.
         #[arg(value_name = "TOKENS")]
@@ -182,6 +197,12 @@ settings! {
         /// padded row per pair; padded is TRL's two right-padded rows per pair.
         #[arg(value_enum)]
         layout: LayoutKind = LayoutKind::Packed,
+        /// Unpaired data (KTO): the KL completions rotate by one within blocks of this many
+        /// rows, as TRL's KTOTrainer builds them within each per-device batch; `train` then
+        /// needs --batch-size to be whole blocks (TRL: the same). Unset: 8 (TRL's
+        /// per_device_train_batch_size default).
+        #[arg(num_args = 1, value_name = "N")]
+        kl_batch_size: Option<usize> = None,
         /// Replace a cache built from other inputs or settings (or damaged).
         #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
         force: bool = false,
@@ -213,7 +234,8 @@ settings! {
         #[arg(num_args = 1, value_name = "DIR")]
         model: Option<PathBuf> = None,
         /// Loss types, comma-separated, summed with --loss-weights (TRL 1.16's names):
-        /// {loss_types}; or one reference-free loss (no --ref-cache): {reference_free_losses}.
+        /// {loss_types}; or one reference-free loss (no --ref-cache): {reference_free_losses};
+        /// or, on unpaired data, one of {unpaired_losses} (KTOTrainer's).
         /// E.g. MPO: sigmoid,bco_pair,sft with 0.8,0.2,1.0.
         #[arg(value_name = "LIST")]
         loss: LossList = CommaList(vec![LossType::Sigmoid]),
@@ -250,6 +272,14 @@ settings! {
         /// CPO and SimPO: the weight of the NLL term (0 for pure SimPO).
         #[arg(value_name = "A")]
         cpo_alpha: f64 = 1.0,
+        /// KTO / apo_zero_unpaired: weight of the desirable rows' losses (TRL's
+        /// desirable_weight). With unbalanced data, TRL suggests desirable_weight ×
+        /// #desirable / (undesirable_weight × #undesirable) in [1, 4/3]; train warns outside it.
+        #[arg(value_name = "W")]
+        desirable_weight: f64 = 1.0,
+        /// KTO / apo_zero_unpaired: weight of the undesirable rows' losses.
+        #[arg(value_name = "W")]
+        undesirable_weight: f64 = 1.0,
         /// Old spelling of `--loss ...,sft --loss-weights ...,W`: adds an SFT term of weight W.
         #[arg(hide = true)]
         sft_weight: f64 = 0.0,
@@ -296,7 +326,8 @@ settings! {
         epochs: f64 = 1.0,
         /// Seed of the data order.
         seed: u64 = 42,
-        /// Shuffle the train rows each epoch (false: row_id order).
+        /// Shuffle the train rows each epoch (false: row_id order). KTO shuffles whole KL blocks
+        /// (TRL's KTOTrainer refuses to shuffle: pass false for its order).
         #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
         shuffle: bool = true,
         /// Evaluate on the eval split every N steps (and at step 0 and the end; 0: only those).
@@ -465,7 +496,13 @@ impl PrepareSettings {
     }
 
     pub fn columns(&self) -> ColumnNames {
-        ColumnNames { prompt: self.prompt_column.clone(), chosen: self.chosen_column.clone(), rejected: self.rejected_column.clone() }
+        ColumnNames {
+            prompt: self.prompt_column.clone(),
+            chosen: self.chosen_column.clone(),
+            rejected: self.rejected_column.clone(),
+            completion: self.completion_column.clone(),
+            label: self.label_column.clone(),
+        }
     }
 }
 
@@ -473,6 +510,9 @@ impl CacheRefSettings {
     pub fn validate(&self) -> Result<()> {
         given("model", &self.model)?;
         at_least_one("batch-tokens", self.batch_tokens)?;
+        if self.kl_batch_size.is_some_and(|b| b < 2) {
+            bail!("--kl-batch-size must be at least 2: in a block of one row the KL completion is the row's own, and KTO's KL term equals its reward (TRL refuses it too)");
+        }
         self.shard()?;
         Ok(())
     }
@@ -515,6 +555,8 @@ impl TrainSettings {
             simpo_gamma: self.simpo_gamma,
             cpo_alpha: self.cpo_alpha,
             router_aux_loss_coef,
+            desirable_weight: self.desirable_weight,
+            undesirable_weight: self.undesirable_weight,
         };
         c.validate()?;
         Ok(c)
@@ -733,9 +775,13 @@ settings! {
         #[arg(value_name = "DIR")]
         out: PathBuf = PathBuf::from("labels"),
         /// best-worst: one pair per prompt (highest vs lowest score); all-pairs: every two
-        /// samples whose scores differ by more than --min-margin.
+        /// samples whose scores differ by more than --min-margin; unpaired: every sample as a
+        /// labelled completion for KTO (desirable when its score is above --threshold).
         #[arg(value_enum)]
         pairs: PairMode = PairMode::BestWorst,
+        /// --pairs unpaired: scores above this are desirable (label true), the rest not.
+        #[arg(value_name = "T")]
+        threshold: f64 = 0.0,
         /// A pair needs chosen_score − rejected_score above this.
         #[arg(value_name = "M")]
         min_margin: f64 = 0.0,
@@ -763,6 +809,8 @@ pub enum ReportTo {
 pub enum PairMode {
     BestWorst,
     AllPairs,
+    /// No pairs: each sample a (prompt, completion, label) row.
+    Unpaired,
 }
 
 impl SampleSettings {
@@ -798,6 +846,9 @@ impl LabelSettings {
         }
         non_negative("min-margin", self.min_margin)?;
         at_least_one("batch-tokens", self.batch_tokens)?;
+        if !self.threshold.is_finite() {
+            bail!("--threshold must be a finite score, got {}", self.threshold);
+        }
         Ok(())
     }
 }

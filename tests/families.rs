@@ -160,7 +160,7 @@ fn every_family_s_dpo_gradients_match_pytorch_autograd() {
             let mut settings = LossConfig::sigmoid(g["beta"].as_f64().unwrap());
             settings.router_aux_loss_coef = coef;
             let refs = Refs { chosen: &rc, rejected: &rr, chosen_shared: None, rejected_shared: None };
-            let b = batch_loss(&policy.decoder, LayoutKind::Packed, &settings, &pairs, Some(refs), Whole::of(&pairs)).unwrap();
+            let b = batch_loss(&policy.decoder, LayoutKind::Packed, &settings, &pairs, Some(refs), Whole::of(&pairs), &mut |_| {}).unwrap();
             let loss = b.loss.to_scalar::<f32>().unwrap() as f64;
             let want_loss = g["step"]["loss"].as_f64().unwrap();
             assert!((loss - want_loss).abs() < 1e-5, "{fam}: loss {loss} vs PyTorch {want_loss}");
@@ -347,7 +347,7 @@ fn gemma3_multimodal_checkpoints_train_their_text_tower_and_keep_the_rest() {
     let (p, c, r) = (ids(&gp["prompt"]), ids(&gp["chosen"]), ids(&gp["rejected"]));
     let pairs = [PairView::whole(0, &p, &c, &r)];
     let refs = Refs { chosen: &[-30.0], rejected: &[-20.0], chosen_shared: None, rejected_shared: None };
-    let b = batch_loss(&policy.decoder, LayoutKind::Packed, &LossConfig::sigmoid(0.1), &pairs, Some(refs), Whole::of(&pairs)).unwrap();
+    let b = batch_loss(&policy.decoder, LayoutKind::Packed, &LossConfig::sigmoid(0.1), &pairs, Some(refs), Whole::of(&pairs), &mut |_| {}).unwrap();
     let grads = gradients(&b.loss, &policy).unwrap();
     for (v, g) in policy.vars.iter().zip(&grads) {
         v.set(&(v.as_tensor() - (g * 1.0).unwrap()).unwrap()).unwrap();

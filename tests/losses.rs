@@ -5,7 +5,7 @@
 //! Then each loss's derivative at Δ = 0, where every pair sits at step 0.
 mod common;
 use candle_core::{Device, Tensor, Var};
-use common::golden;
+use common::{f, golden, grid};
 use dpo_pipeline::data::prepared::{PairView, Split};
 use dpo_pipeline::model::fused::TokenStats;
 use dpo_pipeline::model::logprobs::Scored;
@@ -17,14 +17,6 @@ use serde_json::Value;
 
 fn load() -> Value {
     serde_json::from_str(&std::fs::read_to_string(golden("losses_trl.json")).unwrap()).unwrap()
-}
-
-fn f(v: &Value) -> f64 {
-    v.as_f64().unwrap()
-}
-
-fn grid(v: &Value) -> Vec<Vec<f64>> {
-    v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(f).collect()).collect()
 }
 
 /// TRL's settings for one case as ours.
@@ -105,6 +97,7 @@ fn every_dpo_trainer_loss_matches_trl_in_value_gradient_and_metrics() {
             chosen_scored: comp_lens[i],
             rejected_scored: comp_lens[i + n],
             split: Split::Train,
+            label: None,
         })
         .collect();
     assert!(pairs.iter().enumerate().all(|(i, p)| positions(i).len() == p.chosen_scored && positions(i + n).len() == p.rejected_scored));

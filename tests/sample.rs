@@ -293,6 +293,28 @@ fn judge_command_scores_pairs_and_prepare_reads_the_prefs() {
     ok(d.path(), &["prepare", "--input", "bw/prefs.parquet", "--model", s(&model), "--out", "prep"]);
     let m: Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("prep/manifest.json")).unwrap()).unwrap();
     assert_eq!((m["counts"]["pairs"].as_u64(), m["counts"]["rejected_empty_completion"].as_u64()), (Some(1), Some(1)));
+    // Unpaired rows for KTO: every sample, labelled by --threshold; prepare reads them as they are.
+    ok(d.path(), &["label", "--samples", "samples.parquet", "--judge-cmd", judge, "--out", "un", "--pairs", "unpaired", "--threshold", "1.5"]);
+    let un: Vec<(u64, String, bool, f64)> = read_rows(d.path(), "un/prefs.parquet")
+        .iter()
+        .map(|r| {
+            (r["source_row"].as_u64().unwrap(), r["completion"].as_str().unwrap().into(), r["label"].as_bool().unwrap(), r["score"].as_f64().unwrap())
+        })
+        .collect();
+    let want: Vec<(u64, String, bool, f64)> = [(0, "aa"), (0, "a"), (0, "aaaa"), (1, "bb"), (1, "cc"), (2, "z"), (3, "x"), (3, "xyz"), (3, "")]
+        .iter()
+        .map(|&(r, c)| (r, c.to_string(), c.len() as f64 > 1.5, c.len() as f64))
+        .collect();
+    assert_eq!(un, want);
+    let m: Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("un/manifest.json")).unwrap()).unwrap();
+    assert_eq!((m["counts"]["rows"].as_u64(), m["counts"]["desirable"].as_u64(), m["counts"]["undesirable"].as_u64()), (Some(9), Some(5), Some(4)));
+    check_schema(d.path(), "prefs.unpaired.parquet.json", "un/prefs.parquet");
+    ok(d.path(), &["prepare", "--input", "un/prefs.parquet", "--model", s(&model), "--out", "unprep"]);
+    let m: Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("unprep/manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        (m["settings"]["kind"].as_str(), m["counts"]["rows"].as_u64(), m["counts"]["rejected_empty_completion"].as_u64()),
+        (Some("unpaired"), Some(8), Some(1))
+    );
     // A judge that prints something else, or too few lines, or fails: a clear error, no output.
     let e = fails(d.path(), &["label", "--samples", "samples.parquet", "--judge-cmd", "echo 1; echo oops", "--out", "bad"]);
     assert!(e.contains("output line 2 is `oops`, not a number"), "{e}");
@@ -314,6 +336,51 @@ fn the_synthetic_judge_knows_the_answers() {
     assert!(score("What is 3 plus 4?", "3 plus 4 is 8.").unwrap() < 1.0);
     assert_eq!(score("What sound does a cow make?", "A cow says moo."), Some(1.0));
     assert_eq!(score("How are you?", "fine"), None);
+}
+
+#[test]
+fn an_iterative_kto_round_labels_samples_unpaired_and_trains_on_them() {
+    let d = tmp();
+    let model = tiny_model(d.path(), "llama");
+    ok(d.path(), &["synth-prefs", "--out", "prompts.parquet", "--rows", "16", "--seed", "5"]);
+    let toml = format!(
+        r#"[iterative]
+rounds = 1
+base_model = "{}"
+prompts = ["prompts.parquet"]
+dir = "it"
+judge_cmd = "'{}' synth-judge"
+
+[sample]
+num_samples = 2
+max_new_tokens = 6
+
+[label]
+pairs = "unpaired"
+threshold = 0.5
+
+[cache_ref]
+kl_batch_size = 4
+
+[train]
+lr = 1e-3
+loss = "kto"
+batch_size = 4
+max_steps = 2
+eval_every = 0
+"#,
+        s(&model),
+        bin()
+    );
+    std::fs::write(d.path().join("it.toml"), toml).unwrap();
+    ok(d.path(), &["run", "it.toml"]);
+    let manifest = |p: &str| -> Value { serde_json::from_str(&std::fs::read_to_string(d.path().join(p).join("manifest.json")).unwrap()).unwrap() };
+    assert_eq!(manifest("it/round1/labels")["counts"]["rows"], 32);
+    assert_eq!(manifest("it/round1/prepared")["settings"]["kind"], "unpaired");
+    assert_eq!(manifest("it/round1/ref_cache")["settings"]["kl_batch_size"], 4);
+    let rows = read_rows(d.path(), "it/round1/train/metrics.parquet");
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r["kl"].is_number() && r["loss"].as_f64().unwrap().is_finite()), "{rows:?}");
 }
 
 #[test]

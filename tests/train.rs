@@ -9,7 +9,7 @@ use dpo_pipeline::score::layout::LayoutKind;
 use dpo_pipeline::score::pair_logps;
 use dpo_pipeline::train::loss::LossConfig;
 use dpo_pipeline::train::optim::SchedulerKind;
-use dpo_pipeline::train::optim::{clip_by_global_norm, lr_factor, AdamW, AdamWConfig};
+use dpo_pipeline::train::optim::{clip_by_global_norm, clip_scale, global_norm, lr_factor, AdamW, AdamWConfig};
 use dpo_pipeline::train::policy::Policy;
 use dpo_pipeline::train::step::{batch_loss, gradients, BatchOut, Refs, Whole};
 use serde_json::Value;
@@ -26,7 +26,7 @@ fn setup(dir: &Path, arch: &str, rows: &str) -> PathBuf {
 /// The loss `c` on `pairs` against reference sums `rc`, `rr`.
 fn dpo(decoder: &dpo_pipeline::model::Decoder, layout: LayoutKind, c: &LossConfig, pairs: &[PairView], rc: &[f32], rr: &[f32]) -> BatchOut {
     let refs = Refs { chosen: rc, rejected: rr, chosen_shared: None, rejected_shared: None };
-    batch_loss(decoder, layout, c, pairs, Some(refs), Whole::of(pairs)).unwrap()
+    batch_loss(decoder, layout, c, pairs, Some(refs), Whole::of(pairs), &mut |_| {}).unwrap()
 }
 
 fn refs(cache: &RefCache, pairs: &[PairView]) -> (Vec<f32>, Vec<f32>) {
@@ -156,6 +156,21 @@ fn adamw_clipping_and_schedules_match_pytorch_and_transformers() {
             }
         }
     }
+    // What the trainer runs: the norm, and the clip factor applied inside the update.
+    let var = candle_core::Var::from_tensor(&Tensor::new(vecf(&a["init"]).as_slice(), &Device::Cpu).unwrap()).unwrap();
+    let mut opt = AdamW::new(cfg, std::slice::from_ref(&var)).unwrap();
+    let mut clipped_steps = 0;
+    for (i, step) in a["steps"].as_array().unwrap().iter().enumerate() {
+        let grad = Tensor::new(vecf(&step["grad"]).as_slice(), &Device::Cpu).unwrap();
+        let norm = global_norm(std::slice::from_ref(&grad)).unwrap();
+        let scale = clip_scale(norm, f(&a["max_grad_norm"]));
+        clipped_steps += usize::from(scale < 1.0);
+        opt.step_scaled(std::slice::from_ref(&var), &[grad], cfg.lr, scale).unwrap();
+        for (x, y) in var.as_tensor().to_vec1::<f64>().unwrap().iter().zip(vecf(&step["param"])) {
+            assert!((x - y).abs() < 1e-12, "in place, step {i}: {x} vs torch {y}");
+        }
+    }
+    assert!(clipped_steps > 0, "the golden steps include clipped ones");
     let s = &g["schedules"];
     let (total, warmup) = (s["total"].as_u64().unwrap() as usize, s["warmup"].as_u64().unwrap() as usize);
     for (name, kind) in [("constant", SchedulerKind::Constant), ("linear", SchedulerKind::Linear), ("cosine", SchedulerKind::Cosine)] {
@@ -253,20 +268,48 @@ fn metrics_use_trl_names_and_ref_in_loop_agrees_with_the_cache() {
 
 #[test]
 fn epochs_wrap_in_the_same_order_without_shuffle() {
-    use dpo_pipeline::stages::train::{epoch_order, Cursor};
+    use dpo_pipeline::stages::train::{epoch_order, Cursor, OrderRule};
     let rows: Vec<u32> = (0..5).collect();
+    let rule = |shuffle: bool| OrderRule { seed: 1, shuffle, kl_block: None };
     let mut c = Cursor { epoch: 0, index: 0 };
-    let mut order = epoch_order(&rows, 1, 0, false);
-    assert_eq!(c.take(&rows, 1, false, 7, &mut order), vec![0, 1, 2, 3, 4, 0, 1]);
+    let mut order = epoch_order(&rows, rule(false), 0);
+    assert_eq!(c.take(&rows, rule(false), 7, &mut order), vec![0, 1, 2, 3, 4, 0, 1]);
     let mut c = Cursor { epoch: 0, index: 0 };
-    let mut order = epoch_order(&rows, 1, 0, true);
-    let a = c.take(&rows, 1, true, 10, &mut order);
+    let mut order = epoch_order(&rows, rule(true), 0);
+    let a = c.take(&rows, rule(true), 10, &mut order);
     let (e0, e1) = (&a[..5], &a[5..]);
     let mut sorted = e0.to_vec();
     sorted.sort();
     assert_eq!(sorted, rows, "each epoch is a permutation");
     assert_ne!(e0, e1, "epochs reshuffle with the seed");
-    assert_eq!(epoch_order(&rows, 1, 1, true), e1, "the order is a function of (seed, epoch)");
+    assert_eq!(epoch_order(&rows, rule(true), 1), e1, "the order is a function of (seed, epoch)");
+}
+
+/// Unpaired data: shuffling moves whole KL blocks (the short last one stays last) and a
+/// micro-batch stops at the epoch's end, so every micro-batch is made of whole blocks.
+#[test]
+fn kl_blocks_shuffle_whole_and_micro_batches_stop_at_the_epoch_end() {
+    use dpo_pipeline::data::prepared::kl_partners;
+    use dpo_pipeline::stages::train::{epoch_order, Cursor, OrderRule};
+    // TRL's rotation: row j takes row j−1's completion within each block; a short last block too.
+    assert_eq!(kl_partners(7, 3), vec![2, 0, 1, 5, 3, 4, 6]);
+    assert_eq!(kl_partners(4, 4), vec![3, 0, 1, 2]);
+    let rows: Vec<u32> = (10..21).collect(); // 11 rows: blocks of 3, 3, 3 and 2
+    let rule = OrderRule { seed: 3, shuffle: true, kl_block: Some(3) };
+    let mut seen = std::collections::BTreeSet::new();
+    for epoch in 0..6 {
+        let order = epoch_order(&rows, rule, epoch);
+        assert_eq!(&order[9..], &[19, 20], "the short block stays last");
+        for b in order[..9].chunks(3) {
+            assert!(b[0] % 3 == 1 && b[1] == b[0] + 1 && b[2] == b[0] + 2, "a block moved whole: {b:?}");
+        }
+        seen.insert(order);
+    }
+    assert!(seen.len() > 1, "the blocks are shuffled");
+    let rule = OrderRule { shuffle: false, ..rule };
+    let (mut c, mut order) = (Cursor { epoch: 0, index: 0 }, epoch_order(&rows, rule, 0));
+    let takes: Vec<Vec<u32>> = (0..3).map(|_| c.take(&rows, rule, 6, &mut order)).collect();
+    assert_eq!(takes, vec![(10..16).collect::<Vec<_>>(), (16..21).collect(), (10..16).collect()]);
 }
 
 #[test]

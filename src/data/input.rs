@@ -75,6 +75,34 @@ pub struct RawRow {
     pub template_kwargs: Option<Map<String, Json>>,
 }
 
+/// One unpaired input row (TRL's unpaired preference type: `prompt`, `completion`, `label`).
+#[derive(Debug, Clone)]
+pub struct UnpairedRow {
+    pub source_row: u64,
+    pub prompt: Field,
+    pub completion: Field,
+    /// True: desirable (thumbs up).
+    pub label: bool,
+    pub tools: Option<Json>,
+    pub template_kwargs: Option<Map<String, Json>>,
+}
+
+/// A row as the input holds it: a pair, or one labelled completion.
+#[derive(Debug, Clone)]
+pub enum InputRow {
+    Paired(RawRow),
+    Unpaired(UnpairedRow),
+}
+
+impl InputRow {
+    pub fn is_conversational(&self) -> bool {
+        matches!(
+            self,
+            InputRow::Paired(RawRow { chosen: Field::Messages(_), .. }) | InputRow::Unpaired(UnpairedRow { completion: Field::Messages(_), .. })
+        )
+    }
+}
+
 /// A row we cannot use, with a short machine-readable `reason` and a human `detail`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Skip {
@@ -88,18 +116,21 @@ impl Skip {
     }
 }
 
-/// Which input columns hold the prompt, chosen and rejected values.
+/// Which input columns hold the prompt, chosen and rejected values (paired rows), or the
+/// completion and its label (unpaired rows).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ColumnNames {
     /// `None`: use a `prompt` column when present, else extract the implicit prompt.
     pub prompt: Option<String>,
     pub chosen: String,
     pub rejected: String,
+    pub completion: String,
+    pub label: String,
 }
 
 impl Default for ColumnNames {
     fn default() -> Self {
-        Self { prompt: None, chosen: "chosen".into(), rejected: "rejected".into() }
+        Self { prompt: None, chosen: "chosen".into(), rejected: "rejected".into(), completion: "completion".into(), label: "label".into() }
     }
 }
 
@@ -600,12 +631,15 @@ fn kwargs_of(v: Json) -> Result<Option<Map<String, Json>>, Skip> {
     }
 }
 
-/// Streams the rows of one preference input.
+/// Streams the rows of one preference input: paired (chosen and rejected columns) or
+/// unpaired (completion and label columns, no chosen column).
 pub struct PreferenceReader {
     pub table: TableReader,
     prompt: Option<String>,
-    chosen: String,
-    rejected: String,
+    /// Chosen and rejected, or completion and label.
+    first: String,
+    second: String,
+    pub unpaired: bool,
     tools: bool,
     kwargs: bool,
 }
@@ -613,25 +647,42 @@ pub struct PreferenceReader {
 impl PreferenceReader {
     pub fn open(path: &Path, names: &ColumnNames, batch_rows: usize) -> Result<Self> {
         let mut table = TableReader::open(path, batch_rows)?;
-        let find = |name: &str| -> Result<String> {
+        let unpaired = !table.has(&names.chosen) && table.has(&names.completion);
+        let find = |name: &str, hint: &str| -> Result<String> {
             if !table.has(name) {
-                return Err(table.missing(name, ""));
+                return Err(table.missing(name, hint));
             }
             Ok(name.to_string())
         };
         let prompt = match &names.prompt {
-            Some(p) => Some(find(p)?),
+            Some(p) => Some(find(p, "")?),
             None if table.has("prompt") => Some("prompt".to_string()),
+            None if unpaired => {
+                bail!("{}: unpaired rows (`{}`, `{}`) need a `prompt` column (or --prompt-column)", path.display(), names.completion, names.label)
+            }
             None => None,
         };
-        let (chosen, rejected) = (find(&names.chosen)?, find(&names.rejected)?);
-        let typed: Vec<Kind> = [Some(&chosen), Some(&rejected), prompt.as_ref()]
-            .into_iter()
-            .flatten()
-            .filter_map(|c| table.arrow_type(c).map(|t| kind_of(path, c, t)))
-            .collect::<Result<_>>()?;
-        if typed.len() >= 2 && typed[0] != typed[1] {
-            bail!("{}: `{chosen}` and `{rejected}` must both be strings or both be message lists", path.display());
+        let (first, second) = if unpaired {
+            (names.completion.clone(), find(&names.label, " (unpaired rows need a boolean label: true for desirable)")?)
+        } else {
+            let hint = format!(
+                " (paired rows need `{}` and `{}`; unpaired rows `prompt`, `{}` and `{}`)",
+                names.chosen, names.rejected, names.completion, names.label
+            );
+            (find(&names.chosen, &hint)?, find(&names.rejected, &hint)?)
+        };
+        let texts: Vec<&String> = if unpaired { vec![&first] } else { vec![&first, &second] };
+        let typed: Vec<Kind> =
+            texts.into_iter().chain(prompt.as_ref()).filter_map(|c| table.arrow_type(c).map(|t| kind_of(path, c, t))).collect::<Result<_>>()?;
+        if !unpaired && typed.len() >= 2 && typed[0] != typed[1] {
+            bail!("{}: `{first}` and `{second}` must both be strings or both be message lists", path.display());
+        }
+        if unpaired {
+            if let Some(t) = table.arrow_type(&second) {
+                if *t != DataType::Boolean {
+                    bail!("{}: column `{second}` has type {t}; the label must be a boolean (true: desirable)", path.display());
+                }
+            }
         }
         let (tools, kwargs) = (table.has(TOOLS), table.has(TEMPLATE_KWARGS));
         for (on, c) in [(tools, TOOLS), (kwargs, TEMPLATE_KWARGS)] {
@@ -639,12 +690,12 @@ impl PreferenceReader {
                 check_json_type(path, c, t)?;
             }
         }
-        let mut cols = vec![chosen.clone(), rejected.clone()];
+        let mut cols = vec![first.clone(), second.clone()];
         cols.extend(prompt.clone());
         cols.extend(tools.then(|| TOOLS.to_string()));
         cols.extend(kwargs.then(|| TEMPLATE_KWARGS.to_string()));
         table.select(cols)?;
-        Ok(Self { table, prompt, chosen, rejected, tools, kwargs })
+        Ok(Self { table, prompt, first, second, unpaired, tools, kwargs })
     }
 
     pub fn path(&self) -> &Path {
@@ -657,26 +708,39 @@ impl PreferenceReader {
         Ok(Some(batch.into_iter().map(|(at, cells)| (at, cells.and_then(|c| self.row(at, c)))).collect()))
     }
 
-    fn row(&self, source_row: u64, cells: Vec<Json>) -> Result<RawRow, Skip> {
+    fn row(&self, source_row: u64, cells: Vec<Json>) -> Result<InputRow, Skip> {
         let mut it = cells.into_iter();
         let mut next = || it.next().unwrap_or(Json::Null);
-        let chosen = field_from_json(&next(), &self.chosen)?;
-        let rejected = field_from_json(&next(), &self.rejected)?;
+        let (a, b) = (next(), next());
         let prompt = match &self.prompt {
             Some(p) => Some(field_from_json(&next(), p)?),
             None => None,
         };
         let tools = if self.tools { tools_of(next())? } else { None };
         let template_kwargs = if self.kwargs { kwargs_of(next())? } else { None };
-        if Kind::of(&chosen) != Kind::of(&rejected) {
-            return Err(Skip::new("mixed_formats", format!("`{}` and `{}` are not both strings or both message lists", self.chosen, self.rejected)));
+        if self.unpaired {
+            let completion = field_from_json(&a, &self.first)?;
+            let label = match b {
+                Json::Bool(l) => l,
+                Json::Null => return Err(Skip::new("null_field", format!("column `{}` is null", self.second))),
+                other => {
+                    return Err(Skip::new("malformed_label", format!("column `{}` holds {}, not true or false", self.second, short_json(&other))))
+                }
+            };
+            let prompt = prompt.expect("open requires a prompt column for unpaired rows");
+            return Ok(InputRow::Unpaired(UnpairedRow { source_row, prompt, completion, label, tools, template_kwargs }));
         }
-        Ok(RawRow { source_row, prompt, chosen, rejected, tools, template_kwargs })
+        let chosen = field_from_json(&a, &self.first)?;
+        let rejected = field_from_json(&b, &self.second)?;
+        if Kind::of(&chosen) != Kind::of(&rejected) {
+            return Err(Skip::new("mixed_formats", format!("`{}` and `{}` are not both strings or both message lists", self.first, self.second)));
+        }
+        Ok(InputRow::Paired(RawRow { source_row, prompt, chosen, rejected, tools, template_kwargs }))
     }
 }
 
 /// An input row by its index in its file: readable, or skipped with the reason.
-pub type SourceRow = (u64, Result<RawRow, Skip>);
+pub type SourceRow = (u64, Result<InputRow, Skip>);
 
 /// A prompt to sample from, with the row's template inputs.
 #[derive(Debug, Clone)]

@@ -1,6 +1,9 @@
 //! The prepared dataset directory, written only by the `prepare` stage and read by the others.
 //!
-//! - `pairs.parquet`: one row per kept pair (the polars view, see schemas/pairs.parquet.json).
+//! - `pairs.parquet`: one row per kept pair (the polars view, see schemas/pairs.parquet.json);
+//!   for unpaired data (manifest setting `kind: "unpaired"`) `unpaired.parquet` instead, one
+//!   row per labelled completion, and the columns below hold it as a pair with an empty
+//!   rejected side, plus `label.u32` (1 desirable, 0 undesirable).
 //! - `rejected.parquet`: every input row not kept, with its reason.
 //! - memory-mapped columns, one value per `row_id`, for the later stages' random access:
 //!   `token_ids.u32` (prompt ‖ chosen ‖ rejected of each pair, untruncated, concatenated),
@@ -10,7 +13,7 @@
 use super::tokenize::{EncodedPair, Truncation};
 use crate::store::{Column, ColumnWriter, Manifest, ParquetOut};
 use anyhow::{bail, Context, Result};
-use arrow_array::builder::{ListBuilder, StringBuilder, UInt32Builder, UInt64Builder};
+use arrow_array::builder::{BooleanBuilder, ListBuilder, StringBuilder, UInt32Builder, UInt64Builder};
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use std::path::{Path, PathBuf};
@@ -23,6 +26,8 @@ pub const STAGE: &str = "prepare";
 /// kwargs and the date.
 pub const FORMAT_VERSION: u32 = 3;
 pub const PAIRS_FILE: &str = "pairs.parquet";
+pub const UNPAIRED_FILE: &str = "unpaired.parquet";
+pub const LABEL_COLUMN: &str = "label.u32";
 pub const REJECTED_FILE: &str = "rejected.parquet";
 const COLUMNS: [&str; 8] = [
     "token_ids.u32", "row_offsets.u64", "prompt_len.u32", "chosen_len.u32", "rejected_len.u32", "chosen_scored.u32", "rejected_scored.u32",
@@ -66,6 +71,21 @@ pub fn pairs_schema() -> SchemaRef {
     ]))
 }
 
+pub fn unpaired_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("row_id", DataType::UInt64, false),
+        Field::new("split", DataType::Utf8, false),
+        Field::new("source_file", DataType::Utf8, false),
+        Field::new("source_row", DataType::UInt64, false),
+        ids_field("prompt_ids"),
+        ids_field("completion_ids"),
+        Field::new("label", DataType::Boolean, false),
+        Field::new("prompt_tokens", DataType::UInt32, false),
+        Field::new("completion_tokens", DataType::UInt32, false),
+        Field::new("completion_scored_tokens", DataType::UInt32, false),
+    ]))
+}
+
 pub fn rejected_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("source_file", DataType::Utf8, false),
@@ -81,6 +101,8 @@ pub struct PairRecord<'a> {
     pub source_file: &'a str,
     pub source_row: u64,
     pub pair: &'a EncodedPair,
+    /// Unpaired rows: the label (the pair's rejected side is empty).
+    pub label: Option<bool>,
 }
 
 /// One input row not kept, as the writer receives it (a row of `rejected.parquet`).
@@ -92,6 +114,7 @@ pub struct SkippedRecord<'a> {
 }
 
 pub struct PreparedWriter {
+    unpaired: bool,
     pairs: ParquetOut,
     rejected: ParquetOut,
     cols: PreparedColumns,
@@ -102,21 +125,26 @@ struct PreparedColumns {
     token_ids: ColumnWriter<u32>,
     row_offsets: ColumnWriter<u64>,
     lens: [ColumnWriter<u32>; 6],
+    labels: Option<ColumnWriter<u32>>,
 }
 
 impl PreparedWriter {
-    pub fn create(dir: &Path) -> Result<Self> {
+    /// `unpaired`: rows are labelled completions (`unpaired.parquet`, `label.u32`).
+    pub fn create(dir: &Path, unpaired: bool) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let col = |name: &str| ColumnWriter::<u32>::create(&dir.join(name));
         let mut row_offsets = ColumnWriter::<u64>::create(&dir.join(COLUMNS[1]))?;
         row_offsets.push(&[0])?;
+        let (name, schema) = if unpaired { (UNPAIRED_FILE, unpaired_schema()) } else { (PAIRS_FILE, pairs_schema()) };
         Ok(Self {
-            pairs: ParquetOut::create(&dir.join(PAIRS_FILE), pairs_schema())?,
+            unpaired,
+            pairs: ParquetOut::create(&dir.join(name), schema)?,
             rejected: ParquetOut::create(&dir.join(REJECTED_FILE), rejected_schema())?,
             cols: PreparedColumns {
                 token_ids: col(COLUMNS[0])?,
                 row_offsets,
                 lens: [col(COLUMNS[2])?, col(COLUMNS[3])?, col(COLUMNS[4])?, col(COLUMNS[5])?, col(COLUMNS[6])?, col(COLUMNS[7])?],
+                labels: if unpaired { Some(col(LABEL_COLUMN)?) } else { None },
             },
             rows: 0,
         })
@@ -131,6 +159,7 @@ impl PreparedWriter {
             let mut src = UInt64Builder::new();
             let mut ids: [ListBuilder<UInt32Builder>; 3] = std::array::from_fn(|_| ListBuilder::new(UInt32Builder::new()));
             let mut counts: [UInt32Builder; 5] = std::array::from_fn(|_| UInt32Builder::new());
+            let mut labels = BooleanBuilder::new();
             for r in pairs {
                 let p = r.pair;
                 row_id.append_value(self.rows);
@@ -154,12 +183,29 @@ impl PreparedWriter {
                 for (w, v) in c.lens.iter_mut().zip(lens.iter().copied().chain([r.split as u32])) {
                     w.push(&[v])?;
                 }
+                match (&mut c.labels, r.label) {
+                    (Some(w), Some(l)) => {
+                        w.push(&[u32::from(l)])?;
+                        labels.append_value(l);
+                    }
+                    (None, None) => {}
+                    _ => bail!("prepared writer: a {} row in {} data", if r.label.is_some() { "labelled" } else { "paired" }, self.kind_name()),
+                }
             }
             let mut arrays: Vec<ArrayRef> =
                 vec![Arc::new(row_id.finish()), Arc::new(split.finish()), Arc::new(file.finish()), Arc::new(src.finish())];
-            arrays.extend(ids.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
-            arrays.extend(counts.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
-            self.pairs.write(&RecordBatch::try_new(pairs_schema(), arrays)?)?;
+            if self.unpaired {
+                // prompt_ids, completion_ids, label, prompt_tokens, completion_tokens, completion_scored_tokens.
+                let [p, c, _] = &mut ids;
+                arrays.extend([Arc::new(p.finish()) as ArrayRef, Arc::new(c.finish()), Arc::new(labels.finish())]);
+                let [pt, ct, _, cs, _] = &mut counts;
+                arrays.extend([Arc::new(pt.finish()) as ArrayRef, Arc::new(ct.finish()), Arc::new(cs.finish())]);
+                self.pairs.write(&RecordBatch::try_new(unpaired_schema(), arrays)?)?;
+            } else {
+                arrays.extend(ids.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+                arrays.extend(counts.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+                self.pairs.write(&RecordBatch::try_new(pairs_schema(), arrays)?)?;
+            }
         }
         if !skipped.is_empty() {
             let mut file = StringBuilder::new();
@@ -178,6 +224,14 @@ impl PreparedWriter {
         Ok(())
     }
 
+    fn kind_name(&self) -> &'static str {
+        if self.unpaired {
+            "unpaired"
+        } else {
+            "paired"
+        }
+    }
+
     /// Commits every file under its final name; returns their names, for the manifest (which
     /// the stage writes last, so its presence means the directory is whole).
     pub fn finish(self, fingerprint: &str) -> Result<Vec<&'static str>> {
@@ -188,8 +242,12 @@ impl PreparedWriter {
         for w in self.cols.lens {
             w.finish(fingerprint)?;
         }
-        let mut names = vec![PAIRS_FILE, REJECTED_FILE];
+        let mut names = vec![if self.unpaired { UNPAIRED_FILE } else { PAIRS_FILE }, REJECTED_FILE];
         names.extend(COLUMNS);
+        if let Some(w) = self.cols.labels {
+            w.finish(fingerprint)?;
+            names.push(LABEL_COLUMN);
+        }
         Ok(names)
     }
 }
@@ -204,13 +262,32 @@ pub struct PairView<'a> {
     pub chosen_scored: usize,
     pub rejected_scored: usize,
     pub split: Split,
+    /// An unpaired row (`chosen` its completion, `rejected` its KL completion): its label.
+    pub label: Option<bool>,
 }
 
 impl<'a> PairView<'a> {
     /// A train pair scored whole (no truncation), for tools and tests that build pairs by hand.
     pub fn whole(row_id: usize, prompt: &'a [u32], chosen: &'a [u32], rejected: &'a [u32]) -> Self {
-        PairView { row_id, prompt, chosen, rejected, chosen_scored: chosen.len(), rejected_scored: rejected.len(), split: Split::Train }
+        PairView { row_id, prompt, chosen, rejected, chosen_scored: chosen.len(), rejected_scored: rejected.len(), split: Split::Train, label: None }
     }
+}
+
+/// TRL 1.16 KTOTrainer's KL completions: within each block of `block` consecutive rows (in
+/// order), row j takes row j−1's completion and the first row the block's last one. Returns
+/// each position's partner position.
+pub fn kl_partners(n: usize, block: usize) -> Vec<usize> {
+    (0..n)
+        .map(|i| {
+            let start = i - i % block;
+            let end = (start + block).min(n);
+            if i == start {
+                end - 1
+            } else {
+                i - 1
+            }
+        })
+        .collect()
 }
 
 /// Read side of the prepared directory: every column mapped, nothing loaded whole.
@@ -221,6 +298,10 @@ pub struct PreparedDataset {
     token_ids: Column<u32>,
     row_offsets: Column<u64>,
     lens: Vec<Column<u32>>,
+    /// Unpaired data: `label.u32`, and each row's KL partner once [`Self::set_kl_blocks`] ran.
+    labels: Option<Column<u32>>,
+    kl_partner: Vec<u32>,
+    kl_block: Option<usize>,
 }
 
 impl PreparedDataset {
@@ -239,7 +320,14 @@ impl PreparedDataset {
                 }
             );
         }
-        for name in COLUMNS.iter().chain([PAIRS_FILE, REJECTED_FILE].iter()) {
+        let unpaired = match manifest.settings.get("kind").and_then(|k| k.as_str()) {
+            None | Some("paired") => false,
+            Some("unpaired") => true,
+            Some(other) => bail!("{}: unknown data kind `{other}` in the manifest", dir.display()),
+        };
+        let table = if unpaired { UNPAIRED_FILE } else { PAIRS_FILE };
+        let extra: &[&str] = if unpaired { &[LABEL_COLUMN] } else { &[] };
+        for name in COLUMNS.iter().chain([table, REJECTED_FILE].iter()).chain(extra) {
             if !manifest.files.contains_key(*name) {
                 bail!("{}: manifest does not list {name}; the directory is incomplete, rerun prepare", dir.display());
             }
@@ -249,7 +337,11 @@ impl PreparedDataset {
         let truncation: Truncation =
             serde_json::from_value(manifest.settings["truncation"].clone()).context("prepared manifest has no truncation settings")?;
         let lens = COLUMNS[2..].iter().map(|n| Column::open(&dir.join(n), fp)).collect::<Result<Vec<_>>>()?;
+        let labels = if unpaired { Some(Column::open(&dir.join(LABEL_COLUMN), fp)?) } else { None };
         let me = Self {
+            labels,
+            kl_partner: Vec::new(),
+            kl_block: None,
             dir: dir.to_path_buf(),
             token_ids: Column::open(&dir.join(COLUMNS[0]), fp)?,
             row_offsets: Column::open(&dir.join(COLUMNS[1]), fp)?,
@@ -258,7 +350,7 @@ impl PreparedDataset {
             manifest,
         };
         let n = me.len();
-        if me.row_offsets.len() != n + 1 || me.lens.iter().any(|c| c.len() != n) {
+        if me.row_offsets.len() != n + 1 || me.lens.iter().any(|c| c.len() != n) || me.labels.as_ref().is_some_and(|c| c.len() != n) {
             bail!("{}: column lengths disagree; the directory is corrupt, rerun prepare --force", dir.display());
         }
         // What later stages rely on, checked once so a bad directory is an error, not a panic.
@@ -267,12 +359,16 @@ impl PreparedDataset {
         let l = |c: usize, i: usize| me.lens[c].as_slice()[i] as u64;
         for i in 0..n {
             let (p, c, r, cs, rs) = (l(0, i), l(1, i), l(2, i), l(3, i), l(4, i));
+            let rejected_ok = match &me.labels {
+                Some(lab) => r == 0 && rs == 0 && lab.as_slice()[i] <= 1 && p < me.truncation.max_length as u64,
+                None => (1..=r).contains(&rs),
+            };
             let ok = offsets[i] <= offsets[i + 1]
                 && offsets[i + 1] - offsets[i] == p + c + r
                 && offsets[i + 1] <= total
                 && p >= 1
                 && (1..=c).contains(&cs)
-                && (1..=r).contains(&rs)
+                && rejected_ok
                 && l(5, i) <= 1;
             if !ok {
                 bail!(
@@ -296,19 +392,73 @@ impl PreparedDataset {
         &self.manifest.fingerprint
     }
 
-    pub fn pair(&self, row_id: usize) -> PairView<'_> {
+    /// Labelled completions rather than pairs (KTO's data).
+    pub fn is_unpaired(&self) -> bool {
+        self.labels.is_some()
+    }
+
+    /// The data kind as stages name it in their errors.
+    pub fn kind(&self) -> &'static str {
+        if self.is_unpaired() {
+            "unpaired"
+        } else {
+            "paired"
+        }
+    }
+
+    /// Unpaired data: fixes every row's KL completion, rotating completions within blocks of
+    /// `block` consecutive rows of each split (TRL's per-device batch).
+    pub fn set_kl_blocks(&mut self, block: usize) {
+        let mut partner = vec![0u32; self.len()];
+        for split in [Split::Train, Split::Eval] {
+            let rows = self.rows_of(split);
+            for (i, j) in kl_partners(rows.len(), block).into_iter().enumerate() {
+                partner[rows[i] as usize] = rows[j];
+            }
+        }
+        self.kl_partner = partner;
+        self.kl_block = Some(block);
+    }
+
+    /// The KL block size set by [`Self::set_kl_blocks`].
+    pub fn kl_block(&self) -> Option<usize> {
+        self.kl_block
+    }
+
+    /// An unpaired row's KL partner (whose completion it is scored with).
+    pub fn kl_partner(&self, row_id: usize) -> usize {
+        self.kl_partner[row_id] as usize
+    }
+
+    fn parts(&self, row_id: usize) -> (&[u32], &[u32], &[u32]) {
         let start = self.row_offsets.as_slice()[row_id] as usize;
         let l = |c: usize| self.lens[c].as_slice()[row_id] as usize;
         let (p, c, r) = (l(0), l(1), l(2));
         let ids = &self.token_ids.as_slice()[start..start + p + c + r];
+        (&ids[..p], &ids[p..p + c], &ids[p + c..])
+    }
+
+    /// A pair, or an unpaired row as (completion, KL completion) with its label; the KL
+    /// completion is cut where its prompt leaves it `max_length`.
+    pub fn pair(&self, row_id: usize) -> PairView<'_> {
+        let l = |c: usize| self.lens[c].as_slice()[row_id] as usize;
+        let (prompt, chosen, mut rejected) = self.parts(row_id);
+        let mut rejected_scored = l(4);
+        let label = self.labels.as_ref().map(|lab| lab.as_slice()[row_id] == 1);
+        if label.is_some() {
+            assert!(self.kl_block.is_some(), "unpaired rows are scored once set_kl_blocks has fixed their KL completions");
+            rejected = self.parts(self.kl_partner(row_id)).1;
+            rejected_scored = rejected.len().min(self.truncation.max_length - prompt.len());
+        }
         PairView {
             row_id,
-            prompt: &ids[..p],
-            chosen: &ids[p..p + c],
-            rejected: &ids[p + c..],
+            prompt,
+            chosen,
+            rejected,
             chosen_scored: l(3),
-            rejected_scored: l(4),
+            rejected_scored,
             split: if l(5) == 1 { Split::Eval } else { Split::Train },
+            label,
         }
     }
 

@@ -4,6 +4,10 @@
 //!   first min(chosen, rejected) scored tokens (LD-DPO's shared part);
 //! - `chosen_tokens.u32`, `rejected_tokens.u32`: how many completion tokens were scored;
 //! - `ref_logps.parquet`: the same, with `row_id` and `split`, for polars;
+//! - unpaired data (KTO): the chosen columns hold each row's completion, the rejected ones its
+//!   KL completion (another row's, see `prepared::kl_partners`; the manifest's settings say
+//!   `kl_batch_size`), and the parquet view has TRL's names: `label`, `kl_row_id`, `ref_logps`,
+//!   `ref_KL_logps`, `completion_scored_tokens`, `KL_scored_tokens`;
 //! - `manifest.json` (and `progress.json` while unfinished).
 //!
 //! A shard (`cache-ref --shard K/N`) is a directory of its own, stage `cache-ref-shard`: the
@@ -13,7 +17,7 @@
 use super::prepared::PreparedDataset;
 use crate::store::{short, Column, Manifest, ParquetOut};
 use anyhow::{bail, Context, Result};
-use arrow_array::builder::{Float32Builder, StringBuilder, UInt32Builder, UInt64Builder};
+use arrow_array::builder::{BooleanBuilder, Float32Builder, StringBuilder, UInt32Builder, UInt64Builder};
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use std::path::{Path, PathBuf};
@@ -67,8 +71,57 @@ pub fn parquet_schema() -> SchemaRef {
     ]))
 }
 
+pub fn unpaired_parquet_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("row_id", DataType::UInt64, false),
+        Field::new("split", DataType::Utf8, false),
+        Field::new("label", DataType::Boolean, false),
+        Field::new("kl_row_id", DataType::UInt64, false),
+        Field::new("ref_logps", DataType::Float32, false),
+        Field::new("ref_KL_logps", DataType::Float32, false),
+        Field::new("completion_scored_tokens", DataType::UInt32, false),
+        Field::new("KL_scored_tokens", DataType::UInt32, false),
+    ]))
+}
+
+fn write_unpaired_parquet(path: &Path, prepared: &PreparedDataset, logps: [&[f32]; 4]) -> Result<()> {
+    let mut out = ParquetOut::create(path, unpaired_parquet_schema())?;
+    let n = prepared.len();
+    for start in (0..n).step_by(16384) {
+        let rows = start..(start + 16384).min(n);
+        let (mut id, mut split, mut label, mut kl) = (UInt64Builder::new(), StringBuilder::new(), BooleanBuilder::new(), UInt64Builder::new());
+        let (mut lp, mut klp, mut ct, mut kt) = (Float32Builder::new(), Float32Builder::new(), UInt32Builder::new(), UInt32Builder::new());
+        for i in rows {
+            let p = prepared.pair(i);
+            id.append_value(i as u64);
+            split.append_value(p.split.as_str());
+            label.append_value(p.label.expect("unpaired rows are labelled"));
+            kl.append_value(prepared.kl_partner(i) as u64);
+            lp.append_value(logps[0][i]);
+            klp.append_value(logps[1][i]);
+            ct.append_value(p.chosen_scored as u32);
+            kt.append_value(p.rejected_scored as u32);
+        }
+        let arrays: Vec<ArrayRef> = vec![
+            Arc::new(id.finish()),
+            Arc::new(split.finish()),
+            Arc::new(label.finish()),
+            Arc::new(kl.finish()),
+            Arc::new(lp.finish()),
+            Arc::new(klp.finish()),
+            Arc::new(ct.finish()),
+            Arc::new(kt.finish()),
+        ];
+        out.write(&RecordBatch::try_new(unpaired_parquet_schema(), arrays)?)?;
+    }
+    out.finish()
+}
+
 /// Writes the polars view of the finished log-prob columns (in [`LOGP_COLUMNS`] order).
 pub fn write_parquet(path: &Path, prepared: &PreparedDataset, logps: [&[f32]; 4]) -> Result<()> {
+    if prepared.is_unpaired() {
+        return write_unpaired_parquet(path, prepared, logps);
+    }
     let mut out = ParquetOut::create(path, parquet_schema())?;
     let n = prepared.len();
     for start in (0..n).step_by(16384) {
@@ -164,6 +217,11 @@ impl RefCache {
             );
         }
         Ok(())
+    }
+
+    /// Unpaired data: the KL block size the cache's KL completions were built with.
+    pub fn kl_batch_size(&self) -> Option<usize> {
+        self.manifest.settings.get("kl_batch_size").and_then(|v| v.as_u64()).map(|b| b as usize)
     }
 
     /// The reference model the cache was computed with (an absolute path).

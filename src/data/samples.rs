@@ -177,6 +177,20 @@ pub fn scores_schema(kind: Kind) -> SchemaRef {
 }
 
 /// prefs.parquet: preference rows `prepare` reads, with their scores and where they came from.
+/// `label --pairs unpaired`'s prefs.parquet: TRL's unpaired preference type, which `prepare`
+/// reads as it is.
+pub fn unpaired_prefs_schema(kind: Kind) -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        ArrowField::new("prompt", kind.data_type(), false),
+        ArrowField::new("completion", kind.data_type(), false),
+        ArrowField::new("label", DataType::Boolean, false),
+        ArrowField::new("score", DataType::Float64, false),
+        ArrowField::new("source_file", DataType::Utf8, false),
+        ArrowField::new("source_row", DataType::UInt64, false),
+        ArrowField::new("sample_index", DataType::UInt32, false),
+    ]))
+}
+
 pub fn prefs_schema(kind: Kind) -> SchemaRef {
     Arc::new(Schema::new(vec![
         ArrowField::new("prompt", kind.data_type(), false),

@@ -3,7 +3,7 @@
 //! prompt cut to the longest common prefix with both, per-sequence `max_length` truncation.
 use super::chat::{ChatTemplate, Date, TemplateSource};
 use super::hf_tokenizer::{self, Built, TokenizerFiles};
-use super::input::{Field, Message, RawRow, Skip};
+use super::input::{Field, Message, RawRow, Skip, UnpairedRow};
 use crate::store::{InputRef, Manifest};
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
@@ -183,6 +183,33 @@ pub fn extract_messages_prompt(chosen: &[Message], rejected: &[Message]) -> Resu
     Ok((chosen[..idx].to_vec(), chosen[idx..].to_vec(), rejected[idx..].to_vec()))
 }
 
+/// A pair as two unpaired rows, chosen (label true) and rejected (false), the prompt
+/// extracted first when implicit (TRL's `extract_prompt`, then `unpair_preference_dataset`).
+pub fn unpair(row: RawRow) -> Result<[UnpairedRow; 2], Skip> {
+    let (prompt, chosen, rejected) = match (row.prompt, row.chosen, row.rejected) {
+        (Some(Field::Text(p)), Field::Text(c), Field::Text(r)) => (Field::Text(p), Field::Text(c), Field::Text(r)),
+        (None, Field::Text(c), Field::Text(r)) => {
+            let (p, c, r) = extract_text_prompt(&c, &r)?;
+            (Field::Text(p), Field::Text(c), Field::Text(r))
+        }
+        (Some(Field::Messages(p)), Field::Messages(c), Field::Messages(r)) => (Field::Messages(p), Field::Messages(c), Field::Messages(r)),
+        (None | Some(Field::Text(_)), Field::Messages(c), Field::Messages(r)) => {
+            let (p, c, r) = extract_messages_prompt(&c, &r)?;
+            (Field::Messages(p), Field::Messages(c), Field::Messages(r))
+        }
+        _ => return Err(Skip::new("mixed_formats", "prompt is a message list but chosen/rejected are strings")),
+    };
+    let half = |completion: Field, label: bool| UnpairedRow {
+        source_row: row.source_row,
+        prompt: prompt.clone(),
+        completion,
+        label,
+        tools: row.tools.clone(),
+        template_kwargs: row.template_kwargs.clone(),
+    };
+    Ok([half(chosen, true), half(rejected, false)])
+}
+
 /// An empty completion is a data error, not something to train on (TRL would score a lone EOS).
 fn non_empty_text(chosen: &str, rejected: &str) -> Result<(), Skip> {
     for (name, text) in [("chosen", chosen), ("rejected", rejected)] {
@@ -267,14 +294,7 @@ impl Encoder<'_> {
                 return Err(Skip::new("empty_prompt", "no prompt token is left after max_prompt_length"));
             }
         }
-        let max = self.truncation.max_length;
-        if prompt_ids.len() >= max {
-            return Err(Skip::new(
-                "prompt_too_long",
-                format!("prompt has {} tokens, max_length is {max}: no completion token would be scored", prompt_ids.len()),
-            ));
-        }
-        let room = max - prompt_ids.len();
+        let room = self.room(&prompt_ids)?;
         Ok(EncodedPair {
             chosen_scored: chosen_ids.len().min(room) as u32,
             rejected_scored: rejected_ids.len().min(room) as u32,
@@ -282,6 +302,59 @@ impl Encoder<'_> {
             chosen_ids,
             rejected_ids,
         })
+    }
+
+    /// An unpaired row as TRL 1.16's KTOTrainer tokenizes it: prompt and prompt+completion
+    /// encoded jointly, the prompt cut to their common prefix; the sequence cut to max_length
+    /// (prompts of max_length tokens or more dropped). Returned as a pair with no rejected side.
+    pub fn encode_unpaired(&self, row: &UnpairedRow) -> Result<EncodedPair, Skip> {
+        let (prompt_ids, pc) = match (&row.prompt, &row.completion) {
+            (Field::Text(p), Field::Text(c)) => {
+                if c.is_empty() {
+                    return Err(Skip::new("empty_completion", "completion is an empty string"));
+                }
+                let eos = self.tok.eos_token.as_deref().unwrap_or("");
+                let c = if c.ends_with(eos) { c.clone() } else { format!("{c}{eos}") };
+                (self.tok.encode(p, true), self.tok.encode(&format!("{p}{c}"), true))
+            }
+            (Field::Messages(p), Field::Messages(c)) => {
+                if let Some(i) = c.iter().position(Message::is_empty) {
+                    return Err(Skip::new("empty_completion", format!("completion message {i} has empty content")));
+                }
+                let enc = |msgs: &[Message], gen: bool| self.tok.encode_chat(msgs, gen, row.tools.as_ref(), row.template_kwargs.as_ref());
+                (enc(p, true)?, enc(&[p.as_slice(), c.as_slice()].concat(), false)?)
+            }
+            _ => return Err(Skip::new("mixed_formats", "prompt and completion are not both strings or both message lists")),
+        };
+        let split = common_prefix_len(&prompt_ids, &pc);
+        let (prompt_ids, completion_ids) = (prompt_ids[..split].to_vec(), pc[split..].to_vec());
+        if prompt_ids.is_empty() {
+            return Err(Skip::new("empty_prompt", "the prompt has no tokens, so the first completion token has no context to be scored from"));
+        }
+        if completion_ids.is_empty() {
+            return Err(Skip::new("empty_completion", "the completion has no tokens after the prompt"));
+        }
+        let room = self.room(&prompt_ids)?;
+        Ok(EncodedPair {
+            chosen_scored: completion_ids.len().min(room) as u32,
+            rejected_scored: 0,
+            prompt_ids,
+            chosen_ids: completion_ids,
+            rejected_ids: Vec::new(),
+        })
+    }
+
+    /// The completion tokens `max_length` leaves after the prompt (none: the row is dropped,
+    /// as TRL drops it).
+    fn room(&self, prompt_ids: &[u32]) -> Result<usize, Skip> {
+        let max = self.truncation.max_length;
+        if prompt_ids.len() >= max {
+            return Err(Skip::new(
+                "prompt_too_long",
+                format!("prompt has {} tokens, max_length is {max}: no completion token would be scored", prompt_ids.len()),
+            ));
+        }
+        Ok(max - prompt_ids.len())
     }
 
     fn text_joint(&self, p: &str, c: &str, r: &str) -> (Vec<u32>, Vec<u32>) {

@@ -49,6 +49,23 @@ fn plan_tokens(prepared: &PreparedDataset, layout: LayoutKind, plan: &[Vec<u32>]
     plan.iter().map(|rows| rows.iter().map(|&i| batch::computed_tokens(layout, &prepared.pair(i as usize))).sum()).collect()
 }
 
+/// Unpaired data: fixes the KL completions (blocks of `--kl-batch-size`, default 8) and
+/// returns the block size; paired data takes no KL blocks.
+pub fn kl_blocks(prepared: &mut PreparedDataset, asked: Option<usize>) -> Result<Option<usize>> {
+    match (prepared.is_unpaired(), asked) {
+        (true, b) => {
+            let b = b.unwrap_or(DEFAULT_KL_BATCH_SIZE);
+            prepared.set_kl_blocks(b);
+            Ok(Some(b))
+        }
+        (false, Some(_)) => bail!("--kl-batch-size is for unpaired data (KTO); {} holds pairs", prepared.dir.display()),
+        (false, None) => Ok(None),
+    }
+}
+
+/// TRL's `per_device_train_batch_size` default, which its KL blocks follow.
+pub const DEFAULT_KL_BATCH_SIZE: usize = 8;
+
 /// Settings of a shard directory: the whole cache's settings and how it was cut.
 fn shard_settings(cache: &serde_json::Value, k: usize, n: usize, batch_tokens: usize, layout: LayoutKind) -> serde_json::Value {
     serde_json::json!({"cache": cache, "shard": {"index": k, "count": n}, "batch_tokens": batch_tokens, "layout": layout})
@@ -59,7 +76,8 @@ pub fn run(cfg: &CacheRefSettings) -> Result<Manifest> {
     let model = crate::hub::model_dir(&cfg.model)?;
     let hub: Vec<serde_json::Value> = model.record().into_iter().collect();
     let cfg = &CacheRefSettings { model: model.path, ..cfg.clone() };
-    let prepared = PreparedDataset::open(&cfg.prepared)?;
+    let mut prepared = PreparedDataset::open(&cfg.prepared)?;
+    let kl_batch_size = kl_blocks(&mut prepared, cfg.kl_batch_size)?;
     let dtype = cfg.compute_dtype().dtype();
     let model_cfg = crate::model::ModelConfig::load(&cfg.model)?;
     check_same_tokenizer(&prepared.manifest, &prepared.dir, &cfg.model)?;
@@ -75,6 +93,9 @@ pub fn run(cfg: &CacheRefSettings) -> Result<Manifest> {
         "truncation": prepared.truncation,
         "config": model_cfg.raw,
     });
+    if let Some(b) = kl_batch_size {
+        settings["kl_batch_size"] = b.into();
+    }
     if !hub.is_empty() {
         settings["hub"] = hub.into();
     }
@@ -117,7 +138,7 @@ pub fn run(cfg: &CacheRefSettings) -> Result<Manifest> {
 
     let device = model::device()?;
     let decoder = model::load_decoder(&cfg.model, dtype, cfg.quant().as_ref(), &device)?;
-    let pb = progress(my_rows as u64, "cache-ref", "pairs");
+    let pb = progress(my_rows as u64, "cache-ref", if prepared.is_unpaired() { "rows" } else { "pairs" });
     pb.set_position(prog.rows_done as u64);
     // Tokens the forward really computes, and the padded slots it ran over.
     let (mut tokens, mut padded) = (0usize, 0usize);
@@ -245,7 +266,11 @@ fn finish_cache(
     let manifest = sd.manifest(counts, stats);
     let wall = manifest.timings["wall_s"];
     let manifest = sd.finish(manifest, &ref_cache::FILES)?;
-    eprintln!("cache-ref: {n} pairs in {wall:.2}s -> {}", out.display());
+    eprintln!(
+        "cache-ref: {n} {} in {wall:.2}s -> {}",
+        if prepared.is_unpaired() { "unpaired rows (and their KL completions)" } else { "pairs" },
+        out.display()
+    );
     Ok(manifest)
 }
 
@@ -318,7 +343,9 @@ pub fn merge(shard_dirs: &[PathBuf], out: &Path, prepared_dir: Option<&Path>, fo
     }
     let prepared_ref = first.manifest.input("prepared")?;
     let prepared_path = prepared_dir.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(&prepared_ref.path));
-    let prepared = PreparedDataset::open(&prepared_path)?;
+    let mut prepared = PreparedDataset::open(&prepared_path)?;
+    let kl = first.manifest.settings["cache"].get("kl_batch_size").and_then(|v| v.as_u64()).map(|b| b as usize);
+    kl_blocks(&mut prepared, kl)?;
     if prepared.fingerprint() != prepared_ref.blake3 {
         bail!(
             "{} has fingerprint {}, but the shards were computed from prepared data with fingerprint {}",

@@ -1,17 +1,20 @@
 //! `pipeline label`: scores every sample (a reward model, or a judge command) and pairs each
-//! prompt's samples into preference rows that `pipeline prepare` reads as they are. Writes
+//! prompt's samples into preference rows that `pipeline prepare` reads as they are (or, with
+//! `--pairs unpaired`, labels each sample against `--threshold` for KTO). Writes
 //! `scores.parquet` (every sample with its score), `prefs.parquet`, `skipped.parquet` (prompts
 //! that gave no pair: ties, fewer than two samples) and the manifest.
 use super::{begin, progress, Begin};
 use crate::data::input::{fields_array, Field, Kind, Skip};
-use crate::data::samples::{prefs_schema, samples_file, scores_schema, write_skipped, Sample, SampleReader, SkippedRow, PREFS, SCORES, SKIPPED};
+use crate::data::samples::{
+    prefs_schema, samples_file, scores_schema, unpaired_prefs_schema, write_skipped, Sample, SampleReader, SkippedRow, PREFS, SCORES, SKIPPED,
+};
 use crate::data::tokenize::ModelTokenizer;
 use crate::model::reward::RewardModel;
 use crate::model::{self, weights};
 use crate::settings::{LabelSettings, PairMode};
 use crate::store::{file_hash, InputRef, Manifest, ParquetOut};
 use anyhow::{bail, Context, Result};
-use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
+use arrow_array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
 use indicatif::ProgressBar;
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
@@ -232,6 +235,7 @@ pub fn pair_group(scores: &[f64], mode: PairMode, min_margin: f64) -> Result<Vec
                 }
             }
         }
+        PairMode::Unpaired => unreachable!("unpaired samples are labelled one by one, not paired"),
     }
     if pairs.is_empty() {
         let (lo, hi) = scores.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)));
@@ -253,6 +257,9 @@ pub fn run(cfg: &LabelSettings) -> Result<Manifest> {
         inputs.extend(tok.identity.iter().cloned());
     }
     let mut settings = serde_json::json!({"judge_cmd": cfg.judge_cmd, "pairs": cfg.pairs, "min_margin": cfg.min_margin});
+    if cfg.pairs == PairMode::Unpaired {
+        settings["threshold"] = cfg.threshold.into();
+    }
     if !hub.is_empty() {
         settings["hub"] = hub.into();
     }
@@ -285,7 +292,7 @@ pub fn run(cfg: &LabelSettings) -> Result<Manifest> {
 
     // 2. The outputs, streamed from the samples and the journal: the same bytes however many
     //    times the scoring was interrupted.
-    let mut out = LabelWriter::create(&cfg.out, kind)?;
+    let mut out = LabelWriter::create(&cfg.out, kind, cfg.pairs == PairMode::Unpaired)?;
     let mut scores = journal.scores()?;
     let mut group: Vec<(Sample, f64)> = Vec::new();
     let mut sum = 0.0f64;
@@ -303,10 +310,16 @@ pub fn run(cfg: &LabelSettings) -> Result<Manifest> {
     if !group.is_empty() {
         out.close_group(group, cfg)?;
     }
+    let out_desirable = out.desirable;
     let (prompts, pairs, skipped) = out.finish()?;
 
+    let unit = if cfg.pairs == PairMode::Unpaired { "rows" } else { "pairs" };
     let mut counts: BTreeMap<String, u64> =
-        [("samples".to_string(), total), ("prompts".into(), prompts), ("pairs".into(), pairs), ("skipped".into(), skipped.len() as u64)].into();
+        [("samples".to_string(), total), ("prompts".into(), prompts), (unit.into(), pairs), ("skipped".into(), skipped.len() as u64)].into();
+    if cfg.pairs == PairMode::Unpaired {
+        counts.insert("desirable".into(), out_desirable);
+        counts.insert("undesirable".into(), pairs - out_desirable);
+    }
     for (_, _, s) in &skipped {
         *counts.entry(format!("skipped_{}", s.reason)).or_default() += 1;
     }
@@ -316,7 +329,8 @@ pub fn run(cfg: &LabelSettings) -> Result<Manifest> {
     let manifest = sd.finish(manifest, &[SCORES, PREFS, SKIPPED])?;
     let _ = std::fs::remove_dir_all(cfg.out.join(PARTS_DIR));
     eprintln!(
-        "label: {total} samples of {prompts} prompts scored (mean {mean:.4}), {pairs} pairs -> {}{}",
+        "label: {total} samples of {prompts} prompts scored (mean {mean:.4}), {pairs} {} -> {}{}",
+        if cfg.pairs == PairMode::Unpaired { format!("unpaired rows ({out_desirable} above --threshold {})", cfg.threshold) } else { "pairs".into() },
         cfg.out.join(PREFS).display(),
         if skipped.is_empty() {
             String::new()
@@ -338,6 +352,9 @@ struct LabelWriter {
     skipped_path: PathBuf,
     scored: Vec<(Sample, f64)>,
     paired: Vec<(Sample, Sample, f64, f64)>,
+    /// `--pairs unpaired`: each sample, its score and label.
+    unpaired: Option<Vec<(Sample, f64, bool)>>,
+    desirable: u64,
     pairs: u64,
     skipped: Vec<SkippedRow>,
     /// The prompts whose samples were paired (a prompt seen again is out of order).
@@ -345,14 +362,16 @@ struct LabelWriter {
 }
 
 impl LabelWriter {
-    fn create(out: &Path, kind: Kind) -> Result<Self> {
+    fn create(out: &Path, kind: Kind, unpaired: bool) -> Result<Self> {
         Ok(Self {
             kind,
             scores: ParquetOut::create(&out.join(SCORES), scores_schema(kind))?,
-            prefs: ParquetOut::create(&out.join(PREFS), prefs_schema(kind))?,
+            prefs: ParquetOut::create(&out.join(PREFS), if unpaired { unpaired_prefs_schema(kind) } else { prefs_schema(kind) })?,
             skipped_path: out.join(SKIPPED),
             scored: vec![],
             paired: vec![],
+            unpaired: unpaired.then(Vec::new),
+            desirable: 0,
             pairs: 0,
             skipped: vec![],
             prompts: Default::default(),
@@ -376,6 +395,15 @@ impl LabelWriter {
                 first.source_row
             );
         }
+        if let Some(rows) = &mut self.unpaired {
+            for (sample, score) in group {
+                let label = score > cfg.threshold;
+                self.desirable += u64::from(label);
+                self.pairs += 1;
+                rows.push((sample, score, label));
+            }
+            return Ok(());
+        }
         let scores: Vec<f64> = group.iter().map(|g| g.1).collect();
         match pair_group(&scores, cfg.pairs, cfg.min_margin) {
             Ok(pairs) => {
@@ -394,7 +422,7 @@ impl LabelWriter {
         if self.scored.len() >= FLUSH_ROWS {
             self.flush_scores()?;
         }
-        if self.paired.len() >= FLUSH_ROWS {
+        if self.paired.len() >= FLUSH_ROWS || self.unpaired.as_ref().is_some_and(|u| u.len() >= FLUSH_ROWS) {
             self.flush_prefs()?;
         }
         Ok(())
@@ -417,6 +445,19 @@ impl LabelWriter {
     }
 
     fn flush_prefs(&mut self) -> Result<()> {
+        if let Some(rows) = self.unpaired.as_mut().filter(|u| !u.is_empty()) {
+            let rows = std::mem::take(rows);
+            let columns: Vec<ArrayRef> = vec![
+                fields_array(self.kind, rows.iter().map(|r| &r.0.prompt))?,
+                fields_array(self.kind, rows.iter().map(|r| &r.0.completion))?,
+                Arc::new(BooleanArray::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())),
+                Arc::new(Float64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
+                Arc::new(StringArray::from(rows.iter().map(|r| r.0.source_file.clone()).collect::<Vec<_>>())),
+                Arc::new(UInt64Array::from(rows.iter().map(|r| r.0.source_row).collect::<Vec<_>>())),
+                Arc::new(UInt32Array::from(rows.iter().map(|r| r.0.sample_index).collect::<Vec<_>>())),
+            ];
+            return self.prefs.write(&RecordBatch::try_new(unpaired_prefs_schema(self.kind), columns)?);
+        }
         if self.paired.is_empty() {
             return Ok(());
         }

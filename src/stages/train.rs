@@ -16,11 +16,12 @@ use crate::settings::{ReportTo, TrainSettings};
 use crate::store::{write_atomic, InputRef, Manifest};
 use crate::train::dist::{owners, World};
 use crate::train::loss::LossConfig;
+use crate::train::loss::LossType;
 use crate::train::metrics::{self, Row, Stats};
-use crate::train::optim::{clip_by_global_norm, lr_factor, AdamW, AdamWConfig};
+use crate::train::optim::{clip_scale, global_norm, lr_factor, AdamW, AdamWConfig};
 use crate::train::plan::Plan;
 use crate::train::policy::{Policy, Trainable};
-use crate::train::step::{batch_loss, gradients, split_by_tokens, Refs, Whole};
+use crate::train::step::{batch_loss, gradients, split_by_tokens, Refs, Whole, UNPAIRED_SUMS};
 use crate::train::tensorboard::EventWriter;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
@@ -39,23 +40,46 @@ pub struct Cursor {
     pub index: usize,
 }
 
+/// How the train rows are ordered and taken.
+#[derive(Debug, Clone, Copy)]
+pub struct OrderRule {
+    pub seed: u64,
+    pub shuffle: bool,
+    /// Unpaired data: the KL blocks. Shuffling moves whole blocks (the last, short one stays
+    /// last) and no micro-batch runs across an epoch's end, so every micro-batch is whole
+    /// blocks, as in TRL's sequential KTO batches.
+    pub kl_block: Option<usize>,
+}
+
 /// Epoch `e`'s order of the train rows: shuffled by (seed, e), or row_id order.
-pub fn epoch_order(rows: &[u32], seed: u64, epoch: usize, shuffle: bool) -> Vec<u32> {
+pub fn epoch_order(rows: &[u32], rule: OrderRule, epoch: usize) -> Vec<u32> {
     let mut v = rows.to_vec();
-    if shuffle {
-        Rng::new(seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407)).shuffle(&mut v);
+    if rule.shuffle {
+        let mut rng = Rng::new(rule.seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+        match rule.kl_block {
+            None => rng.shuffle(&mut v),
+            Some(b) => {
+                let mut blocks: Vec<u32> = (0..(rows.len() / b) as u32).collect();
+                rng.shuffle(&mut blocks);
+                v = blocks.iter().flat_map(|&k| rows[k as usize * b..(k as usize + 1) * b].iter().copied()).collect();
+                v.extend_from_slice(&rows[rows.len() / b * b..]);
+            }
+        }
     }
     v
 }
 
 impl Cursor {
-    pub fn take(&mut self, rows: &[u32], seed: u64, shuffle: bool, n: usize, order: &mut Vec<u32>) -> Vec<u32> {
+    pub fn take(&mut self, rows: &[u32], rule: OrderRule, n: usize, order: &mut Vec<u32>) -> Vec<u32> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
             if self.index >= rows.len() {
+                if rule.kl_block.is_some() && !out.is_empty() {
+                    break;
+                }
                 self.epoch += 1;
                 self.index = 0;
-                *order = epoch_order(rows, seed, self.epoch, shuffle);
+                *order = epoch_order(rows, rule, self.epoch);
             }
             out.push(order[self.index]);
             self.index += 1;
@@ -189,6 +213,61 @@ impl RefRows {
     }
 }
 
+/// Unpaired data (KTO): the loss must be an unpaired one (and paired data must not get one),
+/// the cache's KL blocks fix each row's KL completion, KTO's batch per rank must be whole KL
+/// blocks (one is TRL's per-device batch), and TRL's warning on the weights is given. Returns the
+/// KL block size (None for paired data).
+fn unpaired_data(cfg: &TrainSettings, prepared: &mut PreparedDataset, cache: Option<&RefCache>) -> Result<Option<usize>> {
+    let unpaired_loss = cfg.loss.0.iter().find(|t| t.unpaired());
+    match (prepared.is_unpaired(), unpaired_loss) {
+        (false, None) => return Ok(None),
+        (false, Some(t)) => bail!(
+            "--loss {} trains on unpaired data, and {} holds pairs: prepare it with `pipeline prepare --unpair` (TRL's unpair_preference_dataset)",
+            t.name(),
+            prepared.dir.display()
+        ),
+        (true, None) => bail!(
+            "{} holds unpaired rows (prompt, completion, label): train them with --loss kto or apo_zero_unpaired, not {}",
+            prepared.dir.display(),
+            cfg.loss.0.iter().map(|t| t.name()).collect::<Vec<_>>().join(",")
+        ),
+        (true, Some(_)) => {}
+    }
+    let cache = cache.context("unpaired losses are reference-based: pass --ref-cache")?;
+    let block = cache
+        .kl_batch_size()
+        .with_context(|| format!("reference cache {} has no kl_batch_size; rebuild it with cache-ref --force", cache.dir.display()))?;
+    prepared.set_kl_blocks(block);
+    // TRL estimates the KL over one block per device and averages over the devices; a
+    // micro-batch of whole blocks is that (one process can so reproduce a data-parallel run).
+    if cfg.loss.0.contains(&LossType::Kto) && !cfg.batch_size.is_multiple_of(block) {
+        bail!(
+            "--batch-size {} but the cache's KL completions come in blocks of {block} rows (cache-ref --kl-batch-size {block}): KTO estimates its KL \
+             term over whole blocks, as TRL over each per-device batch; pass --batch-size {block} (TRL's setting) or a multiple of it, or rebuild \
+             the cache with --kl-batch-size {}",
+            cfg.batch_size,
+            cfg.batch_size
+        );
+    }
+    // TRL 1.16's advice on unbalanced data (KTOTrainer's train split).
+    let rows = prepared.rows_of(Split::Train);
+    let nd = rows.iter().filter(|&&i| prepared.pair(i as usize).label == Some(true)).count().max(1) as f64;
+    let nu = (rows.len() as f64 - nd).max(1.0);
+    let (dw, uw) = (cfg.desirable_weight, cfg.undesirable_weight);
+    let r2 = |x: f64| (x * 100.0).round() / 100.0;
+    if nd != nu {
+        let (dlo, dhi) = (r2(nu * uw / nd), r2(nu * uw / nd * 1.33));
+        let (ulo, uhi) = (r2(nd * dw / nu / 1.33), r2(nd * dw / nu));
+        if !((dlo..=dhi).contains(&dw) || (ulo..=uhi).contains(&uw)) {
+            eprintln!(
+                "train: warning: {nd} desirable and {nu} undesirable rows, but the weights on their losses are outside the range TRL recommends: \
+                 EITHER --desirable-weight in [{dlo}, {dhi}] or --undesirable-weight in [{ulo}, {uhi}] (but not both)"
+            );
+        }
+    }
+    Ok(Some(block))
+}
+
 /// The pieces a micro-batch runs in under the token budget (a loss that sorts across the
 /// micro-batch cannot be split).
 fn pieces(cfg: &TrainSettings, loss: &LossConfig, pairs: &[PairView], budget: usize) -> Result<Vec<std::ops::Range<usize>>> {
@@ -224,12 +303,15 @@ fn eval_pass(
         let mine: Vec<u32> = chunk.iter().skip(world.rank).step_by(world.size).copied().collect();
         let pairs: Vec<PairView> = mine.iter().map(|&i| prepared.pair(i as usize)).collect();
         let refs = cache.map(|c| RefRows::of(c, &mine));
+        let mut reduce = |b: &mut [f64]| world.sum_f64(b);
         if !pairs.is_empty() {
             for r in pieces(cfg, loss, &pairs, budget)? {
-                let b =
-                    batch_loss(&policy.eval_decoder, cfg.layout, loss, &pairs[r.clone()], refs.as_ref().map(|x| x.view().slice(r.clone())), whole)?;
+                let refs = refs.as_ref().map(|x| x.view().slice(r.clone()));
+                let b = batch_loss(&policy.eval_decoder, cfg.layout, loss, &pairs[r.clone()], refs, whole, &mut reduce)?;
                 b.record(&mut stats);
             }
+        } else if loss.unpaired() {
+            reduce(&mut [0.0; UNPAIRED_SUMS]); // the other ranks' batch-wide sums
         }
         stats.reduce_micro(world);
         stats.end_micro();
@@ -308,7 +390,7 @@ fn memory_plan(
             crate::memory::reset_peak()
         }
         let before = used();
-        let b = batch_loss(&policy.decoder, cfg.layout, loss, &pairs, refs.as_ref().map(RefRows::view), Whole::of(&pairs))?;
+        let b = batch_loss(&policy.decoder, cfg.layout, loss, &pairs, refs.as_ref().map(RefRows::view), Whole::of(&pairs), &mut |_| {})?;
         drop(gradients(&b.loss, policy)?);
         let above = used().saturating_sub(before + trainable_bytes);
         Ok((above as f64 / probe_tokens as f64).max(1.0))
@@ -526,6 +608,7 @@ struct Trainer<'a> {
     step: usize,
     cursor: Cursor,
     order: Vec<u32>,
+    order_rule: OrderRule,
     num_tokens: u64,
     pb: indicatif::ProgressBar,
     tokens_total: f64,
@@ -543,17 +626,18 @@ impl<'a> Trainer<'a> {
     /// Checks the inputs (`run_on` has validated the settings), claims --out (rank 0), loads the policy and optimizer (from the
     /// newest checkpoint with --resume) and runs the step-0 evaluation of a fresh run.
     fn start(cfg: &'a TrainSettings, world: &'a World, hub: Vec<serde_json::Value>) -> Result<Started<'a>> {
-        let prepared = PreparedDataset::open(&cfg.prepared)?;
+        let mut prepared = PreparedDataset::open(&cfg.prepared)?;
         // The reference-free losses take no cache (settings.validate refuses one).
         let reference_free = cfg.loss.reference_free();
         let cache = if reference_free { None } else { Some(RefCache::open(cfg.ref_cache.as_deref().unwrap_or(Path::new("ref_cache")), &prepared)?) };
+        let kl_block = unpaired_data(cfg, &mut prepared, cache.as_ref())?;
         if cfg.ld_alpha.is_some() {
             if let Some(c) = &cache {
                 c.check_ld()?;
             }
         }
         if world.size > 1 {
-            if let Some(t) = cfg.loss.0.iter().find(|t| t.batch_level()) {
+            if let Some(t) = cfg.loss.0.iter().find(|t| t.batch_level() && !t.unpaired()) {
                 bail!(
                     "--loss {} sorts across the whole micro-batch, which data-parallel ranks each hold a part of; train it in one process",
                     t.name()
@@ -574,7 +658,13 @@ impl<'a> Trainer<'a> {
         // The global batch: what a step's update is the mean over, whatever the number of ranks.
         let global_batch = cfg.batch_size * world.size;
         let per_step = global_batch * cfg.grad_accum;
-        let total_steps = cfg.max_steps.unwrap_or_else(|| ((cfg.epochs * train_rows.len() as f64) / per_step as f64).ceil().max(1.0) as usize);
+        // Unpaired data: micro-batches end at each epoch's end (TRL's short last batch).
+        let micro_per_epoch = match kl_block {
+            Some(_) => train_rows.len().div_ceil(global_batch) as f64,
+            None => train_rows.len() as f64 / global_batch as f64,
+        };
+        let total_steps = cfg.max_steps.unwrap_or_else(|| ((cfg.epochs * micro_per_epoch) / cfg.grad_accum as f64).ceil().max(1.0) as usize);
+        let order_rule = OrderRule { seed: cfg.seed, shuffle: cfg.shuffle, kl_block };
         // Settings that change the result; paths and run control are not among them. The batch is
         // the global one, so a run resumes on another number of ranks with the same global batch.
         let mut settings = serde_json::to_value(cfg)?;
@@ -703,7 +793,7 @@ impl<'a> Trainer<'a> {
         if world.is_root() {
             metrics::write_jsonl(&metrics_path, &rows)?;
         }
-        let order = epoch_order(&train_rows, cfg.seed, cursor.epoch, cfg.shuffle);
+        let order = epoch_order(&train_rows, order_rule, cursor.epoch);
         let tensorboard = match cfg.report_to {
             ReportTo::Tensorboard if world.is_root() => {
                 let mut w = EventWriter::create(&cfg.logging_dir.clone().unwrap_or_else(|| out.join("runs")))?;
@@ -739,6 +829,7 @@ impl<'a> Trainer<'a> {
             step,
             cursor,
             order,
+            order_rule,
             num_tokens,
             pb: indicatif::ProgressBar::hidden(),
             tokens_total: 0.0,
@@ -776,7 +867,7 @@ impl<'a> Trainer<'a> {
         for micro in 0..cfg.grad_accum {
             self.policy.reseed(cfg.seed, step, micro * world.size + world.rank);
             // The global micro-batch (the same on every rank); this rank's share is every W-th.
-            let global = self.cursor.take(&self.train_rows, cfg.seed, cfg.shuffle, self.global_batch, &mut self.order);
+            let global = self.cursor.take(&self.train_rows, self.order_rule, self.global_batch, &mut self.order);
             let whole = Whole::of(&global.iter().map(|&i| self.prepared.pair(i as usize)).collect::<Vec<_>>());
             let ids: Vec<u32> = global.iter().skip(world.rank).step_by(world.size).copied().collect();
             let pairs: Vec<PairView> = ids.iter().map(|&i| self.prepared.pair(i as usize)).collect();
@@ -785,16 +876,14 @@ impl<'a> Trainer<'a> {
                 (None, Some(c)) => Some(RefRows::of(c, &ids)),
                 (None, None) => None,
             };
+            let mut reduce = |b: &mut [f64]| world.sum_f64(b);
+            if pairs.is_empty() && self.loss.unpaired() {
+                reduce(&mut [0.0; UNPAIRED_SUMS]); // a short last micro-batch: the other ranks' sums
+            }
             for r in pieces(cfg, &self.loss, &pairs, self.budget)? {
                 let t = Instant::now();
-                let b = batch_loss(
-                    &self.policy.decoder,
-                    cfg.layout,
-                    &self.loss,
-                    &pairs[r.clone()],
-                    refs.as_ref().map(|x| x.view().slice(r.clone())),
-                    whole,
-                )?;
+                let refs = refs.as_ref().map(|x| x.view().slice(r.clone()));
+                let b = batch_loss(&self.policy.decoder, cfg.layout, &self.loss, &pairs[r.clone()], refs, whole, &mut reduce)?;
                 fwd_s += t.elapsed().as_secs_f64();
                 let t = Instant::now();
                 let grads = gradients(&(&b.loss / cfg.grad_accum as f64)?, &self.policy)?;
@@ -815,8 +904,8 @@ impl<'a> Trainer<'a> {
         world.sum_f64(&mut counts);
         self.num_tokens += counts[1] as u64;
         let t = Instant::now();
-        let (grad_norm, clipped) = clip_by_global_norm(&grads, cfg.max_grad_norm)?;
-        self.opt.step(&self.policy.vars, &clipped, lr)?;
+        let grad_norm = global_norm(&grads)?;
+        self.opt.step_scaled(&self.policy.vars, &grads, lr, clip_scale(grad_norm, cfg.max_grad_norm))?;
         if let Some(o) = &self.owner {
             for (i, v) in self.policy.vars.iter().enumerate() {
                 let t = world.broadcast_tensor(v.as_tensor(), o[i])?;
@@ -845,10 +934,14 @@ impl<'a> Trainer<'a> {
         row.insert("peak_memory_gb".into(), peak[0]);
         row.insert("epoch".into(), (n * self.per_step) as f64 / self.train_rows.len() as f64);
         row.insert("num_tokens".into(), self.num_tokens as f64);
+        // KTO has no pairs to be right about; its KL estimate says how far the policy moved.
+        let (name, value) = match row.get("rewards/accuracies") {
+            Some(&a) => ("acc", a),
+            None => ("kl", row.get("kl").copied().unwrap_or(0.0)),
+        };
         self.pb.set_message(format!(
-            "loss {:.4} acc {:.2} {:.0} tok/s",
+            "loss {:.4} {name} {value:.3} {:.0} tok/s",
             row["loss"],
-            row["rewards/accuracies"],
             self.tokens_total / self.t_loop.elapsed().as_secs_f64().max(1e-9)
         ));
         self.record(n, row)?;

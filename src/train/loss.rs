@@ -1,6 +1,7 @@
 //! Preference losses on sequence log-probs, each exactly as HF TRL 1.16 computes it
-//! (`DPOTrainer._compute_loss`, and the reference-free CPO and ORPO trainers), named as TRL
-//! names them so a config carries over. README "Losses" has the table.
+//! (`DPOTrainer._compute_loss`, the reference-free CPO and ORPO trainers, and KTOTrainer's
+//! unpaired `kto` and `apo_zero_unpaired`), named as TRL names them so a config carries over.
+//! README "Losses" has the table.
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -44,9 +45,14 @@ pub enum LossType {
     Cpo,
     /// ORPO: NLL − λ·log σ(log odds ratio), reference-free.
     Orpo,
+    /// KTO on unpaired data: 1 − σ(β(r − z)) for desirable rows, 1 − σ(β(z − r)) for
+    /// undesirable ones, z the batch's KL estimate (clamped at 0, detached).
+    Kto,
+    /// APO-zero on unpaired data: 1 − σ(βr) for desirable rows, σ(βr) for undesirable ones.
+    ApoZeroUnpaired,
 }
 
-pub const ALL: [(&str, LossType); 18] = [
+pub const ALL: [(&str, LossType); 20] = [
     ("sigmoid", LossType::Sigmoid),
     ("hinge", LossType::Hinge),
     ("ipo", LossType::Ipo),
@@ -65,6 +71,8 @@ pub const ALL: [(&str, LossType); 18] = [
     ("simpo", LossType::Simpo),
     ("cpo", LossType::Cpo),
     ("orpo", LossType::Orpo),
+    ("kto", LossType::Kto),
+    ("apo_zero_unpaired", LossType::ApoZeroUnpaired),
 ];
 
 impl LossType {
@@ -84,16 +92,27 @@ impl LossType {
         matches!(self, LossType::Simpo | LossType::Cpo | LossType::Orpo)
     }
 
-    /// Sorts across the micro-batch: the micro-batch cannot be computed in pieces.
+    /// Reads the whole micro-batch (AOT sorts it, KTO estimates its KL): the micro-batch
+    /// cannot be computed in pieces.
     pub fn batch_level(self) -> bool {
-        matches!(self, LossType::Aot | LossType::AotUnpaired)
+        matches!(self, LossType::Aot | LossType::AotUnpaired | LossType::Kto | LossType::ApoZeroUnpaired)
+    }
+
+    /// Trains on unpaired data (labelled completions), as TRL's KTOTrainer.
+    pub fn unpaired(self) -> bool {
+        matches!(self, LossType::Kto | LossType::ApoZeroUnpaired)
     }
 }
 
 /// The names of the loss types, reference-based (`false`) or reference-free (`true`), as the
 /// flags' help lists them.
 pub fn names(reference_free: bool) -> String {
-    ALL.iter().filter(|(_, t)| t.reference_free() == reference_free).map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+    ALL.iter().filter(|(_, t)| t.reference_free() == reference_free && !t.unpaired()).map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+}
+
+/// The unpaired loss types' names.
+pub fn unpaired_names() -> String {
+    ALL.iter().filter(|(_, t)| t.unpaired()).map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
 }
 
 /// A comma-separated list in a flag or TOML string (`--loss sigmoid,sft`, `--loss-weights
@@ -206,6 +225,9 @@ pub struct LossConfig {
     pub cpo_alpha: f64,
     /// MoE models: the router load-balancing loss's weight (0: none).
     pub router_aux_loss_coef: f64,
+    /// KTO / APO-zero-unpaired: weights of the desirable and undesirable rows' losses.
+    pub desirable_weight: f64,
+    pub undesirable_weight: f64,
 }
 
 impl LossConfig {
@@ -223,7 +245,19 @@ impl LossConfig {
             simpo_gamma: 0.5,
             cpo_alpha: 1.0,
             router_aux_loss_coef: 0.0,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
         }
+    }
+
+    /// Trains on unpaired data (KTO, APO-zero-unpaired).
+    pub fn unpaired(&self) -> bool {
+        self.terms.iter().any(|(t, _)| t.unpaired())
+    }
+
+    /// KTO: the loss needs the micro-batch's KL estimate.
+    pub fn needs_kl(&self) -> bool {
+        self.has(LossType::Kto)
     }
 
     pub fn reference_free(&self) -> bool {
@@ -241,6 +275,17 @@ impl LossConfig {
         if self.terms.is_empty() {
             bail!("--loss needs at least one loss type");
         }
+        if self.unpaired() && self.terms.len() > 1 {
+            bail!("--loss {}: kto and apo_zero_unpaired train on unpaired data, alone (as TRL's KTOTrainer)", names.join(","));
+        }
+        for (flag, w) in [("desirable-weight", self.desirable_weight), ("undesirable-weight", self.undesirable_weight)] {
+            if !(w.is_finite() && w >= 0.0) {
+                bail!("--{flag} must be a finite number ≥ 0, got {w}");
+            }
+        }
+        if self.unpaired() && (self.label_smoothing != 0.0 || self.ld_alpha.is_some() || self.f_divergence != FDivergence::ReverseKl) {
+            bail!("--label-smoothing, --ld-alpha and --f-divergence are DPO options; KTOTrainer has none of them");
+        }
         if self.reference_free() && self.terms.len() > 1 {
             bail!("--loss {}: simpo, cpo and orpo are reference-free trainers of their own; use one alone", names.join(","));
         }
@@ -254,12 +299,13 @@ impl LossConfig {
             );
         }
         if self.use_weighting {
-            if let Some((t, _)) = self.terms.iter().find(|(t, _)| t.batch_level() || t.reference_free() || *t == LossType::Sft) {
+            if let Some((t, _)) = self.terms.iter().find(|(t, _)| t.batch_level() || t.reference_free() || t.unpaired() || *t == LossType::Sft) {
                 bail!(
                     "--use-weighting (WPO) cannot weigh `{}`: {}",
                     t.name(),
                     match t {
                         LossType::Sft => "it is one mean over the batch's tokens (TRL 1.16 fails on it too)",
+                        _ if t.unpaired() => "WPO is a DPO option; KTOTrainer has no use_weighting",
                         _ if t.batch_level() => "it sorts across the batch, which would misalign the pair weights (TRL refuses it too)",
                         _ => "WPO is a DPO option",
                     }
@@ -417,8 +463,24 @@ pub fn dpo_term(t: LossType, c: &LossConfig, b: &PairBatch) -> Result<Tensor> {
             ((logistic * (1.0 - &modulation)?)? + (bd.neg()?.exp()? * modulation)?)?
         }
         LossType::SigmoidNorm => log_sigmoid(&((avg(&sc, b.chosen_tokens)? - avg(&sr, b.rejected_tokens)?)? * beta)?)?.neg()?,
-        LossType::Sft | LossType::Simpo | LossType::Cpo | LossType::Orpo => bail!("{} is not a per-pair reference-based loss", t.name()),
+        LossType::Sft | LossType::Simpo | LossType::Cpo | LossType::Orpo | LossType::Kto | LossType::ApoZeroUnpaired => {
+            bail!("{} is not a per-pair reference-based loss", t.name())
+        }
     })
+}
+
+/// KTO's or APO-zero-unpaired's per-row loss [n], weighted, as TRL 1.16's KTOTrainer:
+/// `r` the rows' log-ratios log π − log π_ref, `desirable` 1 or 0 per row, `kl` the batch's
+/// KL estimate (a constant; KTO only).
+pub fn unpaired_term(t: LossType, c: &LossConfig, r: &Tensor, desirable: &Tensor, kl: f64) -> Result<Tensor> {
+    let beta = c.beta;
+    let (good, bad) = match t {
+        LossType::Kto => ((1.0 - sigmoid(&((r - kl)? * beta)?)?)?, (1.0 - sigmoid(&((r.neg()? + kl)? * beta)?)?)?),
+        LossType::ApoZeroUnpaired => ((1.0 - sigmoid(&(r * beta)?)?)?, sigmoid(&(r * beta)?)?),
+        other => bail!("{} is not an unpaired loss", other.name()),
+    };
+    let undesirable = (1.0 - desirable)?;
+    Ok((((good * desirable)? * c.desirable_weight)? + ((bad * undesirable)? * c.undesirable_weight)?)?)
 }
 
 /// x sorted ascending along its one dimension, differentiable (the gradient goes to the

@@ -12,10 +12,11 @@ use std::sync::Arc;
 
 /// The metrics of a batch, logged for train steps and (prefixed `eval/`) for evaluations, with
 /// TRL 1.16's names: always the first seven and the lm-head statistics; `nll_loss`,
-/// `log_odds_*` (ORPO) and `aux_loss` (MoE) where they apply (null elsewhere).
+/// `log_odds_*` (ORPO), `aux_loss` (MoE) and `kl` (KTO) where they apply (null elsewhere).
+/// For unpaired data "chosen" means desirable and "rejected" undesirable, as TRL logs them.
 pub const PAIR_KEYS: &[&str] = &[
     "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen",
-    "logits/rejected", "entropy", "mean_token_accuracy", "nll_loss", "log_odds_ratio", "log_odds_chosen", "aux_loss",
+    "logits/rejected", "entropy", "mean_token_accuracy", "nll_loss", "log_odds_ratio", "log_odds_chosen", "aux_loss", "kl",
 ];
 /// Train-only metrics.
 pub const STEP_KEYS: &[&str] = &[

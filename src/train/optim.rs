@@ -1,8 +1,9 @@
 //! AdamW with PyTorch's semantics, HF learning-rate schedules, global-norm clipping.
 use crate::model::fused::Real;
 use anyhow::{bail, Result};
-use candle_core::{DType, Storage, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Storage, Tensor, Var};
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// Learning-rate schedules after warm-up, as transformers defines them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -64,32 +65,58 @@ fn update_tensors(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, lr: f64, c: &A
     Ok((p, m, v))
 }
 
-/// One AdamW update of `p` with gradient `g`, in f64 arithmetic; returns the new values.
+/// One AdamW update of `p` in place with gradient `g` × `scale` (clipping's factor, applied
+/// in `T` as torch scales the gradient), in f64 arithmetic: one pass over p, g, m and v, no
+/// temporaries (a fresh parameter-sized buffer per step cost its page faults on top).
 #[allow(clippy::too_many_arguments)]
-fn update<T: Real>(p: &[T], g: &[T], m: &mut [T], v: &mut [T], lr: f64, c: &AdamWConfig, bc1: f64, bc2: f64) -> Vec<T> {
+fn update<T: Real>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], scale: f64, lr: f64, c: &AdamWConfig, bc1: f64, bc2: f64) {
     let bc2_sqrt = bc2.sqrt();
-    p.par_iter()
-        .zip(g.par_iter())
-        .zip(m.par_iter_mut().zip(v.par_iter_mut()))
-        .map(|((&p, &g), (m, v))| {
-            let g = g.to();
-            let md = c.beta1 * m.to() + (1.0 - c.beta1) * g;
-            let vd = c.beta2 * v.to() + (1.0 - c.beta2) * g * g;
-            *m = T::from(md);
-            *v = T::from(vd);
-            let denom = vd.sqrt() / bc2_sqrt + c.eps;
-            T::from(p.to() * (1.0 - lr * c.weight_decay) - (lr / bc1) * md / denom)
-        })
-        .collect()
+    let scale = T::from(scale).to(); // torch multiplies by the factor in the gradient's dtype
+    p.par_iter_mut().zip(g.par_iter()).zip(m.par_iter_mut().zip(v.par_iter_mut())).with_min_len(4096).for_each(|((p, &g), (m, v))| {
+        let g = if scale == 1.0 { g.to() } else { T::from(g.to() * scale).to() };
+        let md = c.beta1 * m.to() + (1.0 - c.beta1) * g;
+        let vd = c.beta2 * v.to() + (1.0 - c.beta2) * g * g;
+        *m = T::from(md);
+        *v = T::from(vd);
+        let denom = vd.sqrt() / bc2_sqrt + c.eps;
+        *p = T::from(p.to() * (1.0 - lr * c.weight_decay) - (lr / bc1) * md / denom);
+    });
 }
 
-/// The contiguous values of a CPU tensor, as a slice of `T`, handed to `f`.
-fn with_slice<T: Real, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else { bail!("AdamW runs on CPU tensors") };
-    let (a, b) = layout.contiguous_offsets().expect("made contiguous");
-    Ok(f(&cpu.as_slice::<T>()?[a..b]))
+/// A CPU parameter's moments, lent to [`InPlace`] for one update.
+enum MomentSlices<'a> {
+    F32(&'a mut [f32], &'a mut [f32]),
+    F64(&'a mut [f64], &'a mut [f64]),
+}
+
+/// [`update`] as a candle in-place op on the parameter's own storage.
+struct InPlace<'a> {
+    moments: Mutex<MomentSlices<'a>>,
+    scale: f64,
+    lr: f64,
+    cfg: AdamWConfig,
+    bc1: f64,
+    bc2: f64,
+}
+
+impl InplaceOp2 for InPlace<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-in-place"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let ((a, b), (ga, gb)) = match (l1.contiguous_offsets(), l2.contiguous_offsets()) {
+            (Some(p), Some(g)) => (p, g),
+            _ => candle_core::bail!("adamw: parameter and gradient must be contiguous"),
+        };
+        let (sc, lr, c, bc1, bc2) = (self.scale, self.lr, &self.cfg, self.bc1, self.bc2);
+        match (s1, s2, &mut *self.moments.lock().expect("one update at a time")) {
+            (CpuStorage::F32(p), CpuStorage::F32(g), MomentSlices::F32(m, v)) => update(&mut p[a..b], &g[ga..gb], m, v, sc, lr, c, bc1, bc2),
+            (CpuStorage::F64(p), CpuStorage::F64(g), MomentSlices::F64(m, v)) => update(&mut p[a..b], &g[ga..gb], m, v, sc, lr, c, bc1, bc2),
+            _ => candle_core::bail!("adamw: parameter, gradient and moments differ in dtype"),
+        }
+        Ok(())
+    }
 }
 
 impl AdamW {
@@ -135,31 +162,33 @@ impl AdamW {
 
     /// One update at learning rate `lr` (torch.optim.AdamW, amsgrad off, maximize off).
     pub fn step(&mut self, params: &[Var], grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step_scaled(params, grads, lr, 1.0)
+    }
+
+    /// One update with every gradient multiplied by `scale` first (clipping: [`clip_scale`]).
+    pub fn step_scaled(&mut self, params: &[Var], grads: &[Tensor], lr: f64, scale: f64) -> Result<()> {
         self.t += 1;
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
-            let g = g.to_dtype(p.dtype())?;
-            let new = match (&mut self.m[i], &mut self.v[i]) {
-                (Moment::F32(m), Moment::F32(v)) => {
-                    let vals = with_slice::<f32, _>(p.as_tensor(), |ps| with_slice::<f32, _>(&g, |gs| update(ps, gs, m, v, lr, &c, bc1, bc2)))??;
-                    Tensor::from_vec(vals, p.shape(), p.device())?
-                }
-                (Moment::F64(m), Moment::F64(v)) => {
-                    let vals = with_slice::<f64, _>(p.as_tensor(), |ps| with_slice::<f64, _>(&g, |gs| update(ps, gs, m, v, lr, &c, bc1, bc2)))??;
-                    Tensor::from_vec(vals, p.shape(), p.device())?
-                }
+            let g = g.to_dtype(p.dtype())?.contiguous()?;
+            let moments = match (&mut self.m[i], &mut self.v[i]) {
+                (Moment::F32(m), Moment::F32(v)) => MomentSlices::F32(m, v),
+                (Moment::F64(m), Moment::F64(v)) => MomentSlices::F64(m, v),
                 (Moment::Tensor(m), Moment::Tensor(v)) => {
                     // Detached: the update is not part of any graph.
+                    let g = if scale == 1.0 { g } else { (g * scale)? };
                     let (new, m2, v2) = update_tensors(&p.as_tensor().detach(), &g, m, v, lr, &c, bc1, bc2)?;
                     (*m, *v) = (m2, v2);
-                    new
+                    p.set(&new)?;
+                    continue;
                 }
                 (Moment::Elsewhere, _) => continue,
                 _ => unreachable!("moments are made in the parameter's dtype"),
             };
-            p.set(&new)?;
+            let op = InPlace { moments: Mutex::new(moments), scale, lr, cfg: c, bc1, bc2 };
+            p.as_tensor().inplace_op2(&g, &op)?;
         }
         Ok(())
     }
@@ -208,18 +237,49 @@ pub fn lr_factor(kind: SchedulerKind, step: usize, warmup: usize, total: usize) 
     }
 }
 
-/// Global L2 norm of the gradients (what PyTorch's clip_grad_norm_ returns, before clipping),
-/// and the gradients scaled so their norm is at most `max_norm` (torch: max_norm / (norm + 1e-6)).
-/// The squares are summed on the gradients' device and read back once.
-pub fn clip_by_global_norm(grads: &[Tensor], max_norm: f64) -> Result<(f64, Vec<Tensor>)> {
-    if grads.is_empty() {
-        return Ok((0.0, vec![]));
+/// Global L2 norm of the gradients (what PyTorch's clip_grad_norm_ returns, before clipping).
+/// CPU gradients' squares are summed in f64 in one pass each; others on their device, read
+/// back once.
+pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    let mut device = Vec::new();
+    let mut total = 0f64;
+    for g in grads {
+        let g = g.contiguous()?;
+        let (storage, layout) = g.storage_and_layout();
+        let (a, b) = layout.contiguous_offsets().expect("made contiguous");
+        let sq = |x: &[f64]| x.par_iter().with_min_len(4096).map(|v| v * v).sum::<f64>();
+        match &*storage {
+            Storage::Cpu(CpuStorage::F32(x)) => total += x[a..b].par_iter().with_min_len(4096).map(|&v| (v as f64) * (v as f64)).sum::<f64>(),
+            Storage::Cpu(CpuStorage::F64(x)) => total += sq(&x[a..b]),
+            _ => {
+                drop(storage);
+                device.push(g.sqr()?.sum_all()?.to_dtype(DType::F64)?);
+            }
+        }
     }
-    let per_param = grads.iter().map(|g| Ok(g.sqr()?.sum_all()?.to_dtype(DType::F64)?)).collect::<Result<Vec<_>>>()?;
-    let norm = Tensor::stack(&per_param, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    if !device.is_empty() {
+        total += Tensor::stack(&device, 0)?.sum_all()?.to_scalar::<f64>()?;
+    }
+    Ok(total.sqrt())
+}
+
+/// What clipping to `max_norm` multiplies the gradients by (torch: max_norm / (norm + 1e-6)
+/// when the norm is above it; 0 turns clipping off).
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
     if max_norm > 0.0 && norm > max_norm {
-        let coef = max_norm / (norm + 1e-6);
-        return Ok((norm, grads.iter().map(|g| g * coef).collect::<candle_core::Result<_>>()?));
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
     }
-    Ok((norm, grads.to_vec()))
+}
+
+/// [`global_norm`] and the gradients scaled by [`clip_scale`] (for callers that want them
+/// materialized; the trainer passes the scale to [`AdamW::step_scaled`] instead).
+pub fn clip_by_global_norm(grads: &[Tensor], max_norm: f64) -> Result<(f64, Vec<Tensor>)> {
+    let norm = global_norm(grads)?;
+    let coef = clip_scale(norm, max_norm);
+    if coef == 1.0 {
+        return Ok((norm, grads.to_vec()));
+    }
+    Ok((norm, grads.iter().map(|g| g * coef).collect::<candle_core::Result<_>>()?))
 }

@@ -32,7 +32,9 @@ fn series(rows: &[(usize, Row)], key: &str) -> Vec<(f64, f64)> {
 }
 
 pub fn curves(path: &Path, rows: &[(usize, Row)]) -> Result<()> {
-    panels(path, rows, &[("loss", "loss"), ("reward accuracy", "rewards/accuracies"), ("reward margin", "rewards/margins")], "step")
+    // KTO's rows are unpaired: no accuracy, but the KL estimate its loss is centred on.
+    let middle = if rows.iter().any(|(_, r)| r.contains_key("kl")) { ("KL estimate", "kl") } else { ("reward accuracy", "rewards/accuracies") };
+    panels(path, rows, &[("loss", "loss"), middle, ("reward margin", "rewards/margins")], "step")
 }
 
 /// One panel per (title, key): `key` in blue (train) and `eval/key` in red, over x.

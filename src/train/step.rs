@@ -1,7 +1,8 @@
 //! One micro-batch: the policy's log-probs of a batch of pairs, the loss (every TRL 1.16 loss
-//! type, their weighted sum, WPO, LD-DPO, the reference-free SimPO/CPO/ORPO, the MoE aux loss),
-//! its metrics, and the gradients of every parameter.
-use super::loss::{dpo_term, free_term, FreeBatch, LossConfig, LossType, PairBatch};
+//! type, their weighted sum, WPO, LD-DPO, the reference-free SimPO/CPO/ORPO, KTO and
+//! APO-zero-unpaired on unpaired rows, the MoE aux loss), its metrics, and the gradients of
+//! every parameter.
+use super::loss::{dpo_term, free_term, unpaired_term, FreeBatch, LossConfig, LossType, PairBatch};
 use super::metrics::Stats;
 use super::policy::Policy;
 use crate::data::prepared::PairView;
@@ -114,13 +115,95 @@ fn f64s(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.to_dtype(DType::F64)?.to_vec1()?)
 }
 
+/// Sums a buffer over the data-parallel ranks (KTO's batch-wide sums; the identity in one
+/// process). A rank with no rows of a micro-batch calls [`UNPAIRED_SUMS`] zeros itself.
+pub type Reduce<'a> = &'a mut dyn FnMut(&mut [f64]);
+
+/// How many values an unpaired micro-batch sums over the ranks.
+pub const UNPAIRED_SUMS: usize = 6;
+
 /// Policy forward, loss and metrics for `pairs` (all of a micro-batch, or a piece of `whole`);
 /// `refs` for the reference-based losses.
-pub fn batch_loss(decoder: &Decoder, layout: LayoutKind, c: &LossConfig, pairs: &[PairView], refs: Option<Refs>, whole: Whole) -> Result<BatchOut> {
+pub fn batch_loss(
+    decoder: &Decoder,
+    layout: LayoutKind,
+    c: &LossConfig,
+    pairs: &[PairView],
+    refs: Option<Refs>,
+    whole: Whole,
+    reduce: Reduce,
+) -> Result<BatchOut> {
     let lp = pair_logps_with(decoder, layout, pairs, logps_options(c))?;
-    let mut out = loss_of(c, pairs, &lp, refs, whole)?;
+    let mut out = if c.unpaired() { unpaired_loss_of(c, pairs, &lp, refs, whole, reduce)? } else { loss_of(c, pairs, &lp, refs, whole)? };
     out.tokens = pairs.iter().map(|p| layout::computed_tokens(layout, p)).sum();
     Ok(out)
+}
+
+/// KTO or APO-zero-unpaired on unpaired rows, as TRL 1.16's KTOTrainer: each row is a pair
+/// (its completion, its KL completion) and `refs` holds the reference's log-probs of both. The
+/// KL estimate is the micro-batch's mean of log π − log π_ref over the KL completions, over
+/// every rank, clamped at 0 and detached (TRL computes it under no_grad); the loss is the
+/// weighted per-row losses' sum over the micro-batch's row count. Metrics follow TRL: means
+/// over the desirable ("chosen") and undesirable ("rejected") rows, margins only when the
+/// micro-batch has both, statistics over the completions' tokens (not the KL completions').
+pub fn unpaired_loss_of(c: &LossConfig, pairs: &[PairView], lp: &PairLogps, refs: Option<Refs>, whole: Whole, reduce: Reduce) -> Result<BatchOut> {
+    let n = pairs.len();
+    let (dt, dev) = (lp.chosen.dtype(), lp.chosen.device().clone());
+    let refs = refs.ok_or_else(|| anyhow::anyhow!("KTO needs the reference log-probs"))?;
+    let label: Vec<bool> = pairs.iter().map(|p| p.label.expect("unpaired rows are labelled")).collect();
+    let desirable = Tensor::from_vec(label.iter().map(|&l| f32::from(u8::from(l))).collect::<Vec<_>>(), n, &dev)?.to_dtype(dt)?;
+    let ref_c = Tensor::from_vec(refs.chosen.to_vec(), n, &dev)?.to_dtype(dt)?;
+    let ratio = (&lp.chosen - &ref_c)?;
+    let (policy, kl_policy, ratios) = (f64s(&lp.chosen)?, f64s(&lp.rejected)?, f64s(&ratio)?);
+    let beta = c.beta;
+    // Summed over the ranks at once: the KL terms, then each side's rewards and counts.
+    let mut sums = [0f64; UNPAIRED_SUMS];
+    sums[0] = kl_policy.iter().zip(refs.rejected).map(|(p, &r)| p - r as f64).sum();
+    sums[1] = n as f64;
+    for (i, &l) in label.iter().enumerate() {
+        let k = if l { 2 } else { 4 };
+        sums[k] += beta * ratios[i];
+        sums[k + 1] += 1.0;
+    }
+    reduce(&mut sums);
+    let kl = if c.needs_kl() { (sums[0] / sums[1].max(1.0)).max(0.0) } else { 0.0 };
+    let (t, _) = c.terms[0];
+    let per_row = unpaired_term(t, c, &ratio, &desirable, kl)?;
+    let total = (per_row.sum_all()? / whole.pairs.max(1) as f64)?;
+    // A batch-wide value recorded by every rank with rows, weighted so the ranks' shares add
+    // up to it once.
+    let share = n as f64 / sums[1].max(1.0);
+    let mut metrics: Vec<(&'static str, f64, f64)> = vec![("loss", scalar(&total)?, 0.0), ("kl", kl * share, share)];
+    for (want, rewards, logps) in [(true, "rewards/chosen", "logps/chosen"), (false, "rewards/rejected", "logps/rejected")] {
+        let rows: Vec<usize> = (0..n).filter(|&i| label[i] == want).collect();
+        if !rows.is_empty() {
+            let k = rows.len() as f64;
+            metrics.push((rewards, rows.iter().map(|&i| beta * ratios[i]).sum(), k));
+            metrics.push((logps, rows.iter().map(|&i| policy[i]).sum(), k));
+        }
+    }
+    if sums[3] > 0.0 && sums[5] > 0.0 {
+        metrics.push(("rewards/margins", (sums[2] / sums[3] - sums[4] / sums[5]) * share, share));
+    }
+    let (seq, stats) = (&lp.scored.seq, &lp.stats);
+    let (mut ent, mut ntok, mut logit, mut count) = (0f64, 0f64, [0f64; 2], [0f64; 2]);
+    for (i, &s) in seq.iter().enumerate().filter(|(_, &s)| (s as usize) < 2 * n && s % 2 == 0) {
+        ent += stats.entropy[i] as f64;
+        ntok += 1.0;
+        let side = usize::from(!label[s as usize / 2]);
+        logit[side] += stats.mean_logit[i] as f64;
+        count[side] += 1.0;
+    }
+    if ntok > 0.0 {
+        metrics.push(("entropy", ent, ntok));
+    }
+    for (side, key) in ["logits/chosen", "logits/rejected"].into_iter().enumerate() {
+        if count[side] > 0.0 {
+            metrics.push((key, logit[side], count[side]));
+        }
+    }
+    let trl_tokens = pairs.iter().map(|p| p.prompt.len() + p.chosen_scored).sum();
+    Ok(BatchOut { loss: total, metrics, tokens: 0, trl_tokens, aux_loss: None })
 }
 
 /// What the policy forward must compute for the loss `c`.

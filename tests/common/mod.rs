@@ -145,3 +145,13 @@ pub fn check_schema(dir: &Path, schema: &str, file: &str) {
     let got: Vec<(String, String)> = serde_json::from_str(&got).unwrap();
     assert_eq!(got, want, "{schema} and {file} drifted apart");
 }
+
+/// A JSON number.
+pub fn f(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap()
+}
+
+/// A JSON list of lists of numbers.
+pub fn grid(v: &serde_json::Value) -> Vec<Vec<f64>> {
+    v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(f).collect()).collect()
+}
