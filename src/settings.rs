@@ -422,6 +422,14 @@ settings! {
         /// the parameters, updates those and broadcasts them (ZeRO-1); the result is the same.
         #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
         shard_optimizer: bool = false,
+        /// Data-parallel runs: shard every weight, its gradient and its AdamW moments over the
+        /// ranks (ZeRO-3 / FSDP's full shard), so a rank holds 1/N of the model. Each decoder
+        /// layer is all-gathered just before it runs, again for its backward (it reruns there,
+        /// as with --gradient-checkpointing) and freed after; gradients are reduce-scattered.
+        /// The embedding, final norm and head are gathered for the step. Same result as one
+        /// process; checkpoints are the usual HF / PEFT files, resumable at any world size.
+        #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+        shard_params: bool = false,
         /// Ablation: load the reference model and compute its log-probs in every step.
         #[arg(num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
         ref_in_loop: bool = false,
@@ -625,6 +633,12 @@ impl TrainSettings {
         }
         if self.dtype == FloatDtype::F16 {
             bail!("train --dtype is f32 or bf16 (mixed precision over f32 weights)");
+        }
+        if self.shard_params && self.load_in_4bit {
+            bail!("--shard-params shards full-precision weights; a 4-bit base is not sharded yet: drop --load-in-4bit, or --shard-params");
+        }
+        if self.shard_params && self.ref_in_loop {
+            bail!("--shard-params with --ref-in-loop would hold the whole reference model on every rank: use the cached reference");
         }
         if self.resume && self.force {
             bail!("--resume continues a run and --force discards it: pass one of them");

@@ -175,6 +175,135 @@ mod mpi {
         assert_close_weights(&p.join("lora1/final/adapter_model.safetensors"), &p.join("lora2/final/adapter_model.safetensors"), 1e-6);
     }
 
+    /// Every tensor's moments in a checkpoint, whole, whichever layout wrote them.
+    fn moments(dir: &Path, names: &[String]) -> BTreeMap<String, Vec<f32>> {
+        let m = dpo_pipeline::train::shard::Moments::open(dir).unwrap();
+        let sizes = tensors(&dir.join("model.safetensors"));
+        let mut out = BTreeMap::new();
+        for n in names {
+            let numel = sizes[n].len();
+            for w in ["m", "v"] {
+                out.insert(format!("{w}.{n}"), m.range(w, n, numel, 0..numel, &candle_core::Device::Cpu).unwrap().to_vec1().unwrap());
+            }
+        }
+        out
+    }
+
+    /// ZeRO-3 (`--shard-params`): 2 ranks each holding half of every weight, gradient and moment
+    /// train as one process with the global batch: the same metrics and final weights (1e-6 of
+    /// each tensor's norm), full fine-tuning and LoRA; the checkpoint has the usual names and
+    /// layout (what transformers / PEFT load) and the moments as one file per rank with an index,
+    /// together equal to the one process's. KTO's short last micro-batch leaves a rank without
+    /// rows (it runs empty passes so the layers' collectives still meet), and token-budget
+    /// pieces give the ranks different numbers of passes.
+    #[test]
+    fn full_sharding_trains_as_one_process_with_the_global_batch() {
+        let _one = ONE_JOB.lock().unwrap_or_else(|e| e.into_inner());
+        let d = tmp();
+        let p = d.path();
+        let model = setup(p);
+        ok(p, &train_args("one", "4", &["--threads", "1", "--save-every", "2"]));
+        let e = mpirun(p, 2, &train_args("z3", "2", &["--shard-params", "--save-every", "2"]));
+        assert!(e.contains("weights, gradients and optimizer state sharded (ZeRO-3)") && e.contains("gathered while a step runs"), "{e}");
+        assert_same_metrics(p, "one", "z3", 1e-6);
+        assert_close_weights(&p.join("one/final/model.safetensors"), &p.join("z3/final/model.safetensors"), 1e-6);
+        for dir in ["z3/final", "z3/checkpoints/step-2"] {
+            let dir = p.join(dir);
+            for f in [
+                "optimizer.index.json",
+                "optimizer-00001-of-00002.safetensors",
+                "optimizer-00002-of-00002.safetensors",
+                "config.json",
+                "tokenizer.json",
+            ] {
+                assert!(dir.join(f).exists(), "{}: {f}", dir.display());
+            }
+            assert!(!dir.join("optimizer.safetensors").exists());
+        }
+        // The model file is the one process's in all but rounding: names, shapes, f32, "pt".
+        let names: Vec<String> = tensors(&p.join("one/final/model.safetensors")).into_keys().collect();
+        let meta = |f: &Path| {
+            let b = std::fs::read(f).unwrap();
+            let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+            let mut h: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+            for (_, v) in h.as_object_mut().unwrap().iter_mut() {
+                v.as_object_mut().map(|o| o.remove("data_offsets"));
+            }
+            h
+        };
+        assert_eq!(meta(&p.join("one/final/model.safetensors")), meta(&p.join("z3/final/model.safetensors")));
+        assert_eq!(std::fs::read(p.join("one/final/config.json")).unwrap(), std::fs::read(p.join("z3/final/config.json")).unwrap());
+        // The per-rank moments, read whole, are the one process's.
+        let (a, b) = (moments(&p.join("one/final"), &names), moments(&p.join("z3/final"), &names));
+        for (k, x) in &a {
+            let diff = x.iter().zip(&b[k]).map(|(p, q)| ((p - q) as f64).powi(2)).sum::<f64>().sqrt();
+            let norm = x.iter().map(|q| (*q as f64).powi(2)).sum::<f64>().sqrt().max(1e-12);
+            assert!(diff <= 1e-5 * norm, "{k}: {diff} of {norm}");
+        }
+        // Pieces of at most 40 tokens: the ranks run different numbers of passes.
+        mpirun(p, 2, &train_args("pieces", "2", &["--shard-params", "--batch-tokens", "40"]));
+        assert_same_metrics(p, "one", "pieces", 1e-6);
+        // LoRA: the frozen base sharded too.
+        let lora = ["--lora-r", "4", "--lora-targets", "all-linear"];
+        ok(p, &train_args("lora1", "4", &[&lora[..], &["--threads", "1"]].concat()));
+        mpirun(p, 2, &train_args("lora3", "2", &[&lora[..], &["--shard-params"]].concat()));
+        assert_same_metrics(p, "lora1", "lora3", 1e-6);
+        assert_close_weights(&p.join("lora1/final/adapter_model.safetensors"), &p.join("lora3/final/adapter_model.safetensors"), 1e-6);
+        assert_eq!(
+            std::fs::read(p.join("lora1/final/adapter_config.json")).unwrap(),
+            std::fs::read(p.join("lora3/final/adapter_config.json")).unwrap()
+        );
+        // KTO over two epochs of 76 rows in global micro-batches of 8: each epoch ends with 4
+        // rows, all on rank 0.
+        let data = golden("kto/imbalanced.parquet");
+        ok(p, &["prepare", "--input", s(&data), "--model", s(&model), "--out", "un", "--max-length", "64", "--eval-fraction", "0.2"]);
+        ok(p, &["cache-ref", "--prepared", "un", "--model", s(&model), "--out", "uc", "--kl-batch-size", "4"]);
+        let kto = |out: &'static str, batch: &'static str| {
+            vec![
+                "train", "--prepared", "un", "--ref-cache", "uc", "--out", out, "--loss", "kto", "--batch-size", batch, "--epochs", "2",
+                "--eval-every", "5", "--lr", "1e-3", "--adam-eps", "1e-3", "--save-every", "0", "--shuffle", "false",
+            ]
+        };
+        ok(p, &[kto("k1", "8"), vec!["--threads", "1"]].concat());
+        mpirun(p, 2, &[kto("k3", "4"), vec!["--shard-params"]].concat());
+        let rows = read_rows(p, "k1/metrics.parquet");
+        assert_eq!(rows.iter().filter(|r| r["loss"].is_number()).count(), 20, "10 micro-batches an epoch, the last of 4 rows");
+        assert_same_metrics(p, "k1", "k3", 3e-6);
+        assert_close_weights(&p.join("k1/final/model.safetensors"), &p.join("k3/final/model.safetensors"), 1e-6);
+        // What is not sharded yet is refused, naming the way out.
+        let e = fails(p, &train_args("q", "4", &["--shard-params", "--lora-r", "4", "--load-in-4bit"]));
+        assert!(e.contains("--shard-params") && e.contains("4-bit"), "{e}");
+    }
+
+    /// A fully sharded checkpoint resumes at another world size: 2 ranks → 1 process and 1 → 2,
+    /// each to the uninterrupted run's weights (the moments re-cut from the per-rank files).
+    #[test]
+    fn a_fully_sharded_run_resumes_at_any_world_size() {
+        let _one = ONE_JOB.lock().unwrap_or_else(|e| e.into_inner());
+        let d = tmp();
+        let p = d.path();
+        setup(p);
+        let args = |out: &'static str, batch: &'static str, extra: &[&'static str]| {
+            let mut a = train_args(out, batch, &["--save-every", "2", "--shard-params"]);
+            a.extend_from_slice(extra);
+            a
+        };
+        ok(p, &train_args("whole", "4", &["--save-every", "2", "--threads", "1"]));
+        mpirun(p, 2, &args("a", "2", &["--stop-after-steps", "2"]));
+        ok(p, &args("a", "4", &["--resume", "--threads", "1"]));
+        assert!(p.join("a/final/optimizer-00001-of-00001.safetensors").exists());
+        assert_close_weights(&p.join("whole/final/model.safetensors"), &p.join("a/final/model.safetensors"), 1e-6);
+        assert_same_metrics(p, "whole", "a", 1e-6);
+        ok(p, &args("b", "4", &["--stop-after-steps", "2", "--threads", "1"]));
+        mpirun(p, 2, &args("b", "2", &["--resume"]));
+        assert_close_weights(&p.join("whole/final/model.safetensors"), &p.join("b/final/model.safetensors"), 1e-6);
+        assert_same_metrics(p, "whole", "b", 1e-6);
+        // And a ZeRO-3 checkpoint continues without sharding (the moments read whole).
+        ok(p, &train_args("c", "4", &["--save-every", "2", "--shard-params", "--stop-after-steps", "2", "--threads", "1"]));
+        mpirun(p, 2, &train_args("c", "2", &["--save-every", "2", "--resume"]));
+        assert_close_weights(&p.join("whole/final/model.safetensors"), &p.join("c/final/model.safetensors"), 1e-6);
+    }
+
     /// The cursor is global and the fingerprint holds the global batch, so a run checkpointed by
     /// 2 ranks continues in 1 process (and the reverse) to the uninterrupted run's weights.
     #[test]
@@ -208,11 +337,19 @@ mod mpi {
     #[test]
     fn a_killed_rank_ends_the_job_naming_it() {
         let _one = ONE_JOB.lock().unwrap_or_else(|e| e.into_inner());
+        for sharding in [None, Some("--shard-params")] {
+            a_killed_rank_ends_the_job(sharding);
+        }
+    }
+
+    fn a_killed_rank_ends_the_job(extra: Option<&str>) {
         let d = tmp();
         let p = d.path();
         setup(p);
-        let args =
-            ["train", "--prepared", "prep", "--ref-cache", "cache", "--out", "k", "--batch-size", "2", "--max-steps", "100000", "--save-every", "5"];
+        let mut args = vec![
+            "train", "--prepared", "prep", "--ref-cache", "cache", "--out", "k", "--batch-size", "2", "--max-steps", "100000", "--save-every", "5",
+        ];
+        args.extend(extra);
         let mut child = mpirun_cmd(p, 2, &args).stderr(std::process::Stdio::piped()).spawn().unwrap();
         // Wait until the ranks are training (the first metrics line), then kill one of them.
         let started = Instant::now();

@@ -9,7 +9,9 @@
 //! The forward takes explicit positions and attention blocks, so callers can right-pad, pack
 //! or share a prompt between chosen and rejected; attention never stores (tokens × tokens)
 //! scores (`attention`). With gradient checkpointing each layer keeps only its input and
-//! reruns in the backward (`Checkpoint`). Shapes: n tokens, nh query heads, nkv key/value heads
+//! reruns in the backward (`Checkpoint`). Under full sharding the decoder holds no layer at
+//! all: each layer is built from weights a [`LayerSource`] gathers just before it runs (again
+//! for its backward) and dropped after, its gradients handed back to the source. Shapes: n tokens, nh query heads, nkv key/value heads
 //! (g = nh / nkv share one), hd head dim, d hidden.
 use super::attention::{self, AttnLayout, AttnOptions, Span};
 use super::config::{Activation, ExpertNames, LayerSpec, ModelConfig, MoeConfig, NormPlacement, NormStyle, QkNorm};
@@ -150,6 +152,24 @@ pub struct DecoderOptions {
     /// Gradient checkpointing: each layer keeps only its input and reruns in the backward;
     /// the parameters' gradients are collected here (see [`GradSink`]).
     pub checkpoint: Option<Arc<GradSink>>,
+    /// Fully sharded training: the layers' weights come from here, one layer at a time (the
+    /// tensors given to the decoder then hold only the embedding, final norm and head).
+    pub layers_from: Option<Arc<dyn LayerSource>>,
+}
+
+/// One decoder layer's full weights (HF names), and which of them are trained.
+pub struct Gathered {
+    pub tensors: HashMap<String, Tensor>,
+    pub trained: Vec<String>,
+}
+
+/// Where a decoder's layer weights live when no rank holds them whole (`--shard-params`):
+/// `gather` assembles layer i from the ranks' shards, `reduce` hands its weight gradients back
+/// (summed over the ranks, each keeping its shard). Both are collectives: every rank calls
+/// them in the same order, which the decoder's fixed layer order gives.
+pub trait LayerSource: Send + Sync {
+    fn gather(&self, layer: usize) -> Result<Gathered>;
+    fn reduce(&self, layer: usize, grads: HashMap<String, Tensor>) -> Result<()>;
 }
 
 /// `t` in `dtype` (a no-op when it already is).
@@ -657,13 +677,19 @@ impl GradSink {
 /// and returns the input's. The layer's output and, for MoE layers, its router logits travel
 /// as one tensor [n, d + experts].
 struct Checkpoint {
-    layer: Arc<DecoderLayer>,
+    layer: Held,
     shared: Arc<Shared>,
     sink: Arc<GradSink>,
     /// The adapter dropout's generator state when the layer first ran, so the rerun draws
     /// the same masks.
     dropout_state: Option<(Arc<Mutex<Rng>>, Rng)>,
     out: Tensor,
+}
+
+/// A checkpointed layer's weights: held by the decoder, or gathered again for the backward.
+enum Held {
+    Layer(Arc<DecoderLayer>),
+    Gathered { source: Arc<dyn LayerSource>, index: usize, cfg: Arc<ModelConfig>, opts: DecoderOptions },
 }
 
 impl Checkpoint {
@@ -684,13 +710,45 @@ impl Checkpoint {
             *rng.lock().unwrap_or_else(|e| e.into_inner()) = *state;
         }
         let x = Var::from_tensor(&x.detach())?;
-        let out = Self::packed(&self.layer.forward(x.as_tensor(), &self.shared)?)?;
-        let grads = (out.to_dtype(accum_dtype(out.dtype()))? * grad.detach().to_dtype(accum_dtype(out.dtype()))?)?.sum_all()?.backward()?;
-        for p in self.layer.params() {
-            if let Some(g) = grads.get(p) {
-                self.sink.add(p.id(), g.clone())?;
+        let backward = |layer: &DecoderLayer| -> Result<candle_core::backprop::GradStore> {
+            let out = Self::packed(&layer.forward(x.as_tensor(), &self.shared)?)?;
+            Ok((out.to_dtype(accum_dtype(out.dtype()))? * grad.detach().to_dtype(accum_dtype(out.dtype()))?)?.sum_all()?.backward()?)
+        };
+        let grads = match &self.layer {
+            Held::Layer(layer) => {
+                let grads = backward(layer)?;
+                for p in layer.params() {
+                    if let Some(g) = grads.get(p) {
+                        self.sink.add(p.id(), g.clone())?;
+                    }
+                }
+                grads
             }
-        }
+            Held::Gathered { source, index, cfg, opts } => {
+                // The trained weights become leaves of this local graph; the layer is dropped
+                // (its full weights freed) before the gradients go back to the source.
+                let Gathered { mut tensors, trained } = source.gather(*index)?;
+                let mut leaves = Vec::with_capacity(trained.len());
+                for n in &trained {
+                    let v = Var::from_tensor(&tensors[n])?;
+                    tensors.insert(n.clone(), v.as_tensor().clone());
+                    leaves.push((n.clone(), v));
+                }
+                let grads = backward(&DecoderLayer::load(&tensors, cfg, *index, opts)?)?;
+                drop(tensors);
+                let mut out = HashMap::with_capacity(leaves.len());
+                for (n, v) in leaves {
+                    // An expert no token was routed to gets no gradient: zero.
+                    let g = match grads.get(v.as_tensor()) {
+                        Some(g) => g.clone(),
+                        None => v.as_tensor().zeros_like()?,
+                    };
+                    out.insert(n, g);
+                }
+                source.reduce(*index, out)?;
+                grads
+            }
+        };
         Ok(grads.get(x.as_tensor()).context("checkpointed layer: no gradient for its input")?.clone())
     }
 }
@@ -733,6 +791,8 @@ pub struct Decoder {
     pub device: Device,
     checkpoint: Option<Arc<GradSink>>,
     dropout_rng: Option<Arc<Mutex<Rng>>>,
+    /// Under full sharding: where the layers come from, and how to build them.
+    source: Option<(Arc<dyn LayerSource>, Arc<ModelConfig>, DecoderOptions)>,
 }
 
 /// What a forward returns: final-norm hidden states, every layer's keys and values (to start
@@ -755,7 +815,11 @@ impl Decoder {
         let p = &cfg.prefix;
         let embed_tokens = get(t, &format!("{p}embed_tokens.weight"))?;
         let dtype = opts.compute_dtype.unwrap_or(embed_tokens.dtype());
-        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(t, cfg, i, opts).map(Arc::new)).collect::<Result<Vec<_>>>()?;
+        let layers = match &opts.layers_from {
+            Some(_) => Vec::new(),
+            None => (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(t, cfg, i, opts).map(Arc::new)).collect::<Result<Vec<_>>>()?,
+        };
+        let layer_opts = DecoderOptions { layers_from: None, checkpoint: None, ..opts.clone() };
         Ok(Self {
             lm_head: if cfg.tie_word_embeddings || opts.without_lm_head { None } else { Some(get(t, "lm_head.weight")?) },
             norm: Norm::load(t, &format!("{p}norm"), cfg)?,
@@ -766,6 +830,7 @@ impl Decoder {
             cfg: cfg.clone(),
             checkpoint: opts.checkpoint.clone(),
             dropout_rng: opts.lora_dropout.as_ref().map(|d| d.rng.clone()),
+            source: opts.layers_from.clone().map(|s| (s, Arc::new(cfg.clone()), layer_opts)),
         })
     }
 
@@ -840,15 +905,24 @@ impl Decoder {
         let shared = Arc::new(Shared { layout: Arc::new(layout.attn_layout()), rope: self.rope_tables(&layout.positions)? });
         let mut kv = Vec::with_capacity(self.layers.len());
         let mut router_logits = Vec::new();
-        for layer in &self.layers {
+        for i in 0..self.cfg.num_hidden_layers {
+            // Under full sharding the layer is gathered now and dropped once it has run.
+            let layer = match &self.source {
+                Some((source, cfg, opts)) => Arc::new(DecoderLayer::load(&source.gather(i)?.tensors, cfg, i, opts)?),
+                None => self.layers[i].clone(),
+            };
             match &self.checkpoint {
-                Some(sink) if x.track_op() || layer.params().iter().any(|p| p.track_op()) => {
+                Some(sink) if self.source.is_some() || x.track_op() || layer.params().iter().any(|p| p.track_op()) => {
                     let dropout_state = self.dropout_rng.as_ref().map(|r| (r.clone(), *r.lock().unwrap_or_else(|e| e.into_inner())));
                     let out = {
                         let o = layer.forward(&x.detach(), &shared)?;
                         Checkpoint::packed(&o)?.detach()
                     };
-                    let op = Checkpoint { layer: layer.clone(), shared: shared.clone(), sink: sink.clone(), dropout_state, out };
+                    let held = match &self.source {
+                        Some((source, cfg, opts)) => Held::Gathered { source: source.clone(), index: i, cfg: cfg.clone(), opts: opts.clone() },
+                        None => Held::Layer(layer),
+                    };
+                    let op = Checkpoint { layer: held, shared: shared.clone(), sink: sink.clone(), dropout_state, out };
                     // candle records an op only when its input takes part in autograd; under
                     // LoRA the first layer's input (a frozen embedding) does not, so it becomes a
                     // leaf that does (its gradient is computed and dropped).
@@ -899,6 +973,7 @@ impl Decoder {
     /// One decoding step: `ids[r]` appended to row r of the cache; returns the final-norm
     /// hidden states [rows, d] of the new tokens.
     pub fn decode(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        anyhow::ensure!(self.source.is_none(), "a fully sharded decoder does not decode: sample from a saved model");
         let b = ids.len();
         anyhow::ensure!(cache.rows() == b, "one token per cache row");
         let capacity = cache.k.first().map_or(0, |t| t.dim(2).unwrap_or(0));

@@ -114,17 +114,27 @@ pub fn load_weights(model_dir: &Path, cfg: &ModelConfig, dtype: DType, device: &
 
 /// Loads these tensors, converted to `dtype`. A missing tensor is an error naming it.
 pub fn load_named(model_dir: &Path, names: &[String], dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    load_each(model_dir, names, dtype, device, |name, t| {
+        out.insert(name.to_string(), t);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Hands each of these tensors, converted to `dtype`, to `f` in turn, its file pages released
+/// after: memory holds what `f` keeps (a rank's shard, under full sharding), not the model.
+pub fn load_each(model_dir: &Path, names: &[String], dtype: DType, device: &Device, mut f: impl FnMut(&str, Tensor) -> Result<()>) -> Result<()> {
     let files = weight_files(model_dir)?;
     // SAFETY: weights are read-only inputs; we do not expect them to change while mapped.
     let st = unsafe { MmapedSafetensors::multi(&files) }.with_context(|| format!("{}: cannot read safetensors", model_dir.display()))?;
-    let mut out = HashMap::new();
     for name in names {
         let t =
             st.load(name, device).map_err(|_| anyhow::anyhow!("{}: tensor `{name}` is missing from the safetensors files", model_dir.display()))?;
-        out.insert(name.clone(), t.to_dtype(dtype)?);
+        f(name, t.to_dtype(dtype)?)?;
         release(&st, name);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Drops tensor `name`'s pages of the mapped weight files from this process once it has been
@@ -153,6 +163,15 @@ pub fn save_weights(path: &Path, tensors: &BTreeMap<String, Tensor>, dtype: DTyp
     let file = crate::store::PartialFile::create(path)?;
     safetensors::serialize_to_file(converted.iter().map(|(k, t)| (k.as_str(), t)), Some(meta), file.partial())
         .map_err(|e| crate::store::space::write_error(file.partial(), e))?;
+    file.commit()
+}
+
+/// Saves tensors whose bytes come when the writer asks for them (`View`s), as `save_weights`'s
+/// file: memory holds one tensor at a time.
+pub fn save_views<V: safetensors::View>(path: &Path, views: Vec<(String, V)>) -> Result<()> {
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let file = crate::store::PartialFile::create(path)?;
+    safetensors::serialize_to_file(views, Some(meta), file.partial()).map_err(|e| crate::store::space::write_error(file.partial(), e))?;
     file.commit()
 }
 

@@ -21,6 +21,7 @@ use crate::train::metrics::{self, Row, Stats};
 use crate::train::optim::{clip_scale, global_norm, lr_factor, AdamW, AdamWConfig};
 use crate::train::plan::Plan;
 use crate::train::policy::{Policy, Trainable};
+use crate::train::shard::Moments;
 use crate::train::step::{batch_loss, gradients, split_by_tokens, Refs, Whole, UNPAIRED_SUMS};
 use crate::train::tensorboard::EventWriter;
 use anyhow::{bail, Context, Result};
@@ -304,14 +305,21 @@ fn eval_pass(
         let pairs: Vec<PairView> = mine.iter().map(|&i| prepared.pair(i as usize)).collect();
         let refs = cache.map(|c| RefRows::of(c, &mine));
         let mut reduce = |b: &mut [f64]| world.sum_f64(b);
-        if !pairs.is_empty() {
-            for r in pieces(cfg, loss, &pairs, budget)? {
-                let refs = refs.as_ref().map(|x| x.view().slice(r.clone()));
-                let b = batch_loss(&policy.eval_decoder, cfg.layout, loss, &pairs[r.clone()], refs, whole, &mut reduce)?;
-                b.record(&mut stats);
-            }
-        } else if loss.unpaired() {
+        let pieces = if pairs.is_empty() { vec![] } else { pieces(cfg, loss, &pairs, budget)? };
+        for _ in pieces.len()..passes_over_ranks(policy, world, pieces.len()) {
+            idle_pass(policy, false, &mut || {
+                if loss.unpaired() {
+                    reduce(&mut [0.0; UNPAIRED_SUMS]);
+                }
+            })?;
+        }
+        if pairs.is_empty() && loss.unpaired() && policy.shards.is_none() {
             reduce(&mut [0.0; UNPAIRED_SUMS]); // the other ranks' batch-wide sums
+        }
+        for r in pieces {
+            let refs = refs.as_ref().map(|x| x.view().slice(r.clone()));
+            let b = batch_loss(&policy.eval_decoder, cfg.layout, loss, &pairs[r.clone()], refs, whole, &mut reduce)?;
+            b.record(&mut stats);
         }
         stats.reduce_micro(world);
         stats.end_micro();
@@ -319,6 +327,31 @@ fn eval_pass(
     let mut row = Row::new();
     stats.into_row("eval/", &mut row);
     Ok(row)
+}
+
+/// Passes every rank runs for this micro-batch: its own, or under --shard-params the most any
+/// rank runs (a collective).
+fn passes_over_ranks(policy: &Policy, world: &World, mine: usize) -> usize {
+    if policy.shards.is_none() || world.size == 1 {
+        return mine;
+    }
+    let mut n = [mine as f64];
+    world.max_f64(&mut n);
+    n[0] as usize
+}
+
+/// An empty pass under --shard-params: one token through every layer, so this rank joins the
+/// busier ranks' gathers and reduce-scatters in the same order; its loss is 0, its gradients
+/// zero. `between` runs where a real pass computes its loss (KTO's cross-rank sums).
+fn idle_pass(policy: &Policy, train: bool, between: &mut dyn FnMut()) -> Result<Option<Vec<Tensor>>> {
+    let layout = crate::model::decoder::SeqLayout::causal(&[0]);
+    let hidden = if train { &policy.decoder } else { &policy.eval_decoder }.hidden(&layout)?;
+    between();
+    if !train {
+        return Ok(None);
+    }
+    let loss = hidden.to_dtype(DType::F32)?.sum_all()?.affine(0.0, 0.0)?;
+    Ok(Some(gradients(&loss, policy)?))
 }
 
 /// The most tokens the memory plan's probe pair computes.
@@ -372,6 +405,8 @@ fn memory_plan(
     let probe_tokens = crate::score::layout::computed_tokens(cfg.layout, &pair);
     let device = policy.vars[0].device().clone();
     let trainable_bytes = policy.trainable_bytes();
+    // Under --shard-params what is gathered for a step is its own figure, not activations.
+    let gathered_bytes = policy.shards.as_ref().map_or(0, |s| s.transient_bytes());
     let measure = |policy: &mut Policy, checkpointing: bool| -> Result<f64> {
         policy.set_checkpointing(checkpointing);
         let pairs = [pair];
@@ -392,7 +427,7 @@ fn memory_plan(
         let before = used();
         let b = batch_loss(&policy.decoder, cfg.layout, loss, &pairs, refs.as_ref().map(RefRows::view), Whole::of(&pairs), &mut |_| {})?;
         drop(gradients(&b.loss, policy)?);
-        let above = used().saturating_sub(before + trainable_bytes);
+        let above = used().saturating_sub(before + trainable_bytes + gathered_bytes);
         Ok((above as f64 / probe_tokens as f64).max(1.0))
     };
     // A second set of gradients while micro-batches (or pieces) add up.
@@ -409,6 +444,7 @@ fn memory_plan(
         gradient_bytes: trainable_bytes + if cfg.grad_accum > 1 || cfg.batch_tokens.is_some() { accumulating } else { 0 },
         optimizer_bytes,
         other_bytes,
+        gathered_bytes,
         probe_tokens,
         largest_micro_batch_tokens: lengths.iter().take(cfg.batch_size).map(|(t, _)| t).sum(),
         gradient_checkpointing: cfg.gradient_checkpointing,
@@ -469,6 +505,9 @@ fn save_checkpoint(
     world: &World,
 ) -> Result<()> {
     world.barrier();
+    if let Some(s) = &policy.shards {
+        return save_sharded_checkpoint(dir, policy, s, opt, state, tokenizer_from, world);
+    }
     let Some(moments) = gathered_moments(policy, opt, owner, world)? else { return Ok(()) };
     // Written under a temporary name and renamed, so a checkpoint directory is always whole.
     let tmp = dir.with_extension("partial");
@@ -486,6 +525,46 @@ fn save_checkpoint(
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
+    let _ = std::fs::remove_dir_all(dir);
+    crate::store::atomic::rename_durable(&tmp, dir)
+}
+
+/// `save_checkpoint` under full sharding: rank 0 writes the weights as they are gathered one at
+/// a time, every rank its own moments; renamed into place once every rank has written.
+fn save_sharded_checkpoint(
+    dir: &Path,
+    policy: &Policy,
+    s: &crate::train::shard::Sharded,
+    opt: &AdamW,
+    state: &TrainerState,
+    tokenizer_from: &Path,
+    world: &World,
+) -> Result<()> {
+    let tmp = dir.with_extension("partial");
+    let mut ok = [1.0];
+    if world.is_root() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        let numel = s.total_params(&policy.names);
+        let made = std::fs::create_dir_all(&tmp)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| crate::store::ensure_free(&[(tmp.join("model.safetensors"), 3 * 4 * numel)], &format!("checkpoint {}", dir.display())));
+        if let Err(e) = &made {
+            eprintln!("error: {e:#}");
+            ok[0] = 0.0;
+        }
+    }
+    world.broadcast_f64(&mut ok, 0);
+    if ok[0] == 0.0 {
+        bail!("checkpoint {}: rank 0 could not make room for it (above)", dir.display());
+    }
+    policy.save(&tmp, tokenizer_from)?;
+    let moments = (0..policy.names.len()).map(|i| opt.moments(i, &policy.vars[i])).collect::<Result<Vec<_>>>()?;
+    s.save_moments(&tmp, &policy.names, &moments)?;
+    world.barrier();
+    if !world.is_root() {
+        return Ok(());
+    }
+    write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
     let _ = std::fs::remove_dir_all(dir);
     crate::store::atomic::rename_durable(&tmp, dir)
 }
@@ -513,12 +592,21 @@ fn restore(dir: &Path, fp: &str, policy: &Policy, opt: &mut AdamW) -> Result<Sta
     }
     policy.restore(dir)?;
     let device = policy.vars[0].device().clone();
-    let opt_path = dir.join("optimizer.safetensors");
-    // SAFETY: checkpoint files are ours and not modified while mapped.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&opt_path) }.with_context(|| format!("cannot read {}", opt_path.display()))?;
+    // Whichever layout wrote the moments (whole tensors, or a sharded run's per-rank files at any
+    // world size), each parameter's as this run holds it.
+    let moments = Moments::open(dir)?;
     for (i, n) in policy.names.iter().enumerate() {
-        let m = st.load(&format!("m.{n}"), &device).with_context(|| format!("{}: m.{n}", opt_path.display()))?;
-        let v = st.load(&format!("v.{n}"), &device).with_context(|| format!("{}: v.{n}", opt_path.display()))?;
+        let (m, v) = match &policy.shards {
+            Some(s) => {
+                let (numel, w) = (s.total_params(std::slice::from_ref(n)) as usize, s.world());
+                (moments.shard("m", n, numel, w.size, w.rank, &device)?, moments.shard("v", n, numel, w.size, w.rank, &device)?)
+            }
+            None => {
+                let shape = policy.vars[i].shape().clone();
+                let numel = shape.elem_count();
+                (moments.range("m", n, numel, 0..numel, &device)?.reshape(&shape)?, moments.range("v", n, numel, 0..numel, &device)?.reshape(&shape)?)
+            }
+        };
         opt.set_moments(i, &m, &v)?;
     }
     opt.t = state.adam_t;
@@ -676,7 +764,7 @@ impl<'a> Trainer<'a> {
         // how many checkpoints are kept and where else metrics go change no result either.
         for k in [
             "resume", "force", "prepared", "ref_cache", "out", "model", "stop_after_steps", "adapter", "gradient_checkpointing", "batch_tokens",
-            "max_memory", "shard_optimizer", "save_total_limit", "report_to", "logging_dir",
+            "max_memory", "shard_optimizer", "shard_params", "save_total_limit", "report_to", "logging_dir",
         ] {
             settings.as_object_mut().expect("a struct").remove(k);
         }
@@ -736,19 +824,23 @@ impl<'a> Trainer<'a> {
             decision.split_once('\n').map(|(f, d)| (f.to_string(), (!d.is_empty()).then(|| PathBuf::from(d)))).context("rank 0's decision")?;
 
         let device = model::device()?;
-        let mut policy = Policy::load_mixed(
-            &model_dir,
-            cfg.base_dtype.dtype(),
-            Some(cfg.compute_dtype().dtype()),
-            &trainable(cfg)?,
-            cfg.gradient_checkpointing,
-            cfg.quant().as_ref(),
-            &device,
-        )?;
+        let mut policy = if cfg.shard_params {
+            Policy::load_sharded(&model_dir, cfg.base_dtype.dtype(), Some(cfg.compute_dtype().dtype()), &trainable(cfg)?, world, &device)?
+        } else {
+            Policy::load_mixed(
+                &model_dir,
+                cfg.base_dtype.dtype(),
+                Some(cfg.compute_dtype().dtype()),
+                &trainable(cfg)?,
+                cfg.gradient_checkpointing,
+                cfg.quant().as_ref(),
+                &device,
+            )?
+        };
         let adam = AdamWConfig { lr: cfg.lr, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay };
         // ZeRO-1: each parameter's moments live on one rank, which updates it and broadcasts it.
-        let owner =
-            (cfg.shard_optimizer && world.size > 1).then(|| owners(&policy.vars.iter().map(|v| v.elem_count()).collect::<Vec<_>>(), world.size));
+        let owner = (cfg.shard_optimizer && !cfg.shard_params && world.size > 1)
+            .then(|| owners(&policy.vars.iter().map(|v| v.elem_count()).collect::<Vec<_>>(), world.size));
         let mut opt = match &owner {
             Some(o) => AdamW::sharded(adam, &policy.vars, &o.iter().map(|&r| r == world.rank).collect::<Vec<_>>())?,
             None => AdamW::new(adam, &policy.vars)?,
@@ -768,7 +860,11 @@ impl<'a> Trainer<'a> {
                 "train: {} ranks, {} pairs per rank per micro-batch, global batch {per_step} pairs per step{}",
                 world.size,
                 cfg.batch_size,
-                if owner.is_some() { ", optimizer state sharded (ZeRO-1)" } else { "" }
+                match (cfg.shard_params, owner.is_some()) {
+                    (true, _) => ", weights, gradients and optimizer state sharded (ZeRO-3)",
+                    (false, true) => ", optimizer state sharded (ZeRO-1)",
+                    _ => "",
+                }
             );
         }
         // The reference is what cache-ref ran, whatever the policy starts from.
@@ -877,10 +973,25 @@ impl<'a> Trainer<'a> {
                 (None, None) => None,
             };
             let mut reduce = |b: &mut [f64]| world.sum_f64(b);
-            if pairs.is_empty() && self.loss.unpaired() {
+            let pieces = pieces(cfg, &self.loss, &pairs, self.budget)?;
+            // Under --shard-params every rank runs as many passes as the busiest one (each pass's
+            // layers are collectives); a rank with fewer runs empty ones.
+            for _ in pieces.len()..passes_over_ranks(&self.policy, world, pieces.len()) {
+                let grads = idle_pass(&self.policy, true, &mut || {
+                    if self.loss.unpaired() {
+                        reduce(&mut [0.0; UNPAIRED_SUMS]); // the other ranks' batch-wide sums
+                    }
+                })?
+                .expect("a training pass");
+                acc = Some(match acc {
+                    None => grads,
+                    Some(a) => a.iter().zip(&grads).map(|(x, y)| x + y).collect::<candle_core::Result<_>>()?,
+                });
+            }
+            if pairs.is_empty() && self.loss.unpaired() && self.policy.shards.is_none() {
                 reduce(&mut [0.0; UNPAIRED_SUMS]); // a short last micro-batch: the other ranks' sums
             }
-            for r in pieces(cfg, &self.loss, &pairs, self.budget)? {
+            for r in pieces {
                 let t = Instant::now();
                 let refs = refs.as_ref().map(|x| x.view().slice(r.clone()));
                 let b = batch_loss(&self.policy.decoder, cfg.layout, &self.loss, &pairs[r.clone()], refs, whole, &mut reduce)?;
@@ -899,13 +1010,25 @@ impl<'a> Trainer<'a> {
             stats.reduce_micro(world);
             stats.end_micro();
         }
-        // Each rank's gradient is its share of the global mean: summed, it is the whole.
-        let grads = world.sum_tensors(acc.expect("grad_accum >= 1"))?;
+        // Each rank's gradient is its share of the global mean: summed, it is the whole (under
+        // --shard-params the backward already reduce-scattered it: each rank has its shard's sum).
+        let acc = acc.expect("grad_accum >= 1");
+        let grads = if self.policy.shards.is_some() { acc } else { world.sum_tensors(acc)? };
         world.sum_f64(&mut counts);
         self.num_tokens += counts[1] as u64;
         let t = Instant::now();
-        let grad_norm = global_norm(&grads)?;
+        let grad_norm = match &self.policy.shards {
+            Some(_) => {
+                let mut sq = [global_norm(&grads)?.powi(2)];
+                world.sum_f64(&mut sq);
+                sq[0].sqrt()
+            }
+            None => global_norm(&grads)?,
+        };
         self.opt.step_scaled(&self.policy.vars, &grads, lr, clip_scale(grad_norm, cfg.max_grad_norm))?;
+        if let Some(s) = &self.policy.shards {
+            s.refresh_root()?;
+        }
         if let Some(o) = &self.owner {
             for (i, v) in self.policy.vars.iter().enumerate() {
                 let t = world.broadcast_tensor(v.as_tensor(), o[i])?;
@@ -1068,7 +1191,8 @@ impl<'a> Trainer<'a> {
             "gradient_checkpointing": self.policy.grad_sink.is_some(),
             "memory_plan": self.memory_plan,
             "world_size": self.world.size,
-            "shard_optimizer": self.owner.is_some(),
+            "shard_optimizer": self.owner.is_some() || self.cfg.shard_params,
+            "shard_params": self.cfg.shard_params,
             "best_metric": self.best.best_metric,
             "best_model_checkpoint": self.best.best_model_checkpoint,
             "stopped_early": self.stopped_early,

@@ -14,14 +14,17 @@ use candle_core::{DType, Tensor};
 /// parameter; bounded extra host memory).
 const BUCKET_BYTES: usize = 25 << 20;
 
-/// This process's place among the training processes.
+/// This process's place among the training processes. Cloning it shares the connection (the
+/// fully sharded decoder's layers hold one to gather their weights; Rc, as collectives run only
+/// on the training thread).
+#[derive(Clone)]
 pub struct World {
     pub rank: usize,
     pub size: usize,
     #[cfg(feature = "mpi")]
-    mpi: Option<Mpi>,
+    mpi: Option<std::rc::Rc<Mpi>>,
     #[cfg(feature = "nccl")]
-    nccl: Option<super::nccl::Nccl>,
+    nccl: Option<std::rc::Rc<super::nccl::Nccl>>,
 }
 
 #[cfg(feature = "mpi")]
@@ -74,7 +77,7 @@ impl World {
                 size,
                 #[cfg(feature = "mpi")]
                 mpi: None,
-                nccl: Some(nccl),
+                nccl: Some(std::rc::Rc::new(nccl)),
             });
         }
         #[cfg(feature = "mpi")]
@@ -101,7 +104,7 @@ impl World {
         Ok(World {
             rank,
             size,
-            mpi: Some(Mpi { comm, _universe: universe }),
+            mpi: Some(std::rc::Rc::new(Mpi { comm, _universe: universe })),
             #[cfg(feature = "nccl")]
             nccl: None,
         })
@@ -307,6 +310,52 @@ impl World {
                 Tensor::from_vec(v, t.shape(), t.device())?.to_dtype(dt)?
             }
         })
+    }
+}
+
+impl World {
+    /// ZeRO-3: every rank's flat f32 `shard` [c] concatenated in rank order [W·c].
+    pub fn all_gather(&self, shard: &Tensor) -> Result<Tensor> {
+        if self.size == 1 {
+            return Ok(shard.clone());
+        }
+        #[cfg(feature = "nccl")]
+        if let Some(n) = &self.nccl {
+            return n.all_gather_tensor(shard, self.size);
+        }
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            use mpi::traits::CommunicatorCollectives;
+            let v: Vec<f32> = shard.to_vec1()?;
+            let mut out = vec![0f32; v.len() * self.size];
+            m.comm.all_gather_into(&v[..], &mut out[..]);
+            return Ok(Tensor::from_vec(out, v.len() * self.size, shard.device())?);
+        }
+        bail!("no engine to gather shards over {} ranks", self.size)
+    }
+
+    /// ZeRO-3: `full` [W·c] holds one block of c per rank; every rank's blocks summed, this
+    /// rank's block [c] (the gradients' reduce-scatter).
+    pub fn reduce_scatter(&self, full: &Tensor) -> Result<Tensor> {
+        if self.size == 1 {
+            return Ok(full.clone());
+        }
+        let c = full.elem_count() / self.size;
+        #[cfg(feature = "nccl")]
+        if let Some(n) = &self.nccl {
+            return n.reduce_scatter_tensor(full, self.size);
+        }
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            use mpi::collective::SystemOperation;
+            use mpi::traits::CommunicatorCollectives;
+            let v: Vec<f32> = full.to_vec1()?;
+            let mut out = vec![0f32; c];
+            m.comm.reduce_scatter_block_into(&v[..], &mut out[..], SystemOperation::sum());
+            return Ok(Tensor::from_vec(out, c, full.device())?);
+        }
+        let _ = c;
+        bail!("no engine to reduce-scatter over {} ranks", self.size)
     }
 }
 

@@ -9,5 +9,6 @@ pub mod optim;
 pub mod plan;
 pub mod plot;
 pub mod policy;
+pub mod shard;
 pub mod step;
 pub mod tensorboard;

@@ -144,12 +144,22 @@ impl Nccl {
 
     /// Every rank's f32 tensor summed on the device.
     pub fn sum_tensor(&self, t: &Tensor) -> Result<Tensor> {
-        Ok(t.apply_op1_no_bwd(&DeviceCollective { nccl: self, root: None })?)
+        Ok(t.apply_op1_no_bwd(&DeviceCollective { nccl: self, kind: Kind::Sum })?)
     }
 
     /// Rank `root`'s f32 tensor on every rank.
     pub fn broadcast_tensor(&self, t: &Tensor, root: usize) -> Result<Tensor> {
-        Ok(t.apply_op1_no_bwd(&DeviceCollective { nccl: self, root: Some(root) })?)
+        Ok(t.apply_op1_no_bwd(&DeviceCollective { nccl: self, kind: Kind::Broadcast(root) })?)
+    }
+
+    /// ZeRO-3: every rank's flat f32 shard [c], concatenated in rank order [W·c].
+    pub fn all_gather_tensor(&self, t: &Tensor, world: usize) -> Result<Tensor> {
+        Ok(t.apply_op1_no_bwd(&DeviceCollective { nccl: self, kind: Kind::AllGather(world) })?)
+    }
+
+    /// ZeRO-3: this rank's block [c] of every rank's [W·c] summed.
+    pub fn reduce_scatter_tensor(&self, t: &Tensor, world: usize) -> Result<Tensor> {
+        Ok(t.apply_op1_no_bwd(&DeviceCollective { nccl: self, kind: Kind::ReduceScatter(world) })?)
     }
 }
 
@@ -157,11 +167,19 @@ fn nccl<T>(r: Result<T, impl std::fmt::Debug>) -> Result<()> {
     r.map(|_| ()).map_err(|e| anyhow::anyhow!("{e:?}"))
 }
 
-/// A sum (root None) or a broadcast from `root`, as a candle op so it reads and writes the
-/// tensors' device memory directly.
+/// What a [`DeviceCollective`] does (the world size where the output's length depends on it).
+#[derive(Clone, Copy)]
+enum Kind {
+    Sum,
+    Broadcast(usize),
+    AllGather(usize),
+    ReduceScatter(usize),
+}
+
+/// A collective as a candle op, so it reads and writes the tensors' device memory directly.
 struct DeviceCollective<'a> {
     nccl: &'a Nccl,
-    root: Option<usize>,
+    kind: Kind,
 }
 
 impl CustomOp1 for DeviceCollective<'_> {
@@ -180,14 +198,23 @@ impl CustomOp1 for DeviceCollective<'_> {
         // The tensor may come from another stream than NCCL's: let its work finish first.
         dev.cuda_stream().synchronize().map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
         let n = &self.nccl;
-        let out = n.run(if self.root.is_some() { "broadcast" } else { "all-reduce" }, || {
-            let mut out = n.stream.alloc_zeros::<f32>(end - start)?;
-            match self.root {
-                None => nccl(n.comm.all_reduce(&src, &mut out, &ReduceOp::Sum))?,
-                Some(r) => nccl(n.comm.broadcast(Some(&src), &mut out, r as i32))?,
+        let len = end - start;
+        let (what, out_len) = match self.kind {
+            Kind::Sum => ("all-reduce", len),
+            Kind::Broadcast(_) => ("broadcast", len),
+            Kind::AllGather(w) => ("all-gather", len * w),
+            Kind::ReduceScatter(w) => ("reduce-scatter", len / w),
+        };
+        let out = n.run(what, || {
+            let mut out = n.stream.alloc_zeros::<f32>(out_len)?;
+            match self.kind {
+                Kind::Sum => nccl(n.comm.all_reduce(&src, &mut out, &ReduceOp::Sum))?,
+                Kind::Broadcast(r) => nccl(n.comm.broadcast(Some(&src), &mut out, r as i32))?,
+                Kind::AllGather(_) => nccl(n.comm.all_gather(&src, &mut out))?,
+                Kind::ReduceScatter(_) => nccl(n.comm.reduce_scatter(&src, &mut out, &ReduceOp::Sum))?,
             }
             Ok(out)
         });
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), l.shape().clone()))
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(out_len)))
     }
 }

@@ -23,6 +23,9 @@ pub struct Plan {
     /// Everything else live before any pass: heap beyond the weights and moments (tokenizer,
     /// data index, cached reference columns) and mapped files (the program, the data).
     pub other_bytes: u64,
+    /// Under --shard-params: what a step holds whole beyond this rank's shards at its peak:
+    /// the root unit's full gradients and one layer gathered with its gradients.
+    pub gathered_bytes: u64,
     /// Activations per token of one pair's forward and backward (measured, gradients excluded).
     pub per_token_bytes: f64,
     /// The pair the activations were measured on, its computed tokens.
@@ -44,7 +47,8 @@ impl Plan {
     }
 
     pub fn total_bytes(&self) -> f64 {
-        (self.frozen_bytes + self.trainable_bytes + self.gradient_bytes + self.optimizer_bytes + self.other_bytes) as f64 + self.activation_bytes()
+        (self.frozen_bytes + self.trainable_bytes + self.gradient_bytes + self.optimizer_bytes + self.other_bytes + self.gathered_bytes) as f64
+            + self.activation_bytes()
     }
 
     /// Everything but the activations: what the room under --max-memory is left after.
@@ -57,13 +61,14 @@ impl Plan {
         let g = |b: f64| format!("{:.2} GB", b / GB);
         let mut s = format!(
             "train: memory plan per rank: frozen base {}, trained weights {} ({} parameters), gradients {}, AdamW moments {}, \
-             other {}; activations {:.1} kB per token (measured on a {}-token pair{}), {} for {} tokens; total {}",
+             other {}{}; activations {:.1} kB per token (measured on a {}-token pair{}), {} for {} tokens; total {}",
             g(self.frozen_bytes as f64),
             g(self.trainable_bytes as f64),
             self.trainable_params,
             g(self.gradient_bytes as f64),
             g(self.optimizer_bytes as f64),
             g(self.other_bytes as f64),
+            if self.gathered_bytes > 0 { format!(", gathered while a step runs {}", g(self.gathered_bytes as f64)) } else { String::new() },
             self.per_token_bytes / 1e3,
             self.probe_tokens,
             if self.gradient_checkpointing { ", gradient checkpointing" } else { "" },
@@ -87,6 +92,7 @@ impl Plan {
             "gradients_gb": g(self.gradient_bytes as f64),
             "optimizer_gb": g(self.optimizer_bytes as f64),
             "other_gb": g(self.other_bytes as f64),
+            "gathered_gb": g(self.gathered_bytes as f64),
             "activation_bytes_per_token": self.per_token_bytes,
             "probe_tokens": self.probe_tokens,
             "largest_micro_batch_tokens": self.largest_micro_batch_tokens,

@@ -1,14 +1,15 @@
 //! The trainable policy: the `Var`s the optimizer updates, a decoder that tracks gradients and
 //! one that does not (evaluation), and saving. Two kinds: full fine-tuning (one `Var` per
 //! Hugging Face tensor, saved in HF layout) and LoRA (the base frozen, possibly in bf16; one
-//! `Var` per adapter tensor, saved in PEFT's layout).
+//! `Var` per adapter tensor, saved in PEFT's layout). Either can be fully sharded over the
+//! ranks (`--shard-params`, see `shard.rs`): the `Var`s are then this rank's flat shards.
 use crate::model::decoder::{DecoderOptions, Dropout, GradSink};
 use crate::model::lora::{self, LoraConfig};
 use crate::model::quant::{QuantSpec, QuantWeights};
 use crate::model::{weights, Decoder, ModelConfig};
 use crate::rng::Rng;
 use crate::store::write_atomic;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -51,6 +52,8 @@ pub struct Policy {
     pub grad_sink: Option<Arc<GradSink>>,
     /// The frozen base's bytes as held (4-bit layers packed); 0 under full fine-tuning.
     pub frozen_bytes: u64,
+    /// Under full sharding: the shards, the layers' source and the step's gradients.
+    pub shards: Option<Arc<super::shard::Sharded>>,
 }
 
 impl Policy {
@@ -132,6 +135,7 @@ impl Policy {
             dropout_rng,
             grad_sink,
             frozen_bytes: 0,
+            shards: None,
         })
     }
 
@@ -167,21 +171,133 @@ impl Policy {
                 },
             )
         };
-        Ok(Self { decoder: with(true)?, eval_decoder: with(false)?, cfg, names, vars, lora: Some(config), dropout_rng, grad_sink, frozen_bytes })
+        Ok(Self {
+            decoder: with(true)?,
+            eval_decoder: with(false)?,
+            cfg,
+            names,
+            vars,
+            lora: Some(config),
+            dropout_rng,
+            grad_sink,
+            frozen_bytes,
+            shards: None,
+        })
+    }
+
+    /// As `load_mixed`, fully sharded over `world` (`--shard-params`): each tensor is read, cut to
+    /// this rank's shard and dropped, so no rank ever holds the model; the decoder gathers each
+    /// layer when it runs. Layers always rerun in the backward (their weights are not kept).
+    pub fn load_sharded(
+        model_dir: &Path,
+        base_dtype: DType,
+        compute: Option<DType>,
+        what: &Trainable,
+        world: &super::dist::World,
+        device: &Device,
+    ) -> Result<Self> {
+        use super::shard::{shard_of, Sharded};
+        let cfg = ModelConfig::load(model_dir)?;
+        if cfg.raw.get("quantization_config").is_some() {
+            anyhow::bail!("{}: a quantized checkpoint; --shard-params shards full-precision weights (drop --shard-params)", model_dir.display());
+        }
+        if cfg.prefix != "model." {
+            anyhow::bail!(
+                "{}: a multimodal checkpoint ({}): --shard-params trains text decoders saved alone (drop --shard-params)",
+                model_dir.display(),
+                cfg.prefix
+            );
+        }
+        let (w, r) = (world.size, world.rank);
+        let layer_tensor = |n: &str| n.starts_with(&format!("{}layers.", cfg.prefix));
+        let full = matches!(what, Trainable::Full);
+        let (mut shapes, mut shards, mut root) = (HashMap::new(), HashMap::new(), HashMap::new());
+        weights::load_each(model_dir, &weights::tensor_names(&cfg), if full { DType::F32 } else { base_dtype }, device, |n, t| {
+            if full || layer_tensor(n) {
+                shapes.insert(n.to_string(), t.dims().to_vec());
+                shards.insert(n.to_string(), shard_of(&t, w, r)?);
+            }
+            if !layer_tensor(n) {
+                root.insert(n.to_string(), t);
+            }
+            Ok(())
+        })?;
+        let lora = match what {
+            Trainable::Full => None,
+            Trainable::NewLora { config, seed } => {
+                let config = config.clone().resolve(&cfg)?;
+                let adapter = config.init(&cfg, *seed, device)?;
+                Some((config, adapter))
+            }
+            Trainable::Adapter(dir) => Some(lora::load(dir, &cfg, device)?),
+        };
+        let names: Vec<String> = match &lora {
+            None => {
+                let mut n: Vec<String> = shapes.keys().cloned().collect();
+                n.sort();
+                n
+            }
+            Some((_, adapter)) => {
+                for (n, t) in adapter {
+                    shapes.insert(n.clone(), t.dims().to_vec());
+                    shards.insert(n.clone(), shard_of(t, w, r)?);
+                }
+                adapter.keys().cloned().collect()
+            }
+        };
+        let (sharded, vars, tensors) = Sharded::build(&cfg, world, shapes, shards, root, &names)?;
+        let frozen_bytes =
+            sharded.frozen_shard_bytes() + if full { 0 } else { tensors.values().map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64).sum() };
+        let sharded = Arc::new(sharded);
+        let dropout_rng = Arc::new(Mutex::new(Rng::new(0)));
+        let sink = Arc::new(GradSink::default());
+        let with = |tracked: bool| -> Result<Decoder> {
+            let t: HashMap<String, Tensor> = tensors.iter().map(|(n, t)| (n.clone(), if tracked { t.clone() } else { t.detach() })).collect();
+            let opts = match &lora {
+                None => DecoderOptions { compute_dtype: compute, ..Default::default() },
+                Some((config, _)) => DecoderOptions {
+                    compute_dtype: Some(compute.unwrap_or(DType::F32)),
+                    lora_scale: Some(config.scale()),
+                    lora_dropout: (tracked && config.lora_dropout > 0.0).then(|| Dropout { p: config.lora_dropout, rng: dropout_rng.clone() }),
+                    frozen_base: true,
+                    ..Default::default()
+                },
+            };
+            let source: Arc<dyn crate::model::decoder::LayerSource> = sharded.clone();
+            Decoder::with_options(&cfg, &t, &DecoderOptions { layers_from: Some(source), checkpoint: tracked.then(|| sink.clone()), ..opts })
+        };
+        Ok(Self {
+            decoder: with(true)?,
+            eval_decoder: with(false)?,
+            names,
+            vars,
+            lora: lora.map(|(c, _)| c),
+            dropout_rng,
+            grad_sink: Some(sink.clone()),
+            frozen_bytes,
+            shards: Some(sharded),
+            cfg,
+        })
     }
 
     /// Turns gradient checkpointing on or off (the memory plan's choice under --max-memory).
     pub fn set_checkpointing(&mut self, on: bool) {
+        if self.shards.is_some() {
+            return; // fully sharded layers always rerun in the backward
+        }
         self.grad_sink = on.then(|| Arc::new(GradSink::default()));
         self.decoder.set_checkpoint(self.grad_sink.clone());
     }
 
     /// The trained parameters' count.
     pub fn trainable_params(&self) -> u64 {
-        self.vars.iter().map(|v| v.elem_count() as u64).sum()
+        match &self.shards {
+            Some(s) => s.total_params(&self.names),
+            None => self.vars.iter().map(|v| v.elem_count() as u64).sum(),
+        }
     }
 
-    /// The trained weights' bytes.
+    /// The trained weights' bytes (this rank's shards under full sharding).
     pub fn trainable_bytes(&self) -> u64 {
         self.vars.iter().map(|v| (v.elem_count() * v.dtype().size_in_bytes()) as u64).sum()
     }
@@ -198,6 +314,9 @@ impl Policy {
     /// Writes what the policy trained: an HF model directory transformers loads (full), or a
     /// PEFT adapter directory (LoRA); with the tokenizer files either way.
     pub fn save(&self, dir: &Path, model_dir: &Path) -> Result<()> {
+        if let Some(s) = &self.shards {
+            return self.save_sharded(s, dir, model_dir);
+        }
         std::fs::create_dir_all(dir)?;
         match &self.lora {
             Some(lc) => lora::save(dir, lc, &self.tensors(), model_dir)?,
@@ -222,9 +341,68 @@ impl Policy {
         copy_tokenizer(model_dir, dir)
     }
 
+    /// `save` under full sharding, called on every rank: the tensors gathered one at a time,
+    /// rank 0 writing them as the safetensors writer asks (it picks the order; the other ranks
+    /// hear each index from rank 0), so no rank ever holds the whole model.
+    fn save_sharded(&self, s: &super::shard::Sharded, dir: &Path, model_dir: &Path) -> Result<()> {
+        let world = s.world();
+        if let Some(lc) = &self.lora {
+            // An adapter is small: gathered whole on rank 0.
+            let mut tensors = BTreeMap::new();
+            s.each_whole(&self.names, |n, t| {
+                tensors.insert(n.to_string(), t);
+                Ok(())
+            })?;
+            if world.is_root() {
+                std::fs::create_dir_all(dir)?;
+                lora::save(dir, lc, &tensors, model_dir)?;
+                copy_tokenizer(model_dir, dir)?;
+            }
+            return Ok(());
+        }
+        if !world.is_root() {
+            loop {
+                let mut i = [0f64];
+                world.broadcast_f64(&mut i, 0);
+                if i[0] < 0.0 {
+                    return Ok(());
+                }
+                s.each_whole(std::slice::from_ref(&self.names[i[0] as usize]), |_, _| Ok(()))?;
+            }
+        }
+        std::fs::create_dir_all(dir)?;
+        let views: Vec<(String, super::shard::WholeView<'_>)> =
+            self.names.iter().enumerate().map(|(i, n)| (n.clone(), super::shard::WholeView::new(s, &self.names, i))).collect();
+        let written = weights::save_views(&dir.join("model.safetensors"), views);
+        world.broadcast_f64(&mut [-1.0], 0);
+        written?;
+        save_config(dir, &self.cfg)?;
+        copy_tokenizer(model_dir, dir)
+    }
+
     /// Sets the trained tensors from a directory [`Policy::save`] wrote.
     pub fn restore(&self, dir: &Path) -> Result<()> {
         let device = self.vars[0].device().clone();
+        if let Some(s) = &self.shards {
+            return match &self.lora {
+                Some(lc) => {
+                    let (got, t) = lora::load(dir, &self.cfg, &device)?;
+                    if &got != lc {
+                        anyhow::bail!("{}: adapter settings differ from this run's", dir.display());
+                    }
+                    s.set_from(&self.names, &self.vars, |n| t.get(n).cloned().with_context(|| format!("{}: no `{n}`", dir.display())))
+                }
+                None => {
+                    // SAFETY: checkpoint files are ours and not modified while mapped.
+                    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&weights::weight_files(dir)?)? };
+                    s.set_from(&self.names, &self.vars, |n| {
+                        let t = st.load(n, &device).with_context(|| format!("{}: no tensor `{n}`", dir.display()))?;
+                        weights::release(&st, n);
+                        Ok(t)
+                    })
+                }
+            };
+        }
         let saved: HashMap<String, Tensor> = match &self.lora {
             Some(lc) => {
                 let (got, t) = lora::load(dir, &self.cfg, &device)?;

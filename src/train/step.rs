@@ -367,9 +367,15 @@ fn vec_m(mask: impl Iterator<Item = bool>, dev: &candle_core::Device, dt: DType)
 /// Gradients of `loss` for every parameter (with gradient checkpointing, the outer backward's
 /// plus what the layers' local backwards collected); a parameter that got none is an error
 /// naming it (candle silently drops gradients through non-differentiable kernels), except an
-/// expert no token was routed to, whose gradient is zero.
+/// expert no token was routed to, whose gradient is zero. Under full sharding: this rank's
+/// gradient shards, already summed over the ranks (a collective).
 pub fn gradients(loss: &Tensor, policy: &Policy) -> Result<Vec<Tensor>> {
     let grads = loss.backward()?;
+    if let Some(s) = &policy.shards {
+        // The layers' gradient shards arrived during the backward; the root unit's now.
+        s.reduce_root(&grads)?;
+        return s.take_grads(&policy.names);
+    }
     let mut local = policy.grad_sink.as_ref().map(|s| s.take()).unwrap_or_default();
     policy
         .vars
