@@ -9,6 +9,7 @@
 #  (a) cache-ref on the GPU vs transformers on the same GPU: f32 within 1e-3, bf16 within 0.5
 #      (summed log-probs of ~20-token completions in bf16; transformers' own bf16 vs f32 differs by as much);
 #  (b) 20 train steps on the GPU vs the same steps on the CPU, f32: loss and grad_norm within 1e-3 relative;
+#  (b2) the same 20 steps with --shard-params (ZeRO-3's path at one rank) within 1e-4 of (b);
 #  (d) this round's paths on the GPU vs the CPU's fused kernels: Qwen3 and Gemma 2 (q/k norms,
 #      soft-capping, sliding windows), a MoE model, 2k-token pairs through the tiled attention,
 #      MPO + WPO + LD-DPO losses and gradient checkpointing: 5 train steps each, loss and
@@ -77,6 +78,18 @@ assert len(rows["$DEV"]) == len(rows["cpu"]) == 20, {d: len(r) for d, r in rows.
 worst = max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-6) for a, b in zip(rows["$DEV"], rows["cpu"]) for k in ("loss", "grad_norm"))
 print(json.dumps({"check": "20 steps GPU vs CPU", "max_rel_diff": worst, "tolerance": 1e-3, "ok": worst <= 1e-3}))
 sys.exit(0 if worst <= 1e-3 else 1)
+PY
+
+echo "== (b2) --shard-params on one GPU (the ZeRO-3 gathers and reduce-scatters at W = 1) vs plain"
+P --device $DEV train --prepared prep --ref-cache cache-f32 --out train-z3 --max-steps 20 --batch-size 4 --lr 1e-4 \
+  --shuffle false --eval-every 0 --save-every 10 --shard-params
+"$PY" - <<PY || fail "(b2) --shard-params differs on the GPU"
+import json, sys
+a = [json.loads(l) for l in open("train-z3/metrics.jsonl") if '"loss"' in l]
+b = [json.loads(l) for l in open("train-$DEV/metrics.jsonl") if '"loss"' in l]
+worst = max(abs(x[k] - y[k]) / max(abs(y[k]), 1e-6) for x, y in zip(a, b) for k in ("loss", "grad_norm"))
+print(json.dumps({"check": "--shard-params vs plain on the GPU", "max_rel_diff": worst, "tolerance": 1e-4, "ok": worst <= 1e-4 and len(a) == 20}))
+sys.exit(0 if worst <= 1e-4 and len(a) == 20 else 1)
 PY
 
 echo "== (d) families, losses, long pairs and checkpointing: GPU vs CPU (f32)"

@@ -170,6 +170,109 @@ pub struct Gathered {
 pub trait LayerSource: Send + Sync {
     fn gather(&self, layer: usize) -> Result<Gathered>;
     fn reduce(&self, layer: usize, grads: HashMap<String, Tensor>) -> Result<()>;
+    /// The embedding or the output head whole, gathered for one use (a collective).
+    fn gather_one(&self, name: &str) -> Result<Tensor>;
+    /// Its gradient, summed over the ranks into this rank's shard (a collective).
+    fn reduce_one(&self, name: &str, grad: Tensor) -> Result<()>;
+    fn trains(&self, name: &str) -> bool;
+}
+
+/// A detached result's storage, as a custom op's forward returns it (the ops below compute
+/// eagerly, then attach their backward).
+fn stored_cpu(out: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (s, l) = out.storage_and_layout();
+    match &*s {
+        Storage::Cpu(c) => Ok((c.try_clone(l)?, out.shape().clone())),
+        _ => Err(candle_core::Error::Msg("result on another device".into())),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn stored_cuda(out: &Tensor) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    let (s, l) = out.storage_and_layout();
+    match &*s {
+        Storage::Cuda(c) => Ok((c.try_clone(l)?, out.shape().clone())),
+        _ => Err(candle_core::Error::Msg("result on another device".into())),
+    }
+}
+
+/// Under full sharding, the embedding rows of a forward (looked up from the gathered
+/// embedding, which is then freed); the backward index-adds the rows' gradient into the
+/// embedding's and hands it to the source. Applied to a zero leaf, so candle records it.
+struct EmbedLookup {
+    source: Arc<dyn LayerSource>,
+    name: String,
+    ids: Tensor,
+    vocab: usize,
+    out: Tensor,
+}
+
+impl candle_core::CustomOp1 for EmbedLookup {
+    fn name(&self) -> &'static str {
+        "sharded-embedding"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        stored_cpu(&self.out)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        stored_cuda(&self.out)
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.to_dtype(DType::F32)?;
+        let full = Tensor::zeros((self.vocab, g.dim(1)?), DType::F32, g.device())?.index_add(&self.ids, &g, 0)?;
+        self.source.reduce_one(&self.name, full).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        Ok(None)
+    }
+}
+
+/// Under full sharding, the log-probs of the scored tokens through the gathered output head
+/// (freed after the forward); the backward gathers the head again, recomputes, hands the head's
+/// gradient to the source and returns the hidden states'.
+struct HeadPass {
+    source: Arc<dyn LayerSource>,
+    name: String,
+    scored: super::logprobs::Scored,
+    softcap: Option<f64>,
+    out: Tensor,
+}
+
+impl candle_core::CustomOp1 for HeadPass {
+    fn name(&self) -> &'static str {
+        "sharded-head"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        stored_cpu(&self.out)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        stored_cuda(&self.out)
+    }
+
+    fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let run = || -> Result<Tensor> {
+            let w = Var::from_tensor(&self.source.gather_one(&self.name)?)?;
+            let trains = self.source.trains(&self.name);
+            let hv = Var::from_tensor(&h.detach())?;
+            let head = if trains { w.as_tensor().clone() } else { w.as_tensor().detach() };
+            let lp = super::logprobs::token_logps(hv.as_tensor(), &head, &self.scored, self.softcap)?;
+            let acc = accum_dtype(lp.dtype());
+            let grads = (lp.to_dtype(acc)? * grad.detach().to_dtype(acc)?)?.sum_all()?.backward()?;
+            drop(head);
+            if trains {
+                let gw = grads.get(w.as_tensor()).context("sharded head: no gradient for the head")?.clone();
+                drop(w);
+                self.source.reduce_one(&self.name, gw)?;
+            }
+            Ok(grads.get(hv.as_tensor()).context("sharded head: no gradient for the hidden states")?.clone())
+        };
+        run().map(Some).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+    }
 }
 
 /// `t` in `dtype` (a no-op when it already is).
@@ -700,11 +803,6 @@ impl Checkpoint {
         })
     }
 
-    fn stored<S>(&self, f: impl FnOnce(&Storage, &Layout) -> candle_core::Result<S>) -> candle_core::Result<(S, Shape)> {
-        let (s, l) = self.out.storage_and_layout();
-        Ok((f(&s, l)?, self.out.shape().clone()))
-    }
-
     fn recompute(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
         if let Some((rng, state)) = &self.dropout_state {
             *rng.lock().unwrap_or_else(|e| e.into_inner()) = *state;
@@ -759,18 +857,12 @@ impl candle_core::CustomOp1 for Checkpoint {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.stored(|s, l| match s {
-            Storage::Cpu(c) => c.try_clone(l),
-            _ => Err(candle_core::Error::Msg("layer output on another device".into())),
-        })
+        stored_cpu(&self.out)
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.stored(|s, l| match s {
-            Storage::Cuda(c) => c.try_clone(l),
-            _ => Err(candle_core::Error::Msg("layer output on another device".into())),
-        })
+        stored_cuda(&self.out)
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -782,7 +874,8 @@ impl candle_core::CustomOp1 for Checkpoint {
 /// at scored positions.
 pub struct Decoder {
     pub cfg: ModelConfig,
-    embed_tokens: Tensor,
+    /// None under full sharding (gathered for each lookup).
+    embed_tokens: Option<Tensor>,
     layers: Vec<Arc<DecoderLayer>>,
     norm: Norm,
     /// `lm_head.weight`; None when tied to the embedding.
@@ -813,18 +906,20 @@ impl Decoder {
     /// As `new`, with a compute dtype, LoRA adapters, checkpointing (see [`DecoderOptions`]).
     pub fn with_options(cfg: &ModelConfig, t: &HashMap<String, Tensor>, opts: &DecoderOptions) -> Result<Self> {
         let p = &cfg.prefix;
-        let embed_tokens = get(t, &format!("{p}embed_tokens.weight"))?;
-        let dtype = opts.compute_dtype.unwrap_or(embed_tokens.dtype());
+        let sharded = opts.layers_from.is_some();
+        let embed_tokens = if sharded { None } else { Some(get(t, &format!("{p}embed_tokens.weight"))?) };
+        let norm = Norm::load(t, &format!("{p}norm"), cfg)?;
+        let dtype = opts.compute_dtype.or(embed_tokens.as_ref().map(|e| e.dtype())).unwrap_or(DType::F32);
         let layers = match &opts.layers_from {
             Some(_) => Vec::new(),
             None => (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(t, cfg, i, opts).map(Arc::new)).collect::<Result<Vec<_>>>()?,
         };
         let layer_opts = DecoderOptions { layers_from: None, checkpoint: None, ..opts.clone() };
         Ok(Self {
-            lm_head: if cfg.tie_word_embeddings || opts.without_lm_head { None } else { Some(get(t, "lm_head.weight")?) },
-            norm: Norm::load(t, &format!("{p}norm"), cfg)?,
+            lm_head: if cfg.tie_word_embeddings || opts.without_lm_head || sharded { None } else { Some(get(t, "lm_head.weight")?) },
             dtype,
-            device: embed_tokens.device().clone(),
+            device: norm.weight.device().clone(),
+            norm,
             embed_tokens,
             layers,
             cfg: cfg.clone(),
@@ -842,7 +937,34 @@ impl Decoder {
     /// The output projection [vocab, d] (the embedding when tied), as stored: the log-prob
     /// ops take it in the compute dtype or, frozen, in bf16/f16.
     pub fn lm_head(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+        self.lm_head.as_ref().or(self.embed_tokens.as_ref()).expect("a decoder that holds its output head (not fully sharded)")
+    }
+
+    /// The output head's checkpoint name (the embedding's when tied).
+    fn head_name(&self) -> String {
+        if self.cfg.tie_word_embeddings {
+            format!("{}embed_tokens.weight", self.cfg.prefix)
+        } else {
+            "lm_head.weight".to_string()
+        }
+    }
+
+    /// Per-token log-probs (and statistics) of the scored positions of final-norm `hidden`
+    /// (see `logprobs::token_logps_stats`); under full sharding through the head gathered for
+    /// this pass, and again for its backward.
+    pub fn token_logps_stats(&self, hidden: &Tensor, sc: &super::logprobs::Scored, stats: bool) -> Result<(Tensor, super::logprobs::TokenStats)> {
+        let softcap = self.cfg.final_softcap;
+        let Some((source, ..)) = &self.source else { return super::logprobs::token_logps_stats(hidden, self.lm_head(), sc, softcap, stats) };
+        let name = self.head_name();
+        let (lp, st) = {
+            let w = source.gather_one(&name)?;
+            super::logprobs::token_logps_stats(&hidden.detach(), &w, sc, softcap, stats)?
+        };
+        if !hidden.track_op() {
+            return Ok((lp, st));
+        }
+        let op = HeadPass { source: source.clone(), name, scored: sc.clone(), softcap, out: lp.detach() };
+        Ok((hidden.apply_op1(op)?, st))
     }
 
     /// cos and sin [n, 1, rotary_dim] of every rope for these positions (f32 math, as HF,
@@ -876,7 +998,24 @@ impl Decoder {
     /// The embeddings of `ids` in the compute dtype (Gemma: × √hidden, the factor rounded to
     /// the compute dtype first, as transformers does).
     fn embed(&self, ids: &[u32]) -> Result<Tensor> {
-        let x = cast(&self.embed_tokens.index_select(&Tensor::from_slice(ids, ids.len(), &self.device)?, 0)?, self.dtype)?;
+        let idx = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        let x = match (&self.embed_tokens, &self.source) {
+            (Some(e), _) => cast(&e.index_select(&idx, 0)?, self.dtype)?,
+            (None, Some((source, ..))) => {
+                let name = format!("{}embed_tokens.weight", self.cfg.prefix);
+                let (rows, vocab) = {
+                    let e = source.gather_one(&name)?;
+                    (cast(&e.index_select(&idx, 0)?, self.dtype)?, e.dim(0)?)
+                };
+                if self.checkpoint.is_some() && source.trains(&name) {
+                    let leaf = Var::zeros(rows.shape(), rows.dtype(), &self.device)?;
+                    leaf.as_tensor().apply_op1(EmbedLookup { source: source.clone(), name, ids: idx, vocab, out: rows })?
+                } else {
+                    rows
+                }
+            }
+            (None, None) => anyhow::bail!("a decoder without its embedding"),
+        };
         if !self.cfg.embed_scale {
             return Ok(x);
         }

@@ -4,7 +4,7 @@
 pub mod layout;
 
 use crate::data::prepared::PairView;
-use crate::model::logprobs::{sequence_logps, token_logps_stats, Scored, TokenStats};
+use crate::model::logprobs::{sequence_logps, Scored, TokenStats};
 use crate::model::Decoder;
 use anyhow::Result;
 use candle_core::Tensor;
@@ -46,7 +46,7 @@ pub fn pair_logps(decoder: &Decoder, kind: LayoutKind, pairs: &[PairView]) -> Re
 pub fn pair_logps_with(decoder: &Decoder, kind: LayoutKind, pairs: &[PairView], o: PairOptions) -> Result<PairLogps> {
     let (layout, scored) = layout::build_with(kind, pairs, o.score_prompt);
     let f = decoder.forward(&layout)?;
-    let (tokens, stats) = token_logps_stats(&f.hidden, decoder.lm_head(), &scored, decoder.cfg.final_softcap, o.stats)?;
+    let (tokens, stats) = decoder.token_logps_stats(&f.hidden, &scored, o.stats)?;
     let aux_loss = decoder.aux_loss(&f.router_logits, &layout.token_weights())?;
     PairLogps::from_tokens(pairs, tokens, scored, stats, o, aux_loss)
 }

@@ -345,12 +345,16 @@ fn passes_over_ranks(policy: &Policy, world: &World, mine: usize) -> usize {
 /// zero. `between` runs where a real pass computes its loss (KTO's cross-rank sums).
 fn idle_pass(policy: &Policy, train: bool, between: &mut dyn FnMut()) -> Result<Option<Vec<Tensor>>> {
     let layout = crate::model::decoder::SeqLayout::causal(&[0]);
-    let hidden = if train { &policy.decoder } else { &policy.eval_decoder }.hidden(&layout)?;
+    let decoder = if train { &policy.decoder } else { &policy.eval_decoder };
+    let hidden = decoder.hidden(&layout)?;
+    // Through the head too: it is gathered (and reduce-scattered) like a layer.
+    let scored = crate::model::logprobs::Scored { rows: vec![0], targets: vec![0], seq: vec![0], num_seqs: 1 };
+    let (logps, _) = decoder.token_logps_stats(&hidden, &scored, false)?;
     between();
     if !train {
         return Ok(None);
     }
-    let loss = hidden.to_dtype(DType::F32)?.sum_all()?.affine(0.0, 0.0)?;
+    let loss = logps.to_dtype(DType::F32)?.sum_all()?.affine(0.0, 0.0)?;
     Ok(Some(gradients(&loss, policy)?))
 }
 
@@ -405,9 +409,8 @@ fn memory_plan(
     let probe_tokens = crate::score::layout::computed_tokens(cfg.layout, &pair);
     let device = policy.vars[0].device().clone();
     let trainable_bytes = policy.trainable_bytes();
-    // Under --shard-params what is gathered for a step is its own figure, not activations.
-    let gathered_bytes = policy.shards.as_ref().map_or(0, |s| s.transient_bytes());
-    let measure = |policy: &mut Policy, checkpointing: bool| -> Result<f64> {
+    // Bytes above the weights at the peak of one pass over `pair`.
+    let above = |policy: &mut Policy, checkpointing: bool, pair: PairView<'_>| -> Result<u64> {
         policy.set_checkpointing(checkpointing);
         let pairs = [pair];
         let refs = match (ref_decoder, cache) {
@@ -427,8 +430,22 @@ fn memory_plan(
         let before = used();
         let b = batch_loss(&policy.decoder, cfg.layout, loss, &pairs, refs.as_ref().map(RefRows::view), Whole::of(&pairs), &mut |_| {})?;
         drop(gradients(&b.loss, policy)?);
-        let above = used().saturating_sub(before + trainable_bytes + gathered_bytes);
-        Ok((above as f64 / probe_tokens as f64).max(1.0))
+        Ok(used().saturating_sub(before + trainable_bytes))
+    };
+    // Activations per token, and under --shard-params what the step gathers whole (a layer, the
+    // head and their gradients: constant in the tokens), told apart by a second probe of half
+    // the pair: the peak is taken as constant + per-token × tokens.
+    let measure = |policy: &mut Policy, checkpointing: bool| -> Result<(f64, u64)> {
+        let full = above(policy, checkpointing, pair)?;
+        let half = shortened(pair, 0.5);
+        let half_tokens = crate::score::layout::computed_tokens(cfg.layout, &half);
+        if policy.shards.is_none() || half_tokens >= probe_tokens {
+            let gathered = policy.shards.as_ref().map_or(0, |s| s.transient_bytes().min(full));
+            return Ok((((full - gathered) as f64 / probe_tokens as f64).max(1.0), gathered));
+        }
+        let part = above(policy, checkpointing, half)?;
+        let per_token = (full.saturating_sub(part) as f64 / (probe_tokens - half_tokens) as f64).max(1.0);
+        Ok((per_token, (full as f64 - per_token * probe_tokens as f64).max(0.0) as u64))
     };
     // A second set of gradients while micro-batches (or pieces) add up.
     let accumulating = trainable_bytes;
@@ -444,17 +461,16 @@ fn memory_plan(
         gradient_bytes: trainable_bytes + if cfg.grad_accum > 1 || cfg.batch_tokens.is_some() { accumulating } else { 0 },
         optimizer_bytes,
         other_bytes,
-        gathered_bytes,
         probe_tokens,
         largest_micro_batch_tokens: lengths.iter().take(cfg.batch_size).map(|(t, _)| t).sum(),
         gradient_checkpointing: cfg.gradient_checkpointing,
         piece_tokens: cfg.batch_tokens,
         ..Default::default()
     };
-    plan.per_token_bytes = measure(policy, cfg.gradient_checkpointing)?;
+    (plan.per_token_bytes, plan.gathered_bytes) = measure(policy, cfg.gradient_checkpointing)?;
     if let (Some(gb), None) = (cfg.max_memory, cfg.batch_tokens) {
         let accumulating = if cfg.grad_accum > 1 { 0 } else { accumulating };
-        plan.fit(gb, longest, accumulating, |on| measure(policy, on))?;
+        plan.fit(gb, longest, accumulating, |on| Ok(measure(policy, on)?.0))?;
     }
     policy.set_checkpointing(plan.gradient_checkpointing);
     Ok(plan)

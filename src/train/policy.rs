@@ -209,7 +209,10 @@ impl Policy {
             );
         }
         let (w, r) = (world.size, world.rank);
-        let layer_tensor = |n: &str| n.starts_with(&format!("{}layers.", cfg.prefix));
+        // Layers, the embedding and the head are sharded; what else there is (the final norm)
+        // is small and read whole.
+        let embedding = format!("{}embed_tokens.weight", cfg.prefix);
+        let layer_tensor = |n: &str| n.starts_with(&format!("{}layers.", cfg.prefix)) || n == embedding || n == "lm_head.weight";
         let full = matches!(what, Trainable::Full);
         let (mut shapes, mut shards, mut root) = (HashMap::new(), HashMap::new(), HashMap::new());
         weights::load_each(model_dir, &weights::tensor_names(&cfg), if full { DType::F32 } else { base_dtype }, device, |n, t| {

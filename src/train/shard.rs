@@ -6,9 +6,10 @@
 //!   [`LayerSource`]) to all-gather them before the layer's forward and again for its backward
 //!   (the layer reruns there, as under gradient checkpointing), and hands the layer's weight
 //!   gradients back to be reduce-scattered, so each rank keeps only its shard of them.
-//! - The embedding, final norm and output head are FSDP's root unit: gathered after every
-//!   optimizer step into full tensors the decoder reads for the whole step, their gradients
-//!   reduce-scattered once the backward is done.
+//! - The embedding and the output head the same way: gathered for the lookup and freed, the
+//!   head gathered for the log-prob pass and again for its backward (the decoder's
+//!   `EmbedLookup` and `HeadPass`). Only the final norm (and a trained one's gradient) is held
+//!   whole through a step: FSDP's root unit, gathered after every optimizer step.
 //! - Tensor t of n elements is cut in chunks of c = ⌈n/W⌉: rank r holds elements
 //!   [r·c, min((r+1)·c, n)), zero-padded to c (the padding has zero gradient, so it stays 0).
 //! - Checkpoints are the usual HF / PEFT files, gathered one tensor at a time and written by
@@ -39,6 +40,12 @@ pub fn span(n: usize, world: usize, rank: usize) -> Range<usize> {
     (rank * c).min(n)..((rank + 1) * c).min(n)
 }
 
+/// `t` in storage of its own size (candle's `copy` clones the whole storage a view points
+/// into: a shard "copied" that way would keep the full tensor alive).
+fn compact(t: &Tensor) -> Result<Tensor> {
+    Ok(Var::from_tensor(t)?.as_tensor().detach())
+}
+
 /// `full`'s shard for `rank`: its span, zero-padded to the chunk, in its own storage.
 pub fn shard_of(full: &Tensor, world: usize, rank: usize) -> Result<Tensor> {
     let n = full.elem_count();
@@ -46,7 +53,7 @@ pub fn shard_of(full: &Tensor, world: usize, rank: usize) -> Result<Tensor> {
     let flat = full.flatten_all()?;
     let part = flat.narrow(0, s.start, s.len())?;
     let pad = chunk(n, world) - s.len();
-    Ok(if pad == 0 { part.copy()? } else { Tensor::cat(&[&part, &Tensor::zeros(pad, full.dtype(), full.device())?], 0)? })
+    Ok(if pad == 0 { compact(&part)? } else { Tensor::cat(&[&part, &Tensor::zeros(pad, full.dtype(), full.device())?], 0)? })
 }
 
 /// The file holding rank `rank`'s moments of a checkpoint written by `world` ranks.
@@ -64,6 +71,8 @@ pub struct Sharded {
     shards: HashMap<String, Tensor>,
     /// Names of layer i's sharded tensors, sorted.
     layers: Vec<Vec<String>>,
+    /// The embedding and the output head (sharded, gathered for each use).
+    outer: Vec<String>,
     /// The trained tensors outside the layers (full fine-tuning: embedding, norm, head), each
     /// with the full `Var` the decoder reads during a step.
     root: Vec<(String, Var)>,
@@ -105,9 +114,11 @@ impl Sharded {
         }
         let trained: std::collections::HashSet<String> = names.iter().cloned().collect();
         let mut layers = vec![Vec::new(); cfg.num_hidden_layers];
+        let mut outer = Vec::new();
         for n in shards.keys() {
-            if let Some(i) = layer_of(n, cfg) {
-                layers[i].push(n.clone());
+            match layer_of(n, cfg) {
+                Some(i) => layers[i].push(n.clone()),
+                None => outer.push(n.clone()),
             }
         }
         layers.iter_mut().for_each(|l| l.sort());
@@ -126,12 +137,9 @@ impl Sharded {
             }
         }
         for n in names {
-            anyhow::ensure!(
-                layer_of(n, cfg).is_some() || root.iter().any(|(r, _)| r == n),
-                "trained tensor `{n}` is neither in a layer nor held whole"
-            );
+            anyhow::ensure!(shards.contains_key(n) || root.iter().any(|(r, _)| r == n), "trained tensor `{n}` is neither sharded nor held whole");
         }
-        let s = Sharded { world: world.clone(), shapes, shards, layers, root, trained, grads: Mutex::new(HashMap::new()) };
+        let s = Sharded { world: world.clone(), shapes, shards, layers, outer, root, trained, grads: Mutex::new(HashMap::new()) };
         Ok((s, vars, decoder_tensors))
     }
 
@@ -190,7 +198,7 @@ impl Sharded {
             let g = mine.narrow(0, at, c)?.to_dtype(self.shards[n].dtype())?;
             let g = match acc.remove(n) {
                 Some(old) => (old + g)?,
-                None => g.copy()?,
+                None => compact(&g)?,
             };
             acc.insert(n.clone(), g);
             at += c;
@@ -229,13 +237,15 @@ impl Sharded {
             .collect()
     }
 
-    /// Bytes a rank holds beyond its shards while a step runs: the root unit whole (and its
-    /// gradients) and the largest layer gathered with its gradients and the backward's copies.
+    /// Bytes a rank holds beyond its shards at a step's peak: the root unit's gradients, and the
+    /// largest gathered unit (a layer, the embedding or the head) with its gradient and the
+    /// backward's copy of it.
     pub fn transient_bytes(&self) -> u64 {
         let bytes = |n: &String| (self.numel(n) * 4) as u64;
         let root: u64 = self.root.iter().map(|(n, _)| bytes(n)).sum();
         let layer = self.layers.iter().map(|l| l.iter().map(bytes).sum::<u64>()).max().unwrap_or(0);
-        root + 3 * layer
+        let outer = self.outer.iter().map(bytes).max().unwrap_or(0);
+        root + 3 * layer.max(outer)
     }
 
     /// Bytes of this rank's frozen shards (the base under LoRA).
@@ -344,6 +354,23 @@ impl LayerSource for Sharded {
         let names: Vec<String> = self.layers[layer].iter().filter(|n| self.trained.contains(*n)).cloned().collect();
         self.reduce_names(&names, grads)
     }
+
+    fn gather_one(&self, name: &str) -> Result<Tensor> {
+        let name = name.to_string();
+        anyhow::ensure!(self.shards.contains_key(&name), "`{name}` is not sharded");
+        Ok(self.gather_names(std::slice::from_ref(&name))?.remove(&name).expect("gathered"))
+    }
+
+    fn reduce_one(&self, name: &str, grad: Tensor) -> Result<()> {
+        if !self.trains(name) {
+            return Ok(());
+        }
+        self.reduce_names(&[name.to_string()], [(name.to_string(), grad)].into())
+    }
+
+    fn trains(&self, name: &str) -> bool {
+        self.trained.contains(name)
+    }
 }
 
 /// A checkpoint's AdamW moments, whichever layout wrote them: one `optimizer.safetensors` of
@@ -419,5 +446,14 @@ mod tests {
         let t = Tensor::arange(0f32, 10.0, &Device::Cpu).unwrap().reshape((2, 5)).unwrap();
         assert_eq!(shard_of(&t, 3, 2).unwrap().to_vec1::<f32>().unwrap(), vec![8.0, 9.0, 0.0, 0.0]);
         assert_eq!(shard_of(&t, 3, 1).unwrap().to_vec1::<f32>().unwrap(), vec![4.0, 5.0, 6.0, 7.0]);
+        // A shard owns storage of its own size, never the full tensor's (else every rank would
+        // hold the model).
+        let big = Tensor::zeros(1000, DType::F32, &Device::Cpu).unwrap();
+        let part = shard_of(&big, 4, 1).unwrap();
+        let (storage, _) = part.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(c) => assert_eq!(c.as_slice::<f32>().unwrap().len(), 250),
+            _ => unreachable!(),
+        }
     }
 }
