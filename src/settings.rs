@@ -634,9 +634,6 @@ impl TrainSettings {
         if self.dtype == FloatDtype::F16 {
             bail!("train --dtype is f32 or bf16 (mixed precision over f32 weights)");
         }
-        if self.shard_params && self.load_in_4bit {
-            bail!("--shard-params shards full-precision weights; a 4-bit base is not sharded yet: drop --load-in-4bit, or --shard-params");
-        }
         if self.shard_params && self.ref_in_loop {
             bail!("--shard-params with --ref-in-loop would hold the whole reference model on every rank: use the cached reference");
         }

@@ -78,7 +78,8 @@ mod mpi {
         model
     }
 
-    const TIMING: [&str; 7] = ["tokens_per_s", "step_seconds", "forward_seconds", "backward_seconds", "optimizer_seconds", "peak_memory_gb", "epoch"];
+    const TIMING: [&str; 8] =
+        ["tokens_per_s", "step_seconds", "forward_seconds", "backward_seconds", "optimizer_seconds", "collective_seconds", "peak_memory_gb", "epoch"];
 
     fn assert_same_metrics(dir: &Path, a: &str, b: &str, tol: f64) {
         let (ra, rb) = (read_rows(dir, &format!("{a}/metrics.parquet")), read_rows(dir, &format!("{b}/metrics.parquet")));
@@ -208,6 +209,12 @@ mod mpi {
         let man: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p.join("z3/manifest.json")).unwrap()).unwrap();
         assert_eq!(man["stats"]["shard_params"], true);
         assert!(man["stats"]["memory_plan"]["gathered_gb"].is_number(), "{man}");
+        let rows = read_rows(p, "z3/metrics.parquet");
+        assert!(
+            rows[1..].iter().all(|r| r["collective_seconds"].as_f64().is_some_and(|c| c > 0.0 && c < r["step_seconds"].as_f64().unwrap())),
+            "{rows:?}"
+        );
+        assert!(read_rows(p, "one/metrics.parquet").iter().all(|r| r["collective_seconds"].is_null()));
         assert_same_metrics(p, "one", "z3", 1e-6);
         assert_close_weights(&p.join("one/final/model.safetensors"), &p.join("z3/final/model.safetensors"), 1e-6);
         for dir in ["z3/final", "z3/checkpoints/step-2"] {
@@ -293,9 +300,16 @@ mod mpi {
         mpirun(p, 2, &[tied("q3", "2"), vec!["--shard-params"]].concat());
         assert_same_metrics(p, "q1", "q3", 1e-6);
         assert_close_weights(&p.join("q1/final/model.safetensors"), &p.join("q3/final/model.safetensors"), 1e-6);
-        // What is not sharded yet is refused, naming the way out.
-        let e = fails(p, &train_args("q", "4", &["--shard-params", "--lora-r", "4", "--load-in-4bit"]));
-        assert!(e.contains("--shard-params") && e.contains("4-bit"), "{e}");
+        // QLoRA: each packed 4-bit weight (double-quantized) held by one rank and broadcast when
+        // its layer runs.
+        let q = ["--lora-r", "4", "--lora-targets", "all-linear", "--load-in-4bit", "--bnb-4bit-use-double-quant"];
+        ok(p, &train_args("ql1", "4", &[&q[..], &["--threads", "1"]].concat()));
+        mpirun(p, 2, &train_args("ql3", "2", &[&q[..], &["--shard-params"]].concat()));
+        assert_same_metrics(p, "ql1", "ql3", 1e-6);
+        assert_close_weights(&p.join("ql1/final/adapter_model.safetensors"), &p.join("ql3/final/adapter_model.safetensors"), 1e-6);
+        // Full fine-tuning of a 4-bit base is refused, naming the way out.
+        let e = fails(p, &train_args("q", "4", &["--shard-params", "--load-in-4bit"]));
+        assert!(e.contains("--lora-r") && e.contains("4-bit"), "{e}");
     }
 
     /// A fully sharded checkpoint resumes at another world size: 2 ranks → 1 process and 1 → 2,

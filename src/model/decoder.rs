@@ -161,6 +161,18 @@ pub struct DecoderOptions {
 pub struct Gathered {
     pub tensors: HashMap<String, Tensor>,
     pub trained: Vec<String>,
+    /// The layer's 4-bit weights (a QLoRA base), by name.
+    pub quantized: Option<Arc<super::quant::QuantWeights>>,
+}
+
+impl Gathered {
+    /// The layer built from these weights.
+    fn layer(&self, cfg: &ModelConfig, i: usize, opts: &DecoderOptions) -> Result<DecoderLayer> {
+        match &self.quantized {
+            Some(q) => DecoderLayer::load(&self.tensors, cfg, i, &DecoderOptions { quantized: Some(q.clone()), ..opts.clone() }),
+            None => DecoderLayer::load(&self.tensors, cfg, i, opts),
+        }
+    }
 }
 
 /// Where a decoder's layer weights live when no rank holds them whole (`--shard-params`):
@@ -825,15 +837,15 @@ impl Checkpoint {
             Held::Gathered { source, index, cfg, opts } => {
                 // The trained weights become leaves of this local graph; the layer is dropped
                 // (its full weights freed) before the gradients go back to the source.
-                let Gathered { mut tensors, trained } = source.gather(*index)?;
-                let mut leaves = Vec::with_capacity(trained.len());
-                for n in &trained {
-                    let v = Var::from_tensor(&tensors[n])?;
-                    tensors.insert(n.clone(), v.as_tensor().clone());
+                let mut g = source.gather(*index)?;
+                let mut leaves = Vec::with_capacity(g.trained.len());
+                for n in &g.trained {
+                    let v = Var::from_tensor(&g.tensors[n])?;
+                    g.tensors.insert(n.clone(), v.as_tensor().clone());
                     leaves.push((n.clone(), v));
                 }
-                let grads = backward(&DecoderLayer::load(&tensors, cfg, *index, opts)?)?;
-                drop(tensors);
+                let grads = backward(&g.layer(cfg, *index, opts)?)?;
+                drop(g);
                 let mut out = HashMap::with_capacity(leaves.len());
                 for (n, v) in leaves {
                     // An expert no token was routed to gets no gradient: zero.
@@ -1047,7 +1059,7 @@ impl Decoder {
         for i in 0..self.cfg.num_hidden_layers {
             // Under full sharding the layer is gathered now and dropped once it has run.
             let layer = match &self.source {
-                Some((source, cfg, opts)) => Arc::new(DecoderLayer::load(&source.gather(i)?.tensors, cfg, i, opts)?),
+                Some((source, cfg, opts)) => Arc::new(source.gather(i)?.layer(cfg, i, opts)?),
                 None => self.layers[i].clone(),
             };
             match &self.checkpoint {

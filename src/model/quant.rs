@@ -126,6 +126,34 @@ impl QuantSpec {
     }
 }
 
+/// Reads what `Quant4::to_bytes` wrote.
+struct ByteReader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl ByteReader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        let v = self.b.get(self.at..self.at + n).context("4-bit weight bytes: cut short")?;
+        self.at += n;
+        Ok(v)
+    }
+
+    fn int(&mut self) -> Result<usize> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")) as usize)
+    }
+
+    fn bytes(&mut self) -> Result<Vec<u8>> {
+        let n = self.int()?;
+        Ok(self.take(n)?.to_vec())
+    }
+
+    fn floats(&mut self) -> Result<Vec<f32>> {
+        let n = self.int()?;
+        Ok(self.take(4 * n)?.chunks(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+    }
+}
+
 /// Double quantization's second level: the per-block absmax stored as 8-bit codes of
 /// `absmax − offset`, blocks of `blocksize` sharing one f32 scale.
 #[derive(Debug, Clone, PartialEq)]
@@ -290,6 +318,60 @@ impl Quant4 {
     /// Bytes this weight holds in memory (packed nibbles, scales, nested codes).
     pub fn bytes(&self) -> usize {
         self.packed.len() + 4 * self.absmax.len() + self.nested.as_ref().map(|n| n.codes.len() + 4 * n.absmax.len()).unwrap_or(0)
+    }
+
+    /// The weight as bytes, for another rank (fully sharded training hands each 4-bit weight
+    /// from the rank that holds it to the others); `from_bytes` reads them back.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(self.bytes() + 128);
+        let int = |b: &mut Vec<u8>, x: usize| b.extend((x as u64).to_le_bytes());
+        let bytes = |b: &mut Vec<u8>, v: &[u8]| {
+            int(b, v.len());
+            b.extend_from_slice(v);
+        };
+        let floats = |b: &mut Vec<u8>, v: &[f32]| {
+            int(b, v.len());
+            v.iter().for_each(|x| b.extend(x.to_le_bytes()));
+        };
+        int(&mut b, self.rows);
+        int(&mut b, self.cols);
+        int(&mut b, (self.quant_type == QuantType::Fp4) as usize);
+        int(&mut b, self.blocksize);
+        bytes(&mut b, &self.packed);
+        floats(&mut b, &self.code);
+        floats(&mut b, &self.absmax);
+        match &self.nested {
+            None => int(&mut b, 0),
+            Some(n) => {
+                int(&mut b, 1);
+                bytes(&mut b, &n.codes);
+                floats(&mut b, &n.absmax);
+                floats(&mut b, &n.code);
+                floats(&mut b, &[n.offset]);
+                int(&mut b, n.blocksize);
+            }
+        }
+        b
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Result<Self> {
+        let mut r = ByteReader { b, at: 0 };
+        let (rows, cols, fp4, blocksize) = (r.int()?, r.int()?, r.int()?, r.int()?);
+        let packed = r.bytes()?;
+        let code: [f32; 16] = r.floats()?.try_into().map_err(|_| anyhow::anyhow!("4-bit weight bytes: a code book of 16"))?;
+        let absmax = r.floats()?;
+        let nested = match r.int()? {
+            0 => None,
+            _ => Some(Nested {
+                codes: r.bytes()?,
+                absmax: r.floats()?,
+                code: r.floats()?,
+                offset: r.floats()?.first().copied().context("4-bit weight bytes: no offset")?,
+                blocksize: r.int()?,
+            }),
+        };
+        let quant_type = if fp4 == 1 { QuantType::Fp4 } else { QuantType::Nf4 };
+        Ok(Quant4 { rows, cols, quant_type, blocksize, packed, code, absmax, nested, device: None })
     }
 
     /// Copies what the device path needs to `device` (no-op on the CPU).
@@ -506,4 +588,28 @@ pub fn linear(x: &Tensor, w: &Arc<Quant4>) -> Result<Tensor> {
     }
     let wd = if x.device().is_cpu() { w.to_tensor(x.dtype(), x.device())? } else { w.dequantize_on(x.dtype())? };
     Ok(super::bf16_gemm::mm(x, &wd.t()?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What one rank sends another is the weight: every field, with and without double
+    /// quantization, and a cut-short message is an error.
+    #[test]
+    fn a_4bit_weight_survives_its_bytes() {
+        let w: Vec<f32> = (0..64 * 12).map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0).collect();
+        for double in [false, true] {
+            for qt in [QuantType::Nf4, QuantType::Fp4] {
+                let q = Quant4::quantize(&w, 12, 64, &QuantSpec::new(qt, double, DType::F32));
+                let b = Quant4::from_bytes(&q.to_bytes()).unwrap();
+                assert_eq!((b.rows, b.cols, b.quant_type, b.blocksize), (q.rows, q.cols, q.quant_type, q.blocksize));
+                assert_eq!((&b.packed, b.code, &b.absmax, &b.nested), (&q.packed, q.code, &q.absmax, &q.nested));
+                assert_eq!(b.dequantize(), q.dequantize());
+                assert!(double == q.nested.is_some());
+                let bytes = q.to_bytes();
+                assert!(Quant4::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+            }
+        }
+    }
 }

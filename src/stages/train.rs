@@ -841,7 +841,15 @@ impl<'a> Trainer<'a> {
 
         let device = model::device()?;
         let mut policy = if cfg.shard_params {
-            Policy::load_sharded(&model_dir, cfg.base_dtype.dtype(), Some(cfg.compute_dtype().dtype()), &trainable(cfg)?, world, &device)?
+            Policy::load_sharded(
+                &model_dir,
+                cfg.base_dtype.dtype(),
+                Some(cfg.compute_dtype().dtype()),
+                &trainable(cfg)?,
+                cfg.quant().as_ref(),
+                world,
+                &device,
+            )?
         } else {
             Policy::load_mixed(
                 &model_dir,
@@ -968,6 +976,9 @@ impl<'a> Trainer<'a> {
     fn step(&mut self) -> Result<()> {
         let (cfg, world, step) = (self.cfg, self.world, self.step);
         let t_step = Instant::now();
+        if let Some(sh) = &self.policy.shards {
+            sh.take_collective_seconds(); // not the plan's probe's or an evaluation's
+        }
         crate::memory::reset_peak();
         let lr = cfg.lr * lr_factor(cfg.scheduler, step, cfg.warmup_steps, self.total_steps);
         let mut acc: Option<Vec<Tensor>> = None;
@@ -1070,6 +1081,9 @@ impl<'a> Trainer<'a> {
         row.insert("forward_seconds".into(), fwd_s);
         row.insert("backward_seconds".into(), bwd_s);
         row.insert("optimizer_seconds".into(), opt_s);
+        if let Some(sh) = &self.policy.shards {
+            row.insert("collective_seconds".into(), sh.take_collective_seconds());
+        }
         row.insert("peak_memory_gb".into(), peak[0]);
         row.insert("epoch".into(), (n * self.per_step) as f64 / self.train_rows.len() as f64);
         row.insert("num_tokens".into(), self.num_tokens as f64);

@@ -195,6 +195,21 @@ impl World {
     #[cfg(not(feature = "mpi"))]
     fn broadcast<T>(&self, _v: &mut [T], _root: usize) {}
 
+    /// Rank `root`'s bytes on every rank (ZeRO-3: a 4-bit weight from the rank holding it).
+    pub fn broadcast_bytes(&self, v: &mut Vec<u8>, root: usize) {
+        if self.size == 1 {
+            return;
+        }
+        let mut len = [v.len() as f64];
+        self.broadcast_f64(&mut len, root);
+        v.resize(len[0] as usize, 0);
+        #[cfg(feature = "nccl")]
+        if let Some(n) = &self.nccl {
+            return n.broadcast(&mut v[..], root);
+        }
+        self.broadcast(&mut v[..], root)
+    }
+
     /// Rank 0's string on every rank.
     pub fn broadcast_string(&self, s: &mut String) {
         #[cfg(feature = "nccl")]

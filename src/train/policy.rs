@@ -193,14 +193,44 @@ impl Policy {
         base_dtype: DType,
         compute: Option<DType>,
         what: &Trainable,
+        quant: Option<&QuantSpec>,
         world: &super::dist::World,
         device: &Device,
     ) -> Result<Self> {
-        use super::shard::{shard_of, Sharded};
+        use super::shard::{shard_of, Quant, Sharded};
         let cfg = ModelConfig::load(model_dir)?;
-        if cfg.raw.get("quantization_config").is_some() {
-            anyhow::bail!("{}: a quantized checkpoint; --shard-params shards full-precision weights (drop --shard-params)", model_dir.display());
+        // A 4-bit base (asked for, or as published): each packed weight is held by one rank,
+        // the ranks' shares balanced by size as ZeRO-1's owners are.
+        let spec = QuantSpec::from_config(&cfg.raw, &model_dir.join("config.json"))?.or(quant.cloned());
+        if spec.is_some() && matches!(what, Trainable::Full) {
+            anyhow::bail!("{}: a 4-bit base trains a LoRA adapter over it (--lora-r R), not every weight", model_dir.display());
         }
+        let shapes_all = weights::tensor_shapes(&cfg);
+        let quantized: Vec<(String, usize)> = shapes_all
+            .iter()
+            .filter(|(n, _)| spec.as_ref().is_some_and(|s| s.quantizes(n)))
+            .map(|(n, sh)| (n.clone(), sh.iter().product()))
+            .collect();
+        let owner = super::dist::owners(&quantized.iter().map(|q| q.1).collect::<Vec<_>>(), world.size);
+        let mut q =
+            Quant { layers: vec![Vec::new(); cfg.num_hidden_layers], held: HashMap::new(), device: (!device.is_cpu()).then(|| device.clone()) };
+        let mine: Vec<String> = quantized.iter().zip(&owner).filter(|(_, &o)| o == world.rank).map(|((n, _), _)| n.clone()).collect();
+        for ((n, _), &o) in quantized.iter().zip(&owner) {
+            let i: usize = n
+                .strip_prefix(&format!("{}layers.", cfg.prefix))
+                .and_then(|t| t.split('.').next())
+                .and_then(|t| t.parse().ok())
+                .context("a 4-bit weight outside the layers")?;
+            q.layers[i].push((n.clone(), o));
+        }
+        if !mine.is_empty() {
+            let loaded = weights::load_model_named(model_dir, &cfg, &mine, base_dtype, device, quant)?;
+            if let Some(n) = loaded.tensors.keys().next() {
+                anyhow::bail!("{}: `{n}` should be 4-bit but is stored in full precision", model_dir.display());
+            }
+            q.held = loaded.quant.map(|m| (*m).clone()).unwrap_or_default();
+        }
+        let plain_names: Vec<String> = shapes_all.into_iter().map(|(n, _)| n).filter(|n| !quantized.iter().any(|(m, _)| m == n)).collect();
         if cfg.prefix != "model." {
             anyhow::bail!(
                 "{}: a multimodal checkpoint ({}): --shard-params trains text decoders saved alone (drop --shard-params)",
@@ -215,7 +245,7 @@ impl Policy {
         let layer_tensor = |n: &str| n.starts_with(&format!("{}layers.", cfg.prefix)) || n == embedding || n == "lm_head.weight";
         let full = matches!(what, Trainable::Full);
         let (mut shapes, mut shards, mut root) = (HashMap::new(), HashMap::new(), HashMap::new());
-        weights::load_each(model_dir, &weights::tensor_names(&cfg), if full { DType::F32 } else { base_dtype }, device, |n, t| {
+        weights::load_each(model_dir, &plain_names, if full { DType::F32 } else { base_dtype }, device, |n, t| {
             if full || layer_tensor(n) {
                 shapes.insert(n.to_string(), t.dims().to_vec());
                 shards.insert(n.to_string(), shard_of(&t, w, r)?);
@@ -249,6 +279,7 @@ impl Policy {
             }
         };
         let (sharded, vars, tensors) = Sharded::build(&cfg, world, shapes, shards, root, &names)?;
+        let sharded = sharded.with_quant(q);
         let frozen_bytes =
             sharded.frozen_shard_bytes() + if full { 0 } else { tensors.values().map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64).sum() };
         let sharded = Arc::new(sharded);

@@ -17,6 +17,7 @@
 //!   back at any world size.
 use super::dist::World;
 use crate::model::decoder::{Gathered, LayerSource};
+use crate::model::quant::Quant4;
 use crate::model::ModelConfig;
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
@@ -24,7 +25,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// The moments' index beside the per-rank files of a sharded checkpoint.
 pub const OPTIMIZER_INDEX: &str = "optimizer.index.json";
@@ -79,6 +80,19 @@ pub struct Sharded {
     trained: std::collections::HashSet<String>,
     /// This step's gradient shards so far.
     grads: Mutex<HashMap<String, Tensor>>,
+    /// Seconds spent in collectives since `take_collective_seconds`.
+    collective_s: Mutex<f64>,
+    /// A 4-bit base (QLoRA): each packed weight is held whole by one rank (its owner), which
+    /// hands it to the others when its layer runs.
+    quant: Quant,
+}
+
+/// The 4-bit weights: layer i's names and owners, and the ones this rank holds.
+#[derive(Default)]
+pub struct Quant {
+    pub layers: Vec<Vec<(String, usize)>>,
+    pub held: HashMap<String, Arc<Quant4>>,
+    pub device: Option<Device>,
 }
 
 // SAFETY: the collectives run only on the thread that trains (MPI is initialised Funneled);
@@ -139,8 +153,60 @@ impl Sharded {
         for n in names {
             anyhow::ensure!(shards.contains_key(n) || root.iter().any(|(r, _)| r == n), "trained tensor `{n}` is neither sharded nor held whole");
         }
-        let s = Sharded { world: world.clone(), shapes, shards, layers, outer, root, trained, grads: Mutex::new(HashMap::new()) };
+        let s = Sharded {
+            world: world.clone(),
+            shapes,
+            shards,
+            layers,
+            outer,
+            root,
+            trained,
+            grads: Mutex::new(HashMap::new()),
+            collective_s: Mutex::new(0.0),
+            quant: Quant::default(),
+        };
         Ok((s, vars, decoder_tensors))
+    }
+
+    /// Adds a 4-bit base's weights.
+    pub fn with_quant(mut self, quant: Quant) -> Self {
+        self.quant = quant;
+        self
+    }
+
+    /// Layer i's 4-bit weights, each from the rank that holds it (a broadcast each).
+    fn gather_quant(&self, layer: usize) -> Result<Option<Arc<crate::model::quant::QuantWeights>>> {
+        let Some(names) = self.quant.layers.get(layer).filter(|l| !l.is_empty()) else { return Ok(None) };
+        let mut out = crate::model::quant::QuantWeights::new();
+        for (name, owner) in names {
+            let q = if *owner == self.world.rank {
+                let q = self.quant.held.get(name).with_context(|| format!("4-bit `{name}` is not held here"))?.clone();
+                self.timed(|| self.world.broadcast_bytes(&mut q.to_bytes(), *owner));
+                q
+            } else {
+                let mut bytes = Vec::new();
+                self.timed(|| self.world.broadcast_bytes(&mut bytes, *owner));
+                let mut q = Quant4::from_bytes(&bytes).with_context(|| format!("4-bit `{name}` from rank {owner}"))?;
+                if let Some(d) = &self.quant.device {
+                    q.place(d)?;
+                }
+                Arc::new(q)
+            };
+            out.insert(name.clone(), q);
+        }
+        Ok(Some(Arc::new(out)))
+    }
+
+    /// Seconds in this rank's gathers, reduce-scatters and broadcasts since the last call.
+    pub fn take_collective_seconds(&self) -> f64 {
+        std::mem::take(&mut *self.collective_s.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn timed<T>(&self, f: impl FnOnce() -> T) -> T {
+        let t = std::time::Instant::now();
+        let out = f();
+        *self.collective_s.lock().unwrap_or_else(|e| e.into_inner()) += t.elapsed().as_secs_f64();
+        out
     }
 
     pub fn world(&self) -> &World {
@@ -159,7 +225,7 @@ impl Sharded {
         }
         let flats = names.iter().map(|n| self.shards[n].to_dtype(DType::F32)).collect::<candle_core::Result<Vec<_>>>()?;
         let total: usize = flats.iter().map(|t| t.elem_count()).sum();
-        let all = self.world.all_gather(&Tensor::cat(&flats, 0)?)?.reshape((w, total))?;
+        let all = self.timed(|| self.world.all_gather(&Tensor::cat(&flats, 0)?))?.reshape((w, total))?;
         let mut out = HashMap::with_capacity(names.len());
         let mut at = 0;
         for (n, f) in names.iter().zip(&flats) {
@@ -189,7 +255,7 @@ impl Sharded {
             let g = if c * w > numel { Tensor::cat(&[&g, &Tensor::zeros(c * w - numel, DType::F32, &device)?], 0)? } else { g };
             blocks.push(g.reshape((w, c))?);
         }
-        let mine = self.world.reduce_scatter(&Tensor::cat(&blocks, 1)?.flatten_all()?)?;
+        let mine = self.timed(|| self.world.reduce_scatter(&Tensor::cat(&blocks, 1)?.flatten_all()?))?;
         drop(blocks);
         let mut acc = self.grads.lock().unwrap_or_else(|e| e.into_inner());
         let mut at = 0;
@@ -248,9 +314,10 @@ impl Sharded {
         root + 3 * layer.max(outer)
     }
 
-    /// Bytes of this rank's frozen shards (the base under LoRA).
+    /// Bytes of this rank's frozen shards (the base under LoRA) and 4-bit weights.
     pub fn frozen_shard_bytes(&self) -> u64 {
-        self.shards.iter().filter(|(n, _)| !self.trained.contains(*n)).map(|(_, t)| (t.elem_count() * t.dtype().size_in_bytes()) as u64).sum()
+        self.shards.iter().filter(|(n, _)| !self.trained.contains(*n)).map(|(_, t)| (t.elem_count() * t.dtype().size_in_bytes()) as u64).sum::<u64>()
+            + self.quant.held.values().map(|q| q.bytes() as u64).sum::<u64>()
     }
 
     pub fn total_params(&self, names: &[String]) -> u64 {
@@ -347,7 +414,11 @@ impl safetensors::View for WholeView<'_> {
 impl LayerSource for Sharded {
     fn gather(&self, layer: usize) -> Result<Gathered> {
         let names = &self.layers[layer];
-        Ok(Gathered { tensors: self.gather_names(names)?, trained: names.iter().filter(|n| self.trained.contains(*n)).cloned().collect() })
+        Ok(Gathered {
+            tensors: self.gather_names(names)?,
+            trained: names.iter().filter(|n| self.trained.contains(*n)).cloned().collect(),
+            quantized: self.gather_quant(layer)?,
+        })
     }
 
     fn reduce(&self, layer: usize, grads: HashMap<String, Tensor>) -> Result<()> {
