@@ -22,7 +22,7 @@ use crate::train::optim::{clip_scale, global_norm, lr_factor, AdamW, AdamWConfig
 use crate::train::plan::Plan;
 use crate::train::policy::{Policy, Trainable};
 use crate::train::shard::Moments;
-use crate::train::step::{batch_loss, gradients, split_by_tokens, Refs, Whole, UNPAIRED_SUMS};
+use crate::train::step::{batch_loss, gradients, split_by_tokens, Reduce, Refs, Whole, UNPAIRED_SUMS};
 use crate::train::tensorboard::EventWriter;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
@@ -305,17 +305,8 @@ fn eval_pass(
         let pairs: Vec<PairView> = mine.iter().map(|&i| prepared.pair(i as usize)).collect();
         let refs = cache.map(|c| RefRows::of(c, &mine));
         let mut reduce = |b: &mut [f64]| world.sum_f64(b);
-        let pieces = if pairs.is_empty() { vec![] } else { pieces(cfg, loss, &pairs, budget)? };
-        for _ in pieces.len()..passes_over_ranks(policy, world, pieces.len()) {
-            idle_pass(policy, false, &mut || {
-                if loss.unpaired() {
-                    reduce(&mut [0.0; UNPAIRED_SUMS]);
-                }
-            })?;
-        }
-        if pairs.is_empty() && loss.unpaired() && policy.shards.is_none() {
-            reduce(&mut [0.0; UNPAIRED_SUMS]); // the other ranks' batch-wide sums
-        }
+        let pieces = pieces(cfg, loss, &pairs, budget)?;
+        even_out(policy, world, loss, pieces.len(), false, &mut reduce)?;
         for r in pieces {
             let refs = refs.as_ref().map(|x| x.view().slice(r.clone()));
             let b = batch_loss(&policy.eval_decoder, cfg.layout, loss, &pairs[r.clone()], refs, whole, &mut reduce)?;
@@ -329,15 +320,41 @@ fn eval_pass(
     Ok(row)
 }
 
-/// Passes every rank runs for this micro-batch: its own, or under --shard-params the most any
-/// rank runs (a collective).
-fn passes_over_ranks(policy: &Policy, world: &World, mine: usize) -> usize {
-    if policy.shards.is_none() || world.size == 1 {
-        return mine;
+/// `grads` added to the micro-batches' sum so far.
+fn add_grads(acc: &mut Option<Vec<Tensor>>, grads: Vec<Tensor>) -> Result<()> {
+    *acc = Some(match acc.take() {
+        None => grads,
+        Some(a) => a.iter().zip(&grads).map(|(x, y)| x + y).collect::<candle_core::Result<_>>()?,
+    });
+    Ok(())
+}
+
+/// Before this rank's `mine` passes of a micro-batch: under --shard-params, the empty passes
+/// that make it run as many as the busiest rank (each pass's layers are collectives; one max
+/// over the ranks), with their zero gradients when training. A rank with no rows of an
+/// unpaired micro-batch still joins the other ranks' batch-wide sums (in its empty pass, where
+/// a real pass makes them, under sharding).
+fn even_out(policy: &Policy, world: &World, loss: &LossConfig, mine: usize, train: bool, reduce: Reduce) -> Result<Vec<Vec<Tensor>>> {
+    let passes = match policy.shards {
+        Some(_) if world.size > 1 => {
+            let mut n = [mine as f64];
+            world.max_f64(&mut n);
+            n[0] as usize
+        }
+        _ => mine,
+    };
+    let mut grads = Vec::new();
+    for _ in mine..passes {
+        grads.extend(idle_pass(policy, train, &mut || {
+            if loss.unpaired() {
+                reduce(&mut [0.0; UNPAIRED_SUMS]);
+            }
+        })?);
     }
-    let mut n = [mine as f64];
-    world.max_f64(&mut n);
-    n[0] as usize
+    if passes == 0 && loss.unpaired() {
+        reduce(&mut [0.0; UNPAIRED_SUMS]);
+    }
+    Ok(grads)
 }
 
 /// An empty pass under --shard-params: one token through every layer, so this rank joins the
@@ -1001,22 +1018,8 @@ impl<'a> Trainer<'a> {
             };
             let mut reduce = |b: &mut [f64]| world.sum_f64(b);
             let pieces = pieces(cfg, &self.loss, &pairs, self.budget)?;
-            // Under --shard-params every rank runs as many passes as the busiest one (each pass's
-            // layers are collectives); a rank with fewer runs empty ones.
-            for _ in pieces.len()..passes_over_ranks(&self.policy, world, pieces.len()) {
-                let grads = idle_pass(&self.policy, true, &mut || {
-                    if self.loss.unpaired() {
-                        reduce(&mut [0.0; UNPAIRED_SUMS]); // the other ranks' batch-wide sums
-                    }
-                })?
-                .expect("a training pass");
-                acc = Some(match acc {
-                    None => grads,
-                    Some(a) => a.iter().zip(&grads).map(|(x, y)| x + y).collect::<candle_core::Result<_>>()?,
-                });
-            }
-            if pairs.is_empty() && self.loss.unpaired() && self.policy.shards.is_none() {
-                reduce(&mut [0.0; UNPAIRED_SUMS]); // a short last micro-batch: the other ranks' sums
+            for grads in even_out(&self.policy, world, &self.loss, pieces.len(), true, &mut reduce)? {
+                add_grads(&mut acc, grads)?;
             }
             for r in pieces {
                 let t = Instant::now();
@@ -1026,10 +1029,7 @@ impl<'a> Trainer<'a> {
                 let t = Instant::now();
                 let grads = gradients(&(&b.loss / cfg.grad_accum as f64)?, &self.policy)?;
                 bwd_s += t.elapsed().as_secs_f64();
-                acc = Some(match acc {
-                    None => grads,
-                    Some(a) => a.iter().zip(&grads).map(|(x, y)| x + y).collect::<candle_core::Result<_>>()?,
-                });
+                add_grads(&mut acc, grads)?;
                 b.record(&mut stats);
                 counts[0] += b.tokens as f64;
                 counts[1] += b.trl_tokens as f64;

@@ -216,11 +216,7 @@ impl Policy {
             Quant { layers: vec![Vec::new(); cfg.num_hidden_layers], held: HashMap::new(), device: (!device.is_cpu()).then(|| device.clone()) };
         let mine: Vec<String> = quantized.iter().zip(&owner).filter(|(_, &o)| o == world.rank).map(|((n, _), _)| n.clone()).collect();
         for ((n, _), &o) in quantized.iter().zip(&owner) {
-            let i: usize = n
-                .strip_prefix(&format!("{}layers.", cfg.prefix))
-                .and_then(|t| t.split('.').next())
-                .and_then(|t| t.parse().ok())
-                .context("a 4-bit weight outside the layers")?;
+            let i = super::shard::layer_of(n, &cfg).context("a 4-bit weight outside the layers")?;
             q.layers[i].push((n.clone(), o));
         }
         if !mine.is_empty() {
@@ -242,15 +238,15 @@ impl Policy {
         // Layers, the embedding and the head are sharded; what else there is (the final norm)
         // is small and read whole.
         let embedding = format!("{}embed_tokens.weight", cfg.prefix);
-        let layer_tensor = |n: &str| n.starts_with(&format!("{}layers.", cfg.prefix)) || n == embedding || n == "lm_head.weight";
+        let sharded_tensor = |n: &str| n.starts_with(&format!("{}layers.", cfg.prefix)) || n == embedding || n == "lm_head.weight";
         let full = matches!(what, Trainable::Full);
         let (mut shapes, mut shards, mut root) = (HashMap::new(), HashMap::new(), HashMap::new());
         weights::load_each(model_dir, &plain_names, if full { DType::F32 } else { base_dtype }, device, |n, t| {
-            if full || layer_tensor(n) {
+            if full || sharded_tensor(n) {
                 shapes.insert(n.to_string(), t.dims().to_vec());
                 shards.insert(n.to_string(), shard_of(&t, w, r)?);
             }
-            if !layer_tensor(n) {
+            if !sharded_tensor(n) {
                 root.insert(n.to_string(), t);
             }
             Ok(())

@@ -1,6 +1,7 @@
 //! Full sharding (ZeRO-3 / FSDP's FULL_SHARD, `train --shard-params`): each rank holds a flat
-//! 1/W shard of every decoder-layer weight (trained, or the frozen base under LoRA), and of
-//! every trained weight outside the layers, with the matching gradient and AdamW moments.
+//! 1/W shard of every decoder-layer weight, the embedding and the head (trained, or the frozen
+//! base under LoRA) and of every other trained weight, with the matching gradient and AdamW
+//! moments; a 4-bit base's packed weights are shared out whole, one rank holding each.
 //!
 //! - A layer's full weights exist only while it runs: the decoder asks this module (its
 //!   [`LayerSource`]) to all-gather them before the layer's forward and again for its backward
@@ -74,8 +75,8 @@ pub struct Sharded {
     layers: Vec<Vec<String>>,
     /// The embedding and the output head (sharded, gathered for each use).
     outer: Vec<String>,
-    /// The trained tensors outside the layers (full fine-tuning: embedding, norm, head), each
-    /// with the full `Var` the decoder reads during a step.
+    /// The trained tensors held whole for a step (full fine-tuning: the final norm), each with
+    /// the full `Var` the decoder reads.
     root: Vec<(String, Var)>,
     trained: std::collections::HashSet<String>,
     /// This step's gradient shards so far.
@@ -102,15 +103,15 @@ unsafe impl Send for Sharded {}
 unsafe impl Sync for Sharded {}
 
 /// The layer a tensor belongs to (`<prefix>layers.<i>.…`), if any.
-fn layer_of(name: &str, cfg: &ModelConfig) -> Option<usize> {
+pub fn layer_of(name: &str, cfg: &ModelConfig) -> Option<usize> {
     name.strip_prefix(&format!("{}layers.", cfg.prefix))?.split('.').next()?.parse().ok()
 }
 
 impl Sharded {
-    /// From full tensors handed over one at a time (`tensors`: name, tensor, trained): layer
-    /// tensors and trained ones are sharded (the full tensor dropped), frozen tensors outside the
-    /// layers returned whole. Returns the sharded set, the trained shards as `Var`s (in
-    /// `names` order) and the full tensors the decoder holds (root `Var`s' tensors, frozen root).
+    /// From this rank's `shards` (and the tensors' `shapes`) and the tensors read whole
+    /// (`root_full`); `names` are the trained ones. Returns the sharded set, the trained shards
+    /// as `Var`s (in `names` order) and the whole tensors the decoder holds (the trained ones
+    /// as the root `Var`s' tensors).
     pub fn build(
         cfg: &ModelConfig,
         world: &World,
@@ -149,9 +150,6 @@ impl Sharded {
             } else {
                 decoder_tensors.insert(n.clone(), t.clone());
             }
-        }
-        for n in names {
-            anyhow::ensure!(shards.contains_key(n) || root.iter().any(|(r, _)| r == n), "trained tensor `{n}` is neither sharded nor held whole");
         }
         let s = Sharded {
             world: world.clone(),
@@ -328,7 +326,7 @@ impl Sharded {
     /// gathered one at a time (never the whole model on one rank).
     pub fn each_whole(&self, names: &[String], mut f: impl FnMut(&str, Tensor) -> Result<()>) -> Result<()> {
         for n in names {
-            let t = self.gather_names(std::slice::from_ref(n))?.remove(n).expect("gathered");
+            let t = self.gather_one(n)?;
             if self.world.is_root() {
                 f(n, t)?;
             }
