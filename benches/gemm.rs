@@ -2,7 +2,8 @@
 //! and on the same threads (BENCH_THREADS, default 2): our bf16 GEMM (AVX-512 BF16 where the CPU
 //! has it), the f32 `gemm` crate candle uses, candle's bf16 matmul, and torch's bf16 and f32
 //! (from the project's .venv when it has torch). Shapes: square 1024, and a linear layer of
-//! Qwen2.5-0.5B (512 tokens × 896 → 4864) and of Llama-3-8B (512 × 4096 → 14336).
+//! Qwen2.5-0.5B (512 tokens × 896 → 4864) and of Llama-3-8B (512 × 4096 → 14336), each also in
+//! its backward's two layouts for ours (dx = g·W, dW = gᵀ·x), and one decoding step (1 token).
 use candle_core::{DType, Device, Tensor};
 use dpo_pipeline::model::bf16_gemm;
 use half::bf16;
@@ -25,22 +26,36 @@ fn main() {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().unwrap();
     let dev = Device::Cpu;
     println!("GEMM GFLOP/s, {threads} threads (AVX-512 BF16: {}); C = A·Bᵀ with B a row-major [n, k] weight", bf16_gemm::has_avx512_bf16());
-    println!("{:>22} {:>10} {:>10} {:>12} {:>10} {:>10}", "m x k -> n", "ours bf16", "f32 gemm", "candle bf16", "torch bf16", "torch f32");
-    for (m, k, n) in [(1024, 1024, 1024), (512, 896, 4864), (512, 4096, 14336)] {
+    println!(
+        "{:>22} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10}",
+        "m x k -> n", "ours bf16", "ours g·W", "ours gᵀ·x", "f32 gemm", "candle bf16", "torch bf16", "torch f32"
+    );
+    for (m, k, n) in [(1024, 1024, 1024), (512, 896, 4864), (512, 4096, 14336), (1, 896, 4864), (1, 4096, 14336)] {
         let flop = 2.0 * (m * n * k) as f64 / 1e9;
         let a32 = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
         let b32 = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
         let (a16, b16) = (a32.to_dtype(DType::BF16).unwrap(), b32.to_dtype(DType::BF16).unwrap());
         let (va, vb) = (a16.flatten_all().unwrap().to_vec1::<bf16>().unwrap(), b16.flatten_all().unwrap().to_vec1::<bf16>().unwrap());
         let ours = best(|| drop(bf16_gemm::matmul_abt(m, n, k, &va, &vb)));
+        // The backward's layouts: g [m, n] row-major, W = vb [n, k], x = va [m, k].
+        let vg: Vec<bf16> = (0..m * n).map(|i| va[i % va.len()]).collect();
+        let mut c = vec![0f32; m.max(n) * k];
+        let op = |ptr: &[bf16], rs: usize, cs: usize| bf16_gemm::Operand { ptr: ptr.as_ptr(), rs: rs as isize, cs: cs as isize };
+        // SAFETY: each operand addresses its vector; C holds m·k and n·k.
+        let dx = best(|| unsafe { bf16_gemm::matmul(m, k, n, op(&vg, n, 1), op(&vb, k, 1), &mut c, false) });
+        let dw = best(|| unsafe { bf16_gemm::matmul(n, k, m, op(&vg, 1, n), op(&va, k, 1), &mut c, false) });
         let f32s = best(|| drop(a32.matmul(&b32.t().unwrap()).unwrap()));
         let candle16 = best(|| drop(a16.matmul(&b16.t().unwrap()).unwrap()));
         let torch = torch_gflops(m, k, n, threads);
         let t = |x: Option<f64>| x.map_or("-".into(), |g| format!("{g:.0}"));
+        // A decoding step has no backward.
+        let (dx, dw) = if m == 1 { ("-".into(), "-".into()) } else { (format!("{:.0}", flop / dx), format!("{:.0}", flop / dw)) };
         println!(
-            "{:>22} {:>10.0} {:>10.0} {:>12.0} {:>10} {:>10}",
+            "{:>22} {:>10.0} {:>10} {:>10} {:>10.0} {:>12.0} {:>10} {:>10}",
             format!("{m} x {k} -> {n}"),
             flop / ours,
+            dx,
+            dw,
             flop / f32s,
             flop / candle16,
             t(torch.map(|x| x.0)),

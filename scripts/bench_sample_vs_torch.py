@@ -2,10 +2,10 @@
 transformers' `generate` on the same model, prompts, samples per prompt and threads.
 
     python scripts/bench_sample_vs_torch.py MODEL_DIR PROMPTS.parquet [--pipeline target/release/pipeline]
-        [--threads 2] [--num-samples 4] [--max-new-tokens 32] [--batch 32]
+        [--threads 2] [--num-samples 4] [--max-new-tokens 32] [--batch 32] [--bf16]
 
 Both sample at temperature 1 with no top-k/top-p (transformers' default top_k=50 is turned off),
-f32, from the same token ids (plain prompts tokenized as `pipeline sample` does). transformers
+f32 (with --bf16 both in bf16: ours `--dtype bf16`, transformers dtype=torch.bfloat16), from the same token ids (plain prompts tokenized as `pipeline sample` does). transformers
 runs `--batch` prompts per `generate` call (left-padded, num_return_sequences = samples per
 prompt, sdpa attention, its default dynamic cache); ours decodes every prompt's samples at once
 within --batch-tokens. Each side's tokens/s counts the tokens it generated (up to and including
@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 def ours(args, tmp):
     out = Path(tmp) / "samples"
     cmd = [args.pipeline, "--threads", str(args.threads), "sample", "--model", args.model, "--prompts", args.prompts, "--out", str(out),
-           "--num-samples", str(args.num_samples), "--max-new-tokens", str(args.max_new_tokens), "--temperature", "1", "--force"]
+           "--num-samples", str(args.num_samples), "--max-new-tokens", str(args.max_new_tokens), "--temperature", "1", "--force"] + (["--dtype", "bf16"] if args.bf16 else [])
     t = time.time()
     subprocess.run(cmd, check=True, capture_output=True)
     wall = time.time() - t
@@ -39,7 +39,7 @@ def theirs(args):
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(args.model)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32, attn_implementation="sdpa").eval()
     prompts = pl.read_parquet(args.prompts)["prompt"].to_list()
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
@@ -70,11 +70,13 @@ def main():
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--bf16", action="store_true", help="both sides in bf16")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         a = ours(args, tmp)
     b = theirs(args)
-    print(f"model {args.model}, {args.prompts}, {args.num_samples} samples/prompt, max {args.max_new_tokens} new tokens, {args.threads} threads")
+    print(f"model {args.model}, {args.prompts}, {args.num_samples} samples/prompt, max {args.max_new_tokens} new tokens, {args.threads} threads, "
+          f"{'bf16' if args.bf16 else 'f32'}")
     print(f"{'':<28}{'tokens':>10}{'tokens/s':>12}")
     print(f"{'pipeline sample':<28}{a['tokens']:>10}{a['tokens_per_s']:>12.1f}")
     print(f"{'transformers generate':<28}{b['tokens']:>10}{b['tokens_per_s']:>12.1f}")

@@ -239,6 +239,77 @@ fn fused_log_probs_match_the_composite_ops_in_value_and_gradient() {
     }
 }
 
+/// bf16 on the CPU runs the fused kernels: the log-prob head through the bf16 GEMM (f32 sums,
+/// 1,024-row chunks × 2,048-entry vocabulary blocks), the elementwise ops stored in bf16 and
+/// computed wider. Each equals the same op in f64 on the same bf16 values: log-probs to f32
+/// summation error, everything else to bf16's resolution (a wrong layout or formula is off by
+/// the values' own size).
+#[test]
+fn bf16_fused_kernels_match_f64_on_the_same_values() {
+    use candle_core::{Tensor, Var};
+    use dpo_pipeline::model::config::{Activation, NormStyle};
+    use dpo_pipeline::model::{fused, ops};
+    let dev = Device::Cpu;
+    let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    // Runs `op` on bf16 leaves and on their f64 widening; returns (output, input gradients) of each.
+    let both = |inputs: &[Tensor], op: &dyn Fn(&[Tensor]) -> Tensor| {
+        let up = Tensor::randn(0f32, 1.0, op(inputs).shape(), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let run = |dtype: DType| {
+            let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()).collect();
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = op(&ts);
+            let g = (y.to_dtype(DType::F64).unwrap() * up.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+            (f(&y), vars.iter().map(|v| f(g.get(v.as_tensor()).unwrap())).collect::<Vec<_>>())
+        };
+        (run(DType::BF16), run(DType::F64))
+    };
+    let close = |what: &str, got: &[f64], want: &[f64], rel: f64| {
+        let scale = want.iter().map(|x| x.abs()).fold(0.0, f64::max);
+        let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs() - rel * b.abs()).fold(f64::MIN, f64::max);
+        assert!(worst <= rel * 0.1 * scale, "{what}: off by {worst} beyond {rel} relative (values up to {scale})");
+    };
+    let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+
+    // The head: 1,100 rows cross the 1,024-row chunk, 3,001 entries cross the 2,048 block.
+    let (m, k, v) = (1100, 40, 3001);
+    let (h, w) = (bf(Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap()), bf(Tensor::randn(0f32, 0.5, (v, k), &dev).unwrap()));
+    let targets: Vec<u32> = (0..m as u32).map(|i| (i * 7919) % v as u32).collect();
+    let ((y16, g16), (y64, g64)) = both(&[h, w], &|x| fused::token_logps(&x[0], &x[1], &targets, None).unwrap());
+    close("bf16 log-probs", &y16, &y64, 1e-5);
+    // The gradients' products are bf16 (the softmax's gradient rounded, as the forward's operands).
+    close("bf16 log-probs, grad h", &g16[0], &g64[0], 2e-2);
+    close("bf16 log-probs, grad w", &g16[1], &g64[1], 2e-2);
+
+    let x = bf(Tensor::randn(0f32, 2.0, (9, 4, 34), &dev).unwrap());
+    let ((y16, g16), (y64, g64)) = both(std::slice::from_ref(&x), &|x| ops::softmax_last(&x[0]).unwrap());
+    close("bf16 softmax", &y16, &y64, 1e-2);
+    close("bf16 softmax, grad", &g16[0], &g64[0], 2e-2);
+    let wn = bf(Tensor::randn(1f32, 0.3, 34, &dev).unwrap());
+    for style in [NormStyle::Weight, NormStyle::OnePlusWeight, NormStyle::WeightThenCast] {
+        let ((y16, g16), (y64, g64)) = both(&[x.clone(), wn.clone()], &|x| ops::rms_norm(&x[0], &x[1], 1e-6, style).unwrap());
+        close(&format!("bf16 rms_norm {style:?}"), &y16, &y64, 1e-2);
+        close(&format!("bf16 rms_norm {style:?}, grad x"), &g16[0], &g64[0], 2e-2);
+        close(&format!("bf16 rms_norm {style:?}, grad w"), &g16[1], &g64[1], 2e-2);
+    }
+    let u = bf(Tensor::randn(0f32, 1.0, (9, 4, 34), &dev).unwrap());
+    for act in [Activation::Silu, Activation::GeluTanh] {
+        let ((y16, g16), (y64, g64)) = both(&[x.clone(), u.clone()], &|x| ops::gated_act(&x[0], &x[1], act).unwrap());
+        close(&format!("bf16 {act:?}"), &y16, &y64, 1e-2);
+        close(&format!("bf16 {act:?}, grad gate"), &g16[0], &g64[0], 2e-2);
+        close(&format!("bf16 {act:?}, grad up"), &g16[1], &g64[1], 2e-2);
+    }
+    // RoPE over [tokens, heads, head dim] with constant cos / sin [tokens, 1, head dim].
+    let angle = Tensor::randn(0f32, 2.0, (9, 1, 34), &dev).unwrap();
+    let (cos, sin) = (angle.cos().unwrap(), angle.sin().unwrap());
+    let ((y16, g16), (y64, g64)) = both(&[x], &|x| {
+        let dt = x[0].dtype();
+        ops::rope(&x[0], &cos.to_dtype(DType::BF16).unwrap().to_dtype(dt).unwrap(), &sin.to_dtype(DType::BF16).unwrap().to_dtype(dt).unwrap())
+            .unwrap()
+    });
+    close("bf16 rope", &y16, &y64, 1e-2);
+    close("bf16 rope, grad", &g16[0], &g64[0], 2e-2);
+}
+
 #[test]
 fn mistral_sliding_window_matches_hf_transformers() {
     let d = tmp();

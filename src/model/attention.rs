@@ -95,9 +95,15 @@ pub struct AttnOptions {
 }
 
 /// Attention of q [n, nh, hd] over k, v [n, nkv, hd] under `layout`: [n, nh, hd]. The fused
-/// CPU kernel for f32/f64 on the CPU, else the device-generic recomputing version.
+/// CPU kernel for f32/f64 on the CPU (bf16 there too: widened into it, the output rounded back,
+/// as transformers' bf16 attention computes its softmax in f32), else the device-generic
+/// recomputing version.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, layout: &Arc<AttnLayout>, opts: AttnOptions) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    if q.device().is_cpu() && q.dtype() == DType::BF16 {
+        let wide = |t: &Tensor| t.to_dtype(DType::F32);
+        return Ok(attention(&wide(&q)?, &wide(&k)?, &wide(&v)?, layout, opts)?.to_dtype(DType::BF16)?);
+    }
     if super::fused::applies(&q) {
         return Ok(q.apply_op3(&k, &v, FusedAttention { layout: layout.clone(), opts, lse: Mutex::new(Vec::new()) })?);
     }

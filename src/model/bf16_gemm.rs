@@ -33,6 +33,11 @@ impl Operand {
     unsafe fn at(&self, i: usize, j: usize) -> u16 {
         (*self.ptr.offset(i as isize * self.rs + j as isize * self.cs)).to_bits()
     }
+
+    /// The element bits' address (a method, so closures capture the whole `Sync` operand).
+    fn bits(&self) -> *const u16 {
+        self.ptr as *const u16
+    }
 }
 
 /// Whether the fast kernel runs on this CPU.
@@ -98,31 +103,58 @@ mod avx512 {
     /// Rows per micro-tile, and columns (two registers of 16 f32).
     const MR: usize = 8;
     const NR: usize = 32;
-    /// k per packed block (pairs of k are one 32-bit lane), rows of A per packed block, and
-    /// columns per task (one task packs its B panels once and sweeps every row block).
+    /// k per packed block (pairs of k are one 32-bit lane), and columns per task (one task
+    /// packs its B panel once per k block and sweeps every row group of the shared packed A).
     const KC: usize = 512;
-    const MC: usize = 128;
     const NC: usize = 256;
 
-    /// Lanes l0..l0+count (rows of A or columns of B, of `total`), k in k0..k0+kc, packed in
-    /// groups of `width` lanes: for each group and pair p of k, `width` 32-bit lanes
-    /// x(l, k0+2p) | x(l, k0+2p+1) << 16 (the pair `vdpbf16ps` multiplies); lanes and k past the
-    /// edge are zero.
+    /// Lanes l0..l0+count of `x` (lane l, depth kk at `x + l·ls + kk·ks`: rows of A or columns
+    /// of B), k in k0..k0+kc, packed in groups of `width` lanes: for each group and pair p of k,
+    /// `width` 32-bit lanes x(l, k0+2p) | x(l, k0+2p+1) << 16 (the pair `vdpbf16ps` multiplies);
+    /// lanes and k past the edge are zero. The two layouts the decoder gives (pairs adjacent in
+    /// memory, or lanes adjacent) copy whole words or interleave two rows; others go element by
+    /// element.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn pack(width: usize, l0: usize, count: usize, total: usize, k0: usize, kc: usize, at: impl Fn(usize, usize) -> u16, out: &mut Vec<u32>) {
+    unsafe fn pack(width: usize, l0: usize, count: usize, k0: usize, kc: usize, x: *const u16, ls: isize, ks: isize, out: &mut [u32]) {
         let kp = kc.div_ceil(2);
-        out.clear();
-        out.resize(count.div_ceil(width) * kp * width, 0);
         for g in 0..count.div_ceil(width) {
-            for lane in 0..width {
-                let l = l0 + g * width + lane;
-                if l >= total || l >= l0 + count {
-                    continue;
+            let lanes = width.min(count - g * width);
+            let dst = &mut out[g * kp * width..(g + 1) * kp * width];
+            if lanes < width {
+                dst.fill(0);
+            }
+            let base = x.offset((l0 + g * width) as isize * ls + k0 as isize * ks);
+            if ks == 1 {
+                for lane in 0..lanes {
+                    let row = base.offset(lane as isize * ls);
+                    for p in 0..kc / 2 {
+                        dst[p * width + lane] = (row.add(2 * p) as *const u32).read_unaligned();
+                    }
+                    if kc % 2 == 1 {
+                        dst[(kp - 1) * width + lane] = *row.add(kc - 1) as u32;
+                    }
                 }
+            } else if ls == 1 {
                 for p in 0..kp {
-                    let (ka, kb) = (k0 + 2 * p, k0 + 2 * p + 1);
-                    let hi = if kb < k0 + kc { at(l, kb) as u32 } else { 0 };
-                    out[(g * kp + p) * width + lane] = at(l, ka) as u32 | (hi << 16);
+                    let r0 = std::slice::from_raw_parts(base.offset(2 * p as isize * ks), lanes);
+                    let d = &mut dst[p * width..p * width + lanes];
+                    if 2 * p + 1 < kc {
+                        let r1 = std::slice::from_raw_parts(base.offset((2 * p + 1) as isize * ks), lanes);
+                        for ((d, &lo), &hi) in d.iter_mut().zip(r0).zip(r1) {
+                            *d = lo as u32 | (hi as u32) << 16;
+                        }
+                    } else {
+                        for (d, &lo) in d.iter_mut().zip(r0) {
+                            *d = lo as u32;
+                        }
+                    }
+                }
+            } else {
+                for lane in 0..lanes {
+                    for p in 0..kp {
+                        let at = |kk: usize| *base.offset(lane as isize * ls + kk as isize * ks) as u32;
+                        dst[p * width + lane] = at(2 * p) | if 2 * p + 1 < kc { at(2 * p + 1) << 16 } else { 0 };
+                    }
                 }
             }
         }
@@ -165,10 +197,35 @@ mod avx512 {
         }
     }
 
+    /// Σ_kk x[kk]·y[kk] over k contiguous bf16 of each, in f32 (for few rows of A against a
+    /// weight stored row by row: a decoding step's GEMV, where packing the weight would cost
+    /// more than the products).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn dot(k: usize, x: *const u16, y: *const u16) -> f32 {
+        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut kk = 0;
+        // 32 bf16 of each operand as one register of pairs.
+        let load = |p: *const u16| -> __m512bh { std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p as *const _)) };
+        while kk + 64 <= k {
+            let (x0, y0, x1, y1) = (load(x.add(kk)), load(y.add(kk)), load(x.add(kk + 32)), load(y.add(kk + 32)));
+            s0 = _mm512_dpbf16_ps(s0, x0, y0);
+            s1 = _mm512_dpbf16_ps(s1, x1, y1);
+            kk += 64;
+        }
+        let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+        for t in kk..k {
+            sum += half::bf16::from_bits(*x.add(t)).to_f32() * half::bf16::from_bits(*y.add(t)).to_f32();
+        }
+        sum
+    }
+
     struct Out(*mut f32);
     // SAFETY: each task writes only its own columns of C.
     unsafe impl Send for Out {}
     unsafe impl Sync for Out {}
+
+    /// Rows of A at most this many, with k contiguous in both operands, take the GEMV path.
+    const FEW_ROWS: usize = 4;
 
     pub unsafe fn matmul(m: usize, n: usize, k: usize, a: Operand, b: Operand, c: &mut [f32], accumulate: bool) {
         if k == 0 {
@@ -178,36 +235,56 @@ mod avx512 {
             return;
         }
         let out = Out(c.as_mut_ptr());
+        if m <= FEW_ROWS && a.cs == 1 && b.rs == 1 {
+            let cols = 64.max(n.div_ceil(rayon::current_num_threads().max(1) * 4));
+            (0..n).into_par_iter().step_by(cols).for_each(|j0| {
+                let out = &out;
+                for i in 0..m {
+                    for j in j0..n.min(j0 + cols) {
+                        let v = dot(k, a.bits().offset(i as isize * a.rs), b.bits().offset(j as isize * b.cs));
+                        let o = out.0.add(i * n + j);
+                        *o = if accumulate { *o + v } else { v };
+                    }
+                }
+            });
+            return;
+        }
         // Column chunks small enough that every thread has work.
         let threads = rayon::current_num_threads().max(1);
         let nc = NC.min(n.div_ceil(threads).div_ceil(NR) * NR).max(NR);
         let chunks: Vec<usize> = (0..n).step_by(nc).collect();
-        let task = |&j0: &usize| {
-            let out = &out;
-            let nc = nc.min(n - j0);
-            let (mut pa, mut pb) = (Vec::new(), Vec::new());
-            for k0 in (0..k).step_by(KC) {
-                let kc = KC.min(k - k0);
-                let kp = kc.div_ceil(2);
-                pack(NR, j0, nc, n, k0, kc, |j, kk| b.at(kk, j), &mut pb);
-                for i0 in (0..m).step_by(MC) {
-                    let mc = MC.min(m - i0);
-                    pack(MR, i0, mc, m, k0, kc, |i, kk| a.at(i, kk), &mut pa);
+        let groups = m.div_ceil(MR);
+        let mut pa: Vec<u32> = Vec::new();
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let kp = kc.div_ceil(2);
+            // A is packed once per k block for every row, and shared by the column tasks.
+            pa.resize(groups * kp * MR, 0);
+            let per_task = groups.div_ceil(threads * 4).max(1);
+            pa.par_chunks_mut(per_task * kp * MR).enumerate().for_each(|(t, dst)| {
+                let i0 = t * per_task * MR;
+                pack(MR, i0, (per_task * MR).min(m - i0), k0, kc, a.bits(), a.rs, a.cs, dst)
+            });
+            let pa = &pa;
+            let task = |&j0: &usize| {
+                let out = &out;
+                let nc = nc.min(n - j0);
+                let mut pb = vec![0u32; nc.div_ceil(NR) * kp * NR];
+                pack(NR, j0, nc, k0, kc, b.bits(), b.cs, b.rs, &mut pb);
+                for g in 0..groups {
+                    let rows = MR.min(m - g * MR);
                     for q in 0..nc.div_ceil(NR) {
                         let cols = NR.min(nc - q * NR);
-                        for g in 0..mc.div_ceil(MR) {
-                            let rows = MR.min(mc - g * MR);
-                            let cp = out.0.add((i0 + g * MR) * n + j0 + q * NR);
-                            tile(kp, pa.as_ptr().add(g * kp * MR), pb.as_ptr().add(q * kp * NR), cp, n, rows, cols, accumulate || k0 > 0);
-                        }
+                        let cp = out.0.add(g * MR * n + j0 + q * NR);
+                        tile(kp, pa.as_ptr().add(g * kp * MR), pb.as_ptr().add(q * kp * NR), cp, n, rows, cols, accumulate || k0 > 0);
                     }
                 }
+            };
+            if chunks.len() > 1 {
+                chunks.par_iter().for_each(task);
+            } else {
+                chunks.iter().for_each(task);
             }
-        };
-        if chunks.len() > 1 {
-            chunks.par_iter().for_each(task);
-        } else {
-            chunks.iter().for_each(task);
         }
     }
 }
@@ -313,7 +390,7 @@ mod tests {
     /// summation error of the f64 sum of the exact bf16 products.
     #[test]
     fn bf16_gemm_matches_an_f64_reference_for_every_layout() {
-        for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (17, 33, 65), (130, 70, 300), (9, 300, 513)] {
+        for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (2, 37, 200), (17, 33, 65), (130, 70, 300), (9, 300, 513), (70, 40, 1100)] {
             let (a, b) = (random(m * k, 1), random(k * n, 2));
             let (ra, rb) = (&a, &b);
             let terms = |x: usize| (0..k).map(move |kk| ra[x / n * k + kk].to_f64() * rb[kk * n + x % n].to_f64());

@@ -22,6 +22,11 @@ pub trait Real: Copy + Send + Sync + 'static + PartialOrd + candle_core::WithDTy
     /// Replaces each x of `row` (all ≤ m, or −∞) by e^(x − m) and returns their sum: the
     /// softmax's inner loop, vectorized for f32.
     fn exp_shifted(row: &mut [Self], m: Self) -> f64;
+    /// A gated MLP's activation and its derivative at self (see [`act`]); f32 and bf16 storage
+    /// compute it in f32 with the vectorisable exp.
+    fn act(self, gelu_tanh: bool) -> (f64, f64) {
+        act(self.to(), gelu_tanh)
+    }
 }
 
 impl Real for f64 {
@@ -63,6 +68,61 @@ impl Real for f32 {
     fn exp_shifted(row: &mut [f32], m: f32) -> f64 {
         exp_shifted_f32(row, m) as f64
     }
+    fn act(self, gelu_tanh: bool) -> (f64, f64) {
+        let (a, d) = act32(self, gelu_tanh);
+        (a as f64, d as f64)
+    }
+}
+
+/// bf16 storage with the kernels' math in f64 per element (as the f32 kernels): the
+/// elementwise ops on a bf16 model round once, at their outputs.
+impl Real for half::bf16 {
+    fn exp(self) -> Self {
+        Self::from_f32(self.to_f32().exp())
+    }
+    fn ln(self) -> Self {
+        Self::from_f32(self.to_f32().ln())
+    }
+    fn from(v: f64) -> Self {
+        Self::from_f64(v)
+    }
+    fn to(self) -> f64 {
+        self.to_f64()
+    }
+    fn exp_shifted(row: &mut [Self], m: Self) -> f64 {
+        let mut sum = 0.0;
+        for x in row.iter_mut() {
+            let e = (x.to_f64() - m.to_f64()).exp();
+            *x = Self::from_f64(e);
+            sum += e;
+        }
+        sum
+    }
+    fn act(self, gelu_tanh: bool) -> (f64, f64) {
+        let (a, d) = act32(self.to_f32(), gelu_tanh);
+        (a as f64, d as f64)
+    }
+}
+
+/// `$body` with `$T` the [`Real`] type of dtype `$dt` (f32, f64, bf16), else an error naming `$what`.
+macro_rules! by_real {
+    ($dt:expr, $what:expr, $T:ident => $body:expr) => {
+        match $dt {
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            DType::BF16 => {
+                type $T = half::bf16;
+                $body
+            }
+            dt => return Err(candle_core::Error::Msg(format!("{}: unsupported dtype {dt:?}", $what))),
+        }
+    };
 }
 
 /// `exp_shifted` for f32 with the widest vectors the CPU has (the build targets baseline
@@ -244,29 +304,121 @@ pub struct LogProbs {
     pub stats: Option<std::sync::Arc<std::sync::Mutex<TokenStats>>>,
 }
 
-pub(crate) fn contiguous<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+pub(crate) fn contiguous<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
         None => Err(candle_core::Error::Msg("fused log-probs need contiguous inputs".into())),
     }
 }
 
+/// The two operands of the log-prob kernel's GEMMs, hidden rows h [m, k] and head w [v, k]:
+/// in T (a narrow frozen head widened block by block), or both bf16 through the bf16 GEMM with
+/// f32 sums (T = f32).
+trait HeadOperands<T: Real>: Sync {
+    /// out[c, vb] = h[r0..r0+c] · w[v0..v0+vb]ᵀ.
+    fn logits(&self, r0: usize, c: usize, v0: usize, vb: usize, scratch: &mut Vec<T>, out: &mut [T]);
+    /// gh[c, k] += d[c, vb] · w[v0..v0+vb], and gw[vb, k] += dᵀ · h[r0..r0+c] when given.
+    #[allow(clippy::too_many_arguments)]
+    fn back(&self, r0: usize, c: usize, v0: usize, vb: usize, d: &[T], scratch: &mut Vec<T>, gh: &mut [T], gw: Option<&mut [T]>);
+    /// h_i · w_t, summed in f64.
+    fn dot(&self, i: usize, t: usize) -> f64;
+    /// Rows per chunk and vocabulary entries per block.
+    fn blocks(&self) -> (usize, usize) {
+        (ROWS, VOCAB_BLOCK)
+    }
+}
+
+/// h and w in T (w possibly a narrow frozen head, see [`HeadRows`]).
+struct WideHead<'a, T> {
+    h: &'a [T],
+    w: HeadRows<'a, T>,
+    k: usize,
+}
+
+impl<T: Real> HeadOperands<T> for WideHead<'_, T> {
+    fn logits(&self, r0: usize, c: usize, v0: usize, vb: usize, scratch: &mut Vec<T>, out: &mut [T]) {
+        let (k, wb) = (self.k, self.w.block(v0, vb, self.k, scratch));
+        // SAFETY: h rows [r0, r0+c) are c×k, wb is vb×k, out holds c×vb.
+        unsafe { matmul_abt(c, vb, k, self.h[r0 * k..].as_ptr(), wb.as_ptr(), out.as_mut_ptr()) };
+    }
+
+    fn back(&self, r0: usize, c: usize, v0: usize, vb: usize, d: &[T], scratch: &mut Vec<T>, gh: &mut [T], gw: Option<&mut [T]>) {
+        let (k, wb) = (self.k, self.w.block(v0, vb, self.k, scratch));
+        // SAFETY: gh holds c×k, d c×vb, wb and gw vb×k, h rows [r0, r0+c) c×k.
+        unsafe {
+            matmul_acc(c, k, vb, gh.as_mut_ptr(), d.as_ptr(), 1, vb as isize, wb.as_ptr());
+            if let Some(gw) = gw {
+                matmul_acc(vb, k, c, gw.as_mut_ptr(), d.as_ptr(), vb as isize, 1, self.h[r0 * self.k..].as_ptr());
+            }
+        }
+    }
+
+    fn dot(&self, i: usize, t: usize) -> f64 {
+        let k = self.k;
+        self.h[i * k..(i + 1) * k].iter().zip(self.w.row(t, k).iter()).map(|(&a, &b)| a.to() * b.to()).sum()
+    }
+}
+
+/// h and w in bf16: the products through the bf16 GEMM, summed in f32; the backward's
+/// d(logits) rounded to bf16 as the forward's operands are (as torch's bf16 autograd does).
+struct Bf16Head<'a> {
+    h: &'a [half::bf16],
+    w: &'a [half::bf16],
+    k: usize,
+}
+
+impl Bf16Head<'_> {
+    fn op(x: &[half::bf16], rs: usize, cs: usize) -> super::bf16_gemm::Operand {
+        super::bf16_gemm::Operand { ptr: x.as_ptr(), rs: rs as isize, cs: cs as isize }
+    }
+}
+
+impl HeadOperands<f32> for Bf16Head<'_> {
+    fn logits(&self, r0: usize, c: usize, v0: usize, vb: usize, _: &mut Vec<f32>, out: &mut [f32]) {
+        let k = self.k;
+        // SAFETY: h rows [r0, r0+c) are c×k; w rows [v0, v0+vb) are vb×k (Bᵀ: rs 1, cs k); out holds c×vb.
+        unsafe { super::bf16_gemm::matmul(c, vb, k, Self::op(&self.h[r0 * k..], k, 1), Self::op(&self.w[v0 * k..], 1, k), out, false) };
+    }
+
+    fn back(&self, r0: usize, c: usize, v0: usize, vb: usize, d: &[f32], _: &mut Vec<f32>, gh: &mut [f32], gw: Option<&mut [f32]>) {
+        let k = self.k;
+        let db: Vec<half::bf16> = d[..c * vb].par_iter().map(|&x| half::bf16::from_f32(x)).collect();
+        // SAFETY: db is c×vb; w rows [v0, v0+vb) and gw are vb×k; h rows [r0, r0+c) and gh are c×k.
+        unsafe {
+            super::bf16_gemm::matmul(c, k, vb, Self::op(&db, vb, 1), Self::op(&self.w[v0 * k..], k, 1), gh, true);
+            if let Some(gw) = gw {
+                super::bf16_gemm::matmul(vb, k, c, Self::op(&db, 1, vb), Self::op(&self.h[r0 * k..], k, 1), gw, true);
+            }
+        }
+    }
+
+    fn dot(&self, i: usize, t: usize) -> f64 {
+        let k = self.k;
+        self.h[i * k..(i + 1) * k].iter().zip(&self.w[t * k..(t + 1) * k]).map(|(a, b)| a.to_f64() * b.to_f64()).sum()
+    }
+
+    /// The same 8 MiB of f32 logits in taller, narrower blocks: the bf16 GEMM packs the head
+    /// for each row chunk, so fewer chunks pack it fewer times.
+    fn blocks(&self) -> (usize, usize) {
+        (4 * ROWS, VOCAB_BLOCK / 4)
+    }
+}
+
 impl LogProbs {
     /// log p(target) per row: logit_t − logsumexp(logits), accumulated over vocabulary blocks.
-    fn fwd<T: Real>(&self, h: &[T], w: &HeadRows<'_, T>, m: usize, k: usize, v: usize) -> Vec<T> {
-        let vb_max = VOCAB_BLOCK.min(v);
+    fn fwd<T: Real>(&self, ops: &impl HeadOperands<T>, m: usize, v: usize) -> Vec<T> {
+        let (rows_max, vb_max) = ops.blocks();
+        let vb_max = vb_max.min(v);
         let mut out = Vec::with_capacity(m);
-        let mut logits = vec![T::from(0.0); ROWS.min(m) * vb_max];
-        let mut wide = Vec::new();
-        for r0 in (0..m).step_by(ROWS) {
-            let c = ROWS.min(m - r0);
+        let mut logits = vec![T::from(0.0); rows_max.min(m) * vb_max];
+        let mut scratch = Vec::new();
+        for r0 in (0..m).step_by(rows_max) {
+            let c = rows_max.min(m - r0);
             let targets = &self.targets[r0..r0 + c];
             let mut rows = vec![RowLse::EMPTY; c];
             for v0 in (0..v).step_by(vb_max) {
                 let vb = vb_max.min(v - v0);
-                let wb = w.block(v0, vb, k, &mut wide);
-                // SAFETY: h rows [r0, r0+c) are c×k, wb is vb×k, logits holds c×vb.
-                unsafe { matmul_abt(c, vb, k, h[r0 * k..].as_ptr(), wb.as_ptr(), logits.as_mut_ptr()) };
+                ops.logits(r0, c, v0, vb, &mut scratch, &mut logits[..c * vb]);
                 if let Some(cap) = self.softcap {
                     logits[..c * vb].par_iter_mut().for_each(|x| *x = T::from(cap * (x.to() / cap).tanh()));
                 }
@@ -291,33 +443,29 @@ impl LogProbs {
         out
     }
 
-    /// Gradients wrt h [m, k] and w [v, k] for upstream gradient `g` [m], given the forward's
-    /// output `logp` [m]: d logp_i / d logits_i = onehot(t_i) − softmax(logits_i), with
+    /// Gradients wrt h [m, k] and w [v, k] (in T) for upstream gradient `g` [m], given the
+    /// forward's output `logp` [m]: d logp_i / d logits_i = onehot(t_i) − softmax(logits_i), with
     /// softmax = exp(logits − lse) and lse_i = h_i · w_{t_i} − logp_i (no second reduction pass).
-    #[allow(clippy::too_many_arguments)]
-    fn bwd_impl<T: Real>(&self, h: &[T], w: &HeadRows<'_, T>, g: &[T], logp: &[T], m: usize, k: usize, v: usize) -> (Vec<T>, Option<Vec<T>>) {
-        let vb_max = VOCAB_BLOCK.min(v);
-        let mut wide = Vec::new();
+    fn bwd_impl<T: Real>(&self, ops: &impl HeadOperands<T>, g: &[T], logp: &[T], m: usize, k: usize, v: usize) -> (Vec<T>, Option<Vec<T>>) {
+        let (rows_max, vb_max) = ops.blocks();
+        let vb_max = vb_max.min(v);
+        let mut scratch = Vec::new();
         let mut gh = vec![T::from(0.0); m * k];
         let mut gw = if self.weight_grad { vec![T::from(0.0); v * k] } else { Vec::new() };
-        let mut d = vec![T::from(0.0); ROWS.min(m) * vb_max];
+        let mut d = vec![T::from(0.0); rows_max.min(m) * vb_max];
         let lse: Vec<f64> = (0..m)
             .into_par_iter()
             .map(|i| {
-                let (hi, wt) = (&h[i * k..(i + 1) * k], w.row(self.targets[i] as usize, k));
-                let raw = hi.iter().zip(wt.iter()).map(|(&a, &b)| a.to() * b.to()).sum::<f64>();
                 // The target's logit in the logits' precision, as the forward saw it.
-                let raw = T::from(raw).to();
+                let raw = T::from(ops.dot(i, self.targets[i] as usize)).to();
                 self.softcap.map_or(raw, |cap| T::from(cap * (raw / cap).tanh()).to()) - logp[i].to()
             })
             .collect();
-        for r0 in (0..m).step_by(ROWS) {
-            let c = ROWS.min(m - r0);
+        for r0 in (0..m).step_by(rows_max) {
+            let c = rows_max.min(m - r0);
             for v0 in (0..v).step_by(vb_max) {
                 let vb = vb_max.min(v - v0);
-                let wb = w.block(v0, vb, k, &mut wide);
-                // SAFETY: as in fwd.
-                unsafe { matmul_abt(c, vb, k, h[r0 * k..].as_ptr(), wb.as_ptr(), d.as_mut_ptr()) };
+                ops.logits(r0, c, v0, vb, &mut scratch, &mut d[..c * vb]);
                 let softcap = self.softcap;
                 d[..c * vb].par_chunks_mut(vb).enumerate().for_each(|(i, row)| {
                     let (gi, l, t) = (g[r0 + i].to(), lse[r0 + i], self.targets[r0 + i] as usize);
@@ -335,15 +483,8 @@ impl LogProbs {
                         *x = T::from((onehot - gi * (z - T::from(l)).exp().to()) * dzdx);
                     }
                 });
-                // SAFETY: gh rows [r0, r0+c) are c×k; d is c×vb; w and gw rows [v0, v0+vb) are vb×k.
-                unsafe {
-                    // gh[c, k] += d[c, vb] · w[vb, k]
-                    matmul_acc(c, k, vb, gh[r0 * k..].as_mut_ptr(), d.as_ptr(), 1, vb as isize, wb.as_ptr());
-                    // gw[vb, k] += dᵀ[vb, c] · h[c, k]
-                    if self.weight_grad {
-                        matmul_acc(vb, k, c, gw[v0 * k..].as_mut_ptr(), d.as_ptr(), vb as isize, 1, h[r0 * k..].as_ptr());
-                    }
-                }
+                let gw = self.weight_grad.then(|| &mut gw[v0 * k..(v0 + vb) * k]);
+                ops.back(r0, c, v0, vb, &d[..c * vb], &mut scratch, &mut gh[r0 * k..(r0 + c) * k], gw);
             }
         }
         (gh, self.weight_grad.then_some(gw))
@@ -355,6 +496,7 @@ impl CustomOp2 for LogProbs {
         "fused-log-probs"
     }
 
+    /// f32 / f64 hidden rows give log-probs in their dtype; bf16 rows (with a bf16 head) give f32.
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, k) = l1.shape().dims2()?;
         let (v, k2) = l2.shape().dims2()?;
@@ -362,8 +504,9 @@ impl CustomOp2 for LogProbs {
             return Err(candle_core::Error::Msg(format!("fused log-probs: hidden {m}x{k}, weight {v}x{k2}, {} targets", self.targets.len())));
         }
         let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(self.fwd(contiguous::<f32>(s1, l1)?, &HeadRows::of(s2, l2)?, m, k, v)),
-            DType::F64 => CpuStorage::F64(self.fwd(contiguous::<f64>(s1, l1)?, &HeadRows::of(s2, l2)?, m, k, v)),
+            DType::F32 => CpuStorage::F32(self.fwd(&WideHead { h: contiguous::<f32>(s1, l1)?, w: HeadRows::of(s2, l2)?, k }, m, v)),
+            DType::F64 => CpuStorage::F64(self.fwd(&WideHead { h: contiguous::<f64>(s1, l1)?, w: HeadRows::of(s2, l2)?, k }, m, v)),
+            DType::BF16 => CpuStorage::F32(self.fwd(&Bf16Head { h: contiguous(s1, l1)?, w: contiguous(s2, l2)?, k }, m, v)),
             dt => return Err(candle_core::Error::Msg(format!("fused log-probs: unsupported dtype {dt:?}"))),
         };
         Ok((out, Shape::from(m)))
@@ -382,32 +525,30 @@ impl CustomOp2 for LogProbs {
             return Err(candle_core::Error::Msg("fused log-probs: CPU only".into()));
         };
         let dev = h.device();
-        Ok(match h.dtype() {
+        let tensors = |(gh, gw): (Vec<_>, Option<Vec<_>>)| -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+            let gh = Tensor::from_vec(gh, (m, k), dev)?.to_dtype(h.dtype())?;
+            Ok((Some(gh), gw.map(|gw| Tensor::from_vec(gw, (v, k), dev)?.to_dtype(w.dtype())).transpose()?))
+        };
+        let (g32, r32) = (contiguous::<f32>, contiguous::<f32>);
+        match h.dtype() {
             DType::F32 => {
-                let (gh, gw) = self.bwd_impl(
-                    contiguous::<f32>(hs, hl)?,
-                    &HeadRows::of(ws, wl)?,
-                    contiguous::<f32>(gs, gl)?,
-                    contiguous::<f32>(rs, rl)?,
-                    m,
-                    k,
-                    v,
-                );
-                (Some(Tensor::from_vec(gh, (m, k), dev)?), gw.map(|gw| Tensor::from_vec(gw, (v, k), dev)).transpose()?)
+                tensors(self.bwd_impl(&WideHead { h: contiguous(hs, hl)?, w: HeadRows::of(ws, wl)?, k }, g32(gs, gl)?, r32(rs, rl)?, m, k, v))
+            }
+            DType::BF16 => {
+                tensors(self.bwd_impl(&Bf16Head { h: contiguous(hs, hl)?, w: contiguous(ws, wl)?, k }, g32(gs, gl)?, r32(rs, rl)?, m, k, v))
             }
             _ => {
                 let (gh, gw) = self.bwd_impl(
-                    contiguous::<f64>(hs, hl)?,
-                    &HeadRows::of(ws, wl)?,
-                    contiguous::<f64>(gs, gl)?,
-                    contiguous::<f64>(rs, rl)?,
+                    &WideHead { h: contiguous::<f64>(hs, hl)?, w: HeadRows::of(ws, wl)?, k },
+                    contiguous(gs, gl)?,
+                    contiguous(rs, rl)?,
                     m,
                     k,
                     v,
                 );
-                (Some(Tensor::from_vec(gh, (m, k), dev)?), gw.map(|gw| Tensor::from_vec(gw, (v, k), dev)).transpose()?)
+                Ok((Some(Tensor::from_vec(gh, (m, k), dev)?), gw.map(|gw| Tensor::from_vec(gw, (v, k), dev)).transpose()?))
             }
-        })
+        }
     }
 }
 
@@ -459,6 +600,18 @@ impl<'a, T: Real> HeadRows<'a, T> {
 /// Whether the fused kernel serves these tensors (else the composite path does).
 pub fn applies(h: &Tensor) -> bool {
     h.device().is_cpu() && matches!(h.dtype(), DType::F32 | DType::F64)
+}
+
+/// Whether the fused elementwise ops (RMSNorm, softmax, RoPE, gated activations) serve `x`:
+/// f32, f64 and bf16 on the CPU (bf16 stored, computed in f64 per element).
+pub fn elementwise_applies(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64 | DType::BF16)
+}
+
+/// Whether the fused log-prob kernel serves these hidden rows: also bf16 on the CPU, through the
+/// bf16 GEMM (log-probs, log-sum-exp and the softmax's gradient in f32).
+pub fn head_applies(h: &Tensor) -> bool {
+    h.device().is_cpu() && matches!(h.dtype(), DType::F32 | DType::F64 | DType::BF16)
 }
 
 /// log p(target) per row of `h` [m, k] under output projection `w` [v, k] (in h's dtype, or a
@@ -571,11 +724,7 @@ impl candle_core::CustomOp1 for SoftmaxLast {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let n = *l.shape().dims().last().unwrap_or(&1);
-        let out = match s.dtype() {
-            DType::F32 => CpuStorage::F32(softmax_rows(contiguous::<f32>(s, l)?, n)),
-            DType::F64 => CpuStorage::F64(softmax_rows(contiguous::<f64>(s, l)?, n)),
-            dt => return Err(candle_core::Error::Msg(format!("softmax: unsupported dtype {dt:?}"))),
-        };
+        let out = by_real!(s.dtype(), "softmax", T => <T as candle_core::WithDType>::to_cpu_storage_owned(softmax_rows(contiguous::<T>(s, l)?, n)));
         Ok((out, l.shape().clone()))
     }
 
@@ -587,10 +736,7 @@ impl candle_core::CustomOp1 for SoftmaxLast {
         let (Storage::Cpu(ys), Storage::Cpu(gs)) = (&*ys, &*gs) else {
             return Err(candle_core::Error::Msg("softmax: CPU only".into()));
         };
-        let dx = match y.dtype() {
-            DType::F32 => Tensor::from_vec(softmax_rows_bwd(contiguous::<f32>(ys, yl)?, contiguous::<f32>(gs, gl)?, n), y.shape(), y.device())?,
-            _ => Tensor::from_vec(softmax_rows_bwd(contiguous::<f64>(ys, yl)?, contiguous::<f64>(gs, gl)?, n), y.shape(), y.device())?,
-        };
+        let dx = by_real!(y.dtype(), "softmax", T => Tensor::from_vec(softmax_rows_bwd(contiguous::<T>(ys, yl)?, contiguous::<T>(gs, gl)?, n), y.shape(), y.device())?);
         Ok(Some(dx))
     }
 }
@@ -601,17 +747,21 @@ pub struct RmsNorm {
     pub eps: f64,
     /// Scale by 1 + w (Gemma's norms store offsets from 1).
     pub plus_one: bool,
+    /// Round the normalised value to the storage dtype before scaling (Llama's style; Gemma
+    /// and OLMo 2 scale in f32 and round once). Only bf16 tells the two apart.
+    pub round_first: bool,
 }
 
-fn rms_fwd<T: Real>(x: &[T], w: &[T], eps: f64, plus_one: bool) -> Vec<T> {
+fn rms_fwd<T: Real>(x: &[T], w: &[T], eps: f64, plus_one: bool, round_first: bool) -> Vec<T> {
     let h = w.len();
     let off = if plus_one { 1.0 } else { 0.0 };
     let mut out = vec![T::from(0.0); x.len()];
     out.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(o, x)| {
         let r = 1.0 / (x.iter().map(|v| v.to() * v.to()).sum::<f64>() / h as f64 + eps).sqrt();
         for ((o, xv), wv) in o.iter_mut().zip(x).zip(w) {
-            // transformers rounds the normalised value to the input dtype before scaling by w.
-            *o = T::from(T::from(xv.to() * r).to() * (wv.to() + off));
+            // transformers' Llama rounds the normalised value to the input dtype before scaling by w.
+            let normed = if round_first { T::from(xv.to() * r).to() } else { xv.to() * r };
+            *o = T::from(normed * (wv.to() + off));
         }
     });
     out
@@ -653,11 +803,9 @@ impl CustomOp2 for RmsNorm {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(rms_fwd(contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?, self.eps, self.plus_one)),
-            DType::F64 => CpuStorage::F64(rms_fwd(contiguous::<f64>(s1, l1)?, contiguous::<f64>(s2, l2)?, self.eps, self.plus_one)),
-            dt => return Err(candle_core::Error::Msg(format!("rms_norm: unsupported dtype {dt:?}"))),
-        };
+        let out = by_real!(s1.dtype(), "rms_norm", T => {
+            <T as candle_core::WithDType>::to_cpu_storage_owned(rms_fwd(contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?, self.eps, self.plus_one, self.round_first))
+        });
         Ok((out, l1.shape().clone()))
     }
 
@@ -670,16 +818,10 @@ impl CustomOp2 for RmsNorm {
             return Err(candle_core::Error::Msg("rms_norm: CPU only".into()));
         };
         let (dev, xshape, wshape) = (x.device(), x.shape(), w.shape());
-        Ok(match x.dtype() {
-            DType::F32 => {
-                let (dx, dw) = rms_bwd(contiguous::<f32>(xs, xl)?, contiguous::<f32>(ws, wl)?, contiguous::<f32>(gs, gl)?, self.eps, self.plus_one);
-                (Some(Tensor::from_vec(dx, xshape, dev)?), Some(Tensor::from_vec(dw, wshape, dev)?))
-            }
-            _ => {
-                let (dx, dw) = rms_bwd(contiguous::<f64>(xs, xl)?, contiguous::<f64>(ws, wl)?, contiguous::<f64>(gs, gl)?, self.eps, self.plus_one);
-                (Some(Tensor::from_vec(dx, xshape, dev)?), Some(Tensor::from_vec(dw, wshape, dev)?))
-            }
-        })
+        Ok(by_real!(x.dtype(), "rms_norm", T => {
+            let (dx, dw) = rms_bwd(contiguous::<T>(xs, xl)?, contiguous::<T>(ws, wl)?, contiguous::<T>(gs, gl)?, self.eps, self.plus_one);
+            (Some(Tensor::from_vec(dx, xshape, dev)?), Some(Tensor::from_vec(dw, wshape, dev)?))
+        }))
     }
 }
 
@@ -706,6 +848,23 @@ pub struct GatedAct {
     pub gelu_tanh: bool,
 }
 
+/// [`act`] in f32 through [`exp_nonpos`] (every argument ≤ 0: e^−|g| for silu, e^−2|y| for
+/// tanh y), so the loops over it vectorise.
+#[inline(always)]
+fn act32(g: f32, gelu_tanh: bool) -> (f32, f32) {
+    if gelu_tanh {
+        const C: f32 = 0.797_884_6; // √(2/π)
+        let y = C * (g + 0.044715 * g * g * g);
+        let e = exp_nonpos(-2.0 * y.abs());
+        let t = ((1.0 - e) / (1.0 + e)).copysign(y);
+        (0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * C * (1.0 + 3.0 * 0.044715 * g * g))
+    } else {
+        let e = exp_nonpos(-g.abs());
+        let s = if g >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+        (g * s, s * (1.0 + g * (1.0 - s)))
+    }
+}
+
 /// act(g) and act′(g).
 fn act(g: f64, gelu_tanh: bool) -> (f64, f64) {
     if gelu_tanh {
@@ -722,7 +881,7 @@ fn gated_fwd<T: Real>(g: &[T], u: &[T], gelu_tanh: bool) -> Vec<T> {
     let mut out = vec![T::from(0.0); g.len()];
     out.par_chunks_mut(ELEMS_PER_TASK).zip(g.par_chunks(ELEMS_PER_TASK).zip(u.par_chunks(ELEMS_PER_TASK))).for_each(|(o, (g, u))| {
         for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            *o = T::from(act(g.to(), gelu_tanh).0 * u.to());
+            *o = T::from(g.act(gelu_tanh).0 * u.to());
         }
     });
     out
@@ -735,7 +894,7 @@ fn gated_bwd<T: Real>(g: &[T], u: &[T], dy: &[T], gelu_tanh: bool) -> (Vec<T>, V
         .zip(g.par_chunks(ELEMS_PER_TASK).zip(u.par_chunks(ELEMS_PER_TASK)).zip(dy.par_chunks(ELEMS_PER_TASK)))
         .for_each(|((dg, du), ((g, u), dy))| {
             for i in 0..g.len() {
-                let (a, da) = act(g[i].to(), gelu_tanh);
+                let (a, da) = g[i].act(gelu_tanh);
                 let d = dy[i].to();
                 dg[i] = T::from(d * u[i].to() * da);
                 du[i] = T::from(d * a);
@@ -753,26 +912,16 @@ impl CustomOp2 for GatedAct {
         if l1.shape() != l2.shape() {
             return Err(candle_core::Error::Msg(format!("gated-act: shapes {:?} and {:?}", l1.shape(), l2.shape())));
         }
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(gated_fwd(contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?, self.gelu_tanh)),
-            DType::F64 => CpuStorage::F64(gated_fwd(contiguous::<f64>(s1, l1)?, contiguous::<f64>(s2, l2)?, self.gelu_tanh)),
-            dt => return Err(candle_core::Error::Msg(format!("gated-act: unsupported dtype {dt:?}"))),
-        };
+        let out = by_real!(s1.dtype(), "gated-act", T => <T as candle_core::WithDType>::to_cpu_storage_owned(gated_fwd(contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?, self.gelu_tanh)));
         Ok((out, l1.shape().clone()))
     }
 
     fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (dev, shape) = (g.device(), g.shape());
-        let (dg, du) = match g.dtype() {
-            DType::F32 => {
-                let (a, b) = cpu3::<f32, _>(g, u, dy, |g, u, dy| gated_bwd(g, u, dy, self.gelu_tanh))?;
-                (Tensor::from_vec(a, shape, dev)?, Tensor::from_vec(b, shape, dev)?)
-            }
-            _ => {
-                let (a, b) = cpu3::<f64, _>(g, u, dy, |g, u, dy| gated_bwd(g, u, dy, self.gelu_tanh))?;
-                (Tensor::from_vec(a, shape, dev)?, Tensor::from_vec(b, shape, dev)?)
-            }
-        };
+        let (dg, du) = by_real!(g.dtype(), "gated-act", T => {
+            let (a, b) = cpu3::<T, _>(g, u, dy, |g, u, dy| gated_bwd(g, u, dy, self.gelu_tanh))?;
+            (Tensor::from_vec(a, shape, dev)?, Tensor::from_vec(b, shape, dev)?)
+        });
         Ok((Some(dg), Some(du)))
     }
 }
@@ -825,11 +974,9 @@ impl candle_core::CustomOp3 for Rope {
         if l2.shape().dims() != [n, 1, hd] || l3.shape().dims() != [n, 1, hd] || hd % 2 != 0 {
             return Err(candle_core::Error::Msg(format!("rope: x {:?}, cos {:?}, sin {:?}", l1.shape(), l2.shape(), l3.shape())));
         }
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(rope_apply(contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?, contiguous::<f32>(s3, l3)?, hd, false)),
-            DType::F64 => CpuStorage::F64(rope_apply(contiguous::<f64>(s1, l1)?, contiguous::<f64>(s2, l2)?, contiguous::<f64>(s3, l3)?, hd, false)),
-            dt => return Err(candle_core::Error::Msg(format!("rope: unsupported dtype {dt:?}"))),
-        };
+        let out = by_real!(s1.dtype(), "rope", T => {
+            <T as candle_core::WithDType>::to_cpu_storage_owned(rope_apply(contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?, contiguous::<T>(s3, l3)?, hd, false))
+        });
         Ok((out, l1.shape().clone()))
     }
 
@@ -842,10 +989,7 @@ impl candle_core::CustomOp3 for Rope {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let hd = dy.dim(2)?;
-        let dx = match dy.dtype() {
-            DType::F32 => Tensor::from_vec(cpu3::<f32, _>(dy, cos, sin, |g, c, s| rope_apply(g, c, s, hd, true))?, dy.shape(), dy.device())?,
-            _ => Tensor::from_vec(cpu3::<f64, _>(dy, cos, sin, |g, c, s| rope_apply(g, c, s, hd, true))?, dy.shape(), dy.device())?,
-        };
+        let dx = by_real!(dy.dtype(), "rope", T => Tensor::from_vec(cpu3::<T, _>(dy, cos, sin, |g, c, s| rope_apply(g, c, s, hd, true))?, dy.shape(), dy.device())?);
         Ok((Some(dx), None, None))
     }
 }

@@ -37,11 +37,13 @@ fn logps_maybe_stats(hidden: &Tensor, lm_head: &Tensor, sc: &Scored, softcap: Op
         return Ok((Tensor::zeros(0, super::ops::accum_dtype(hidden.dtype()), hidden.device())?, TokenStats::default()));
     }
     let h = hidden.index_select(&Tensor::from_slice(&sc.rows, m, hidden.device())?, 0)?;
-    if super::fused::applies(&h) {
+    if super::fused::head_applies(&h) {
+        // bf16 hidden rows multiply a bf16 head (the cast of an f32 master head is tracked).
+        let w = if h.dtype() == DType::BF16 { lm_head.to_dtype(DType::BF16)? } else { lm_head.clone() };
         return if stats {
-            super::fused::token_logps_stats(&h, lm_head, &sc.targets, softcap)
+            super::fused::token_logps_stats(&h, &w, &sc.targets, softcap)
         } else {
-            Ok((super::fused::token_logps(&h, lm_head, &sc.targets, softcap)?, TokenStats::default()))
+            Ok((super::fused::token_logps(&h, &w, &sc.targets, softcap)?, TokenStats::default()))
         };
     }
     let w = lm_head.to_dtype(h.dtype())?;
