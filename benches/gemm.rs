@@ -3,7 +3,7 @@
 //! has it), the f32 `gemm` crate candle uses, candle's bf16 matmul, and torch's bf16 and f32
 //! (from the project's .venv when it has torch). Shapes: square 1024, and a linear layer of
 //! Qwen2.5-0.5B (512 tokens × 896 → 4864) and of Llama-3-8B (512 × 4096 → 14336), each also in
-//! its backward's two layouts for ours (dx = g·W, dW = gᵀ·x), and one decoding step (1 token).
+//! its backward's two layouts for ours (dx = g·W, dW = gᵀ·x), and decoding steps (32 rows, 1 row).
 use candle_core::{DType, Device, Tensor};
 use dpo_pipeline::model::bf16_gemm;
 use half::bf16;
@@ -30,7 +30,7 @@ fn main() {
         "{:>22} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10}",
         "m x k -> n", "ours bf16", "ours g·W", "ours gᵀ·x", "f32 gemm", "candle bf16", "torch bf16", "torch f32"
     );
-    for (m, k, n) in [(1024, 1024, 1024), (512, 896, 4864), (512, 4096, 14336), (1, 896, 4864), (1, 4096, 14336)] {
+    for (m, k, n) in [(1024, 1024, 1024), (512, 896, 4864), (512, 4096, 14336), (32, 896, 4864), (1, 896, 4864), (1, 4096, 14336)] {
         let flop = 2.0 * (m * n * k) as f64 / 1e9;
         let a32 = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
         let b32 = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();

@@ -197,26 +197,58 @@ mod avx512 {
         }
     }
 
-    /// Σ_kk x[kk]·y[kk] over k contiguous bf16 of each, in f32 (for few rows of A against a
-    /// weight stored row by row: a decoding step's GEMV, where packing the weight would cost
-    /// more than the products).
+    /// The R×4 block of dot products x_r · y_c over k contiguous bf16 of each row (R rows of A,
+    /// four rows of a weight stored row by row), summed in f32: for few rows of A, where packing
+    /// the weight would cost more than the products (decoding steps). Each weight row is loaded
+    /// once per k step for all R rows.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn dot(k: usize, x: *const u16, y: *const u16) -> f32 {
-        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let mut kk = 0;
-        // 32 bf16 of each operand as one register of pairs.
+    unsafe fn dots<const R: usize>(k: usize, x: [*const u16; R], y: [*const u16; 4]) -> [[f32; 4]; R] {
+        // 32 bf16 of a row as one register of pairs.
         let load = |p: *const u16| -> __m512bh { std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p as *const _)) };
-        while kk + 64 <= k {
-            let (x0, y0, x1, y1) = (load(x.add(kk)), load(y.add(kk)), load(x.add(kk + 32)), load(y.add(kk + 32)));
-            s0 = _mm512_dpbf16_ps(s0, x0, y0);
-            s1 = _mm512_dpbf16_ps(s1, x1, y1);
-            kk += 64;
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        let mut kk = 0;
+        while kk + 32 <= k {
+            let yv = [load(y[0].add(kk)), load(y[1].add(kk)), load(y[2].add(kk)), load(y[3].add(kk))];
+            for (row, &xr) in acc.iter_mut().zip(&x) {
+                let xv = load(xr.add(kk));
+                for (a, &yc) in row.iter_mut().zip(&yv) {
+                    *a = _mm512_dpbf16_ps(*a, xv, yc);
+                }
+            }
+            kk += 32;
         }
-        let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-        for t in kk..k {
-            sum += half::bf16::from_bits(*x.add(t)).to_f32() * half::bf16::from_bits(*y.add(t)).to_f32();
+        let bf = |p: *const u16, t: usize| half::bf16::from_bits(*p.add(t)).to_f32();
+        let mut out = [[0f32; 4]; R];
+        for r in 0..R {
+            for c in 0..4 {
+                out[r][c] = _mm512_reduce_add_ps(acc[r][c]) + (kk..k).map(|t| bf(x[r], t) * bf(y[c], t)).sum::<f32>();
+            }
         }
-        sum
+        out
+    }
+
+    /// C rows i0..i0+R, columns j0..j0+cols (cols ≤ 4) from [`dots`]; past the last column the
+    /// weight row is repeated and its products dropped.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dots_into<const R: usize>(
+        k: usize,
+        a: &Operand,
+        b: &Operand,
+        i0: usize,
+        j0: usize,
+        cols: usize,
+        c: *mut f32,
+        n: usize,
+        accumulate: bool,
+    ) {
+        let x: [*const u16; R] = std::array::from_fn(|r| a.bits().offset((i0 + r) as isize * a.rs));
+        let y: [*const u16; 4] = std::array::from_fn(|q| b.bits().offset((j0 + q.min(cols - 1)) as isize * b.cs));
+        for (r, row) in dots::<R>(k, x, y).iter().enumerate() {
+            for (q, &v) in row.iter().enumerate().take(cols) {
+                let o = c.add((i0 + r) * n + j0 + q);
+                *o = if accumulate { *o + v } else { v };
+            }
+        }
     }
 
     struct Out(*mut f32);
@@ -224,8 +256,10 @@ mod avx512 {
     unsafe impl Send for Out {}
     unsafe impl Sync for Out {}
 
-    /// Rows of A at most this many, with k contiguous in both operands, take the GEMV path.
-    const FEW_ROWS: usize = 4;
+    /// Rows of A at most this many, with k contiguous in both operands, take the [`dots`] path:
+    /// below about 2·(packing cost per element)·(GEMM rate) rows, packing B costs more than its
+    /// products.
+    const FEW_ROWS: usize = 32;
 
     pub unsafe fn matmul(m: usize, n: usize, k: usize, a: Operand, b: Operand, c: &mut [f32], accumulate: bool) {
         if k == 0 {
@@ -236,14 +270,21 @@ mod avx512 {
         }
         let out = Out(c.as_mut_ptr());
         if m <= FEW_ROWS && a.cs == 1 && b.rs == 1 {
-            let cols = 64.max(n.div_ceil(rayon::current_num_threads().max(1) * 4));
+            // Each task: blocks of 4 weight rows, every row of A against each block (A stays in cache).
+            let cols = 64.max(n.div_ceil(rayon::current_num_threads().max(1) * 4).next_multiple_of(4));
             (0..n).into_par_iter().step_by(cols).for_each(|j0| {
                 let out = &out;
-                for i in 0..m {
-                    for j in j0..n.min(j0 + cols) {
-                        let v = dot(k, a.bits().offset(i as isize * a.rs), b.bits().offset(j as isize * b.cs));
-                        let o = out.0.add(i * n + j);
-                        *o = if accumulate { *o + v } else { v };
+                for jb in (j0..n.min(j0 + cols)).step_by(4) {
+                    let w = 4.min(n - jb);
+                    let mut i0 = 0;
+                    while i0 < m {
+                        match m - i0 {
+                            1 => dots_into::<1>(k, &a, &b, i0, jb, w, out.0, n, accumulate),
+                            2 => dots_into::<2>(k, &a, &b, i0, jb, w, out.0, n, accumulate),
+                            3 => dots_into::<3>(k, &a, &b, i0, jb, w, out.0, n, accumulate),
+                            _ => dots_into::<4>(k, &a, &b, i0, jb, w, out.0, n, accumulate),
+                        }
+                        i0 += 4;
                     }
                 }
             });
@@ -390,7 +431,7 @@ mod tests {
     /// summation error of the f64 sum of the exact bf16 products.
     #[test]
     fn bf16_gemm_matches_an_f64_reference_for_every_layout() {
-        for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (2, 37, 200), (17, 33, 65), (130, 70, 300), (9, 300, 513), (70, 40, 1100)] {
+        for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (2, 37, 200), (17, 33, 65), (31, 70, 97), (130, 70, 300), (9, 300, 513), (70, 40, 1100)] {
             let (a, b) = (random(m * k, 1), random(k * n, 2));
             let (ra, rb) = (&a, &b);
             let terms = |x: usize| (0..k).map(move |kk| ra[x / n * k + kk].to_f64() * rb[kk * n + x % n].to_f64());

@@ -462,13 +462,13 @@ impl Attention {
         let keys = cache.k[layer].narrow(2, 0, t)?.contiguous()?; // [b, nkv, t, hd]
         let values = cache.v[layer].narrow(2, 0, t)?.contiguous()?;
         let dtype = q.dtype();
-        let mut scores = (q.matmul(&keys.t()?)?.to_dtype(accum_dtype(dtype))? * self.opts.scale)?; // [b, nkv, g, t]
+        let mut scores = (super::bf16_gemm::mm(&q, &keys.t()?)?.to_dtype(accum_dtype(dtype))? * self.opts.scale)?; // [b, nkv, g, t]
         if let Some(cap) = self.opts.softcap {
             scores = ((scores / cap)?.tanh()? * cap)?;
         }
         let mask = &a.masks[&self.opts.window]; // [b, 1, 1, t]
         let probs = softmax_last(&scores.broadcast_add(mask)?)?.to_dtype(dtype)?;
-        self.o_proj.forward(&probs.matmul(&values)?.reshape((b, nh * hd))?)
+        self.o_proj.forward(&super::bf16_gemm::mm(&probs, &values)?.reshape((b, nh * hd))?)
     }
 
     fn params(&self) -> Vec<&Tensor> {
@@ -1150,7 +1150,7 @@ impl Decoder {
     /// final-norm hidden states [b, d].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let w = cast(self.lm_head(), hidden.dtype())?;
-        let logits = hidden.matmul(&w.t()?)?.to_dtype(DType::F32)?;
+        let logits = super::bf16_gemm::mm(hidden, &w.t()?)?.to_dtype(DType::F32)?;
         Ok(match self.cfg.final_softcap {
             Some(cap) => ((logits / cap)?.tanh()? * cap)?,
             None => logits,

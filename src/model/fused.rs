@@ -68,6 +68,7 @@ impl Real for f32 {
     fn exp_shifted(row: &mut [f32], m: f32) -> f64 {
         exp_shifted_f32(row, m) as f64
     }
+    #[inline(always)]
     fn act(self, gelu_tanh: bool) -> (f64, f64) {
         let (a, d) = act32(self, gelu_tanh);
         (a as f64, d as f64)
@@ -98,6 +99,7 @@ impl Real for half::bf16 {
         }
         sum
     }
+    #[inline(always)]
     fn act(self, gelu_tanh: bool) -> (f64, f64) {
         let (a, d) = act32(self.to_f32(), gelu_tanh);
         (a as f64, d as f64)
