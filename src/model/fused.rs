@@ -318,10 +318,10 @@ pub(crate) fn contiguous<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &L
 /// f32 sums (T = f32).
 trait HeadOperands<T: Real>: Sync {
     /// out[c, vb] = h[r0..r0+c] · w[v0..v0+vb]ᵀ.
-    fn logits(&self, r0: usize, c: usize, v0: usize, vb: usize, scratch: &mut Vec<T>, out: &mut [T]);
+    fn logits(&self, r0: usize, c: usize, v0: usize, vb: usize, scratch: &mut Widened<T>, out: &mut [T]);
     /// gh[c, k] += d[c, vb] · w[v0..v0+vb], and gw[vb, k] += dᵀ · h[r0..r0+c] when given.
     #[allow(clippy::too_many_arguments)]
-    fn back(&self, r0: usize, c: usize, v0: usize, vb: usize, d: &[T], scratch: &mut Vec<T>, gh: &mut [T], gw: Option<&mut [T]>);
+    fn back(&self, r0: usize, c: usize, v0: usize, vb: usize, d: &[T], scratch: &mut Widened<T>, gh: &mut [T], gw: Option<&mut [T]>);
     /// h_i · w_t, summed in f64.
     fn dot(&self, i: usize, t: usize) -> f64;
     /// Rows per chunk and vocabulary entries per block.
@@ -338,13 +338,13 @@ struct WideHead<'a, T> {
 }
 
 impl<T: Real> HeadOperands<T> for WideHead<'_, T> {
-    fn logits(&self, r0: usize, c: usize, v0: usize, vb: usize, scratch: &mut Vec<T>, out: &mut [T]) {
+    fn logits(&self, r0: usize, c: usize, v0: usize, vb: usize, scratch: &mut Widened<T>, out: &mut [T]) {
         let (k, wb) = (self.k, self.w.block(v0, vb, self.k, scratch));
         // SAFETY: h rows [r0, r0+c) are c×k, wb is vb×k, out holds c×vb.
         unsafe { matmul_abt(c, vb, k, self.h[r0 * k..].as_ptr(), wb.as_ptr(), out.as_mut_ptr()) };
     }
 
-    fn back(&self, r0: usize, c: usize, v0: usize, vb: usize, d: &[T], scratch: &mut Vec<T>, gh: &mut [T], gw: Option<&mut [T]>) {
+    fn back(&self, r0: usize, c: usize, v0: usize, vb: usize, d: &[T], scratch: &mut Widened<T>, gh: &mut [T], gw: Option<&mut [T]>) {
         let (k, wb) = (self.k, self.w.block(v0, vb, self.k, scratch));
         // SAFETY: gh holds c×k, d c×vb, wb and gw vb×k, h rows [r0, r0+c) c×k.
         unsafe {
@@ -376,13 +376,13 @@ impl Bf16Head<'_> {
 }
 
 impl HeadOperands<f32> for Bf16Head<'_> {
-    fn logits(&self, r0: usize, c: usize, v0: usize, vb: usize, _: &mut Vec<f32>, out: &mut [f32]) {
+    fn logits(&self, r0: usize, c: usize, v0: usize, vb: usize, _: &mut Widened<f32>, out: &mut [f32]) {
         let k = self.k;
         // SAFETY: h rows [r0, r0+c) are c×k; w rows [v0, v0+vb) are vb×k (Bᵀ: rs 1, cs k); out holds c×vb.
         unsafe { super::bf16_gemm::matmul(c, vb, k, Self::op(&self.h[r0 * k..], k, 1), Self::op(&self.w[v0 * k..], 1, k), out, false) };
     }
 
-    fn back(&self, r0: usize, c: usize, v0: usize, vb: usize, d: &[f32], _: &mut Vec<f32>, gh: &mut [f32], gw: Option<&mut [f32]>) {
+    fn back(&self, r0: usize, c: usize, v0: usize, vb: usize, d: &[f32], _: &mut Widened<f32>, gh: &mut [f32], gw: Option<&mut [f32]>) {
         let k = self.k;
         let db: Vec<half::bf16> = d[..c * vb].par_iter().map(|&x| half::bf16::from_f32(x)).collect();
         // SAFETY: db is c×vb; w rows [v0, v0+vb) and gw are vb×k; h rows [r0, r0+c) and gh are c×k.
@@ -413,7 +413,7 @@ impl LogProbs {
         let vb_max = vb_max.min(v);
         let mut out = Vec::with_capacity(m);
         let mut logits = vec![T::from(0.0); rows_max.min(m) * vb_max];
-        let mut scratch = Vec::new();
+        let mut scratch = Widened::new();
         for r0 in (0..m).step_by(rows_max) {
             let c = rows_max.min(m - r0);
             let targets = &self.targets[r0..r0 + c];
@@ -451,7 +451,7 @@ impl LogProbs {
     fn bwd_impl<T: Real>(&self, ops: &impl HeadOperands<T>, g: &[T], logp: &[T], m: usize, k: usize, v: usize) -> (Vec<T>, Option<Vec<T>>) {
         let (rows_max, vb_max) = ops.blocks();
         let vb_max = vb_max.min(v);
-        let mut scratch = Vec::new();
+        let mut scratch = Widened::new();
         let mut gh = vec![T::from(0.0); m * k];
         let mut gw = if self.weight_grad { vec![T::from(0.0); v * k] } else { Vec::new() };
         let mut d = vec![T::from(0.0); rows_max.min(m) * vb_max];
@@ -554,6 +554,18 @@ impl CustomOp2 for LogProbs {
     }
 }
 
+/// A narrow head's block widened to T, with the rows it holds (first row, count).
+struct Widened<T> {
+    rows: Option<(usize, usize)>,
+    buf: Vec<T>,
+}
+
+impl<T> Widened<T> {
+    fn new() -> Self {
+        Self { rows: None, buf: Vec::new() }
+    }
+}
+
 /// The output projection's rows as the log-prob kernel reads them: in the hidden states' dtype,
 /// or a frozen bf16/f16 head widened one vocabulary block at a time (never the whole
 /// vocab × hidden matrix: 2 GB in f32 at Llama 3's vocabulary).
@@ -573,18 +585,26 @@ impl<'a, T: Real> HeadRows<'a, T> {
         })
     }
 
-    /// Rows [v0, v0 + vb) of k values: borrowed, or widened into `buf`.
-    fn block<'b>(&'b self, v0: usize, vb: usize, k: usize, buf: &'b mut Vec<T>) -> &'b [T] {
+    /// Rows [v0, v0 + vb) of k values: borrowed, or widened into `buf` (once per block: the
+    /// backward asks for each block twice, for its logits and for its GEMMs).
+    fn block<'b>(&'b self, v0: usize, vb: usize, k: usize, buf: &'b mut Widened<T>) -> &'b [T] {
         fn widen<'b, T: Real, S: Copy + Sync>(src: &[S], buf: &'b mut Vec<T>, k: usize, f: impl Fn(S) -> f64 + Sync) -> &'b [T] {
             buf.resize(src.len(), T::from(0.0));
             buf.par_chunks_mut(k).zip(src.par_chunks(k)).for_each(|(row, s)| row.iter_mut().zip(s).for_each(|(x, &y)| *x = T::from(f(y))));
             &buf[..]
         }
         let r = v0 * k..(v0 + vb) * k;
+        if let Self::Wide(w) = self {
+            return &w[r];
+        }
+        if buf.rows == Some((v0, vb)) {
+            return &buf.buf;
+        }
+        buf.rows = Some((v0, vb));
         match self {
-            Self::Wide(w) => &w[r],
-            Self::Bf16(w) => widen(&w[r], buf, k, |x| x.to_f64()),
-            Self::F16(w) => widen(&w[r], buf, k, |x| x.to_f64()),
+            Self::Bf16(w) => widen(&w[r], &mut buf.buf, k, |x| x.to_f64()),
+            Self::F16(w) => widen(&w[r], &mut buf.buf, k, |x| x.to_f64()),
+            Self::Wide(_) => unreachable!("returned above"),
         }
     }
 
@@ -604,16 +624,12 @@ pub fn applies(h: &Tensor) -> bool {
     h.device().is_cpu() && matches!(h.dtype(), DType::F32 | DType::F64)
 }
 
-/// Whether the fused elementwise ops (RMSNorm, softmax, RoPE, gated activations) serve `x`:
-/// f32, f64 and bf16 on the CPU (bf16 stored, computed in f64 per element).
-pub fn elementwise_applies(x: &Tensor) -> bool {
+/// Whether the kernels that also take bf16 serve `x`: f32, f64 and bf16 on the CPU. These are
+/// the elementwise ops (RMSNorm, softmax, RoPE, gated activations: bf16 stored, computed wider)
+/// and the log-prob head (bf16 through the bf16 GEMM; log-probs, log-sum-exp and the softmax's
+/// gradient in f32).
+pub fn applies_with_bf16(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64 | DType::BF16)
-}
-
-/// Whether the fused log-prob kernel serves these hidden rows: also bf16 on the CPU, through the
-/// bf16 GEMM (log-probs, log-sum-exp and the softmax's gradient in f32).
-pub fn head_applies(h: &Tensor) -> bool {
-    h.device().is_cpu() && matches!(h.dtype(), DType::F32 | DType::F64 | DType::BF16)
 }
 
 /// log p(target) per row of `h` [m, k] under output projection `w` [v, k] (in h's dtype, or a

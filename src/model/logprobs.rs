@@ -37,7 +37,7 @@ fn logps_maybe_stats(hidden: &Tensor, lm_head: &Tensor, sc: &Scored, softcap: Op
         return Ok((Tensor::zeros(0, super::ops::accum_dtype(hidden.dtype()), hidden.device())?, TokenStats::default()));
     }
     let h = hidden.index_select(&Tensor::from_slice(&sc.rows, m, hidden.device())?, 0)?;
-    if super::fused::head_applies(&h) {
+    if super::fused::applies_with_bf16(&h) {
         // bf16 hidden rows multiply a bf16 head (the cast of an f32 master head is tracked).
         let w = if h.dtype() == DType::BF16 { lm_head.to_dtype(DType::BF16)? } else { lm_head.clone() };
         return if stats {

@@ -19,7 +19,7 @@ pub fn accum_dtype(d: DType) -> DType {
 
 /// RMSNorm over the last dim: the fused CPU op for f32/f64, else composite ops.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, style: NormStyle) -> Result<Tensor> {
-    if fused::elementwise_applies(x) && x.dtype() == w.dtype() {
+    if fused::applies_with_bf16(x) && x.dtype() == w.dtype() {
         let op = fused::RmsNorm { eps, plus_one: style == NormStyle::OnePlusWeight, round_first: style == NormStyle::Weight };
         return Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?);
     }
@@ -43,7 +43,7 @@ pub fn rms_norm_composite(x: &Tensor, w: &Tensor, eps: f64, style: NormStyle) ->
 
 /// Softmax over the last dim, differentiable: the fused CPU op, else composite ops.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    if fused::elementwise_applies(x) {
+    if fused::applies_with_bf16(x) {
         return Ok(x.contiguous()?.apply_op1(fused::SoftmaxLast)?);
     }
     softmax_last_composite(x)
@@ -64,7 +64,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let rot = rope(&x.narrow(D::Minus1, 0, rd)?.contiguous()?, cos, sin)?;
         return Ok(Tensor::cat(&[&rot, &x.narrow(D::Minus1, rd, hd - rd)?], D::Minus1)?);
     }
-    if fused::elementwise_applies(x) && cos.dtype() == x.dtype() {
+    if fused::applies_with_bf16(x) && cos.dtype() == x.dtype() {
         return Ok(x.contiguous()?.apply_op3(cos, sin, fused::Rope)?);
     }
     rope_composite(x, cos, sin)
@@ -85,7 +85,7 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
 /// act(gate) ⊙ up: the fused CPU op for f32/f64, else composite ops.
 pub fn gated_act(gate: &Tensor, up: &Tensor, activation: Activation) -> Result<Tensor> {
     let gelu_tanh = activation == Activation::GeluTanh;
-    if fused::elementwise_applies(gate) {
+    if fused::applies_with_bf16(gate) {
         return Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, fused::GatedAct { gelu_tanh })?);
     }
     let a = if gelu_tanh { gelu_tanh_composite(gate)? } else { gate.silu()? };
