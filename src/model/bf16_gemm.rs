@@ -355,6 +355,29 @@ pub fn mm(a: &candle_core::Tensor, b: &candle_core::Tensor) -> candle_core::Resu
     a.apply_op2(b, Bf16Matmul)
 }
 
+/// a·b as f32 (not rounded to bf16) for 2-D bf16 CPU tensors of any strides: a trained
+/// weight's gradient straight into its f32 master's dtype. None for other tensors.
+pub fn mm_f32(a: &candle_core::Tensor, b: &candle_core::Tensor) -> candle_core::Result<Option<candle_core::Tensor>> {
+    use candle_core::{CpuStorage, Storage};
+    let ((m, k), (k2, n)) = match (a.dims2(), b.dims2()) {
+        (Ok(da), Ok(db)) => (da, db),
+        _ => return Ok(None),
+    };
+    if k != k2 {
+        return Err(candle_core::Error::Msg(format!("bf16 matmul: {m}x{k} x {k2}x{n}")));
+    }
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::BF16(va)), Storage::Cpu(CpuStorage::BF16(vb))) = (&*sa, &*sb) else { return Ok(None) };
+    let (ta, tb) = (la.stride(), lb.stride());
+    let oa = Operand { ptr: va[la.start_offset()..].as_ptr(), rs: ta[0] as isize, cs: ta[1] as isize };
+    let ob = Operand { ptr: vb[lb.start_offset()..].as_ptr(), rs: tb[0] as isize, cs: tb[1] as isize };
+    let mut c = vec![0f32; m * n];
+    // SAFETY: the layouts address m×k and k×n elements of the storages from these offsets.
+    unsafe { matmul(m, n, k, oa, ob, &mut c, false) };
+    Ok(Some(candle_core::Tensor::from_vec(c, (m, n), a.device())?))
+}
+
 /// The custom op under [`mm`].
 struct Bf16Matmul;
 

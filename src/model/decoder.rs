@@ -99,6 +99,8 @@ struct Linear {
     lora: Option<Lora>,
     /// The weight gets no gradient (a LoRA base): the backward skips it.
     frozen: bool,
+    /// Where a trained weight's gradient goes (see [`SunkLinear`]); None: candle's gradient store.
+    grads_to: Option<Arc<GradSink>>,
 }
 
 /// A linear layer's weight: a tensor, or a frozen bitsandbytes 4-bit one (`quant`).
@@ -145,6 +147,9 @@ pub struct DecoderOptions {
     pub lora_dropout: Option<Dropout>,
     /// The linear weights are frozen (LoRA's base): no weight gradients are computed.
     pub frozen_base: bool,
+    /// Trained linear weights hand their gradients here instead of to candle's gradient
+    /// store (see [`SunkLinear`]); the caller collects them after the backward.
+    pub weight_grads: Option<Arc<GradSink>>,
     /// No `lm_head.weight` (a `*ForSequenceClassification` reward model reads hidden states).
     pub without_lm_head: bool,
     /// 4-bit weights by tensor name (QLoRA's frozen base): those linear layers use them.
@@ -287,6 +292,64 @@ impl candle_core::CustomOp1 for HeadPass {
     }
 }
 
+/// y = x·Wᵀ for a trained weight whose gradient goes to a [`GradSink`] rather than through
+/// candle's graph. candle's gradient store starts each gradient from zeros and adds it (two
+/// weight-sized buffers per use), and a master weight cast to the compute dtype adds the cast
+/// node's own (its bf16 gradient, widened, then zeros and add again): under bf16 mixed precision
+/// that was most of the step's fresh memory. Here W is cast once for the forward and kept for
+/// dx = g·W; dW = gᵀ·x is computed straight into W's dtype (f32 sums of the bf16 products on
+/// the CPU, no bf16 rounding) and the sink keeps the first gradient as it is.
+struct SunkLinear {
+    weight: TensorId,
+    weight_dtype: DType,
+    /// W in x's dtype, detached.
+    cast: Tensor,
+    sink: Arc<GradSink>,
+    out: Tensor,
+}
+
+impl SunkLinear {
+    /// x: [n, in], w: [out, in] (tracked: its id names the gradient) -> [n, out].
+    fn apply(x: &Tensor, w: &Tensor, sink: &Arc<GradSink>) -> Result<Tensor> {
+        let cast = cast(&w.detach(), x.dtype())?;
+        let out = super::bf16_gemm::mm(&x.detach(), &cast.t()?)?;
+        if !x.track_op() {
+            return Ok(out);
+        }
+        let op = SunkLinear { weight: w.id(), weight_dtype: w.dtype(), cast, sink: sink.clone(), out };
+        Ok(x.apply_op1_arc(Arc::new(Box::new(op)))?)
+    }
+
+    fn backward(&self, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let (x, g) = (x.detach(), g.detach());
+        let dw = match super::bf16_gemm::mm_f32(&g.t()?, &x)? {
+            Some(dw) => cast(&dw, self.weight_dtype)?,
+            None => cast(&g.t()?.matmul(&x)?, self.weight_dtype)?,
+        };
+        self.sink.add(self.weight, dw)?;
+        Ok(super::bf16_gemm::mm(&g, &self.cast)?)
+    }
+}
+
+impl candle_core::CustomOp1 for SunkLinear {
+    fn name(&self) -> &'static str {
+        "sunk-linear"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        stored_cpu(&self.out)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        stored_cuda(&self.out)
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.backward(x, grad).map(Some).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+    }
+}
+
 /// `t` in `dtype` (a no-op when it already is).
 fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok(if t.dtype() == dtype { t.clone() } else { t.to_dtype(dtype)? })
@@ -308,7 +371,8 @@ impl Linear {
             Some(q) => Weight::Quant4(q.clone()),
             None => Weight::Dense(get(t, &name)?),
         };
-        Ok(Self { weight, bias, lora, frozen: opts.frozen_base })
+        let grads_to = if opts.frozen_base { None } else { opts.weight_grads.clone() };
+        Ok(Self { weight, bias, lora, frozen: opts.frozen_base, grads_to })
     }
 
     /// x: [n, in] -> [n, out]
@@ -316,7 +380,10 @@ impl Linear {
         let mut y = match &self.weight {
             Weight::Quant4(q) => super::quant::linear(x, q)?,
             Weight::Dense(w) if self.frozen => super::fused::frozen_linear(x, w)?,
-            Weight::Dense(w) => super::bf16_gemm::mm(x, &cast(w, x.dtype())?.t()?)?,
+            Weight::Dense(w) => match &self.grads_to {
+                Some(sink) => SunkLinear::apply(x, w, sink)?,
+                None => super::bf16_gemm::mm(x, &cast(w, x.dtype())?.t()?)?,
+            },
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&cast(b, x.dtype())?)?;
@@ -939,6 +1006,11 @@ impl Decoder {
             dropout_rng: opts.lora_dropout.as_ref().map(|d| d.rng.clone()),
             source: opts.layers_from.clone().map(|s| (s, Arc::new(cfg.clone()), layer_opts)),
         })
+    }
+
+    /// Whether the layers rerun in the backward.
+    pub fn checkpointing(&self) -> bool {
+        self.checkpoint.is_some() || self.source.is_some()
     }
 
     /// Turns gradient checkpointing on (where the layers' parameter gradients go) or off.

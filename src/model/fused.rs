@@ -363,6 +363,16 @@ impl<T: Real> HeadOperands<T> for WideHead<'_, T> {
 
 /// h and w in bf16: the products through the bf16 GEMM, summed in f32; the backward's
 /// d(logits) rounded to bf16 as the forward's operands are (as torch's bf16 autograd does).
+/// The head for bf16 hidden rows: bf16 as stored, or an f32 master head rounded to bf16 here
+/// (for each pass, not kept), so its gradient comes back in f32 without a cast node in the graph
+/// (whose backward would widen a bf16 gradient into a second head-sized f32 buffer).
+fn bf16_head<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<std::borrow::Cow<'a, [half::bf16]>> {
+    Ok(match s {
+        CpuStorage::F32(_) => std::borrow::Cow::Owned(contiguous::<f32>(s, l)?.par_iter().map(|&x| half::bf16::from_f32(x)).collect()),
+        _ => std::borrow::Cow::Borrowed(contiguous::<half::bf16>(s, l)?),
+    })
+}
+
 struct Bf16Head<'a> {
     h: &'a [half::bf16],
     w: &'a [half::bf16],
@@ -498,7 +508,7 @@ impl CustomOp2 for LogProbs {
         "fused-log-probs"
     }
 
-    /// f32 / f64 hidden rows give log-probs in their dtype; bf16 rows (with a bf16 head) give f32.
+    /// f32 / f64 hidden rows give log-probs in their dtype; bf16 rows (with a bf16 or f32 head) give f32.
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, k) = l1.shape().dims2()?;
         let (v, k2) = l2.shape().dims2()?;
@@ -508,7 +518,7 @@ impl CustomOp2 for LogProbs {
         let out = match s1.dtype() {
             DType::F32 => CpuStorage::F32(self.fwd(&WideHead { h: contiguous::<f32>(s1, l1)?, w: HeadRows::of(s2, l2)?, k }, m, v)),
             DType::F64 => CpuStorage::F64(self.fwd(&WideHead { h: contiguous::<f64>(s1, l1)?, w: HeadRows::of(s2, l2)?, k }, m, v)),
-            DType::BF16 => CpuStorage::F32(self.fwd(&Bf16Head { h: contiguous(s1, l1)?, w: contiguous(s2, l2)?, k }, m, v)),
+            DType::BF16 => CpuStorage::F32(self.fwd(&Bf16Head { h: contiguous(s1, l1)?, w: &bf16_head(s2, l2)?, k }, m, v)),
             dt => return Err(candle_core::Error::Msg(format!("fused log-probs: unsupported dtype {dt:?}"))),
         };
         Ok((out, Shape::from(m)))
@@ -537,7 +547,7 @@ impl CustomOp2 for LogProbs {
                 tensors(self.bwd_impl(&WideHead { h: contiguous(hs, hl)?, w: HeadRows::of(ws, wl)?, k }, g32(gs, gl)?, r32(rs, rl)?, m, k, v))
             }
             DType::BF16 => {
-                tensors(self.bwd_impl(&Bf16Head { h: contiguous(hs, hl)?, w: contiguous(ws, wl)?, k }, g32(gs, gl)?, r32(rs, rl)?, m, k, v))
+                tensors(self.bwd_impl(&Bf16Head { h: contiguous(hs, hl)?, w: &bf16_head(ws, wl)?, k }, g32(gs, gl)?, r32(rs, rl)?, m, k, v))
             }
             _ => {
                 let (gh, gw) = self.bwd_impl(

@@ -38,8 +38,8 @@ fn logps_maybe_stats(hidden: &Tensor, lm_head: &Tensor, sc: &Scored, softcap: Op
     }
     let h = hidden.index_select(&Tensor::from_slice(&sc.rows, m, hidden.device())?, 0)?;
     if super::fused::applies_with_bf16(&h) {
-        // bf16 hidden rows multiply a bf16 head (the cast of an f32 master head is tracked).
-        let w = if h.dtype() == DType::BF16 { lm_head.to_dtype(DType::BF16)? } else { lm_head.clone() };
+        // bf16 hidden rows multiply a bf16 head; the kernel rounds an f32 master head itself.
+        let w = if h.dtype() == DType::BF16 && lm_head.dtype() != DType::F32 { lm_head.to_dtype(DType::BF16)? } else { lm_head.clone() };
         return if stats {
             super::fused::token_logps_stats(&h, &w, &sc.targets, softcap)
         } else {

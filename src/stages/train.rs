@@ -488,6 +488,8 @@ fn memory_plan(
     if let (Some(gb), None) = (cfg.max_memory, cfg.batch_tokens) {
         let accumulating = if cfg.grad_accum > 1 { 0 } else { accumulating };
         plan.fit(gb, longest, accumulating, |on| Ok(measure(policy, on)?.0))?;
+        // Freed buffers kept for reuse stay inside the budget the plan leaves.
+        crate::memory::limit_pool((gb * 1e9 - plan.total_bytes()).max(0.0) as u64);
     }
     policy.set_checkpointing(plan.gradient_checkpointing);
     Ok(plan)
@@ -1218,7 +1220,7 @@ impl<'a> Trainer<'a> {
             "seconds_per_step": self.t_loop.elapsed().as_secs_f64() / steps_run.max(1) as f64,
             "peak_memory_gb": self.peak_memory_gb,
             "micro_batch_tokens": (self.budget != usize::MAX).then_some(self.budget),
-            "gradient_checkpointing": self.policy.grad_sink.is_some(),
+            "gradient_checkpointing": self.policy.decoder.checkpointing(),
             "memory_plan": self.memory_plan,
             "world_size": self.world.size,
             "shard_optimizer": self.owner.is_some() || self.cfg.shard_params,

@@ -48,8 +48,9 @@ pub struct Policy {
     pub lora: Option<LoraConfig>,
     /// The adapter dropout's generator, reseeded per micro-batch (see [`Policy::reseed`]).
     dropout_rng: Arc<Mutex<Rng>>,
-    /// With gradient checkpointing: where the layers' parameter gradients arrive.
-    pub grad_sink: Option<Arc<GradSink>>,
+    /// Where gradients computed outside candle's graph arrive: the trained linear weights'
+    /// (full fine-tuning) and, with gradient checkpointing, the rerun layers' parameters'.
+    pub grad_sink: Arc<GradSink>,
     /// The frozen base's bytes as held (4-bit layers packed); 0 under full fine-tuning.
     pub frozen_bytes: u64,
     /// Under full sharding: the shards, the layers' source and the step's gradients.
@@ -86,7 +87,7 @@ impl Policy {
     ) -> Result<Self> {
         let cfg = ModelConfig::load(model_dir)?;
         let w = weights::load_model(model_dir, &cfg, base_dtype, device, quant)?;
-        let sink = checkpoint.then(|| Arc::new(GradSink::default()));
+        let sink = Arc::new(GradSink::default());
         if let (Trainable::Full, Some(spec)) = (what, &w.spec) {
             anyhow::bail!(
                 "{}: the base is {}-quantized (4-bit): full fine-tuning needs the full-precision weights; train a LoRA adapter over it with --lora-r R (QLoRA)",
@@ -97,24 +98,30 @@ impl Policy {
         let frozen_bytes = w.bytes() as u64;
         let base = Base { tensors: w.tensors, quant: w.quant };
         match what {
-            Trainable::Full => Self::from_tensors_in(cfg, base.tensors, compute, sink),
+            Trainable::Full => Self::from_tensors_in(cfg, base.tensors, compute, sink, checkpoint),
             Trainable::NewLora { config, seed } => {
                 let config = config.clone().resolve(&cfg)?;
                 let adapter = config.init(&cfg, *seed, device)?;
-                Self::with_adapter(cfg, base, frozen_bytes, config, adapter, compute.unwrap_or(DType::F32), sink)
+                Self::with_adapter(cfg, base, frozen_bytes, config, adapter, compute.unwrap_or(DType::F32), sink, checkpoint)
             }
             Trainable::Adapter(dir) => {
                 let (config, adapter) = lora::load(dir, &cfg, device)?;
-                Self::with_adapter(cfg, base, frozen_bytes, config, adapter, compute.unwrap_or(DType::F32), sink)
+                Self::with_adapter(cfg, base, frozen_bytes, config, adapter, compute.unwrap_or(DType::F32), sink, checkpoint)
             }
         }
     }
 
     pub fn from_tensors(cfg: ModelConfig, tensors: HashMap<String, Tensor>) -> Result<Self> {
-        Self::from_tensors_in(cfg, tensors, None, None)
+        Self::from_tensors_in(cfg, tensors, None, Arc::new(GradSink::default()), false)
     }
 
-    fn from_tensors_in(cfg: ModelConfig, tensors: HashMap<String, Tensor>, compute: Option<DType>, grad_sink: Option<Arc<GradSink>>) -> Result<Self> {
+    fn from_tensors_in(
+        cfg: ModelConfig,
+        tensors: HashMap<String, Tensor>,
+        compute: Option<DType>,
+        grad_sink: Arc<GradSink>,
+        checkpoint: bool,
+    ) -> Result<Self> {
         let names: Vec<String> = {
             let mut n: Vec<String> = tensors.keys().cloned().collect();
             n.sort();
@@ -126,7 +133,11 @@ impl Policy {
         let dropout_rng = Arc::new(Mutex::new(Rng::new(0)));
         let opts = DecoderOptions { compute_dtype: compute, ..Default::default() };
         Ok(Self {
-            decoder: Decoder::with_options(&cfg, &tracked, &DecoderOptions { checkpoint: grad_sink.clone(), ..opts.clone() })?,
+            decoder: Decoder::with_options(
+                &cfg,
+                &tracked,
+                &DecoderOptions { checkpoint: checkpoint.then(|| grad_sink.clone()), weight_grads: Some(grad_sink.clone()), ..opts.clone() },
+            )?,
             eval_decoder: Decoder::with_options(&cfg, &detached, &opts)?,
             cfg,
             names,
@@ -139,6 +150,7 @@ impl Policy {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn with_adapter(
         cfg: ModelConfig,
         base: Base,
@@ -146,7 +158,8 @@ impl Policy {
         config: LoraConfig,
         adapter: BTreeMap<String, Tensor>,
         compute: DType,
-        grad_sink: Option<Arc<GradSink>>,
+        grad_sink: Arc<GradSink>,
+        checkpoint: bool,
     ) -> Result<Self> {
         let names: Vec<String> = adapter.keys().cloned().collect();
         let vars = names.iter().map(|n| Ok(Var::from_tensor(&adapter[n])?)).collect::<Result<Vec<_>>>()?;
@@ -166,7 +179,7 @@ impl Policy {
                     lora_dropout: dropout,
                     frozen_base: true,
                     quantized: base.quant.clone(),
-                    checkpoint: if tracked { grad_sink.clone() } else { None },
+                    checkpoint: (tracked && checkpoint).then(|| grad_sink.clone()),
                     ..Default::default()
                 },
             )
@@ -303,7 +316,7 @@ impl Policy {
             vars,
             lora: lora.map(|(c, _)| c),
             dropout_rng,
-            grad_sink: Some(sink.clone()),
+            grad_sink: sink.clone(),
             frozen_bytes,
             shards: Some(sharded),
             cfg,
@@ -315,8 +328,7 @@ impl Policy {
         if self.shards.is_some() {
             return; // fully sharded layers always rerun in the backward
         }
-        self.grad_sink = on.then(|| Arc::new(GradSink::default()));
-        self.decoder.set_checkpoint(self.grad_sink.clone());
+        self.decoder.set_checkpoint(on.then(|| self.grad_sink.clone()));
     }
 
     /// The trained parameters' count.

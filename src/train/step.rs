@@ -376,7 +376,7 @@ pub fn gradients(loss: &Tensor, policy: &Policy) -> Result<Vec<Tensor>> {
         s.reduce_root(&grads)?;
         return s.take_grads(&policy.names);
     }
-    let mut local = policy.grad_sink.as_ref().map(|s| s.take()).unwrap_or_default();
+    let mut local = policy.grad_sink.take();
     policy
         .vars
         .iter()
