@@ -35,9 +35,9 @@ fn round_up(x: usize, to: usize) -> usize {
 /// size, fresh each op: with 4 KiB pages a step spent more time in page faults (one per 4 KiB,
 /// each zeroing and locking) than in its GEMMs; a huge page is one fault per 2 MiB. The mapping
 /// is zero, so zeroed requests cost nothing more.
+/// `len`: a multiple of 2 MiB (the pool's size classes).
 #[cfg(target_os = "linux")]
-unsafe fn map_large(size: usize) -> *mut u8 {
-    let len = round_up(size, 4096);
+unsafe fn map_large(len: usize) -> *mut u8 {
     let total = len + HUGE_PAGE;
     let p = libc::mmap(std::ptr::null_mut(), total, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
     if p == libc::MAP_FAILED {

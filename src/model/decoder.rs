@@ -213,6 +213,37 @@ fn stored_cuda(out: &Tensor) -> candle_core::Result<(candle_core::CudaStorage, S
     }
 }
 
+/// An op computed eagerly, whose result `out` is attached to its input with its own backward
+/// (the sharded embedding and head, checkpointed layers, linear layers with sunk gradients).
+trait Eager: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    fn out(&self) -> &Tensor;
+    /// The input's gradient (None: it has none to pass on).
+    fn backward(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>>;
+}
+
+/// An [`Eager`] op as the candle op that records it.
+struct Attached<T>(T);
+
+impl<T: Eager> candle_core::CustomOp1 for Attached<T> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        stored_cpu(self.0.out())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        stored_cuda(self.0.out())
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.0.backward(x, grad).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+    }
+}
+
 /// Under full sharding, the embedding rows of a forward (looked up from the gathered
 /// embedding, which is then freed); the backward index-adds the rows' gradient into the
 /// embedding's and hands it to the source. Applied to a zero leaf, so candle records it.
@@ -224,24 +255,19 @@ struct EmbedLookup {
     out: Tensor,
 }
 
-impl candle_core::CustomOp1 for EmbedLookup {
+impl Eager for EmbedLookup {
     fn name(&self) -> &'static str {
         "sharded-embedding"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        stored_cpu(&self.out)
+    fn out(&self) -> &Tensor {
+        &self.out
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        stored_cuda(&self.out)
-    }
-
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn backward(&self, _x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let g = grad.to_dtype(DType::F32)?;
         let full = Tensor::zeros((self.vocab, g.dim(1)?), DType::F32, g.device())?.index_add(&self.ids, &g, 0)?;
-        self.source.reduce_one(&self.name, full).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        self.source.reduce_one(&self.name, full)?;
         Ok(None)
     }
 }
@@ -257,38 +283,30 @@ struct HeadPass {
     out: Tensor,
 }
 
-impl candle_core::CustomOp1 for HeadPass {
+impl Eager for HeadPass {
     fn name(&self) -> &'static str {
         "sharded-head"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        stored_cpu(&self.out)
+    fn out(&self) -> &Tensor {
+        &self.out
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        stored_cuda(&self.out)
-    }
-
-    fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let run = || -> Result<Tensor> {
-            let w = Var::from_tensor(&self.source.gather_one(&self.name)?)?;
-            let trains = self.source.trains(&self.name);
-            let hv = Var::from_tensor(&h.detach())?;
-            let head = if trains { w.as_tensor().clone() } else { w.as_tensor().detach() };
-            let lp = super::logprobs::token_logps(hv.as_tensor(), &head, &self.scored, self.softcap)?;
-            let acc = accum_dtype(lp.dtype());
-            let grads = (lp.to_dtype(acc)? * grad.detach().to_dtype(acc)?)?.sum_all()?.backward()?;
-            drop(head);
-            if trains {
-                let gw = grads.get(w.as_tensor()).context("sharded head: no gradient for the head")?.clone();
-                drop(w);
-                self.source.reduce_one(&self.name, gw)?;
-            }
-            Ok(grads.get(hv.as_tensor()).context("sharded head: no gradient for the hidden states")?.clone())
-        };
-        run().map(Some).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+    fn backward(&self, h: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let w = Var::from_tensor(&self.source.gather_one(&self.name)?)?;
+        let trains = self.source.trains(&self.name);
+        let hv = Var::from_tensor(&h.detach())?;
+        let head = if trains { w.as_tensor().clone() } else { w.as_tensor().detach() };
+        let lp = super::logprobs::token_logps(hv.as_tensor(), &head, &self.scored, self.softcap)?;
+        let acc = accum_dtype(lp.dtype());
+        let grads = (lp.to_dtype(acc)? * grad.detach().to_dtype(acc)?)?.sum_all()?.backward()?;
+        drop(head);
+        if trains {
+            let gw = grads.get(w.as_tensor()).context("sharded head: no gradient for the head")?.clone();
+            drop(w);
+            self.source.reduce_one(&self.name, gw)?;
+        }
+        Ok(Some(grads.get(hv.as_tensor()).context("sharded head: no gradient for the hidden states")?.clone()))
     }
 }
 
@@ -317,36 +335,27 @@ impl SunkLinear {
             return Ok(out);
         }
         let op = SunkLinear { weight: w.id(), weight_dtype: w.dtype(), cast, sink: sink.clone(), out };
-        Ok(x.apply_op1_arc(Arc::new(Box::new(op)))?)
+        Ok(x.apply_op1(Attached(op))?)
+    }
+}
+
+impl Eager for SunkLinear {
+    fn name(&self) -> &'static str {
+        "sunk-linear"
     }
 
-    fn backward(&self, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    fn out(&self) -> &Tensor {
+        &self.out
+    }
+
+    fn backward(&self, x: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let (x, g) = (x.detach(), g.detach());
         let dw = match super::bf16_gemm::mm_f32(&g.t()?, &x)? {
             Some(dw) => cast(&dw, self.weight_dtype)?,
             None => cast(&g.t()?.matmul(&x)?, self.weight_dtype)?,
         };
         self.sink.add(self.weight, dw)?;
-        Ok(super::bf16_gemm::mm(&g, &self.cast)?)
-    }
-}
-
-impl candle_core::CustomOp1 for SunkLinear {
-    fn name(&self) -> &'static str {
-        "sunk-linear"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        stored_cpu(&self.out)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        stored_cuda(&self.out)
-    }
-
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        self.backward(x, grad).map(Some).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+        Ok(Some(super::bf16_gemm::mm(&g, &self.cast)?))
     }
 }
 
@@ -930,22 +939,17 @@ impl Checkpoint {
     }
 }
 
-impl candle_core::CustomOp1 for Checkpoint {
+impl Eager for Checkpoint {
     fn name(&self) -> &'static str {
         "checkpointed-layer"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        stored_cpu(&self.out)
+    fn out(&self) -> &Tensor {
+        &self.out
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        stored_cuda(&self.out)
-    }
-
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        self.recompute(x, grad).map(Some).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+    fn backward(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        self.recompute(x, grad).map(Some)
     }
 }
 
@@ -1048,7 +1052,7 @@ impl Decoder {
             return Ok((lp, st));
         }
         let op = HeadPass { source: source.clone(), name, scored: sc.clone(), softcap, out: lp.detach() };
-        Ok((hidden.apply_op1(op)?, st))
+        Ok((hidden.apply_op1(Attached(op))?, st))
     }
 
     /// cos and sin [n, 1, rotary_dim] of every rope for these positions (f32 math, as HF,
@@ -1093,7 +1097,7 @@ impl Decoder {
                 };
                 if self.checkpoint.is_some() && source.trains(&name) {
                     let leaf = Var::zeros(rows.shape(), rows.dtype(), &self.device)?;
-                    leaf.as_tensor().apply_op1(EmbedLookup { source: source.clone(), name, ids: idx, vocab, out: rows })?
+                    leaf.as_tensor().apply_op1(Attached(EmbedLookup { source: source.clone(), name, ids: idx, vocab, out: rows }))?
                 } else {
                     rows
                 }
@@ -1150,7 +1154,7 @@ impl Decoder {
                     // LoRA the first layer's input (a frozen embedding) does not, so it becomes a
                     // leaf that does (its gradient is computed and dropped).
                     let input = if x.track_op() { x.clone() } else { Var::from_tensor(&x)?.as_tensor().clone() };
-                    let packed = input.apply_op1(op)?;
+                    let packed = input.apply_op1(Attached(op))?;
                     let d = x.dim(1)?;
                     if packed.dim(1)? > d {
                         router_logits.push(packed.narrow(1, d, packed.dim(1)? - d)?);

@@ -361,8 +361,6 @@ impl<T: Real> HeadOperands<T> for WideHead<'_, T> {
     }
 }
 
-/// h and w in bf16: the products through the bf16 GEMM, summed in f32; the backward's
-/// d(logits) rounded to bf16 as the forward's operands are (as torch's bf16 autograd does).
 /// The head for bf16 hidden rows: bf16 as stored, or an f32 master head rounded to bf16 here
 /// (for each pass, not kept), so its gradient comes back in f32 without a cast node in the graph
 /// (whose backward would widen a bf16 gradient into a second head-sized f32 buffer).
@@ -373,6 +371,8 @@ fn bf16_head<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<std::borr
     })
 }
 
+/// h and w in bf16: the products through the bf16 GEMM, summed in f32; the backward's
+/// d(logits) rounded to bf16 as the forward's operands are (as torch's bf16 autograd does).
 struct Bf16Head<'a> {
     h: &'a [half::bf16],
     w: &'a [half::bf16],
