@@ -186,6 +186,11 @@ impl Gathered {
 /// them in the same order, which the decoder's fixed layer order gives.
 pub trait LayerSource: Send + Sync {
     fn gather(&self, layer: usize) -> Result<Gathered>;
+    /// Starts gathering layer i, the one the caller will ask for next, so the transfer runs
+    /// while the current layer computes; `gather(i)` then finishes it. A collective too.
+    fn prefetch(&self, _layer: usize) -> Result<()> {
+        Ok(())
+    }
     fn reduce(&self, layer: usize, grads: HashMap<String, Tensor>) -> Result<()>;
     /// The embedding or the output head whole, gathered for one use (a collective).
     fn gather_one(&self, name: &str) -> Result<Tensor>;
@@ -914,6 +919,10 @@ impl Checkpoint {
                 // The trained weights become leaves of this local graph; the layer is dropped
                 // (its full weights freed) before the gradients go back to the source.
                 let mut g = source.gather(*index)?;
+                // The backward runs the layers last to first.
+                if *index > 0 {
+                    source.prefetch(*index - 1)?;
+                }
                 let mut leaves = Vec::with_capacity(g.trained.len());
                 for n in &g.trained {
                     let v = Var::from_tensor(&g.tensors[n])?;
@@ -1135,7 +1144,16 @@ impl Decoder {
         for i in 0..self.cfg.num_hidden_layers {
             // Under full sharding the layer is gathered now and dropped once it has run.
             let layer = match &self.source {
-                Some((source, cfg, opts)) => Arc::new(source.gather(i)?.layer(cfg, i, opts)?),
+                Some((source, cfg, opts)) => {
+                    let gathered = source.gather(i)?;
+                    // The next layer's weights, or under checkpointing the last layer's for the
+                    // backward (which starts there once the head has run).
+                    let n = self.cfg.num_hidden_layers;
+                    if i + 1 < n || self.checkpoint.is_some() {
+                        source.prefetch(if i + 1 < n { i + 1 } else { n - 1 })?;
+                    }
+                    Arc::new(gathered.layer(cfg, i, opts)?)
+                }
                 None => self.layers[i].clone(),
             };
             match &self.checkpoint {

@@ -997,6 +997,7 @@ impl<'a> Trainer<'a> {
         let t_step = Instant::now();
         if let Some(sh) = &self.policy.shards {
             sh.take_collective_seconds(); // not the plan's probe's or an evaluation's
+            sh.take_prefetched_share();
         }
         crate::memory::reset_peak();
         let lr = cfg.lr * lr_factor(cfg.scheduler, step, cfg.warmup_steps, self.total_steps);
@@ -1085,6 +1086,9 @@ impl<'a> Trainer<'a> {
         row.insert("optimizer_seconds".into(), opt_s);
         if let Some(sh) = &self.policy.shards {
             row.insert("collective_seconds".into(), sh.take_collective_seconds());
+            if let Some(share) = sh.take_prefetched_share() {
+                row.insert("gathers_prefetched".into(), share);
+            }
         }
         row.insert("peak_memory_gb".into(), peak[0]);
         row.insert("epoch".into(), (n * self.per_step) as f64 / self.train_rows.len() as f64);

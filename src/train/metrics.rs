@@ -21,7 +21,7 @@ pub const PAIR_KEYS: &[&str] = &[
 /// Train-only metrics.
 pub const STEP_KEYS: &[&str] = &[
     "grad_norm", "learning_rate", "num_tokens", "tokens_per_s", "step_seconds", "forward_seconds", "backward_seconds", "optimizer_seconds",
-    "collective_seconds", "peak_memory_gb", "epoch",
+    "collective_seconds", "gathers_prefetched", "peak_memory_gb", "epoch",
 ];
 
 pub fn columns() -> Vec<String> {

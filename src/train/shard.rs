@@ -16,7 +16,7 @@
 //! - Checkpoints are the usual HF / PEFT files, gathered one tensor at a time and written by
 //!   rank 0, and AdamW moments as one file per rank with an index (`optimizer.index.json`), read
 //!   back at any world size.
-use super::dist::World;
+use super::dist::{PendingGather, World};
 use crate::model::decoder::{Gathered, LayerSource};
 use crate::model::quant::Quant4;
 use crate::model::ModelConfig;
@@ -83,10 +83,20 @@ pub struct Sharded {
     grads: Mutex<HashMap<String, Tensor>>,
     /// Seconds spent in collectives since `take_collective_seconds`.
     collective_s: Mutex<f64>,
+    /// The next layer's all-gather, started while the current layer computes ([`LayerSource::prefetch`]).
+    next: Mutex<Option<(usize, Started)>>,
+    /// Layer gathers since `take_prefetched_share`: all, and those a prefetch had started.
+    gathers: Mutex<(usize, usize)>,
+    /// Whether `prefetch` starts gathers (`DPO_SHARD_PREFETCH=0` turns it off, to measure it).
+    prefetching: bool,
     /// A 4-bit base (QLoRA): each packed weight is held whole by one rank (its owner), which
     /// hands it to the others when its layer runs.
     quant: Quant,
 }
+
+/// All-gathers of some sharded tensors, under way: one a tensor, each straight into the
+/// storage of the whole tensor it makes (no reassembly copy), in the shards' dtype.
+struct Started(Vec<(String, PendingGather)>);
 
 /// The 4-bit weights: layer i's names and owners, and the ones this rank holds.
 #[derive(Default)]
@@ -161,6 +171,9 @@ impl Sharded {
             trained,
             grads: Mutex::new(HashMap::new()),
             collective_s: Mutex::new(0.0),
+            next: Mutex::new(None),
+            gathers: Mutex::new((0, 0)),
+            prefetching: std::env::var("DPO_SHARD_PREFETCH").map_or(true, |v| v.trim() != "0"),
             quant: Quant::default(),
         };
         Ok((s, vars, decoder_tensors))
@@ -200,6 +213,12 @@ impl Sharded {
         std::mem::take(&mut *self.collective_s.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// The share of layer gathers since the last call that a prefetch had started (None: none).
+    pub fn take_prefetched_share(&self) -> Option<f64> {
+        let (all, hits) = std::mem::take(&mut *self.gathers.lock().unwrap_or_else(|e| e.into_inner()));
+        (all > 0).then(|| hits as f64 / all as f64)
+    }
+
     fn timed<T>(&self, f: impl FnOnce() -> T) -> T {
         let t = std::time::Instant::now();
         let out = f();
@@ -217,61 +236,84 @@ impl Sharded {
 
     /// These tensors whole, from every rank's shard: one all-gather.
     fn gather_names(&self, names: &[String]) -> Result<HashMap<String, Tensor>> {
-        let w = self.world.size;
-        if names.is_empty() {
-            return Ok(HashMap::new());
+        let started = self.start_gather(names)?;
+        self.finish_gather(started)
+    }
+
+    /// These tensors' all-gathers, started.
+    fn start_gather(&self, names: &[String]) -> Result<Started> {
+        let started = names.iter().map(|n| Ok((n.clone(), self.timed(|| self.world.start_all_gather(&self.shards[n]))?))).collect::<Result<_>>()?;
+        Ok(Started(started))
+    }
+
+    /// The tensors of a started gather whole, once it is done (waiting counts as collective time).
+    /// A whole tensor is its ranks' padded chunks end to end: its first n elements, a view.
+    fn finish_gather(&self, started: Started) -> Result<HashMap<String, Tensor>> {
+        started
+            .0
+            .into_iter()
+            .map(|(n, pending)| {
+                let full = self.timed(|| pending.wait())?.narrow(0, 0, self.numel(&n))?.reshape(self.shapes[&n].as_slice())?;
+                Ok((n, full))
+            })
+            .collect()
+    }
+
+    /// Layer i's dense weights whole: from the prefetch if it gathered this layer, else now. A
+    /// prefetch of another layer (a guess the caller did not follow) is finished and dropped:
+    /// every rank started it, so every rank must complete it.
+    fn layer_tensors(&self, layer: usize) -> Result<HashMap<String, Tensor>> {
+        let next = self.next.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let hit = next.as_ref().is_some_and(|(i, _)| *i == layer);
+        {
+            let mut g = self.gathers.lock().unwrap_or_else(|e| e.into_inner());
+            *g = (g.0 + 1, g.1 + hit as usize);
         }
-        let flats = names.iter().map(|n| self.shards[n].to_dtype(DType::F32)).collect::<candle_core::Result<Vec<_>>>()?;
-        let total: usize = flats.iter().map(|t| t.elem_count()).sum();
-        let all = self.timed(|| self.world.all_gather(&Tensor::cat(&flats, 0)?))?.reshape((w, total))?;
-        let mut out = HashMap::with_capacity(names.len());
-        let mut at = 0;
-        for (n, f) in names.iter().zip(&flats) {
-            let c = f.elem_count();
-            let full = all.narrow(1, at, c)?.flatten_all()?.narrow(0, 0, self.numel(n))?.reshape(self.shapes[n].as_slice())?;
-            out.insert(n.clone(), full.to_dtype(self.shards[n].dtype())?);
-            at += c;
+        if let Some((_, started)) = next {
+            let got = self.finish_gather(started)?;
+            if hit {
+                return Ok(got);
+            }
         }
-        Ok(out)
+        self.gather_names(&self.layers[layer])
+    }
+
+    /// Completes and drops an outstanding prefetch (its weights are stale once the shards change).
+    fn drop_prefetch(&self) -> Result<()> {
+        if let Some((_, started)) = self.next.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            self.finish_gather(started)?;
+        }
+        Ok(())
     }
 
     /// Full gradients of these trained tensors (by name; a missing one is zero) summed over the
-    /// ranks, each rank adding its shard to the step's: one reduce-scatter.
+    /// ranks, each rank adding its shard to the step's: a reduce-scatter a tensor, straight from
+    /// its gradient (padded only where its size does not divide by the world).
     fn reduce_names(&self, names: &[String], mut grads: HashMap<String, Tensor>) -> Result<()> {
         let w = self.world.size;
-        if names.is_empty() {
-            return Ok(());
-        }
-        let device = self.shards[&names[0]].device().clone();
-        let mut blocks = Vec::with_capacity(names.len());
         for n in names {
             let (numel, c) = (self.numel(n), self.shards[n].elem_count());
+            let device = self.shards[n].device();
             let g = match grads.remove(n) {
                 Some(g) => g.to_dtype(DType::F32)?.flatten_all()?,
-                None => Tensor::zeros(numel, DType::F32, &device)?,
+                None => Tensor::zeros(numel, DType::F32, device)?,
             };
-            let g = if c * w > numel { Tensor::cat(&[&g, &Tensor::zeros(c * w - numel, DType::F32, &device)?], 0)? } else { g };
-            blocks.push(g.reshape((w, c))?);
-        }
-        let mine = self.timed(|| self.world.reduce_scatter(&Tensor::cat(&blocks, 1)?.flatten_all()?))?;
-        drop(blocks);
-        let mut acc = self.grads.lock().unwrap_or_else(|e| e.into_inner());
-        let mut at = 0;
-        for n in names {
-            let c = self.shards[n].elem_count();
-            let g = mine.narrow(0, at, c)?.to_dtype(self.shards[n].dtype())?;
-            let g = match acc.remove(n) {
-                Some(old) => (old + g)?,
-                None => compact(&g)?,
+            let g = if c * w > numel { Tensor::cat(&[&g, &Tensor::zeros(c * w - numel, DType::F32, device)?], 0)? } else { g };
+            let mine = self.timed(|| self.world.reduce_scatter(&g))?.to_dtype(self.shards[n].dtype())?;
+            drop(g);
+            let mut acc = self.grads.lock().unwrap_or_else(|e| e.into_inner());
+            let sum = match acc.remove(n) {
+                Some(old) => (old + mine)?,
+                None => mine,
             };
-            acc.insert(n.clone(), g);
-            at += c;
+            acc.insert(n.clone(), sum);
         }
         Ok(())
     }
 
     /// After an optimizer step (and on restore): the root unit's full tensors from the shards.
     pub fn refresh_root(&self) -> Result<()> {
+        self.drop_prefetch()?;
         let names: Vec<String> = self.root.iter().map(|(n, _)| n.clone()).collect();
         let full = self.gather_names(&names)?;
         for (n, v) in &self.root {
@@ -303,13 +345,13 @@ impl Sharded {
 
     /// Bytes a rank holds beyond its shards at a step's peak: the root unit's gradients, and the
     /// largest gathered unit (a layer, the embedding or the head) with its gradient and the
-    /// backward's copy of it.
+    /// backward's copy of it, and the next layer's prefetched weights.
     pub fn transient_bytes(&self) -> u64 {
         let bytes = |n: &String| (self.numel(n) * 4) as u64;
         let root: u64 = self.root.iter().map(|(n, _)| bytes(n)).sum();
         let layer = self.layers.iter().map(|l| l.iter().map(bytes).sum::<u64>()).max().unwrap_or(0);
         let outer = self.outer.iter().map(bytes).max().unwrap_or(0);
-        root + 3 * layer.max(outer)
+        root + 3 * layer.max(outer) + if self.prefetching { layer } else { 0 }
     }
 
     /// Bytes of this rank's frozen shards (the base under LoRA) and 4-bit weights.
@@ -413,10 +455,20 @@ impl LayerSource for Sharded {
     fn gather(&self, layer: usize) -> Result<Gathered> {
         let names = &self.layers[layer];
         Ok(Gathered {
-            tensors: self.gather_names(names)?,
+            tensors: self.layer_tensors(layer)?,
             trained: names.iter().filter(|n| self.trained.contains(*n)).cloned().collect(),
             quantized: self.gather_quant(layer)?,
         })
+    }
+
+    fn prefetch(&self, layer: usize) -> Result<()> {
+        if !self.prefetching || self.world.size == 1 || layer >= self.layers.len() {
+            return Ok(());
+        }
+        self.drop_prefetch()?;
+        let started = self.start_gather(&self.layers[layer])?;
+        *self.next.lock().unwrap_or_else(|e| e.into_inner()) = Some((layer, started));
+        Ok(())
     }
 
     fn reduce(&self, layer: usize, grads: HashMap<String, Tensor>) -> Result<()> {
