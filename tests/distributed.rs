@@ -80,15 +80,8 @@ mod mpi {
 
     /// Columns of how a run went, not what it computed.
     const TIMING: [&str; 9] = [
-        "tokens_per_s",
-        "step_seconds",
-        "forward_seconds",
-        "backward_seconds",
-        "optimizer_seconds",
-        "collective_seconds",
-        "gathers_prefetched",
-        "peak_memory_gb",
-        "epoch",
+        "tokens_per_s", "step_seconds", "forward_seconds", "backward_seconds", "optimizer_seconds", "collective_seconds", "gathers_prefetched",
+        "peak_memory_gb", "epoch",
     ];
 
     fn assert_same_metrics(dir: &Path, a: &str, b: &str, tol: f64) {
