@@ -493,3 +493,44 @@ fn cached_decoding_equals_recomputing_every_step_with_a_sliding_window() {
         }
     }
 }
+
+/// bf16 decoding end to end: the cached path in bf16 (decoding's few-row GEMM, a bf16 KV cache)
+/// against a full bf16 forward recomputed at every step (the packed GEMM, no cache). Each
+/// greedy token is the recompute's best up to bf16 rounding, and the completion's log-prob is
+/// the recompute's log-softmax summed.
+#[test]
+fn bf16_cached_decoding_follows_full_bf16_forwards() {
+    let d = tmp();
+    let model = tiny_model(d.path(), "qwen2");
+    let dec = load_decoder(&model, DType::BF16, None, &Device::Cpu).unwrap();
+    let logits_of = |seq: &[u32]| -> Vec<f32> {
+        let h = dec.hidden(&SeqLayout::causal(seq)).unwrap();
+        assert_eq!(h.dtype(), DType::BF16, "the decoder computes in bf16");
+        let last = h.index_select(&Tensor::from_slice(&[seq.len() as u32 - 1], 1, &Device::Cpu).unwrap(), 0).unwrap();
+        dec.logits(&last).unwrap().to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap().remove(0)
+    };
+    let prompts: Vec<Vec<u32>> = vec![vec![1, 50, 60, 70, 80, 90, 100, 110], vec![1, 7], vec![1, 300, 301, 302, 303, 304]];
+    let greedy = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0 };
+    let reqs: Vec<Request> = prompts.iter().map(|p| Request { prompt: p.clone(), seeds: vec![0] }).collect();
+    let out = generate(&dec, &reqs, 12, &[], &greedy, &mut |_| {}).unwrap();
+    let mut worst: f32 = 0.0;
+    for (p, samples) in prompts.iter().zip(&out) {
+        let c = &samples[0];
+        assert!(!c.ids.is_empty(), "prompt {p:?}");
+        let mut seq = p.clone();
+        let mut logp = 0f64;
+        for &t in &c.ids {
+            let logits = logits_of(&seq);
+            let best = logits.iter().cloned().fold(f32::MIN, f32::max);
+            let scale = logits.iter().map(|x| x.abs()).fold(0f32, f32::max);
+            worst = worst.max((best - logits[t as usize]) / scale);
+            let lse = logits.iter().map(|&x| ((x - best) as f64).exp()).sum::<f64>().ln() + best as f64;
+            logp += logits[t as usize] as f64 - lse;
+            seq.push(t);
+        }
+        assert!((c.logp - logp).abs() <= 2e-2 * logp.abs().max(1.0), "prompt {p:?}: logp {} vs recomputed {logp}", c.logp);
+    }
+    // bf16 keeps 8 bits of mantissa: a token may lose to a near tie by a few of the logits'
+    // last bits, never by more.
+    assert!(worst <= 2e-2, "a greedy token is {worst} of the logits' scale below the recompute's best");
+}
