@@ -1,8 +1,9 @@
 //! `cargo bench --bench gemm`: GFLOP/s of matrix products on this CPU, side by side in one run
 //! and on the same threads (BENCH_THREADS, default 2): our bf16 GEMM (AVX-512 BF16 where the CPU
 //! has it), the f32 `gemm` crate candle uses, candle's bf16 matmul, and torch's bf16 and f32
-//! (from the project's .venv when it has torch). Shapes: square 1024, and a linear layer of
-//! Qwen2.5-0.5B (512 tokens × 896 → 4864) and of Llama-3-8B (512 × 4096 → 14336), each also in
+//! (from BENCH_PYTHON, default the project's .venv, when it has torch). Shapes: square 1024, and
+//! a linear layer of Qwen2.5-0.5B (512 tokens × 896 → 4864), Llama-3.2-1B (512 × 2048 → 8192)
+//! and Llama-3-8B (512 × 4096 → 14336), each also in
 //! its backward's two layouts for ours (dx = g·W, dW = gᵀ·x), and decoding steps (32 rows, 1 row).
 use candle_core::{DType, Device, Tensor};
 use dpo_pipeline::model::bf16_gemm;
@@ -30,7 +31,8 @@ fn main() {
         "{:>22} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10}",
         "m x k -> n", "ours bf16", "ours g·W", "ours gᵀ·x", "f32 gemm", "candle bf16", "torch bf16", "torch f32"
     );
-    for (m, k, n) in [(1024, 1024, 1024), (512, 896, 4864), (512, 4096, 14336), (32, 896, 4864), (1, 896, 4864), (1, 4096, 14336)] {
+    for (m, k, n) in [(1024, 1024, 1024), (512, 896, 4864), (512, 2048, 8192), (512, 4096, 14336), (32, 896, 4864), (1, 896, 4864), (1, 4096, 14336)]
+    {
         let flop = 2.0 * (m * n * k) as f64 / 1e9;
         let a32 = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
         let b32 = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
@@ -66,7 +68,9 @@ fn main() {
 
 /// torch's bf16 and f32 GFLOP/s for x [m, k] @ w [n, k]ᵀ, when the .venv has torch.
 fn torch_gflops(m: usize, k: usize, n: usize, threads: usize) -> Option<(f64, f64)> {
-    let py = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let py = std::env::var_os("BENCH_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
     let code = format!(
         "import torch, time\ntorch.set_num_threads({threads})\nr=[]\nfor dt in (torch.bfloat16, torch.float32):\n  \
          a=torch.randn({m},{k}).to(dt); w=torch.randn({n},{k}).to(dt); b=[]\n  a@w.T\n  \
