@@ -341,22 +341,15 @@ impl World {
 }
 
 impl World {
-    /// ZeRO-3: every rank's flat f32 `shard` [c] concatenated in rank order [W·c].
-    pub fn all_gather(&self, shard: &Tensor) -> Result<Tensor> {
+    /// ZeRO-3: every rank's flat f32 `shard` [c] concatenated in rank order [W·c], at once (the
+    /// engines without a non-blocking gather; MPI's is [`World::start_all_gather`]).
+    fn all_gather(&self, shard: &Tensor) -> Result<Tensor> {
         if self.size == 1 {
             return Ok(shard.clone());
         }
         #[cfg(feature = "nccl")]
         if let Some(n) = &self.nccl {
             return n.all_gather_tensor(shard, self.size);
-        }
-        #[cfg(feature = "mpi")]
-        if let Some(m) = &self.mpi {
-            use mpi::traits::CommunicatorCollectives;
-            let v: Vec<f32> = shard.to_vec1()?;
-            let mut out = vec![0f32; v.len() * self.size];
-            m.comm.all_gather_into(&v[..], &mut out[..]);
-            return Ok(Tensor::from_vec(out, v.len() * self.size, shard.device())?);
         }
         bail!("no engine to gather shards over {} ranks", self.size)
     }
@@ -460,15 +453,16 @@ impl MpiGather {
         let send: Vec<T> = shard.flatten_all()?.to_vec1()?;
         let mut recv = vec![T::zero(); send.len() * world];
         // Elements move as opaque words of their size (no conversion: bf16 travels as 16 bits).
-        let (datatype, count) = unsafe {
+        // SAFETY: reading MPI's datatype handles (extern statics).
+        let datatype = unsafe {
             match std::mem::size_of::<T>() {
-                2 => (mpi::ffi::RSMPI_UINT16_T, send.len()),
-                4 => (mpi::ffi::RSMPI_FLOAT, send.len()),
-                8 => (mpi::ffi::RSMPI_DOUBLE, send.len()),
+                2 => mpi::ffi::RSMPI_UINT16_T,
+                4 => mpi::ffi::RSMPI_FLOAT,
+                8 => mpi::ffi::RSMPI_DOUBLE,
                 n => bail!("no all-gather of {n}-byte elements"),
             }
         };
-        let count = i32::try_from(count).map_err(|_| anyhow::anyhow!("a gathered shard of {count} elements is past MPI's count"))?;
+        let count = i32::try_from(send.len()).map_err(|_| anyhow::anyhow!("a gathered shard of {} elements is past MPI's count", send.len()))?;
         let mut request = std::mem::MaybeUninit::uninit();
         // SAFETY: both buffers are owned by the returned value and never move (a Vec's heap
         // block stays put when the Vec does); it waits for the request before freeing them.

@@ -234,7 +234,7 @@ impl Sharded {
         self.shapes[name].iter().product()
     }
 
-    /// These tensors whole, from every rank's shard: one all-gather.
+    /// These tensors whole, from every rank's shard: an all-gather a tensor.
     fn gather_names(&self, names: &[String]) -> Result<HashMap<String, Tensor>> {
         let started = self.start_gather(names)?;
         self.finish_gather(started)
